@@ -1,0 +1,100 @@
+"""Pipeline options of every stage, in one place.
+
+Each stage's options subclass PipelineOptions, so they parse beside Beam's own flags (runner, project,
+region, temp_location, setup_file, ...) and travel to Dataflow workers.
+"""
+from __future__ import annotations
+
+import datetime
+import uuid
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+def new_run_id() -> str:
+    """A run id that sorts by time: UTC timestamp plus a random suffix."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+def _add_run_id(parser) -> None:
+    parser.add_argument(
+        "--run_id", default=None, help="Identifier written on every output row (default: a new timestamped id)."
+    )
+
+
+def _add_threshold(parser) -> None:
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="Match threshold in angular similarity [0, 1]. Default: the model card's calibrated threshold "
+        "at --target_fmr.",
+    )
+    parser.add_argument(
+        "--target_fmr",
+        type=float,
+        default=1e-4,
+        help="False match rate whose calibrated threshold is read from the model card when --threshold is "
+        "not given (default 1e-4).",
+    )
+    parser.add_argument(
+        "--threshold_protocol",
+        default="instance",
+        choices=["instance", "class"],
+        help="Which calibration of the model card to use: 'instance' (copies of one image: dedup) or "
+        "'class' (same class). Default instance.",
+    )
+
+
+class EmbedOptions(PipelineOptions):
+    """Options of the embed pipeline: images in, templates and failures out."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", required=True, help="Glob of image files, local or gs://, e.g. 'cat/**/*.png'.")
+        parser.add_argument("--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
+        parser.add_argument("--output", required=True, help="Output directory; writes templates/ and failures/ under it.")
+        parser.add_argument("--batch_size", type=int, default=256, help="Inference batch size (max; default 256).")
+        parser.add_argument("--min_batch_size", type=int, default=1, help="Smallest inference batch (default 1).")
+        parser.add_argument(
+            "--max_pixels",
+            type=int,
+            default=50_000_000,
+            help="Refuse images whose declared width*height exceeds this (decompression bombs; default 5e7).",
+        )
+        parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add_run_id(parser)
+
+
+class MatchOptions(PipelineOptions):
+    """Options of the match pipeline: templates in, matched pairs out."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--templates", required=True, help="Glob of templates Parquet files.")
+        parser.add_argument("--output", required=True, help="Output directory; writes matches/ and match_run.json.")
+        parser.add_argument(
+            "--model_dir", default=None, help="Encoder artefact directory; its model card supplies the threshold."
+        )
+        _add_threshold(parser)
+        parser.add_argument("--block_size", type=int, default=4096, help="Rows per block of the similarity kernel.")
+        parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add_run_id(parser)
+
+
+class DedupOptions(PipelineOptions):
+    """Options of the dedup pipeline: templates and matches in, clusters out."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--templates", required=True, help="Glob of templates Parquet files.")
+        parser.add_argument("--matches", required=True, help="Glob of matches Parquet files.")
+        parser.add_argument("--output", required=True, help="Output directory; writes clusters/ under it.")
+        parser.add_argument(
+            "--keeper_policy",
+            default="first_id",
+            choices=["first_id", "largest_image"],
+            help="Which member of a cluster is kept (ties broken by item_id). Default first_id.",
+        )
+        parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add_run_id(parser)

@@ -1,0 +1,118 @@
+"""JSON schemas of the documents people and programs read: `report.json` and `model_card.json`."""
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+
+from schemas.tables import SchemaError
+
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+
+THRESHOLD_SCHEMA = {
+    "type": "object",
+    "required": ["target_fmr", "angular_similarity", "cosine", "impostor_pairs", "fmr", "fmr_upper_95"],
+    "properties": {
+        "target_fmr": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "angular_similarity": {"type": "number", "minimum": 0, "maximum": 1},
+        "cosine": {"type": "number", "minimum": -1, "maximum": 1},
+        "impostor_pairs": {"type": "integer", "minimum": 0},
+        "fmr": {"type": "number", "minimum": 0, "maximum": 1},
+        "fmr_upper_95": {"type": "number", "minimum": 0, "maximum": 1},
+        "fnmr": _NUMBER_OR_NULL,
+    },
+}
+
+MODEL_CARD_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "model_card.json",
+    "type": "object",
+    "required": ["model_id", "embedding_dim", "input_spec", "training", "data", "metrics", "thresholds"],
+    "properties": {
+        "model_id": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
+        "embedding_dim": {"type": "integer", "minimum": 1},
+        "input_spec": {
+            "type": "object",
+            "required": ["height", "width", "channels", "dtype", "value_range"],
+            "properties": {
+                "height": {"type": "integer", "minimum": 1},
+                "width": {"type": "integer", "minimum": 1},
+                "channels": {"enum": [1, 3]},
+                "dtype": {"enum": ["uint8", "float32"]},
+                "value_range": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+            },
+        },
+        "training": {"type": "object"},
+        "data": {"type": "object"},
+        "metrics": {"type": "object"},
+        # Calibrated thresholds, grouped by protocol ("class", "instance"), each a list of THRESHOLD_SCHEMA.
+        "thresholds": {
+            "type": "object",
+            "additionalProperties": {"type": "array", "items": THRESHOLD_SCHEMA},
+        },
+    },
+}
+
+REPORT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "report.json",
+    "type": "object",
+    "required": ["model_id", "run_id", "threshold", "counts", "similarity_histogram", "outputs"],
+    "properties": {
+        "model_id": {"type": "string"},
+        "run_id": {"type": "string"},
+        "threshold": {
+            "type": "object",
+            "required": ["angular_similarity", "cosine", "source"],
+            "properties": {
+                "angular_similarity": {"type": "number", "minimum": 0, "maximum": 1},
+                "cosine": {"type": "number", "minimum": -1, "maximum": 1},
+                # "given" or "model_card:<protocol>@fmr=<x>"
+                "source": {"type": "string"},
+                "target_fmr": _NUMBER_OR_NULL,
+                "impostor_pairs": {"type": ["integer", "null"]},
+            },
+        },
+        "counts": {
+            "type": "object",
+            "required": ["items", "failures", "pairs", "clusters", "items_to_drop"],
+            "properties": {
+                k: {"type": "integer", "minimum": 0}
+                for k in ("items", "failures", "pairs", "clusters", "items_to_drop")
+            },
+        },
+        "similarity_histogram": {
+            "type": "object",
+            "required": ["bin_edges", "counts", "of"],
+            "properties": {
+                "bin_edges": {"type": "array", "items": {"type": "number"}},
+                "counts": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                # What was histogrammed, e.g. "matched pairs" or "nearest neighbour per item".
+                "of": {"type": "string"},
+            },
+        },
+        "failures_by_stage": {"type": "object", "additionalProperties": {"type": "integer"}},
+        # Present when ground truth exists: FMR/FNMR at several thresholds with the counts behind them.
+        "evaluation": {"type": ["object", "null"]},
+        "outputs": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def _validate(document: Any, schema: dict, what: str) -> dict:
+    try:
+        jsonschema.validate(document, schema)
+    except jsonschema.ValidationError as err:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise SchemaError(f"{what}: at {where}: {err.message}") from None
+    return document
+
+
+def validate_report(report: Any) -> dict:
+    """Check a report.json document; raises SchemaError naming the field."""
+    return _validate(report, REPORT_SCHEMA, "report.json")
+
+
+def validate_model_card(card: Any) -> dict:
+    """Check a model_card.json document; raises SchemaError naming the field."""
+    return _validate(card, MODEL_CARD_SCHEMA, "model_card.json")

@@ -1,0 +1,165 @@
+"""Arrow schemas of the Parquet tables (templates, failures, matches, clusters) and their validation.
+
+The column names and types are the contract described in DESIGN.md. `validate_table` checks a table
+read back from disk against its schema and its row-level invariants, and raises `SchemaError` naming
+the table, the column and what is wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+FAILURE_STAGES = ("read", "decode", "inference", "validate")
+
+
+class SchemaError(ValueError):
+    """A table or document does not follow its contract."""
+
+
+def templates_schema(dim: int) -> pa.Schema:
+    """Schema of the templates table for embeddings of `dim` float32 components."""
+    if int(dim) <= 0:
+        raise ValueError(f"embedding dimension must be positive, got {dim}")
+    return pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("source_uri", pa.string(), nullable=False),
+            pa.field("content_sha256", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), int(dim)), nullable=False),
+            pa.field("model_id", pa.string(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("embedded_at", TIMESTAMP, nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+        ]
+    )
+
+
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+MATCHES_SCHEMA = pa.schema(
+    [
+        pa.field("left_id", pa.string(), nullable=False),
+        pa.field("right_id", pa.string(), nullable=False),
+        pa.field("cosine", pa.float32(), nullable=False),
+        pa.field("angular_similarity", pa.float32(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string(), nullable=False),
+        pa.field("is_keeper", pa.bool_(), nullable=False),
+        pa.field("keeper_id", pa.string(), nullable=False),
+        pa.field("cluster_size", pa.int32(), nullable=False),
+        # Null for singletons: nothing joined them.
+        pa.field("min_link_similarity", pa.float32(), nullable=True),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+TABLE_NAMES = ("templates", "failures", "matches", "clusters")
+
+
+def schema_for(name: str, dim: int | None = None) -> pa.Schema:
+    """The schema of table `name`; templates need the embedding dimension `dim`."""
+    if name == "templates":
+        if dim is None:
+            raise ValueError("the templates schema needs the embedding dimension")
+        return templates_schema(dim)
+    schemas = {"failures": FAILURES_SCHEMA, "matches": MATCHES_SCHEMA, "clusters": CLUSTERS_SCHEMA}
+    if name not in schemas:
+        raise ValueError(f"unknown table {name!r}; expected one of {TABLE_NAMES}")
+    return schemas[name]
+
+
+def _templates_dim(table: pa.Table) -> int:
+    if "embedding" not in table.schema.names:
+        raise SchemaError("templates: missing column 'embedding'")
+    field_type = table.schema.field("embedding").type
+    if not pa.types.is_fixed_size_list(field_type):
+        raise SchemaError(
+            f"templates: column 'embedding' must be fixed_size_list<float32>[dim], got {field_type}"
+        )
+    return field_type.list_size
+
+
+def validate_table(table: pa.Table, name: str, dim: int | None = None) -> pa.Table:
+    """Check `table` against the contract of table `name` and return it unchanged.
+
+    Checks column names and types (extra columns are refused, order is not significant), nulls in
+    non-nullable columns, and row invariants: unique item ids, unit-norm finite embeddings, known failure
+    stages, `left_id < right_id` and similarity ranges in matches, one keeper per cluster.
+    Raises SchemaError with the table and column named.
+    """
+    if name == "templates" and dim is None:
+        dim = _templates_dim(table)
+    expected = schema_for(name, dim)
+    missing = [f.name for f in expected if f.name not in table.schema.names]
+    extra = [n for n in table.schema.names if n not in expected.names]
+    if missing or extra:
+        raise SchemaError(f"{name}: missing columns {missing}, unexpected columns {extra}")
+    for field in expected:
+        actual = table.schema.field(field.name).type
+        if actual != field.type:
+            raise SchemaError(f"{name}: column {field.name!r} must be {field.type}, got {actual}")
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"{name}: column {field.name!r} has {table.column(field.name).null_count} nulls")
+    _check_rows(table, name)
+    return table.select(expected.names)
+
+
+def _check_rows(table: pa.Table, name: str) -> None:
+    if table.num_rows == 0:
+        return
+    if name in ("templates", "clusters"):
+        ids = table.column("item_id")
+        if pc.count_distinct(ids).as_py() != table.num_rows:
+            raise SchemaError(f"{name}: column 'item_id' has duplicate values")
+    if name == "templates":
+        emb = embeddings_as_numpy(table)
+        if not np.isfinite(emb).all():
+            raise SchemaError("templates: column 'embedding' has NaN or infinite values")
+        norms = np.linalg.norm(emb, axis=1)
+        bad = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
+        if bad.size:
+            raise SchemaError(
+                f"templates: column 'embedding' must hold unit vectors; row {bad[0]} has norm {norms[bad[0]]:.4f}"
+            )
+    if name == "failures":
+        stages = set(table.column("stage").to_pylist())
+        unknown = stages - set(FAILURE_STAGES)
+        if unknown:
+            raise SchemaError(f"failures: column 'stage' has unknown values {sorted(unknown)}")
+    if name == "matches":
+        if not pc.all(pc.less(table.column("left_id"), table.column("right_id"))).as_py():
+            raise SchemaError("matches: every row needs left_id < right_id")
+        sim = table.column("angular_similarity").to_numpy()
+        if (sim < 0).any() or (sim > 1).any():
+            raise SchemaError("matches: column 'angular_similarity' must lie in [0, 1]")
+    if name == "clusters":
+        keepers = table.filter(table.column("is_keeper"))
+        if pc.count_distinct(keepers.column("cluster_id")).as_py() != keepers.num_rows or (
+            keepers.num_rows != pc.count_distinct(table.column("cluster_id")).as_py()
+        ):
+            raise SchemaError("clusters: every cluster needs exactly one keeper")
+
+
+def embeddings_as_numpy(table: pa.Table) -> np.ndarray:
+    """The `embedding` column of a templates table as a float32 array of shape (rows, dim)."""
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
