@@ -98,3 +98,26 @@ class DedupOptions(PipelineOptions):
         )
         parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
+
+
+def parse_stage_options(argv, options_cls, description: str):
+    """Parse `argv` into (PipelineOptions, the stage's options view).
+
+    `--help` shows the stage's own flags (Beam's full list of runner flags would bury them), with a note
+    that Beam's flags are accepted as well.
+    """
+    import argparse
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        parser = argparse.ArgumentParser(
+            description=description,
+            epilog="Apache Beam pipeline flags are accepted too: --runner (DirectRunner by default; "
+            "DataflowRunner), --project, --region, --temp_location, --staging_location, "
+            "--setup_file ./setup.py, --direct_running_mode, --direct_num_workers, --dry_run, ...",
+        )
+        options_cls._add_argparse_args(parser)
+        parser.parse_args(["--help"])
+    pipeline_options = PipelineOptions(argv)
+    return pipeline_options, pipeline_options.view_as(options_cls)

@@ -1,0 +1,57 @@
+"""The `siamese-dedup` command: one subcommand per stage, plus `demo` for the whole job.
+
+Each subcommand hands its remaining arguments to the stage's own `run(argv)`, which parses them (Beam
+runner flags included for the pipelines), so `siamese-dedup embed --runner DataflowRunner ...` works as
+`python -m beam_pipeline.embed --runner DataflowRunner ...` would. Stage modules are imported only when
+their subcommand runs: `--help` does not wait for TensorFlow.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+STAGES = {
+    "train": ("trainer.train", "Train a triplet-loss encoder and export model.keras + model_card.json."),
+    "embed": ("beam_pipeline.embed", "Embed a catalogue of images into templates Parquet (Beam)."),
+    "match": ("beam_pipeline.match", "Match all pairs of templates above a threshold (Beam)."),
+    "dedup": ("beam_pipeline.dedup", "Group matches into clusters and pick a keeper per cluster (Beam)."),
+    "report": ("beam_pipeline.report", "Write report.json and report.html (figures, galleries, evaluation)."),
+    "demo": ("beam_pipeline.demo", "Run the whole job end to end on Fashion-MNIST with planted duplicates."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siamese-dedup",
+        description="Learned image similarity and catalogue deduplication. "
+        "Run `siamese-dedup STAGE --help` for a stage's options.",
+    )
+    parser.add_argument("--log_level", default="INFO", help="Logging level (default INFO).")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (_, help_text) in STAGES.items():
+        # add_help=False: the stage's own parser answers --help with its real options.
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module_name, _ = STAGES[args.stage]
+    module = importlib.import_module(module_name)
+    summary = module.run(rest)
+    if summary is not None and args.stage != "demo":
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

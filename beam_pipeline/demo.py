@@ -1,0 +1,285 @@
+"""The whole job, end to end, on the embedded default data (Fashion-MNIST from the Debian package).
+
+1. train an encoder on the train split (triplet loss, cosine distance, margin 0.4);
+2. write the test split as a catalogue of PNG files with planted near-duplicates (augmented copies made
+   by the trainer's own augmentation) and a few broken files, keeping the ground truth beside it;
+3. embed the catalogue with the Beam embed pipeline (DirectRunner, batched RunInference);
+4. match all pairs by angular similarity; 5. deduplicate into clusters with a keeper each;
+6. write report.json and report.html, scored against the planted ground truth;
+and print a summary naming every output.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Files that are not images (or broken ones): the embed stage must turn each into a failures row.
+BROKEN_FILES = {
+    "empty": b"",
+    "not_an_image": b"this is a text file, not a PNG\n",
+}
+
+
+@dataclasses.dataclass
+class Catalogue:
+    """A catalogue written by `write_catalogue`."""
+
+    image_glob: str
+    ground_truth_csv: str
+    manifest_csv: str
+    items: int
+    planted_pairs: int
+    broken_items: int
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_catalogue(
+    images: np.ndarray,
+    labels: np.ndarray,
+    out_dir: str,
+    *,
+    planted: int,
+    max_copies: int = 2,
+    seed: int = 0,
+    broken: bool = True,
+) -> Catalogue:
+    """Write `images` (n, H, W) uint8 as PNG files with planted near-duplicates.
+
+    `planted` originals, chosen at random, get 1..`max_copies` augmented copies each. File names are
+    shuffled (`item_000123.png`) so nothing in a name gives a copy away. The ground truth CSV lists every
+    pair of items that show the same original photo (left_id < right_id); the manifest lists each item's
+    source index, label and whether it is a copy. With `broken`, a truncated PNG, an empty file and a text
+    file are added too: they must come out of the pipeline as failures rows.
+    """
+    from trainer.augment import augment_image
+
+    rng = np.random.default_rng(seed)
+    n = len(images)
+    if not 0 <= planted <= n:
+        raise ValueError(f"planted must lie in [0, {n}], got {planted}")
+    originals = rng.choice(n, size=planted, replace=False)
+    copies_per_original = rng.integers(1, max_copies + 1, size=planted)
+    # entries: (source index, copy number: 0 is the original photo)
+    entries = [(i, 0) for i in range(n)]
+    for source, count in zip(originals, copies_per_original):
+        entries.extend((int(source), c) for c in range(1, int(count) + 1))
+    broken_payloads = []
+    if broken:
+        truncated = _png_bytes(images[0])[:40]
+        broken_payloads = [("truncated_png", truncated), *BROKEN_FILES.items()]
+    order = rng.permutation(len(entries) + len(broken_payloads))
+    names = [f"item_{k:06d}.png" for k in order]
+
+    image_dir = os.path.join(out_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    groups: dict[int, list[str]] = {}
+    manifest_rows = []
+    for (source, copy), name in zip(entries, names):
+        pixels = images[source] if copy == 0 else augment_image(images[source], rng)
+        with open(os.path.join(image_dir, name), "wb") as f:
+            f.write(_png_bytes(pixels))
+        groups.setdefault(source, []).append(name)
+        manifest_rows.append((name, source, int(labels[source]), copy, ""))
+    for (kind, payload), name in zip(broken_payloads, names[len(entries):]):
+        with open(os.path.join(image_dir, name), "wb") as f:
+            f.write(payload)
+        manifest_rows.append((name, -1, -1, 0, kind))
+
+    pairs = sorted(
+        tuple(sorted(pair)) for members in groups.values() if len(members) > 1
+        for pair in itertools.combinations(members, 2)
+    )
+    ground_truth_csv = os.path.join(out_dir, "ground_truth.csv")
+    with open(ground_truth_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["left_id", "right_id"])
+        writer.writerows(pairs)
+    manifest_csv = os.path.join(out_dir, "manifest.csv")
+    with open(manifest_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "source_index", "label", "copy_number", "broken"])
+        writer.writerows(sorted(manifest_rows))
+    return Catalogue(
+        image_glob=os.path.join(image_dir, "*.png"),
+        ground_truth_csv=ground_truth_csv,
+        manifest_csv=manifest_csv,
+        items=len(manifest_rows),
+        planted_pairs=len(pairs),
+        broken_items=len(broken_payloads),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siamese-dedup demo",
+        description="Train on Fashion-MNIST, embed the test split with planted near-duplicates, match, "
+        "deduplicate and report, end to end on the DirectRunner.",
+    )
+    parser.add_argument("--output", default="demo_output", help="Directory for every output (default demo_output).")
+    parser.add_argument(
+        "--model_dir", default=None, help="Use this trained encoder artefact instead of training one."
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="Training epochs (default: the trainer's).")
+    parser.add_argument(
+        "--max_train_items", type=int, default=None, help="Train on at most this many images (quick runs)."
+    )
+    parser.add_argument(
+        "--catalogue_size", type=int, default=None, help="Use the first N test images (default: all 10,000)."
+    )
+    parser.add_argument("--planted", type=int, default=500, help="Originals that get augmented copies (default 500).")
+    parser.add_argument("--max_copies", type=int, default=2, help="Copies per planted original: 1..N (default 2).")
+    parser.add_argument("--threshold", type=float, default=None, help="Match threshold in angular similarity.")
+    parser.add_argument(
+        "--target_fmr", type=float, default=1e-4, help="FMR of the model card threshold to use (default 1e-4)."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the catalogue and training (default 0).")
+    parser.add_argument("--data_dir", default=None, help="Fashion-MNIST IDX directory (default: the Debian package's).")
+    return parser
+
+
+def _timed(timings: dict, stage: str, fn, *args):
+    log.info("==> %s", stage)
+    start = time.perf_counter()
+    result = fn(*args)
+    timings[stage] = round(time.perf_counter() - start, 2)
+    log.info("<== %s done in %.1f s", stage, timings[stage])
+    return result
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the demo; returns the summary dict it also writes to OUTPUT/demo_summary.json."""
+    from beam_pipeline import dedup, embed, match, report
+    from beam_pipeline.options import new_run_id
+    from trainer import train
+    from trainer.data import load_fashion_mnist
+
+    args = build_parser().parse_args(argv)
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    run_id = new_run_id()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    model_dir = args.model_dir
+    train_summary = None
+    if model_dir is None:
+        model_dir = os.path.join(out, "model")
+        train_argv = ["--output", model_dir, "--seed", str(args.seed)]
+        for flag in ("epochs", "max_train_items", "data_dir"):
+            if getattr(args, flag) is not None:
+                train_argv += [f"--{flag}", str(getattr(args, flag))]
+        train_summary = _timed(timings, "train", train.run, train_argv)
+
+    def make_catalogue():
+        images, labels = load_fashion_mnist("test", args.data_dir)
+        if args.catalogue_size is not None:
+            images, labels = images[: args.catalogue_size], labels[: args.catalogue_size]
+        return write_catalogue(
+            images, labels, os.path.join(out, "catalogue"), planted=min(args.planted, len(images)),
+            max_copies=args.max_copies, seed=args.seed,
+        )
+
+    catalogue = _timed(timings, "catalogue", make_catalogue)
+    common = ["--run_id", run_id]
+    embed_summary = _timed(
+        timings, "embed", embed.run,
+        ["--input", catalogue.image_glob, "--model_dir", model_dir, "--output", out, *common],
+    )
+    threshold_flags = ["--target_fmr", str(args.target_fmr)]
+    if args.threshold is not None:
+        threshold_flags = ["--threshold", str(args.threshold)]
+    templates_glob = os.path.join(out, "templates", "*.parquet")
+    match_summary = _timed(
+        timings, "match", match.run,
+        ["--templates", templates_glob, "--model_dir", model_dir, "--output", out, *threshold_flags, *common],
+    )
+    dedup_summary = _timed(
+        timings, "dedup", dedup.run,
+        ["--templates", templates_glob, "--matches", os.path.join(out, "matches", "*.parquet"),
+         "--output", out, *common],
+    )
+    report_summary = _timed(
+        timings, "report", report.run,
+        ["--workdir", out, "--model_dir", model_dir, "--ground_truth", catalogue.ground_truth_csv],
+    )
+    timings["total"] = round(time.perf_counter() - started, 2)
+
+    accounted = embed_summary["embedded"] + embed_summary["failed"]
+    if accounted != catalogue.items:
+        raise RuntimeError(
+            f"{catalogue.items} catalogue files but {accounted} templates + failures: items were lost"
+        )
+    summary = {
+        "run_id": run_id,
+        "model_dir": model_dir,
+        "train": train_summary,
+        "catalogue": dataclasses.asdict(catalogue),
+        "embed": embed_summary,
+        "match": match_summary,
+        "dedup": dedup_summary,
+        "report": report_summary,
+        "seconds": timings,
+    }
+    with open(os.path.join(out, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print(format_summary(summary, out))
+    return summary
+
+
+def format_summary(summary: dict, out: str) -> str:
+    """The short text the demo prints: figures, timings and every output path."""
+    from beam_pipeline.io import read_json
+
+    card = read_json(os.path.join(summary["model_dir"], "model_card.json"))
+    metrics = card.get("metrics", {})
+    evaluation = summary["report"].get("evaluation") or {}
+    threshold = summary["match"]["threshold"]
+    lines = [
+        "",
+        "siamese-dedup demo: done",
+        f"  model {card['model_id']}  seed-protocol ROC AUC {metrics.get('seed_auc', float('nan')):.4f}  "
+        f"recall@1 {metrics.get('recall_at_1', float('nan')):.4f}",
+        f"  catalogue {summary['catalogue']['items']} files, {summary['catalogue']['planted_pairs']} planted "
+        f"duplicate pairs, {summary['catalogue']['broken_items']} broken files",
+        f"  embedded {summary['embed']['embedded']}, failures {summary['embed']['failed']}",
+        f"  threshold {threshold['angular_similarity']:.4f} angular ({threshold['source']})",
+        f"  matched pairs {summary['match']['pairs']}, clusters {summary['dedup']['clusters_count']}, "
+        f"items to drop {summary['dedup']['items_to_drop']}",
+    ]
+    if evaluation:
+        lines.append(
+            f"  planted duplicates: precision {evaluation['precision']:.4f}  recall {evaluation['recall']:.4f}"
+        )
+    lines.append("  wall time (s): " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
+    lines.append("  outputs:")
+    paths = {
+        "model": summary["model_dir"],
+        "catalogue": os.path.dirname(summary["catalogue"]["image_glob"]),
+        "ground truth": summary["catalogue"]["ground_truth_csv"],
+        "templates": summary["embed"]["templates"],
+        "failures": summary["embed"]["failures"],
+        "matches": summary["match"]["matches"],
+        "clusters": summary["dedup"]["clusters"],
+        "report.json": summary["report"]["report_json"],
+        "report.html": summary["report"]["report_html"],
+        "summary": os.path.join(out, "demo_summary.json"),
+    }
+    lines += [f"    {name:<13} {path}" for name, path in paths.items()]
+    return "\n".join(lines)
