@@ -1,0 +1,84 @@
+"""Which match threshold a run uses, and where it came from.
+
+A threshold is either given (angular similarity on the command line) or read from the model card's
+calibration: card["thresholds"][protocol] is a list of THRESHOLD_SCHEMA entries (schemas/documents.py),
+one per target false match rate. The result states both the angular similarity and the cosine the kernel
+compares with (trainer.distances.cosine_from_angular), so report.json can say exactly what was used.
+"""
+from __future__ import annotations
+
+import math
+
+from trainer.distances import cosine_from_angular
+
+# Two FMR targets are the same if they agree to this relative tolerance (1e-4 written as 0.0001 etc.).
+_FMR_RTOL = 1e-6
+
+
+def load_card(model_dir: str) -> dict:
+    """The validated model card of the encoder artefact at `model_dir` (local or gs://); no TensorFlow."""
+    try:
+        from trainer.export import load_model_card
+    except ImportError:  # the trainer package is not shipped: read the JSON directly
+        from beam_pipeline.io import read_json
+        from schemas.documents import validate_model_card
+
+        return validate_model_card(read_json(model_dir.rstrip("/") + "/model_card.json"))
+    return load_model_card(model_dir)
+
+
+def _fmr_text(x: float) -> str:
+    return f"{x:g}"
+
+
+def resolve_threshold(
+    threshold: float | None, model_card: dict | None, target_fmr: float, protocol: str
+) -> dict:
+    """The threshold of a run: {"angular_similarity", "cosine", "source", "target_fmr", "impostor_pairs"}.
+
+    - `threshold` given (angular similarity in [0, 1]): source "given"; target_fmr and impostor_pairs
+      are None (nothing calibrated it).
+    - otherwise the entry of `model_card["thresholds"][protocol]` whose target_fmr equals `target_fmr`:
+      source "model_card:<protocol>@fmr=<target_fmr>", with the number of impostor pairs behind it.
+    Raises ValueError when neither is available, or when the card has no threshold for that protocol
+    and FMR (the message names the ones it has).
+    """
+    if threshold is not None:
+        sim = float(threshold)
+        if not (0.0 <= sim <= 1.0) or math.isnan(sim):
+            raise ValueError(f"--threshold is an angular similarity in [0, 1], got {threshold}")
+        return {
+            "angular_similarity": sim,
+            "cosine": float(cosine_from_angular(sim)),
+            "source": "given",
+            "target_fmr": None,
+            "impostor_pairs": None,
+        }
+    if model_card is None:
+        raise ValueError("no threshold: pass --threshold (angular similarity) or --model_dir with a model card")
+    if not target_fmr or not (0.0 < float(target_fmr) <= 1.0):
+        raise ValueError(f"target FMR must lie in (0, 1], got {target_fmr}")
+    by_protocol = model_card.get("thresholds") or {}
+    entries = by_protocol.get(protocol)
+    model = model_card.get("model_id", "?")
+    if not entries:
+        available = sorted(k for k, v in by_protocol.items() if v)
+        raise ValueError(
+            f"model card {model} has no calibrated thresholds for protocol {protocol!r}; "
+            f"protocols with thresholds: {available or 'none'}. Pass --threshold or another "
+            "--threshold_protocol"
+        )
+    for entry in entries:
+        if math.isclose(float(entry["target_fmr"]), float(target_fmr), rel_tol=_FMR_RTOL):
+            return {
+                "angular_similarity": float(entry["angular_similarity"]),
+                "cosine": float(entry["cosine"]),
+                "source": f"model_card:{protocol}@fmr={_fmr_text(float(target_fmr))}",
+                "target_fmr": float(entry["target_fmr"]),
+                "impostor_pairs": int(entry["impostor_pairs"]),
+            }
+    have = sorted(float(e["target_fmr"]) for e in entries)
+    raise ValueError(
+        f"model card {model} has no {protocol!r} threshold at FMR {_fmr_text(float(target_fmr))}; it has "
+        f"FMR {', '.join(_fmr_text(x) for x in have)}. Pass one of these as --target_fmr, or --threshold"
+    )
