@@ -200,3 +200,25 @@ def read_json(path: str) -> Any:
         raise FileNotFoundError(f"no such JSON document: {path}")
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return json.loads(f.read().decode("utf-8"))
+
+
+def count_parquet_rows(glob: str) -> int:
+    """Total rows of the Parquet files matching `glob`, from their footers (local files are not read in
+    full; remote ones are downloaded). 0 if nothing matches."""
+    total = 0
+    for path in match_paths(glob):
+        if _is_local(path):
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                total += pq.read_metadata(pa.BufferReader(f.read())).num_rows
+    return total
+
+
+def delete_table_shards(output_dir: str, name: str) -> int:
+    """Delete the shards of table `name` left under `output_dir` by an earlier run (see `table_glob`), so
+    a rerun with a different shard count does not leave stale files matching the glob. Returns how many."""
+    paths = match_paths(table_glob(output_dir, name))
+    if paths:
+        FileSystems.delete(paths)
+    return len(paths)
