@@ -62,6 +62,17 @@ class EmbedOptions(PipelineOptions):
             default=50_000_000,
             help="Refuse images whose declared width*height exceeds this (decompression bombs; default 5e7).",
         )
+        parser.add_argument(
+            "--max_file_bytes",
+            type=int,
+            default=200_000_000,
+            help="Refuse (failures stage 'read') files larger than this many bytes (default 2e8; 0: no limit).",
+        )
+        parser.add_argument(
+            "--share_model_across_processes",
+            action="store_true",
+            help="Load one encoder per machine shared by its SDK processes instead of one per process.",
+        )
         parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 
