@@ -16,28 +16,49 @@ def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
 
 
+def _add(parser, *flags, required: bool = False, **kwargs) -> None:
+    """`parser.add_argument`, tolerant of the other stages' classes.
+
+    Beam parses the flags of every PipelineOptions subclass with one parser (get_all_options, when a
+    pipeline runs), so stages sharing --output or --templates would conflict, and a flag required by one
+    stage would fail every other stage's run. Shared flags are added once, and `required` is recorded
+    on the parser's `_stage_required` list and checked by `parse_stage_options` for the stage being run.
+    """
+    if any(flag in parser._option_string_actions for flag in flags):
+        return
+    parser.add_argument(*flags, **kwargs)
+    if required:
+        if not hasattr(parser, "_stage_required"):
+            parser._stage_required = []
+        parser._stage_required.append(flags[0])
+
+
 def _add_run_id(parser) -> None:
-    parser.add_argument(
+    _add(
+        parser,
         "--run_id", default=None, help="Identifier written on every output row (default: a new timestamped id)."
     )
 
 
 def _add_threshold(parser) -> None:
-    parser.add_argument(
+    _add(
+        parser,
         "--threshold",
         type=float,
         default=None,
         help="Match threshold in angular similarity [0, 1]. Default: the model card's calibrated threshold "
         "at --target_fmr.",
     )
-    parser.add_argument(
+    _add(
+        parser,
         "--target_fmr",
         type=float,
         default=1e-4,
         help="False match rate whose calibrated threshold is read from the model card when --threshold is "
         "not given (default 1e-4).",
     )
-    parser.add_argument(
+    _add(
+        parser,
         "--threshold_protocol",
         default="instance",
         choices=["instance", "class"],
@@ -51,29 +72,32 @@ class EmbedOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", required=True, help="Glob of image files, local or gs://, e.g. 'cat/**/*.png'.")
-        parser.add_argument("--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
-        parser.add_argument("--output", required=True, help="Output directory; writes templates/ and failures/ under it.")
-        parser.add_argument("--batch_size", type=int, default=256, help="Inference batch size (max; default 256).")
-        parser.add_argument("--min_batch_size", type=int, default=1, help="Smallest inference batch (default 1).")
-        parser.add_argument(
+        _add(parser, "--input", required=True, help="Glob of image files, local or gs://, e.g. 'cat/**/*.png'.")
+        _add(parser, "--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
+        _add(parser, "--output", required=True, help="Output directory; writes templates/ and failures/ under it.")
+        _add(parser, "--batch_size", type=int, default=256, help="Inference batch size (max; default 256).")
+        _add(parser, "--min_batch_size", type=int, default=1, help="Smallest inference batch (default 1).")
+        _add(
+            parser,
             "--max_pixels",
             type=int,
             default=50_000_000,
             help="Refuse images whose declared width*height exceeds this (decompression bombs; default 5e7).",
         )
-        parser.add_argument(
+        _add(
+            parser,
             "--max_file_bytes",
             type=int,
             default=200_000_000,
             help="Refuse (failures stage 'read') files larger than this many bytes (default 2e8; 0: no limit).",
         )
-        parser.add_argument(
+        _add(
+            parser,
             "--share_model_across_processes",
             action="store_true",
             help="Load one encoder per machine shared by its SDK processes instead of one per process.",
         )
-        parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 
 
@@ -82,14 +106,15 @@ class MatchOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--templates", required=True, help="Glob of templates Parquet files.")
-        parser.add_argument("--output", required=True, help="Output directory; writes matches/ and match_run.json.")
-        parser.add_argument(
+        _add(parser, "--templates", required=True, help="Glob of templates Parquet files.")
+        _add(parser, "--output", required=True, help="Output directory; writes matches/ and match_run.json.")
+        _add(
+            parser,
             "--model_dir", default=None, help="Encoder artefact directory; its model card supplies the threshold."
         )
         _add_threshold(parser)
-        parser.add_argument("--block_size", type=int, default=4096, help="Rows per block of the similarity kernel.")
-        parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add(parser, "--block_size", type=int, default=4096, help="Rows per block of the similarity kernel.")
+        _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 
 
@@ -98,16 +123,17 @@ class DedupOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--templates", required=True, help="Glob of templates Parquet files.")
-        parser.add_argument("--matches", required=True, help="Glob of matches Parquet files.")
-        parser.add_argument("--output", required=True, help="Output directory; writes clusters/ under it.")
-        parser.add_argument(
+        _add(parser, "--templates", required=True, help="Glob of templates Parquet files.")
+        _add(parser, "--matches", required=True, help="Glob of matches Parquet files.")
+        _add(parser, "--output", required=True, help="Output directory; writes clusters/ under it.")
+        _add(
+            parser,
             "--keeper_policy",
             default="first_id",
             choices=["first_id", "largest_image"],
             help="Which member of a cluster is kept (ties broken by item_id). Default first_id.",
         )
-        parser.add_argument("--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 
 
@@ -131,4 +157,11 @@ def parse_stage_options(argv, options_cls, description: str):
         options_cls._add_argparse_args(parser)
         parser.parse_args(["--help"])
     pipeline_options = PipelineOptions(argv)
-    return pipeline_options, pipeline_options.view_as(options_cls)
+    view = pipeline_options.view_as(options_cls)
+    # Required flags of this stage only (see _add); argparse's own message and exit status 2.
+    parser = argparse.ArgumentParser(description=description)
+    options_cls._add_argparse_args(parser)
+    missing = [f for f in getattr(parser, "_stage_required", []) if getattr(view, f.lstrip("-")) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return pipeline_options, view
