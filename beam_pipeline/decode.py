@@ -1,0 +1,214 @@
+"""Decode image bytes into the encoder's input pixels. Pure functions: no Beam, no TensorFlow.
+
+`decode_image` turns the bytes of any image file PIL reads (PNG, JPEG, GIF, WebP, BMP, TIFF, ...) into a
+uint8 array of the size and channel count the model card's `input_spec` asks for, so that every image
+of a catalogue reaches the encoder the same way, or raises `DecodeError` with a short reason that the
+pipeline writes to the failures table.
+
+Steps, in order: refuse empty input; read the header only (PIL is lazy) and refuse images whose declared
+width x height exceeds `max_pixels` before any pixel is decoded (decompression bombs); decode the first
+frame (animated GIF/WebP/APNG: frame 0), letting JPEG decode at a reduced DCT scale when the target is
+much smaller; apply the EXIF orientation; convert the mode (alpha is composited on white; 16-bit samples
+are scaled, not clipped); resize to the spec's size (stretching: the whole picture is kept, aspect ratio
+is not); return (H, W, C) uint8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Reasons written to the failures table (stage "decode"), after "DecodeError: ".
+EMPTY = "empty"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+NOT_AN_IMAGE = "not_an_image"
+TOO_LARGE = "too_large"
+UNSUPPORTED = "unsupported"
+REASONS = (EMPTY, TRUNCATED, CORRUPT, NOT_AN_IMAGE, TOO_LARGE, UNSUPPORTED)
+
+# Leading bytes of formats PIL reads: bytes that start like an image but do not parse are "corrupt",
+# not "not_an_image".
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF",
+)
+
+# Formats whose files end with a fixed marker: missing means the file was cut short.
+_END_MARKERS = ((b"\x89PNG\r\n\x1a\n", b"IEND"), (b"\xff\xd8\xff", b"\xff\xd9"), (b"GIF8", b";"))
+
+
+def _lacks_end_marker(data: bytes) -> bool:
+    """True if `data` starts like a PNG, JPEG or GIF but lacks that format's end marker near its end."""
+    tail = data[-16:].rstrip(b"\x00")
+    return any(data.startswith(sig) and end not in tail for sig, end in _END_MARKERS)
+
+
+# 16-bit grayscale modes; "I" (32-bit int) is what some 16-bit TIFF/PNG files decode to.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class DecodeError(ValueError):
+    """An image that cannot be decoded. `reason` is one of REASONS; `detail` says what was found."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in REASONS:
+            raise ValueError(f"unknown decode failure reason {reason!r}")
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """Pixels ready for the encoder plus the original size.
+
+    pixels: uint8 array (height, width, channels) of the input spec.
+    width, height: the source image's size in pixels as displayed (after EXIF orientation), before
+    resizing.
+    """
+
+    pixels: np.ndarray
+    width: int
+    height: int
+
+
+def _spec_shape(input_spec: dict) -> tuple[int, int, int]:
+    height, width, channels = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
+    if channels not in (1, 3) or height < 1 or width < 1:
+        raise ValueError(f"input_spec must give height, width >= 1 and channels 1 or 3, got {input_spec}")
+    return height, width, channels
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Open `data` reading only the header; refuse images over `max_pixels` before any pixel decoding."""
+    if not data:
+        raise DecodeError(EMPTY, "zero bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise DecodeError(TOO_LARGE, str(err)) from None
+    except UnidentifiedImageError:
+        if data.startswith(_SIGNATURES):
+            if _lacks_end_marker(data):
+                raise DecodeError(TRUNCATED, f"{len(data)} bytes: the header is cut short") from None
+            raise DecodeError(CORRUPT, f"starts like an image ({data[:8]!r}) but its header does not parse") from None
+        raise DecodeError(NOT_AN_IMAGE, f"{len(data)} bytes in no image format PIL knows") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DecodeError(CORRUPT, f"header: {type(err).__name__}: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            TOO_LARGE, f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
+        )
+    if width < 1 or height < 1:
+        raise DecodeError(CORRUPT, f"declared size {width}x{height}")
+    return image
+
+
+def _load_first_frame(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Decode frame 0 of `image`; JPEG may decode at 1/2, 1/4 or 1/8 scale, never below `target`."""
+    if image.format == "JPEG":
+        side = max(target)
+        image.draft(None, (side, side))
+    try:
+        image.seek(0)
+        image.load()
+    except Image.DecompressionBombError as err:
+        raise DecodeError(TOO_LARGE, str(err)) from None
+    except MemoryError:
+        raise
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors, ...
+        message = f"{type(err).__name__}: {err}"
+        if "truncated" in str(err).lower() or isinstance(err, EOFError):
+            raise DecodeError(TRUNCATED, message) from None
+        raise DecodeError(CORRUPT, message) from None
+    return image
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; an unreadable EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block is metadata damage, not a broken picture
+        return image
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit int) grayscale to 8 bits by scaling 0..65535 onto 0..255 (PIL would clip)."""
+    samples = np.asarray(image).astype(np.int64)
+    scaled = (np.clip(samples, 0, 65535) * 255 + 32767) // 65535
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to 'L' (channels 1) or 'RGB' (channels 3).
+
+    Transparent pixels (alpha modes, or a palette/tRNS transparency) are composited on white first, so a
+    logo on a transparent background looks like the same logo on a white page. CMYK, YCbCr, P, 1 and F
+    go through PIL's conversions; 16-bit samples are rescaled to 8 bits.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_l(image)
+    elif mode in _ALPHA_MODES or "transparency" in image.info:
+        image = _composite_on_white(image)
+    target = "L" if channels == 1 else "RGB"
+    if image.mode == target:
+        return image
+    try:
+        return image.convert(target)
+    except ValueError:
+        pass
+    try:  # some modes (LAB) convert to RGB only
+        return image.convert("RGB").convert(target)
+    except (ValueError, OSError) as err:
+        raise DecodeError(UNSUPPORTED, f"mode {mode}: {err}") from None
+
+
+def decode_image(data: bytes, input_spec: dict, max_pixels: int = 50_000_000) -> DecodedImage:
+    """Decode image file bytes into the encoder's input pixels.
+
+    data: the whole file. input_spec: the model card's input spec ({"height", "width", "channels", ...}).
+    max_pixels: largest declared width*height accepted; checked on the header, before decoding.
+    Returns DecodedImage(pixels uint8 (height, width, channels), original width, original height).
+    Raises DecodeError(reason) with reason in REASONS: 'empty', 'not_an_image', 'truncated', 'corrupt',
+    'too_large', 'unsupported' (a mode that cannot become L/RGB).
+    """
+    height, width, channels = _spec_shape(input_spec)
+    image = _open_header(bytes(data), int(max_pixels))
+    header_size = image.size
+    try:
+        image = _load_first_frame(image, (width, height))
+        if image.width * image.height > max_pixels:  # a frame larger than the header said
+            raise DecodeError(TOO_LARGE, f"decoded frame {image.width}x{image.height} exceeds max_pixels={max_pixels}")
+        stored_size = image.size  # smaller than header_size when JPEG decoded at a reduced scale
+        image = _orient(image)
+        # Report the file's own size, turned like the pixels when the orientation swapped the axes.
+        turned = image.size != stored_size
+        source_width, source_height = header_size[::-1] if turned else header_size
+        image = to_channels(image, channels)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.uint8)
+    finally:
+        image.close()
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, np.newaxis]
+    return DecodedImage(np.ascontiguousarray(pixels), int(source_width), int(source_height))
+

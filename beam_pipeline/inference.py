@@ -1,0 +1,152 @@
+"""RunInference model handler for the encoder artefact (model.keras + model_card.json).
+
+Our own `ModelHandler` rather than `apache_beam.ml.inference.tensorflow_inference` (which needs
+tensorflow_hub and knows nothing of the model card): it loads the artefact with
+`trainer.export.load_encoder`, feeds batches of decoded uint8 pixels in the card's value range, and never
+lets one bad example fail a batch: when a batch raises, each example is retried alone and the ones that
+still fail come back as `InferenceFailure` results, which the embed pipeline writes to the failures table
+(stage "inference").
+
+TensorFlow is imported only when the model is loaded (on the worker), not when the pipeline is built.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
+
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
+
+log = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "siamese_dedup_embed"
+
+
+class InferenceFailure(NamedTuple):
+    """The `inference` of a PredictionResult whose example could not be embedded."""
+
+    error: str
+
+
+def to_model_input(pixels: Sequence[np.ndarray], input_spec: dict) -> np.ndarray:
+    """Stack decoded uint8 images (H, W, C) into the model's float32 input (n, H, W, C).
+
+    uint8 0..255 is mapped linearly onto the card's value_range (identity for the default [0, 255]; the
+    model rescales inside). Raises ValueError if an image does not have the spec's shape.
+    """
+    shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+    for image in pixels:
+        if np.shape(image) != shape:
+            raise ValueError(f"example of shape {np.shape(image)} does not match the input spec {shape}")
+    batch = np.stack([np.asarray(image) for image in pixels]).astype(np.float32)
+    lo, hi = (float(v) for v in input_spec["value_range"])
+    if (lo, hi) != (0.0, 255.0):
+        batch = lo + batch * ((hi - lo) / 255.0)
+    return batch
+
+
+def embed_batch(model, pixels: Sequence[np.ndarray], input_spec: dict) -> np.ndarray:
+    """Embeddings float32 (n, dim) of decoded images `pixels` (each uint8 (H, W, C)) with Keras `model`."""
+    if not len(pixels):
+        raise ValueError("empty batch")
+    outputs = model.predict_on_batch(to_model_input(pixels, input_spec))
+    embeddings = np.asarray(outputs, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(pixels):
+        raise ValueError(f"model returned shape {embeddings.shape} for {len(pixels)} examples")
+    return embeddings
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:2000]
+
+
+class EncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
+    """Loads the encoder artefact in `model_dir` (local or gs://) and embeds uint8 (H, W, C) images.
+
+    Each PredictionResult's `inference` is a float32 (dim,) unit vector, or an `InferenceFailure` for an
+    example the model could not embed; `model_id` is the card's. The card is read when the handler is
+    built (no TensorFlow needed) so the pipeline knows the input spec, embedding dim and model id up front;
+    `load_model` refuses an artefact whose model id changed since.
+
+    Batching: `min_batch_size` / `max_batch_size` go to beam.BatchElements. `share_across_processes`
+    loads one model per machine shared by the SDK processes (Beam's large_model) instead of one per
+    process.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        min_batch_size: int = 1,
+        max_batch_size: int = 256,
+        share_across_processes: bool = False,
+        card: Optional[dict] = None,
+    ):
+        from trainer.export import load_model_card
+
+        if not 1 <= min_batch_size <= max_batch_size:
+            raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}")
+        super().__init__(
+            min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=share_across_processes
+        )
+        self._model_dir = model_dir
+        self._card = dict(card) if card is not None else load_model_card(model_dir)
+
+    @property
+    def card(self) -> dict:
+        return self._card
+
+    @property
+    def input_spec(self) -> dict:
+        return self._card["input_spec"]
+
+    @property
+    def model_id(self) -> str:
+        return self._card["model_id"]
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self._card["embedding_dim"])
+
+    def load_model(self):
+        from trainer.export import load_encoder
+
+        model, card = load_encoder(self._model_dir)
+        if card["model_id"] != self.model_id:
+            raise ValueError(
+                f"{self._model_dir}: model_id is now {card['model_id']} but the pipeline was built for "
+                f"{self.model_id}; the artefact changed during the run"
+            )
+        log.info("loaded encoder %s (%d-d) from %s", self.model_id, self.embedding_dim, self._model_dir)
+        return model
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model, inference_args: Optional[dict] = None
+    ) -> Iterable[PredictionResult]:
+        try:
+            embeddings = embed_batch(model, batch, self.input_spec)
+            return [PredictionResult(x, e, self.model_id) for x, e in zip(batch, embeddings)]
+        except Exception as err:  # one bad example must not fail the others: retry one by one
+            log.warning("inference failed on a batch of %d (%s); retrying item by item", len(batch), _describe(err))
+        results = []
+        for example in batch:
+            try:
+                inference = embed_batch(model, [example], self.input_spec)[0]
+            except Exception as err:
+                inference = InferenceFailure(_describe(err))
+            results.append(PredictionResult(example, inference, self.model_id))
+        return results
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return int(sum(np.asarray(x).nbytes for x in batch))
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
+
+    def __repr__(self) -> str:
+        return f"EncoderModelHandler({self._model_dir!r}, model_id={self.model_id})"
+
+
+def keyed_handler(handler: EncoderModelHandler) -> KeyedModelHandler:
+    """`handler` taking (key, pixels) pairs and returning (key, PredictionResult): keys travel along."""
+    return KeyedModelHandler(handler)

@@ -1,0 +1,55 @@
+"""Fixtures shared by the whole suite.
+
+The repository root goes on sys.path so `pytest` works as well as `python -m pytest`. `tiny_model_dir` is
+an exported encoder artefact that is really tiny and untrained: the pipeline tests check plumbing (that
+the pipeline reproduces the model's own predictions), not quality. TensorFlow is imported only by the
+tests that ask for it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Fewer TF threads and log lines: the machine is small and shared.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TINY_EMBEDDING_DIM = 8
+
+
+def export_tiny_encoder(out_dir: str, input_spec: dict | None = None, embedding_dim: int = TINY_EMBEDDING_DIM,
+                        seed: int = 0) -> dict:
+    """Build and export an untrained tiny encoder (one conv stage, no dense head) to `out_dir`; the card."""
+    import keras
+
+    from trainer.encoder import build_encoder
+    from trainer.export import export_encoder
+
+    keras.utils.set_random_seed(seed)
+    model = build_encoder(input_spec, embedding_dim, filters=(4,), dense_units=0, dropout=0.0)
+    return export_encoder(
+        model, out_dir, training={"note": "untrained test fixture"}, data={"dataset": "none"},
+        metrics={}, thresholds={"instance": [], "class": []}, input_spec=input_spec,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """Directory holding model.keras + model_card.json of an untrained 28x28x1 -> 8-d encoder."""
+    out = str(tmp_path_factory.mktemp("tiny_model"))
+    export_tiny_encoder(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_rgb_model_dir(tmp_path_factory) -> str:
+    """Like tiny_model_dir for 16x12 RGB input with value_range [0, 1] (the pixels are rescaled)."""
+    out = str(tmp_path_factory.mktemp("tiny_rgb_model"))
+    spec = {"height": 16, "width": 12, "channels": 3, "dtype": "float32", "value_range": [0, 1]}
+    export_tiny_encoder(out, spec, embedding_dim=5, seed=1)
+    return out
