@@ -21,20 +21,24 @@ def build_encoder(
     input_spec: dict | None = None,
     embedding_dim: int = 64,
     *,
-    filters: Sequence[int] = (32, 64, 128),
-    dense_units: int = 256,
+    filters: Sequence[int] = (32, 64),
+    dense_units: int = 128,
     dropout: float = 0.1,
+    batch_norm: bool = False,
     name: str = "encoder",
 ) -> keras.Model:
-    """A small, fast CNN encoder.
+    """A small, fast CNN encoder (about 0.23 M parameters at the defaults).
 
     Args:
       input_spec: the card's input spec (height, width, channels, value_range); Fashion-MNIST by default.
       embedding_dim: length of the output unit vectors.
-      filters: output channels of the conv stages; each stage is conv3x3-BN-ReLU (x2 for the first
-        stage only, where the maps are cheapest) then 2x2 max-pooling, the last one ending in global pooling.
+      filters: output channels of the conv stages; each stage is a 3x3 'valid' conv + ReLU and 2x2
+        max-pooling (28 -> 26 -> 13 -> 11 -> 5 at the defaults), then everything is flattened so the head
+        sees where features are, not only whether they are there.
       dense_units: width of the hidden Dense layer of the head (0 = none).
       dropout: dropout before the projection (training only).
+      batch_norm: BatchNormalization after each conv. Off by default: on a 2-core CPU it costs about a
+        third of the training throughput and this shallow net trains well without it.
 
     Input: float32 (batch, height, width, channels) in value_range. Output: float32 (batch, embedding_dim),
     each row of unit L2 norm.
@@ -51,20 +55,14 @@ def build_encoder(
     # Map value_range to [0, 1]: x * 1/(hi-lo) - lo/(hi-lo).
     x = layers.Rescaling(1.0 / (hi - lo), offset=-lo / (hi - lo), name="rescale")(inputs)
     for stage, f in enumerate(filters):
-        convs = 2 if stage == 0 else 1
-        for j in range(convs):
-            x = layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv{stage}_{j}")(x)
-            x = layers.BatchNormalization(name=f"bn{stage}_{j}")(x)
-            x = layers.ReLU(name=f"relu{stage}_{j}")(x)
-        if stage < len(filters) - 1:
-            x = layers.MaxPooling2D(2, name=f"pool{stage}")(x)
-    # Global average + max pooling keep both "how much" and "where strongest" of each feature.
-    x = layers.Concatenate(name="pool_concat")(
-        [layers.GlobalAveragePooling2D(name="gap")(x), layers.GlobalMaxPooling2D(name="gmp")(x)])
+        x = layers.Conv2D(f, 3, use_bias=not batch_norm, name=f"conv{stage}")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name=f"bn{stage}")(x)
+        x = layers.ReLU(name=f"relu{stage}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{stage}")(x)
+    x = layers.Flatten(name="flatten")(x)
     if dense_units:
-        x = layers.Dense(dense_units, name="head_dense")(x)
-        x = layers.BatchNormalization(name="head_bn")(x)
-        x = layers.ReLU(name="head_relu")(x)
+        x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     if dropout:
         x = layers.Dropout(dropout, name="head_dropout")(x)
     x = layers.Dense(embedding_dim, name="projection")(x)
