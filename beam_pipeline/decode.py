@@ -164,19 +164,18 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
     go through PIL's conversions; 16-bit samples are rescaled to 8 bits.
     """
     mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        image = _sixteen_bit_to_l(image)
-    elif mode in _ALPHA_MODES or "transparency" in image.info:
-        image = _composite_on_white(image)
     target = "L" if channels == 1 else "RGB"
-    if image.mode == target:
-        return image
     try:
-        return image.convert(target)
-    except ValueError:
-        pass
-    try:  # some modes (LAB) convert to RGB only
-        return image.convert("RGB").convert(target)
+        if mode in _SIXTEEN_BIT_MODES:
+            image = _sixteen_bit_to_l(image)
+        elif mode in _ALPHA_MODES or "transparency" in image.info:
+            image = _composite_on_white(image)
+        if image.mode == target:
+            return image
+        try:
+            return image.convert(target)
+        except ValueError:  # some modes (LAB) convert to RGB only
+            return image.convert("RGB").convert(target)
     except (ValueError, OSError) as err:
         raise DecodeError(UNSUPPORTED, f"mode {mode}: {err}") from None
 

@@ -1,0 +1,221 @@
+"""decode_image: every PIL mode to the spec's L/RGB pixels, EXIF orientation, resizing, and each failure."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beam_pipeline.decode import REASONS, DecodedImage, DecodeError, decode_image, to_channels
+
+RGB_4x6 = {"height": 4, "width": 6, "channels": 3, "dtype": "uint8", "value_range": [0, 255]}
+GRAY_4x6 = {"height": 4, "width": 6, "channels": 1, "dtype": "uint8", "value_range": [0, 255]}
+
+# PIL's luma of pure red, green and blue: (R*19595 + G*38470 + B*7471 + 2**15) >> 16.
+RED_L, GREEN_L, BLUE_L = 76, 150, 29
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny, well-formed PNG file whose header claims width x height 8-bit grey pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + _chunk(b"IEND", b""))
+
+
+def _filled(mode: str, value, size=(6, 4)) -> Image.Image:
+    return Image.new(mode, size, value)
+
+
+def _decode_l(data: bytes) -> np.ndarray:
+    return decode_image(data, GRAY_4x6).pixels[:, :, 0]
+
+
+# ---------------------------------------------------------------------------------------------- modes
+
+
+def test_gray_png_pixels_exact(encode, gray_spec, rng):
+    pixels = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    decoded = decode_image(encode(pixels), gray_spec)
+    assert isinstance(decoded, DecodedImage)
+    assert decoded.pixels.dtype == np.uint8 and decoded.pixels.shape == (28, 28, 1)
+    assert decoded.pixels.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(decoded.pixels[:, :, 0], pixels)
+    assert (decoded.width, decoded.height) == (28, 28)
+
+
+def test_rgb_to_gray_uses_luma(encode):
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    pixels[:, 0:2] = (255, 0, 0)
+    pixels[:, 2:4] = (0, 255, 0)
+    pixels[:, 4:6] = (0, 0, 255)
+    gray = _decode_l(encode(pixels))
+    np.testing.assert_array_equal(gray[0], [RED_L, RED_L, GREEN_L, GREEN_L, BLUE_L, BLUE_L])
+
+
+def test_gray_to_rgb_repeats_the_channel(encode, rng):
+    pixels = rng.integers(0, 256, (4, 6), dtype=np.uint8)
+    decoded = decode_image(encode(pixels), RGB_4x6)
+    assert decoded.pixels.shape == (4, 6, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(decoded.pixels[:, :, c], pixels)
+
+
+def test_rgba_is_composited_on_white(encode):
+    pixels = np.zeros((4, 6, 4), np.uint8)
+    pixels[:, 0:2] = (0, 0, 0, 0)  # fully transparent -> white
+    pixels[:, 2:4] = (255, 0, 0, 255)  # opaque red
+    pixels[:, 4:6] = (0, 0, 0, 128)  # half-transparent black over white -> mid grey
+    gray = _decode_l(encode(pixels))
+    assert gray[0, 0] == 255 and gray[0, 2] == RED_L
+    assert abs(int(gray[0, 4]) - 127) <= 1
+    rgb = decode_image(encode(pixels), RGB_4x6).pixels
+    np.testing.assert_array_equal(rgb[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(rgb[0, 2], [255, 0, 0])
+
+
+def test_la_is_composited_on_white(encode):
+    pixels = np.zeros((4, 6, 2), np.uint8)
+    pixels[:, :3] = (100, 255)
+    pixels[:, 3:] = (100, 0)
+    gray = _decode_l(encode(Image.fromarray(pixels, mode="LA")))
+    np.testing.assert_array_equal(gray[0], [100, 100, 100, 255, 255, 255])
+
+
+def test_palette_and_palette_transparency(encode):
+    indices = np.zeros((4, 6), np.uint8)
+    indices[:, 3:] = 1
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    np.testing.assert_array_equal(_decode_l(encode(image))[0], [RED_L] * 3 + [BLUE_L] * 3)
+    # Index 0 transparent (PNG tRNS): white.
+    np.testing.assert_array_equal(_decode_l(encode(image, transparency=0))[0], [255] * 3 + [BLUE_L] * 3)
+
+
+def test_cmyk_tiff(encode):
+    pixels = np.zeros((4, 6, 4), np.uint8)
+    pixels[:, 0:2] = (0, 0, 0, 0)  # no ink: white
+    pixels[:, 2:4] = (0, 0, 0, 255)  # black ink: black
+    pixels[:, 4:6] = (255, 0, 0, 0)  # cyan: (0, 255, 255)
+    data = encode(Image.fromarray(pixels, mode="CMYK"), "TIFF")
+    rgb = decode_image(data, RGB_4x6).pixels
+    np.testing.assert_array_equal(rgb[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(rgb[0, 2], [0, 0, 0])
+    np.testing.assert_array_equal(rgb[0, 4], [0, 255, 255])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_gray_is_scaled_not_clipped(encode, fmt):
+    values = np.array([0, 257, 65535, 300, 32896, 1000], np.uint16)
+    pixels = np.tile(values, (4, 1))
+    gray = _decode_l(encode(Image.fromarray(pixels), fmt))
+    # round(v / 257): 16-bit full scale onto 8-bit full scale.
+    np.testing.assert_array_equal(gray[0], [0, 1, 255, 1, 128, 4])
+
+
+def test_bilevel(encode):
+    pixels = np.zeros((4, 6), bool)
+    pixels[:, 3:] = True
+    gray = _decode_l(encode(Image.fromarray(pixels)))
+    np.testing.assert_array_equal(gray[0], [0, 0, 0, 255, 255, 255])
+
+
+def test_animated_gif_uses_first_frame(encode):
+    frames = [_filled("L", 10), _filled("L", 200), _filled("L", 90)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(__import__("io").BytesIO(data)).n_frames == 3
+    np.testing.assert_array_equal(_decode_l(data), np.full((4, 6), 10))
+
+
+def test_exif_orientation_is_applied(encode):
+    stored = np.arange(6, dtype=np.uint8).reshape(2, 3) * 40  # 3 wide, 2 tall as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    data = encode(Image.fromarray(stored), "PNG", exif=exif)
+    spec = {"height": 3, "width": 2, "channels": 1, "dtype": "uint8", "value_range": [0, 255]}
+    decoded = decode_image(data, spec)
+    np.testing.assert_array_equal(decoded.pixels[:, :, 0], np.rot90(stored, k=-1))
+    assert (decoded.width, decoded.height) == (2, 3)  # as displayed
+
+
+def test_large_jpeg_reports_the_file_size_and_keeps_its_content(encode, gray_spec):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(_filled("RGB", (128, 128, 128), size=(400, 300)), "JPEG", quality=95, exif=exif)
+    decoded = decode_image(data, gray_spec)
+    assert (decoded.width, decoded.height) == (300, 400)  # rotated by EXIF, not the reduced draft size
+    assert decoded.pixels.shape == (28, 28, 1)
+    assert np.abs(decoded.pixels.astype(int) - 128).max() <= 2
+
+
+def test_resize_stretches_the_whole_picture(encode, gray_spec):
+    # Three vertical bands on an 84x28 image: stretching keeps all three (a centre crop would keep one).
+    pixels = np.zeros((28, 84), np.uint8)
+    pixels[:, 28:56] = 100
+    pixels[:, 56:] = 200
+    decoded = decode_image(encode(pixels), gray_spec)
+    assert (decoded.width, decoded.height) == (84, 28)
+    row = decoded.pixels[14, :, 0]
+    assert row[0] == 0 and row[13] == 100 and row[27] == 200
+    constant = decode_image(encode(np.full((56, 56), 77, np.uint8)), gray_spec).pixels
+    np.testing.assert_array_equal(constant, np.full((28, 28, 1), 77))
+
+
+def test_unsupported_mode():
+    with pytest.raises(DecodeError) as err:
+        to_channels(Image.new("La", (2, 2)), 1)
+    assert err.value.reason == "unsupported"
+
+
+# ------------------------------------------------------------------------------------------- failures
+
+
+def _reason(data: bytes, spec: dict, **kwargs) -> str:
+    with pytest.raises(DecodeError) as err:
+        decode_image(data, spec, **kwargs)
+    assert str(err.value).startswith(err.value.reason)
+    return err.value.reason
+
+
+def test_failure_reasons(encode, gray_spec, rng):
+    png = encode(rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    assert _reason(b"", gray_spec) == "empty"
+    assert _reason(b"name,price\nshoe,10\n", gray_spec) == "not_an_image"
+    assert _reason(png[: len(png) // 2], gray_spec) == "truncated"  # cut in the pixel data
+    assert _reason(png[:40], gray_spec) == "truncated"  # cut in the header
+    jpeg = encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG")
+    assert _reason(jpeg[: len(jpeg) // 2], gray_spec) == "truncated"
+    broken_stream = png[:50] + bytes([png[50] ^ 0xFF]) + png[51:]  # inside the IDAT deflate stream
+    assert _reason(broken_stream, gray_spec) == "corrupt"
+    garbage_header = png[:8] + bytes(30) + png[-12:]  # PNG signature and IEND around garbage
+    assert _reason(garbage_header, gray_spec) == "corrupt"
+
+
+def test_too_large_is_refused_from_the_header(gray_spec):
+    # 8000 x 8000 = 64e6 pixels > the default 5e7, in a 100-byte file: refused before any decoding (decoding
+    # would fail differently: the pixel data is missing).
+    assert _reason(_png_claiming(8000, 8000), gray_spec) == "too_large"
+    # Past PIL's own decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS) even with a lax max_pixels.
+    assert _reason(_png_claiming(20000, 20000), gray_spec, max_pixels=10**12) == "too_large"
+
+
+def test_max_pixels_is_inclusive(encode, gray_spec):
+    data = encode(np.zeros((28, 28), np.uint8))
+    assert decode_image(data, gray_spec, max_pixels=28 * 28).pixels.shape == (28, 28, 1)
+    assert _reason(data, gray_spec, max_pixels=28 * 28 - 1) == "too_large"
+
+
+def test_decode_error_reasons_are_closed():
+    assert set(REASONS) == {"empty", "truncated", "corrupt", "not_an_image", "too_large", "unsupported"}
+    with pytest.raises(ValueError):
+        DecodeError("sad")
+
+
+def test_bad_input_spec(encode):
+    with pytest.raises(ValueError, match="channels"):
+        decode_image(encode(np.zeros((4, 4), np.uint8)), {"height": 4, "width": 4, "channels": 2})
