@@ -1,0 +1,110 @@
+"""The dedup pipeline on hand-made templates and matches tables, under TestPipeline (DirectRunner)."""
+import datetime
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+
+from beam_pipeline import dedup
+from beam_pipeline.io import read_table_dir
+from schemas.tables import MATCHES_SCHEMA, templates_schema
+
+MODEL = "0123456789abcdef"
+# item: (width, height). Embeddings do not matter to dedup; all are e0.
+ITEMS = {"a": (10, 10), "b": (30, 30), "c": (20, 20), "d": (5, 5), "e": (8, 8), "z": (40, 40)}
+PAIRS = [("a", "b", 0.90), ("b", "c", 0.80), ("a", "c", 0.95), ("d", "e", 0.70)]
+
+
+def _write_templates(path, items, model_id=MODEL):
+    ids = list(items)
+    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    table = pa.table(
+        {"item_id": ids, "source_uri": [f"/x/{i}.png" for i in ids], "content_sha256": ["0" * 64] * len(ids),
+         "embedding": [[1.0, 0.0]] * len(ids), "model_id": [model_id] * len(ids),
+         "width": [items[i][0] for i in ids], "height": [items[i][1] for i in ids],
+         "embedded_at": [now] * len(ids), "run_id": ["e"] * len(ids)},
+        schema=templates_schema(2),
+    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+
+
+def _write_matches(path, pairs, model_id=MODEL):
+    table = pa.table(
+        {"left_id": [p[0] for p in pairs], "right_id": [p[1] for p in pairs],
+         "cosine": pa.array([np.cos(np.pi * (1 - p[2])) for p in pairs], pa.float32()),
+         "angular_similarity": pa.array([p[2] for p in pairs], pa.float32()),
+         "model_id": [model_id] * len(pairs), "run_id": ["m"] * len(pairs)},
+        schema=MATCHES_SCHEMA,
+    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    _write_templates(str(tmp_path / "templates" / "templates-00000-of-00002.parquet"),
+                     {k: ITEMS[k] for k in ["z", "c", "a"]})
+    _write_templates(str(tmp_path / "templates" / "templates-00001-of-00002.parquet"),
+                     {k: ITEMS[k] for k in ["e", "b", "d"]})
+    _write_matches(str(tmp_path / "matches" / "matches-00000-of-00001.parquet"), PAIRS)
+    return tmp_path
+
+
+def _argv(d, *extra):
+    return ["--templates", str(d / "templates" / "*.parquet"), "--matches", str(d / "matches" / "*.parquet"),
+            "--output", str(d), "--run_id", "r2", *extra]
+
+
+def _rows(d):
+    t = read_table_dir(str(d), "clusters").sort_by("item_id")
+    link = [None if v is None else round(v, 6) for v in t.column("min_link_similarity").to_pylist()]
+    return list(zip(t.column("item_id").to_pylist(), t.column("cluster_id").to_pylist(),
+                    t.column("is_keeper").to_pylist(), t.column("cluster_size").to_pylist(), link))
+
+
+def test_first_id_clusters_exact(workdir):
+    summary = dedup.run(_argv(workdir), test_pipeline=test_pipeline.TestPipeline())
+    assert _rows(workdir) == [
+        ("a", "a", True, 3, 0.9),
+        ("b", "a", False, 3, 0.9),
+        ("c", "a", False, 3, 0.9),
+        ("d", "d", True, 2, 0.7),
+        ("e", "d", False, 2, 0.7),
+        ("z", "z", True, 1, None),
+    ]
+    t = read_table_dir(str(workdir), "clusters")
+    assert t.column("keeper_id").to_pylist() == t.column("cluster_id").to_pylist()
+    assert set(t.column("run_id").to_pylist()) == {"r2"}
+    assert summary["clusters_count"] == 2 and summary["items_to_drop"] == 3
+    assert summary["clusters"] == os.path.join(str(workdir), "clusters", "clusters-*.parquet")
+
+
+def test_largest_image_policy(workdir):
+    summary = dedup.run(_argv(workdir, "--keeper_policy", "largest_image", "--num_shards", "2"),
+                        test_pipeline=test_pipeline.TestPipeline())
+    assert [(r[0], r[1], r[2]) for r in _rows(workdir)] == [
+        ("a", "b", False), ("b", "b", True), ("c", "b", False), ("d", "e", False), ("e", "e", True),
+        ("z", "z", True),
+    ]
+    assert summary["clusters_count"] == 2 and summary["items_to_drop"] == 3
+
+
+def test_no_matches_gives_singletons(tmp_path):
+    _write_templates(str(tmp_path / "templates" / "t.parquet"), {"a": (1, 1), "b": (1, 1)})
+    _write_matches(str(tmp_path / "matches" / "matches-00000-of-00001.parquet"), [])
+    summary = dedup.run(_argv(tmp_path), test_pipeline=test_pipeline.TestPipeline())
+    assert _rows(tmp_path) == [("a", "a", True, 1, None), ("b", "b", True, 1, None)]
+    assert summary["clusters_count"] == 0 and summary["items_to_drop"] == 0
+
+
+def test_refuses_matches_of_unknown_items_or_other_model(workdir):
+    _write_matches(str(workdir / "matches" / "matches-00000-of-00001.parquet"), [("a", "q", 0.9)])
+    with pytest.raises(ValueError, match="not among the templates, e.g. 'q'"):
+        dedup.run(_argv(workdir))
+    _write_matches(str(workdir / "matches" / "matches-00000-of-00001.parquet"), PAIRS, model_id="f" * 16)
+    with pytest.raises(ValueError, match="matches come from model"):
+        dedup.run(_argv(workdir))
