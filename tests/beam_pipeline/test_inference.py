@@ -1,0 +1,122 @@
+"""EncoderModelHandler: reproduces the model's own predict, batches per options, survives bad examples."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("keras")
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_pipeline.inference import (
+    EncoderModelHandler,
+    InferenceFailure,
+    embed_batch,
+    keyed_handler,
+    to_model_input,
+)
+from trainer.export import load_encoder, load_model_card
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir):
+    model, card = load_encoder(tiny_model_dir)
+    return model, card
+
+
+def _images(n: int, shape=(28, 28, 1), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def test_to_model_input_maps_uint8_onto_the_value_range():
+    images = [np.array([[[0], [255]], [[51], [102]]], np.uint8)]
+    spec = {"height": 2, "width": 2, "channels": 1, "value_range": [0, 255]}
+    x = to_model_input(images, spec)
+    assert x.dtype == np.float32 and x.shape == (1, 2, 2, 1)
+    np.testing.assert_array_equal(x[0, :, :, 0], [[0, 255], [51, 102]])
+    x = to_model_input(images, dict(spec, value_range=[-1, 1]))
+    np.testing.assert_allclose(x[0, :, :, 0], [[-1, 1], [-0.6, -0.2]], atol=1e-6)
+    with pytest.raises(ValueError, match="does not match the input spec"):
+        to_model_input([np.zeros((2, 3, 1), np.uint8)], spec)
+
+
+def test_handler_reads_the_card_and_batching_options(tiny_model_dir):
+    handler = EncoderModelHandler(tiny_model_dir, min_batch_size=2, max_batch_size=5)
+    card = load_model_card(tiny_model_dir)
+    assert handler.model_id == card["model_id"]
+    assert handler.embedding_dim == card["embedding_dim"] == 8
+    assert handler.input_spec == card["input_spec"]
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 2, "max_batch_size": 5}
+    assert handler.share_model_across_processes() is False
+    assert EncoderModelHandler(tiny_model_dir, share_across_processes=True).share_model_across_processes()
+    assert keyed_handler(handler).batch_elements_kwargs() == {"min_batch_size": 2, "max_batch_size": 5}
+    with pytest.raises(ValueError, match="min_batch_size"):
+        EncoderModelHandler(tiny_model_dir, min_batch_size=6, max_batch_size=5)
+
+
+def test_run_inference_equals_model_predict(tiny_model_dir, encoder):
+    model, _ = encoder
+    handler = EncoderModelHandler(tiny_model_dir)
+    images = _images(5)
+    results = list(handler.run_inference(images, model))
+    want = model.predict(np.stack(images).astype(np.float32), verbose=0)
+    assert len(results) == 5
+    for image, result, expected in zip(images, results, want):
+        assert isinstance(result, PredictionResult)
+        assert result.example is image
+        assert result.model_id == handler.model_id
+        assert result.inference.dtype == np.float32 and result.inference.shape == (8,)
+        np.testing.assert_allclose(result.inference, expected, atol=1e-5)
+        assert abs(np.linalg.norm(result.inference) - 1.0) < 1e-5
+
+
+def test_a_bad_example_fails_alone(tiny_model_dir, encoder):
+    model, _ = encoder
+    handler = EncoderModelHandler(tiny_model_dir)
+    images = _images(3)
+    batch = [images[0], np.zeros((5, 5, 1), np.uint8), images[1], images[2]]
+    results = list(handler.run_inference(batch, model))
+    assert len(results) == 4
+    assert isinstance(results[1].inference, InferenceFailure)
+    assert results[1].inference.error.startswith("ValueError: example of shape (5, 5, 1)")
+    want = embed_batch(model, images, handler.input_spec)
+    for got, expected in zip([results[0], results[2], results[3]], want):
+        np.testing.assert_allclose(got.inference, expected, atol=1e-5)
+
+
+def test_load_model_refuses_a_changed_artefact(tiny_model_dir):
+    card = dict(load_model_card(tiny_model_dir), model_id="ffffffffffffffff")
+    with pytest.raises(ValueError, match="changed during the run"):
+        EncoderModelHandler(tiny_model_dir, card=card).load_model()
+
+
+def test_value_range_is_applied_for_an_rgb_model(tiny_rgb_model_dir):
+    model, card = load_encoder(tiny_rgb_model_dir)
+    handler = EncoderModelHandler(tiny_rgb_model_dir)
+    images = _images(3, shape=(16, 12, 3), seed=2)
+    results = list(handler.run_inference(images, model))
+    want = model.predict(np.stack(images).astype(np.float32) / 255.0, verbose=0)
+    np.testing.assert_allclose(np.stack([r.inference for r in results]), want, atol=1e-5)
+
+
+def test_keyed_run_inference_in_a_pipeline(tiny_model_dir, encoder):
+    model, _ = encoder
+    images = _images(7, seed=3)
+    want = model.predict(np.stack(images).astype(np.float32), verbose=0)
+    handler = EncoderModelHandler(tiny_model_dir, min_batch_size=1, max_batch_size=3)
+    expected = [(f"k{i}", True) for i in range(7)]
+
+    def matches(element):
+        key, result = element
+        i = int(key[1:])
+        return key, bool(np.allclose(result.inference, want[i], atol=1e-5))
+
+    with test_pipeline.TestPipeline() as p:
+        out = (p | beam.Create([(f"k{i}", image) for i, image in enumerate(images)])
+               | RunInference(keyed_handler(handler))
+               | beam.Map(matches))
+        assert_that(out, equal_to(expected))
