@@ -148,3 +148,24 @@ def class_pairs(labels: np.ndarray, n: int, rng: np.random.Generator,
     anchors, positives, negatives = class_triplets(labels, n, rng)
     same = rng.random(n) < positive_fraction
     return anchors, np.where(same, positives, negatives), same
+
+
+def same_class_partners(labels: np.ndarray, anchors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each anchor index, a uniformly random OTHER index of the same class (int64, like anchors).
+    Raises ValueError if an anchor's class has a single member."""
+    labels = np.asarray(labels).reshape(-1)
+    anchors = np.asarray(anchors, dtype=np.int64).reshape(-1)
+    pools = {lab: np.flatnonzero(labels == lab) for lab in np.unique(labels[anchors])}
+    lonely = [lab for lab, pool in pools.items() if len(pool) < 2]
+    if lonely:
+        raise ValueError(f"classes {lonely} have a single image: no same-class partner exists")
+    return _sample_other(pools, labels, anchors, rng, same=True, exclude_self=True)
+
+
+def other_class_partners(labels: np.ndarray, anchors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each anchor index, a uniformly random index of a different class (int64, like anchors)."""
+    labels = np.asarray(labels).reshape(-1)
+    anchors = np.asarray(anchors, dtype=np.int64).reshape(-1)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("other-class partners need at least two classes")
+    return _sample_other({}, labels, anchors, rng, same=False, exclude_self=True)

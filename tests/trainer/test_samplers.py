@@ -70,3 +70,18 @@ def test_pk_fewer_classes_and_small_classes():
         PKSampler(labels, p=3, k=1)
     with pytest.raises(ValueError):
         PKSampler(labels, p=6, k=2)
+
+
+def test_partners():
+    from trainer.samplers import other_class_partners, same_class_partners
+    labels = np.array([0, 0, 1, 1, 1, 2, 2])
+    anchors = np.arange(7).repeat(200)
+    rng = np.random.default_rng(6)
+    pos = same_class_partners(labels, anchors, rng)
+    neg = other_class_partners(labels, anchors, rng)
+    assert np.all(labels[pos] == labels[anchors]) and np.all(pos != anchors)
+    assert np.all(labels[neg] != labels[anchors])
+    # uniform: anchor 2's partners are 3 and 4, about half each
+    assert 60 < np.sum(pos[anchors == 2] == 3) < 140
+    with pytest.raises(ValueError, match="single image"):
+        same_class_partners(np.array([0, 1, 1]), np.array([0]), rng)

@@ -1,0 +1,321 @@
+"""How good is an encoder, and where should the match threshold be? NumPy + scikit-learn (no TensorFlow).
+
+Scores are angular similarities (trainer.distances, the one definition), higher = more alike. A pair is
+declared a match when its score is >= the threshold.
+
+  seed_protocol    for each test anchor, one random positive (same class, other image) and one random
+                   negative (other class), fixed seed; ROC AUC of positive vs negative scores.
+  recall_at_k      nearest neighbours by cosine (self excluded) share the query's label; computed in blocks
+                   of queries, never an N x N matrix.
+  thresholds_at_fmr
+                   the threshold at each target false match rate, with the number of impostor pairs behind
+                   it, the FMR achieved, its one-sided 95% Clopper-Pearson upper bound, and the FNMR. A target
+                   the data cannot support (fewer than 3/target impostor pairs: the "rule of three") is left
+                   out rather than guessed.
+  calibrate_class / calibrate_instance
+                   genuine and impostor scores for the model card's two protocols (see SPEC), then thresholds.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from trainer.distances import angular_similarity, cosine_from_angular, cosine_similarity, l2_normalize
+from trainer.samplers import other_class_partners, same_class_partners
+
+DEFAULT_FMR_TARGETS = (1e-2, 1e-3, 1e-4, 1e-5)
+RULE_OF_THREE = 3.0  # impostor pairs needed per unit of 1/target before a threshold is claimed
+
+
+# --- embeddings -------------------------------------------------------------------------------------------
+
+def embed_images(model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Embed uint8 images (n, H, W) or (n, H, W, C) with a Keras encoder -> float32 unit vectors (n, dim)."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
+           for i in range(0, len(x), batch_size)]
+    dim = int(model.output_shape[-1])
+    return l2_normalize(np.concatenate(out) if out else np.zeros((0, dim), np.float32))
+
+
+# --- protocols --------------------------------------------------------------------------------------------
+
+def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """ROC AUC of genuine (label 1) vs impostor (label 0) scores (sklearn)."""
+    from sklearn.metrics import roc_auc_score
+    y = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
+    return float(roc_auc_score(y, np.concatenate([genuine, impostor])))
+
+
+def seed_protocol(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """Seed protocol: each item is an anchor once, with a random same-class positive and other-class negative.
+
+    Args:
+      embeddings: float32 (n, d) unit vectors; labels: int (n,).
+      seed: fixes the choice of partners (same seed, same pairs).
+    Returns: {"auc", "pairs" (anchors used), "genuine" (n,), "impostor" (n,)} -- scores in angular similarity.
+    Anchors whose class has a single member are skipped (they have no positive).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    anchors = np.flatnonzero(counts[inverse] >= 2)
+    rng = np.random.default_rng(seed)
+    positives = same_class_partners(labels, anchors, rng)
+    negatives = other_class_partners(labels, anchors, rng)
+    emb = np.asarray(embeddings, np.float32)
+    genuine = angular_similarity(cosine_similarity(emb[anchors], emb[positives]))
+    impostor = angular_similarity(cosine_similarity(emb[anchors], emb[negatives]))
+    return {"auc": roc_auc(genuine, impostor), "pairs": int(len(anchors)),
+            "genuine": genuine, "impostor": impostor}
+
+
+def nearest_neighbours(embeddings: np.ndarray, k: int = 1, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest neighbours of every row by cosine, excluding itself -> (indices (n, k), cosines (n, k)),
+    best first. Works on `block` query rows at a time: memory O(block x n), never n x n."""
+    emb = np.asarray(embeddings, np.float32)
+    n = len(emb)
+    k = min(k, n - 1)
+    if k < 1:
+        raise ValueError("nearest neighbours need at least two embeddings")
+    idx = np.empty((n, k), np.int64)
+    cos = np.empty((n, k), np.float32)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        sims = emb[start:stop] @ emb.T
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never your own neighbour
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        part_sims = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_sims, axis=1, kind="stable")
+        idx[start:stop] = np.take_along_axis(part, order, axis=1)
+        cos[start:stop] = np.take_along_axis(part_sims, order, axis=1)
+    return idx, cos
+
+
+def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1,), block: int = 512) -> dict:
+    """Fraction of queries with a same-label item among their k nearest neighbours (self excluded).
+
+    Returns {k: recall} for each k in ks. Every item is a query.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    idx, _ = nearest_neighbours(embeddings, max(ks), block)
+    hit = labels[idx] == labels[:, None]
+    return {int(k): float(np.mean(np.any(hit[:, :k], axis=1))) for k in ks}
+
+
+# --- error rates and thresholds ---------------------------------------------------------------------------
+
+def fmr_fnmr(genuine: np.ndarray, impostor: np.ndarray, thresholds: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
+    """False match rate (impostor score >= t) and false non-match rate (genuine score < t) at each t."""
+    g = np.sort(np.asarray(genuine, np.float64))
+    i = np.sort(np.asarray(impostor, np.float64))
+    t = np.asarray(list(thresholds), np.float64)
+    fmr = (len(i) - np.searchsorted(i, t, side="left")) / max(len(i), 1)
+    fnmr = np.searchsorted(g, t, side="left") / max(len(g), 1)
+    return fmr, fnmr
+
+
+def fmr_upper_bound(false_matches: int, impostor_pairs: int, confidence: float = 0.95) -> float:
+    """One-sided exact (Clopper-Pearson) upper confidence bound on the FMR given k false matches in n pairs."""
+    from scipy.stats import beta
+    k, n = int(false_matches), int(impostor_pairs)
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    return float(beta.ppf(confidence, k + 1, n - k))
+
+
+# When nothing scores above the score that must be excluded, the cut goes this far (in cosine) above it:
+# clear of float32 rounding in the pipelines' dot products, far below any gap that matters.
+_TOP_GAP = 1e-6
+
+
+def _threshold_between(lower: float, upper: float) -> float:
+    """A cut strictly above `lower` and at most `upper`: the midpoint, or the next float if they touch."""
+    mid = (lower + upper) / 2.0
+    return mid if mid > lower else float(np.nextafter(lower, np.inf))
+
+
+def thresholds_at_fmr(genuine: np.ndarray, impostor: np.ndarray,
+                      targets: Sequence[float] = DEFAULT_FMR_TARGETS) -> list[dict]:
+    """Calibrated thresholds (THRESHOLD_SCHEMA dicts) at each supported target FMR.
+
+    Args:
+      genuine, impostor: angular similarity scores (any length); genuine may be empty (fnmr is then None).
+      targets: target false match rates in (0, 1).
+    For each target t with n impostor pairs >= 3/t: allow m = floor(t n) false matches; the threshold lies
+    between the (m+1)-th and m-th highest impostor score (the midpoint, in cosine), so at most m impostors
+    reach it; ties push it up. Reported: achieved fmr, its 95% upper bound, fnmr at that threshold.
+    Computed in cosine (what the pipelines compare), angular_similarity stored beside it.
+    """
+    impostor = np.asarray(impostor, np.float64)
+    n = len(impostor)
+    # Work in cosine: thresholds are compared in cosine downstream, so the cut is exact there.
+    imp_cos = np.sort(cosine_from_angular(np.clip(impostor, 0, 1)))[::-1]
+    gen_cos = cosine_from_angular(np.clip(np.asarray(genuine, np.float64), 0, 1))
+    results = []
+    for target in targets:
+        if not 0 < target < 1:
+            raise ValueError(f"target FMR must lie in (0, 1), got {target}")
+        if n < RULE_OF_THREE / target:
+            continue  # not enough impostor pairs to say anything at this FMR
+        m = int(math.floor(target * n + 1e-9))
+        at = imp_cos[m]  # the (m+1)-th highest: must fall below the threshold
+        above = imp_cos[imp_cos > at]
+        cut = _threshold_between(at, float(above.min())) if len(above) else at + _TOP_GAP
+        cut = min(cut, 1.0)
+        false_matches = int(np.sum(imp_cos >= cut))
+        fnmr = float(np.mean(gen_cos < cut)) if len(gen_cos) else None
+        results.append({
+            "target_fmr": float(target),
+            "angular_similarity": float(angular_similarity(cut)),
+            "cosine": float(cut),
+            "impostor_pairs": int(n),
+            "false_matches": false_matches,
+            "fmr": false_matches / n,
+            "fmr_upper_95": fmr_upper_bound(false_matches, n),
+            "genuine_pairs": int(len(gen_cos)),
+            "fnmr": fnmr,
+        })
+    return results
+
+
+def error_rate_table(genuine: np.ndarray, impostor: np.ndarray, thresholds: Sequence[float]) -> list[dict]:
+    """FMR / FNMR at given angular thresholds with the pair counts behind each figure (for reports)."""
+    fmr, fnmr = fmr_fnmr(genuine, impostor, thresholds)
+    n_imp, n_gen = len(impostor), len(genuine)
+    return [{"angular_similarity": float(t), "cosine": float(cosine_from_angular(t)),
+             "impostor_pairs": int(n_imp), "false_matches": int(round(a * n_imp)), "fmr": float(a),
+             "fmr_upper_95": fmr_upper_bound(int(round(a * n_imp)), n_imp),
+             "genuine_pairs": int(n_gen), "fnmr": float(b) if n_gen else None}
+            for t, a, b in zip(thresholds, fmr, fnmr)]
+
+
+# --- the model card's two calibration protocols ----------------------------------------------------------
+
+def all_pair_scores(embeddings: np.ndarray, labels: np.ndarray | None = None,
+                    block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Angular similarity of every unordered pair of distinct rows (i < j), split by label.
+
+    Returns (same_label_scores, different_label_scores); with labels=None every pair is "different"
+    (first array empty). Memory: the scores themselves (n(n-1)/2 float32) plus one block x n slab.
+    """
+    emb = np.asarray(embeddings, np.float32)
+    n = len(emb)
+    same_parts, diff_parts = [], []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        cos = emb[start:stop] @ emb[start:].T          # rows start..stop vs columns start..n
+        rows, cols = np.triu_indices(stop - start, k=1, m=n - start)
+        scores = angular_similarity(cos[rows, cols])
+        if labels is None:
+            diff_parts.append(scores)
+            continue
+        lab = np.asarray(labels).reshape(-1)
+        same = lab[start + rows] == lab[start + cols]
+        same_parts.append(scores[same])
+        diff_parts.append(scores[~same])
+    empty = np.zeros(0, np.float32)
+    return (np.concatenate(same_parts) if same_parts else empty,
+            np.concatenate(diff_parts) if diff_parts else empty)
+
+
+def calibrate_class(embeddings: np.ndarray, labels: np.ndarray,
+                    targets: Sequence[float] = DEFAULT_FMR_TARGETS) -> dict:
+    """"class" protocol: genuine = all same-class pairs, impostor = all different-class pairs (i < j)."""
+    genuine, impostor = all_pair_scores(embeddings, labels)
+    return {"protocol": "class", "genuine": genuine, "impostor": impostor,
+            "auc": roc_auc(genuine, impostor) if len(genuine) and len(impostor) else None,
+            "thresholds": thresholds_at_fmr(genuine, impostor, targets)}
+
+
+def calibrate_instance(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *, seed: int = 0,
+                       targets: Sequence[float] = DEFAULT_FMR_TARGETS,
+                       originals: np.ndarray | None = None) -> dict:
+    """"instance" protocol (near-duplicates): genuine = (image, augment_image(image)) for each held-out image,
+    impostor = all pairs of distinct held-out images, any class.
+
+    Args:
+      embed_fn: uint8 images (n, H, W[, C]) -> unit embeddings (n, d), e.g. lambda x: embed_images(model, x).
+      images: the held-out images (uint8); seed fixes the augmentations.
+      originals: their embeddings if already computed (saves one pass).
+    """
+    from trainer.augment import augment_batch
+    rng = np.random.default_rng(seed)
+    copies = augment_batch(np.asarray(images), rng)
+    emb = embed_fn(images) if originals is None else np.asarray(originals, np.float32)
+    genuine = angular_similarity(cosine_similarity(emb, embed_fn(copies)))
+    _, impostor = all_pair_scores(emb, None)
+    return {"protocol": "instance", "genuine": genuine, "impostor": impostor,
+            "auc": roc_auc(genuine, impostor) if len(genuine) and len(impostor) else None,
+            "thresholds": thresholds_at_fmr(genuine, impostor, targets)}
+
+
+# --- plots ------------------------------------------------------------------------------------------------
+
+def plot_roc(curves: dict, path: str) -> str:
+    """ROC curves (FMR on a log axis vs 1 - FNMR) of {name: (genuine, impostor)} to a PNG; returns path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
+    for name, (genuine, impostor) in curves.items():
+        y = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
+        fpr, tpr, _ = roc_curve(y, np.concatenate([genuine, impostor]))
+        floor = 1.0 / max(len(impostor), 1)
+        ax.plot(np.maximum(fpr, floor), tpr, label=f"{name} (AUC {roc_auc(genuine, impostor):.4f}, "
+                                                    f"{len(impostor):,} impostor pairs)")
+    ax.set_xscale("log")
+    ax.set_xlabel("false match rate")
+    ax.set_ylabel("true match rate (1 - FNMR)")
+    ax.set_title("ROC")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _makedirs_for(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_similarity_hist(groups: dict, path: str, thresholds: dict | None = None, bins: int = 100) -> str:
+    """Genuine vs impostor angular-similarity histograms, one panel per {name: (genuine, impostor)},
+    densities (so a few genuine pairs show beside millions of impostors); vertical lines at
+    {name: [threshold dicts]}. Returns path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6, 2.6 * len(groups)), dpi=110, squeeze=False)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, (name, (genuine, impostor)) in zip(axes[:, 0], groups.items()):
+        ax.hist(impostor, bins=edges, density=True, alpha=0.6, color="tab:red",
+                label=f"impostor ({len(impostor):,})")
+        ax.hist(genuine, bins=edges, density=True, alpha=0.6, color="tab:blue",
+                label=f"genuine ({len(genuine):,})")
+        for t in (thresholds or {}).get(name, []):
+            ax.axvline(t["angular_similarity"], color="k", lw=0.8, ls="--")
+            ax.text(t["angular_similarity"], ax.get_ylim()[1] * 0.9, f" FMR {t['target_fmr']:g}",
+                    fontsize=6, rotation=90, va="top")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("angular similarity")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _makedirs_for(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _makedirs_for(path: str) -> None:
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
