@@ -53,3 +53,38 @@ def tiny_rgb_model_dir(tmp_path_factory) -> str:
     spec = {"height": 16, "width": 12, "channels": 3, "dtype": "float32", "value_range": [0, 1]}
     export_tiny_encoder(out, spec, embedding_dim=5, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A `gs://` bucket served by an in-process gcp-storage-emulator; yields 'gs://<bucket>'.
+
+    Beam's GCS filesystem talks to it through $STORAGE_EMULATOR_HOST with an anonymous client (the
+    credentials lookup, which would retry for ~25 s without any, is short-circuited).
+    """
+    import logging
+    import socket
+
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    from apache_beam.internal.gcp import auth
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="test-bucket")
+    server.start()
+    saved_env = os.environ.get("STORAGE_EMULATOR_HOST")
+    saved_auth = (auth._Credentials._credentials_init, auth._Credentials._credentials)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    auth._Credentials._credentials_init, auth._Credentials._credentials = True, None
+    try:
+        yield "gs://test-bucket"
+    finally:
+        server.stop()
+        auth._Credentials._credentials_init, auth._Credentials._credentials = saved_auth
+        if saved_env is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved_env

@@ -185,3 +185,38 @@ def test_check_embedding():
     assert "shape" in embed.check_embedding(np.zeros(3, np.float32), 2)
     assert "NaN" in embed.check_embedding(np.array([np.nan, 1.0], np.float32), 2)
     assert "norm" in embed.check_embedding(np.array([0.0, 0.5], np.float32), 2)
+
+
+def test_gcs_catalogue_model_and_output(gcs_bucket, tiny_model_dir):
+    """Input files, the model artefact and the tables all on gs:// (an in-process GCS emulator)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    def put(path, data):
+        with FileSystems.create(path) as f:
+            f.write(data)
+
+    base = f"{gcs_bucket}/embed_test"
+    rng = np.random.default_rng(9)
+    valid = {"x/1.png": _png(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
+             "2.png": _png(rng.integers(0, 256, (28, 28), dtype=np.uint8))}
+    for name, data in {**valid, "x/bad.png": b""}.items():
+        put(f"{base}/cat/{name}", data)
+    for name in ("model.keras", "model_card.json"):
+        with open(os.path.join(tiny_model_dir, name), "rb") as f:
+            put(f"{base}/model/{name}", f.read())
+
+    summary = embed.run(
+        ["--input", f"{base}/cat/**", "--model_dir", f"{base}/model", "--output", f"{base}/out", "--run_id", "gcs"],
+        test_pipeline=test_pipeline.TestPipeline(),
+    )
+    assert (summary["items"], summary["embedded"], summary["failed"]) == (3, 2, 1)
+    assert summary["templates"] == f"{base}/out/templates"
+    templates = read_table_dir(f"{base}/out", "templates").sort_by("item_id")
+    assert templates.column("item_id").to_pylist() == ["2.png", "x/1.png"]
+    assert templates.column("source_uri").to_pylist() == [f"{base}/cat/2.png", f"{base}/cat/x/1.png"]
+    model, card = load_encoder(tiny_model_dir)
+    pixels = np.stack([decode_image(valid[i], card["input_spec"]).pixels for i in ("2.png", "x/1.png")])
+    np.testing.assert_allclose(embeddings_as_numpy(templates), model.predict(pixels.astype(np.float32), verbose=0),
+                               atol=1e-5)
+    [failure] = read_table_dir(f"{base}/out", "failures").to_pylist()
+    assert (failure["item_id"], failure["stage"], failure["error"]) == ("x/bad.png", "decode", "DecodeError: empty: zero bytes")

@@ -172,3 +172,24 @@ def test_json_round_trip_makes_parent_dirs(tmp_path):
     assert read_json(path) == doc
     with pytest.raises(FileNotFoundError, match="missing.json"):
         read_json(str(tmp_path / "missing.json"))
+
+
+# ------------------------------------------------------------------------------------------------ gs://
+
+
+def test_the_same_helpers_work_on_gcs(gcs_bucket):
+    base = f"{gcs_bucket}/io_test"
+    doc = {"model_id": "0123456789abcdef", "pairs": 3}
+    write_json(f"{base}/match_run.json", doc)
+    assert read_json(f"{base}/match_run.json") == doc
+
+    dim = 3
+    rows = _template_rows(4, dim)
+    with test_pipeline.TestPipeline() as p:
+        _ = p | beam.Create(rows) | WriteTable(base, "templates", templates_schema(dim))
+    assert match_paths(table_glob(base, "templates")) == [f"{base}/templates/templates-00000-of-00001.parquet"]
+    table = read_table_dir(base, "templates", dim).sort_by("item_id")
+    assert table.column("item_id").to_pylist() == [r["item_id"] for r in rows]
+    np.testing.assert_array_equal(embeddings_as_numpy(table), np.stack([r["embedding"] for r in rows]))
+    with pytest.raises(FileNotFoundError, match="no failures Parquet files"):
+        read_table_dir(base, "failures")
