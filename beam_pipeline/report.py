@@ -1,0 +1,383 @@
+"""The run report: report.json, report.html and figures from a work directory of embed/match/dedup outputs.
+
+    siamese-dedup report --workdir D [--model_dir MODEL] [--ground_truth planted.csv] [--gallery_size 8]
+
+Reads D/templates, D/failures, D/matches, D/clusters (validated, via beam_pipeline.io) and
+D/match_run.json. Writes
+- D/report.json (schemas.validate_report): model_id, run_id, the threshold and where it came from,
+  counts, the histogram of matched pairs' similarities, failures by stage, the evaluation against planted
+  duplicates when --ground_truth is given (beam_pipeline.report_metrics), output paths;
+- D/figures/similarity_hist.png and D/figures/duplicates_gallery.png (the largest and the weakest-linked
+  clusters, thumbnails read from each item's source_uri, scored against the keeper);
+- D/report.html: self-contained (figures inlined as base64 PNG).
+The report is driver-side Python: everything it reads is already aggregated by the pipelines.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline import io as bio
+from beam_pipeline import report_figures, report_metrics
+from beam_pipeline.thresholds import load_card
+from schemas.documents import validate_report
+from schemas.tables import FAILURE_STAGES, FAILURES_SCHEMA, SchemaError, embeddings_as_numpy
+from trainer.distances import pair_angular_similarity
+
+LOG = logging.getLogger(__name__)
+HISTOGRAM_BINS = 20
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siamese-dedup report",
+        description="Write report.json, report.html and figures for a work directory of embed/match/dedup outputs.",
+    )
+    parser.add_argument("--workdir", required=True, help="Directory holding templates/, failures/, matches/, "
+                        "clusters/ and match_run.json (local or gs://).")
+    parser.add_argument("--model_dir", default=None, help="Encoder artefact directory: its model card's metrics "
+                        "are shown.")
+    parser.add_argument("--ground_truth", default=None, help="CSV with columns left_id,right_id of planted "
+                        "duplicate pairs: adds precision/recall and an FMR/FNMR sweep.")
+    parser.add_argument("--gallery_size", type=int, default=8, help="Clusters shown in the gallery: half the "
+                        "largest, half the weakest-linked (default 8).")
+    parser.add_argument("--gallery_members", type=int, default=6, help="Thumbnails per gallery row (default 6).")
+    return parser
+
+
+def _read_text(path: str) -> str:
+    if not FileSystems.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read().decode("utf-8")
+
+
+def _write_bytes(path: str, data: bytes, mime: str) -> str:
+    with FileSystems.create(path, mime_type=mime) as f:
+        f.write(data)
+    return path
+
+
+def failures_by_stage(failures: pa.Table) -> dict:
+    """Count of failures per stage, every known stage listed (zeros included)."""
+    stages = failures.column("stage").to_pylist()
+    return {stage: stages.count(stage) for stage in FAILURE_STAGES}
+
+
+def cluster_summaries(clusters: pa.Table) -> list[dict]:
+    """Clusters of size >= 2: [{"cluster_id", "size", "min_link_similarity", "members" (keeper first, then
+    by id)}], largest first (ties: weaker link first, then cluster_id)."""
+    big = clusters.filter(pc.greater(clusters.column("cluster_size"), 1))
+    groups: dict[str, dict] = {}
+    for item, cid, keeper, size, link in zip(
+        big.column("item_id").to_pylist(), big.column("cluster_id").to_pylist(),
+        big.column("is_keeper").to_pylist(), big.column("cluster_size").to_pylist(),
+        big.column("min_link_similarity").to_pylist(),
+    ):
+        g = groups.setdefault(cid, {"cluster_id": cid, "size": int(size), "min_link_similarity": link,
+                                    "keeper": None, "others": []})
+        if keeper:
+            g["keeper"] = item
+        else:
+            g["others"].append(item)
+    out = []
+    for g in groups.values():
+        out.append({"cluster_id": g["cluster_id"], "size": g["size"], "min_link_similarity": g["min_link_similarity"],
+                    "members": [g["keeper"], *sorted(g["others"])]})
+    return sorted(out, key=lambda c: (-c["size"], c["min_link_similarity"], c["cluster_id"]))
+
+
+def gallery_selection(summaries: list[dict], gallery_size: int) -> list[tuple[str, dict]]:
+    """Half the largest clusters, then the weakest-linked ones not already chosen: [(why, cluster)]."""
+    chosen, seen = [], set()
+    largest = (gallery_size + 1) // 2
+    for c in summaries[:largest]:
+        chosen.append(("largest", c))
+        seen.add(c["cluster_id"])
+    for c in sorted(summaries, key=lambda c: (c["min_link_similarity"], c["cluster_id"])):
+        if len(chosen) >= gallery_size:
+            break
+        if c["cluster_id"] not in seen:
+            chosen.append(("weakest link", c))
+            seen.add(c["cluster_id"])
+    return chosen
+
+
+def gallery_rows(selection, templates: pa.Table, max_members: int) -> list[dict]:
+    """Rows for report_figures.gallery_png: keeper first, members by similarity to the keeper."""
+    index = {item: k for k, item in enumerate(templates.column("item_id").to_pylist())}
+    uris = templates.column("source_uri").to_pylist()
+    emb = embeddings_as_numpy(templates)
+    rows = []
+    for why, c in selection:
+        keeper, others = c["members"][0], c["members"][1:]
+        k = index[keeper]
+        idx = np.asarray([index[o] for o in others], np.int64)
+        sims = pair_angular_similarity(np.repeat(emb[k:k + 1], len(idx), axis=0), emb[idx]) if len(idx) else []
+        ranked = sorted(zip(others, np.asarray(sims).tolist()), key=lambda t: (-t[1], t[0]))
+        members = [{"item_id": keeper, "source_uri": uris[k], "caption": f"keeper\n{_short(keeper)}"}]
+        for other, s in ranked[: max_members - 1]:
+            members.append({"item_id": other, "source_uri": uris[index[other]], "caption": f"{s:.4f}\n{_short(other)}"})
+        rows.append({
+            "title": f"{why}: {c['size']} items, weakest link {c['min_link_similarity']:.4f}",
+            "members": members,
+            "more": max(0, len(others) - (max_members - 1)),
+        })
+    return rows
+
+
+def _short(item_id: str, width: int = 18) -> str:
+    return item_id if len(item_id) <= width else "…" + item_id[-(width - 1):]
+
+
+def _read_optional_failures(workdir: str, notes: list[str]) -> pa.Table:
+    try:
+        return bio.read_table_dir(workdir, "failures")
+    except FileNotFoundError:
+        notes.append("no failures table found under the work directory: failures counted as 0")
+        return FAILURES_SCHEMA.empty_table()
+
+
+def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: str | None = None,
+                 gallery_size: int = 8, gallery_members: int = 6) -> tuple[dict, dict]:
+    """Compute the report document and its figures -> (report dict (not yet with outputs), {name: png})."""
+    notes: list[str] = []
+    run_doc = bio.read_json(FileSystems.join(workdir, "match_run.json"))
+    templates = bio.read_table_dir(workdir, "templates")
+    failures = _read_optional_failures(workdir, notes)
+    matches = bio.read_table_dir(workdir, "matches")
+    clusters = bio.read_table_dir(workdir, "clusters")
+
+    model_ids = set(templates.column("model_id").to_pylist())
+    model_id = run_doc.get("model_id") or (next(iter(model_ids)) if len(model_ids) == 1 else "")
+    if model_ids and model_ids != {model_id}:
+        raise ValueError(f"templates of model(s) {sorted(model_ids)} but match_run.json names model {model_id}")
+    if templates.num_rows != run_doc.get("items"):
+        notes.append(f"match_run.json counted {run_doc.get('items')} items but the templates hold "
+                     f"{templates.num_rows}: the templates changed after matching")
+    if matches.num_rows != run_doc.get("pairs"):
+        notes.append(f"match_run.json counted {run_doc.get('pairs')} pairs but the matches hold {matches.num_rows}")
+    if set(clusters.column("item_id").to_pylist()) != set(templates.column("item_id").to_pylist()):
+        notes.append("the clusters table does not cover exactly the template items: rerun dedup")
+    card = None
+    if model_dir:
+        card = load_card(model_dir)
+        if model_id and card["model_id"] != model_id:
+            raise ValueError(f"--model_dir holds model {card['model_id']}, the run used model {model_id}")
+
+    threshold = dict(run_doc["threshold"])
+    sim = matches.column("angular_similarity").to_numpy().astype(np.float32)
+    histogram = report_metrics.similarity_histogram(sim, threshold["angular_similarity"], HISTOGRAM_BINS)
+    sizes = clusters.column("cluster_size").to_numpy()
+    keepers = clusters.column("is_keeper").to_numpy(zero_copy_only=False)
+    counts = {
+        "items": int(templates.num_rows),
+        "failures": int(failures.num_rows),
+        "pairs": int(matches.num_rows),
+        "clusters": int(((sizes > 1) & keepers).sum()),
+        "items_to_drop": int((~keepers).sum()),
+    }
+    evaluation = None
+    genuine_counts = None
+    if ground_truth:
+        planted = report_metrics.read_ground_truth(_read_text(ground_truth))
+        evaluation = report_metrics.evaluate(
+            clusters.column("item_id").to_pylist(), clusters.column("cluster_id").to_pylist(),
+            matches.column("left_id").to_pylist(), matches.column("right_id").to_pylist(), sim, planted,
+            threshold["angular_similarity"],
+        )
+        evaluation["ground_truth"] = ground_truth
+        truth = report_metrics.GroundTruth(clusters.column("item_id").to_pylist(), planted)
+        index = {x: k for k, x in enumerate(truth.item_ids)}
+        gen = truth.same_group([index[x] for x in matches.column("left_id").to_pylist()],
+                               [index[x] for x in matches.column("right_id").to_pylist()])
+        genuine_counts = report_metrics.similarity_histogram(
+            sim[gen], threshold["angular_similarity"], HISTOGRAM_BINS)["counts"]
+        histogram["genuine_counts"] = genuine_counts
+
+    summaries = cluster_summaries(clusters)
+    selection = gallery_selection(summaries, gallery_size)
+    figures = {
+        "similarity_hist": report_figures.similarity_histogram_png(
+            histogram, threshold["angular_similarity"], genuine_counts=genuine_counts,
+            threshold_label=threshold.get("source", "")),
+        "duplicates_gallery": report_figures.gallery_png(
+            gallery_rows(selection, templates, gallery_members), max_members=gallery_members),
+    }
+    report = {
+        "model_id": model_id,
+        "run_id": run_doc.get("run_id", ""),
+        "threshold": {k: threshold.get(k) for k in ("angular_similarity", "cosine", "source", "target_fmr",
+                                                     "impostor_pairs")},
+        "counts": counts,
+        "similarity_histogram": histogram,
+        "failures_by_stage": failures_by_stage(failures),
+        "evaluation": evaluation,
+        "largest_clusters": [{**c, "members": c["members"][:20]} for c in summaries[:20]],
+        "model_card": None if card is None else {
+            "model_id": card["model_id"], "embedding_dim": card["embedding_dim"], "metrics": card.get("metrics", {}),
+            "thresholds": card.get("thresholds", {}),
+        },
+        "notes": notes,
+    }
+    return report, figures
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if (abs(v) < 1e-3 and v != 0) else f"{v:.4f}"
+    return str(v)
+
+
+def _flat_metrics(metrics: dict, prefix: str = "") -> list[list]:
+    rows = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            rows += _flat_metrics(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            rows.append([f"{prefix}{k}", v])
+    return rows
+
+
+def render_html(report: dict, figures: dict[str, bytes]) -> str:
+    """report.html: self-contained (figures as base64 data URIs)."""
+    t, c = report["threshold"], report["counts"]
+    img = {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii") for k, v in figures.items()}
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>siamese-dedup report</title><style>",
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right;font-size:13px}th{background:#f3f3f3}td:first-child{text-align:left}"
+        "img{max-width:100%}.note{color:#a33}code{background:#f3f3f3;padding:1px 3px}",
+        "</style></head><body>",
+        "<h1>siamese-dedup report</h1>",
+        f"<p>model <code>{html.escape(report['model_id'])}</code>, run <code>{html.escape(report['run_id'])}</code></p>",
+        "<h2>Threshold</h2>",
+        f"<p>Pairs with angular similarity &ge; <b>{t['angular_similarity']:.6f}</b> "
+        f"(cosine &ge; {t['cosine']:.6f}) are duplicates. Source: <code>{html.escape(str(t['source']))}</code>"
+        + (f": calibrated at false match rate {t['target_fmr']:g} on {t['impostor_pairs']} impostor pairs"
+           if t.get("target_fmr") is not None else ": given on the command line") + ".</p>",
+        "<h2>Counts</h2>",
+        _table(["items (templates)", "failures", "matched pairs", "duplicate clusters", "items to drop"],
+               [[c["items"], c["failures"], c["pairs"], c["clusters"], c["items_to_drop"]]]),
+        "<h3>Failures by stage</h3>",
+        _table(list(report["failures_by_stage"]), [list(report["failures_by_stage"].values())]),
+    ]
+    for note in report.get("notes") or []:
+        parts.append(f"<p class='note'>Note: {html.escape(note)}</p>")
+    ev = report.get("evaluation")
+    if ev:
+        parts += [
+            "<h2>Against the planted duplicates</h2>",
+            f"<p>{html.escape(ev['definition'])}.</p>",
+            _table(["precision", "recall", "found pairs", "predicted pairs", "planted pairs",
+                    "planted pairs with a missing item"],
+                   [[ev["precision"], ev["recall"], ev["found_pairs"], ev["predicted_pairs"], ev["planted_pairs"],
+                     ev["planted_pairs_with_missing_items"]]]),
+            "<h3>Threshold sweep (from the matched pairs)</h3>",
+            _table(["angular similarity", "matched pairs", "true matches", "false matches", "FNMR", "FMR",
+                    "FMR upper 95%", "impostor pairs", "cluster precision", "cluster recall"],
+                   [[s["angular_similarity"], s["matched_pairs"], s["true_matches"], s["false_matches"], s["fnmr"],
+                     s["fmr"], s["fmr_upper_95"], s["impostor_pairs"], s["cluster_precision"],
+                     s["cluster_recall"]] for s in ev["sweep"]]),
+        ]
+    parts += [
+        "<h2>Similarity of matched pairs</h2>",
+        f"<img alt='similarity histogram' src='{img['similarity_hist']}'>",
+        "<h2>Duplicate clusters</h2>",
+        "<p>The largest and the weakest-linked clusters. Each row starts with the keeper (green frame); the "
+        "others show their angular similarity to it. The weakest link is the smallest similarity that holds "
+        "the cluster together (the minimum edge of its maximum spanning tree).</p>",
+        f"<img alt='duplicates gallery' src='{img['duplicates_gallery']}'>",
+        _table(["cluster (keeper)", "size", "weakest link", "members"],
+               [[x["cluster_id"], x["size"], x["min_link_similarity"],
+                 ", ".join(x["members"][:8]) + (" …" if len(x["members"]) > 8 else "")]
+                for x in report.get("largest_clusters", [])]),
+    ]
+    card = report.get("model_card")
+    if card:
+        parts += ["<h2>Model card</h2>",
+                  f"<p>model <code>{html.escape(card['model_id'])}</code>, {card['embedding_dim']} dimensions</p>",
+                  _table(["metric", "value"], _flat_metrics(card["metrics"]))]
+        for protocol, entries in (card.get("thresholds") or {}).items():
+            parts += [f"<h3>Calibrated thresholds: {html.escape(protocol)}</h3>",
+                      _table(["target FMR", "angular similarity", "cosine", "FMR", "FMR upper 95%", "FNMR",
+                              "impostor pairs"],
+                             [[e["target_fmr"], e["angular_similarity"], e["cosine"], e["fmr"], e["fmr_upper_95"],
+                               e.get("fnmr"), e["impostor_pairs"]] for e in entries])]
+    parts += ["<h2>Outputs</h2>", _table(["output", "path"], [[k, v] for k, v in report["outputs"].items()]),
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+def run(argv=None) -> dict:
+    """Write the report; returns {"report_json", "report_html", "figures", "counts", "evaluation", ...}."""
+    started = time.perf_counter()
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.gallery_size < 0 or args.gallery_members < 1:
+        raise ValueError("--gallery_size must be >= 0 and --gallery_members >= 1")
+    workdir = args.workdir
+    report, figures = build_report(workdir, model_dir=args.model_dir, ground_truth=args.ground_truth,
+                                   gallery_size=args.gallery_size, gallery_members=args.gallery_members)
+    join = FileSystems.join
+    figure_paths = {name: join(workdir, "figures", f"{name}.png") for name in figures}
+    report_json, report_html = join(workdir, "report.json"), join(workdir, "report.html")
+    report["outputs"] = {
+        "report_json": report_json,
+        "report_html": report_html,
+        **{f"figure_{k}": v for k, v in figure_paths.items()},
+        "templates": bio.table_glob(workdir, "templates"),
+        "failures": bio.table_glob(workdir, "failures"),
+        "matches": bio.table_glob(workdir, "matches"),
+        "clusters": bio.table_glob(workdir, "clusters"),
+        "match_run": join(workdir, "match_run.json"),
+    }
+    # JSON round trip: numpy scalars to plain numbers before validation.
+    report = json.loads(json.dumps(report, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    try:
+        validate_report(report)
+    except SchemaError as err:
+        raise SchemaError(f"the report does not follow its contract: {err}") from err
+    for name, data in figures.items():
+        _write_bytes(figure_paths[name], data, "image/png")
+    _write_bytes(report_html, render_html(report, figures).encode("utf-8"), "text/html")
+    bio.write_json(report_json, report)
+    evaluation = report.get("evaluation")
+    LOG.info("report: %s", report_html)
+    return {
+        "report_json": report_json,
+        "report_html": report_html,
+        "figures": list(figure_paths.values()),
+        "counts": report["counts"],
+        "threshold": report["threshold"],
+        "evaluation": None if not evaluation else {
+            k: evaluation[k] for k in ("precision", "recall", "found_pairs", "predicted_pairs", "planted_pairs")
+        },
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)
+    run()

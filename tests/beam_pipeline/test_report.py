@@ -1,0 +1,152 @@
+"""report.json / report.html / figures on a tiny run (match + dedup under TestPipeline), numbers checked
+against hand counts; and the report's metrics on their own."""
+import base64
+import datetime
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+from PIL import Image
+
+from beam_pipeline import dedup, match, report, report_metrics
+from schemas.documents import validate_report
+from schemas.tables import FAILURES_SCHEMA, templates_schema
+
+MODEL = "0123456789abcdef"
+# a.c = 0.8, b.c = 0.96, d.e = 0.8 (matched at angular 0.75, cosine 0.7071); f is far from everything.
+VECTORS = {"a": [1, 0, 0], "b": [0.6, 0.8, 0], "c": [0.8, 0.6, 0], "d": [0, 0, 1], "e": [0, 0.6, 0.8],
+           "f": [0, -1, 0]}
+# Groups {a, b, c, g} (g failed to embed) and {d, f}; (b, c) and the pairs with g come from the closure.
+PLANTED = "left_id,right_id\na,b\nc,a\ng,a\nd,f\n"
+ANG_08 = 1 - np.arccos(0.8) / np.pi  # 0.79517
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    os.makedirs(d / "images")
+    uris = {}
+    for k, item in enumerate(VECTORS):
+        path = d / "images" / f"{item}.png"
+        Image.fromarray(np.full((28, 28), 40 * k, np.uint8)).save(path)
+        uris[item] = str(path)
+    uris["e"] = str(d / "images" / "gone.png")  # unreadable: a placeholder in the gallery
+    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    ids = list(VECTORS)
+    templates = pa.table(
+        {"item_id": ids, "source_uri": [uris[i] for i in ids], "content_sha256": ["0" * 64] * 6,
+         "embedding": [list(map(float, VECTORS[i])) for i in ids], "model_id": [MODEL] * 6,
+         "width": [28] * 6, "height": [28] * 6, "embedded_at": [now] * 6, "run_id": ["r"] * 6},
+        schema=templates_schema(3),
+    )
+    os.makedirs(d / "templates")
+    pq.write_table(templates, d / "templates" / "templates-00000-of-00001.parquet")
+    failures = pa.table({"item_id": ["g", "h"], "source_uri": ["/x/g", "/x/h"], "stage": ["decode", "read"],
+                         "error": ["ValueError: bad", "OSError: gone"], "run_id": ["r", "r"]}, schema=FAILURES_SCHEMA)
+    os.makedirs(d / "failures")
+    pq.write_table(failures, d / "failures" / "failures-00000-of-00001.parquet")
+    glob = str(d / "templates" / "*.parquet")
+    match.run(["--templates", glob, "--output", str(d), "--threshold", "0.75", "--run_id", "r"],
+              test_pipeline=test_pipeline.TestPipeline())
+    dedup.run(["--templates", glob, "--matches", str(d / "matches" / "*.parquet"), "--output", str(d),
+               "--run_id", "r"], test_pipeline=test_pipeline.TestPipeline())
+    (d / "planted.csv").write_text(PLANTED)
+    return d
+
+
+def test_report_numbers_equal_hand_counts(workdir):
+    summary = report.run(["--workdir", str(workdir), "--ground_truth", str(workdir / "planted.csv")])
+    doc = json.loads((workdir / "report.json").read_text())
+    validate_report(doc)
+    assert doc["model_id"] == MODEL and doc["run_id"] == "r"
+    assert doc["threshold"]["source"] == "given" and doc["threshold"]["angular_similarity"] == 0.75
+    assert doc["counts"] == {"items": 6, "failures": 2, "pairs": 3, "clusters": 2, "items_to_drop": 3}
+    assert doc["failures_by_stage"] == {"read": 1, "decode": 1, "inference": 0, "validate": 0}
+    hist = doc["similarity_histogram"]
+    assert len(hist["bin_edges"]) == 21 and hist["bin_edges"][0] == 0.75 and hist["bin_edges"][-1] == 1.0
+    expected = [0] * 20
+    expected[3], expected[12] = 2, 1  # 0.795 in [0.7875, 0.8); 0.910 in [0.9, 0.9125)
+    assert hist["counts"] == expected
+    assert hist["genuine_counts"] == [1 if k in (3, 12) else 0 for k in range(20)]
+
+    ev = doc["evaluation"]
+    # closed planted pairs: {a,b,c,g} -> 6 (3 involve g), {d,f} -> 1. Clusters {a,b,c}, {d,e}, {f}:
+    # predicted pairs 3 + 1, found (a,b), (a,c), (b,c).
+    assert (ev["planted_pairs_given"], ev["planted_pairs"], ev["planted_pairs_with_missing_items"]) == (4, 7, 3)
+    assert (ev["found_pairs"], ev["predicted_pairs"]) == (3, 4)
+    assert ev["precision"] == 0.75 and ev["recall"] == pytest.approx(3 / 7)
+    assert (ev["matched_pairs_genuine"], ev["matched_pairs_impostor"]) == (2, 1)
+    s0 = ev["sweep"][0]
+    assert s0["angular_similarity"] == 0.75
+    # 4 evaluable genuine pairs, C(6,2) - 4 = 11 impostor pairs; matched: a-c, b-c genuine, d-e impostor.
+    assert (s0["true_matches"], s0["false_matches"], s0["genuine_pairs"], s0["impostor_pairs"]) == (2, 1, 4, 11)
+    assert s0["fnmr"] == 0.5 and s0["fmr"] == pytest.approx(1 / 11)
+    assert s0["cluster_precision"] == 0.75 and s0["cluster_recall"] == pytest.approx(3 / 7)
+    s2 = ev["sweep"][2]  # 0.8: only b-c (0.910) survives
+    assert s2["angular_similarity"] == 0.8
+    assert (s2["matched_pairs"], s2["true_matches"], s2["false_matches"]) == (1, 1, 0)
+    assert s2["fnmr"] == 0.75 and s2["fmr"] == 0.0 and s2["cluster_precision"] == 1.0
+    assert s2["fmr_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 11))
+    assert summary["evaluation"]["precision"] == 0.75
+    assert summary["counts"] == doc["counts"]
+
+    assert doc["largest_clusters"][0]["members"] == ["a", "b", "c"]
+    assert doc["largest_clusters"][0]["min_link_similarity"] == pytest.approx(ANG_08, abs=1e-6)
+
+    for path in summary["figures"]:
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+    page = (workdir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "src='/" not in page
+    assert "Source: <code>given</code>" in page and "0.750000" in page
+    b64 = page.split("data:image/png;base64,")[1].split("'")[0]
+    assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert doc["outputs"]["report_html"] == str(workdir / "report.html")
+
+
+def test_report_without_ground_truth_and_with_model_card(workdir, tmp_path):
+    card = {"model_id": MODEL, "embedding_dim": 3,
+            "input_spec": {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "value_range": [0, 255]},
+            "training": {}, "data": {}, "metrics": {"recall_at_1": 0.91, "seed": {"auc": 0.97}},
+            "thresholds": {"instance": []}}
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    summary = report.run(["--workdir", str(workdir), "--model_dir", str(tmp_path), "--gallery_size", "1"])
+    doc = json.loads((workdir / "report.json").read_text())
+    assert doc["evaluation"] is None and summary["evaluation"] is None
+    assert doc["model_card"]["metrics"]["recall_at_1"] == 0.91
+    page = (workdir / "report.html").read_text()
+    assert "seed.auc" in page and "recall_at_1" in page
+    card["model_id"] = "f" * 16
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="run used model"):
+        report.run(["--workdir", str(workdir), "--model_dir", str(tmp_path)])
+
+
+def test_gallery_selection_largest_then_weakest():
+    summaries = [
+        {"cluster_id": "a", "size": 5, "min_link_similarity": 0.95, "members": []},
+        {"cluster_id": "b", "size": 3, "min_link_similarity": 0.99, "members": []},
+        {"cluster_id": "c", "size": 2, "min_link_similarity": 0.90, "members": []},
+        {"cluster_id": "d", "size": 2, "min_link_similarity": 0.92, "members": []},
+    ]
+    picked = report.gallery_selection(summaries, 3)
+    assert [(why, c["cluster_id"]) for why, c in picked] == [("largest", "a"), ("largest", "b"), ("weakest link", "c")]
+    assert report.gallery_selection(summaries, 0) == []
+
+
+def test_histogram_and_ground_truth_parsing():
+    h = report_metrics.similarity_histogram(np.float32([0.5, 0.75, 1.0, 0.4999999]), 0.5, bins=2)
+    assert h["bin_edges"] == [0.5, 0.75, 1.0] and h["counts"] == [2, 2]
+    with pytest.raises(ValueError, match="below"):
+        report_metrics.similarity_histogram(np.float32([0.4]), 0.5)
+    assert report_metrics.read_ground_truth("right_id,left_id\nb,a\na,b\nc,d\n") == [("a", "b"), ("c", "d")]
+    with pytest.raises(ValueError, match="left_id,right_id"):
+        report_metrics.read_ground_truth("x,y\na,b\n")
+    with pytest.raises(ValueError, match="itself"):
+        report_metrics.read_ground_truth("left_id,right_id\na,a\n")
+    assert report_metrics.fmr_upper_95(0, 1000) == pytest.approx(1 - 0.05 ** (1 / 1000))
+    assert report_metrics.fmr_upper_95(0, 0) is None
