@@ -42,6 +42,7 @@ FAILURES_TAG = "failures"
 # Same tolerance as schemas.validate_table: a row the reader would refuse goes to failures instead.
 UNIT_NORM_TOLERANCE = 1e-3
 PROGRESS_EVERY = 1000
+COUNTERS = ("items_read", "decoded", "embedded", "failed")
 
 
 class ItemInfo(NamedTuple):
@@ -204,12 +205,12 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderModelHand
 
 
 def _counters(result) -> dict:
-    """The embed counters of a finished pipeline result ({} if the runner does not report them)."""
+    """The embed counters (COUNTERS) of a finished pipeline result ({} if the runner reports none)."""
     try:
         query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
     except Exception:  # some runners do not support metrics queries
         return {}
-    counts: dict[str, int] = {}
+    counts = dict.fromkeys(COUNTERS, 0)
     for counter in query["counters"]:
         name = counter.key.metric.name
         counts[name] = counts.get(name, 0) + int(counter.committed or counter.attempted or 0)
