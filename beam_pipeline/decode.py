@@ -11,6 +11,10 @@ frame (animated GIF/WebP/APNG: frame 0), letting JPEG decode at a reduced DCT sc
 much smaller; apply the EXIF orientation; convert the mode (alpha is composited on white; 16-bit samples
 are scaled, not clipped); resize to the spec's size (stretching: the whole picture is kept, aspect ratio
 is not); return (H, W, C) uint8.
+
+PIL's own process-wide decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, errors above twice it) is left
+as it is: `max_pixels` is the policy, and an image over PIL's limit is reported as 'too_large' as well.
+`ImageFile.LOAD_TRUNCATED_IMAGES` must stay False: a truncated file is a failure, not a grey band.
 """
 from __future__ import annotations
 
