@@ -26,6 +26,8 @@ def _add(parser, *flags, required: bool = False, **kwargs) -> None:
     """
     if any(flag in parser._option_string_actions for flag in flags):
         return
+    if required and kwargs.get("help"):
+        kwargs["help"] = "Required. " + kwargs["help"]
     parser.add_argument(*flags, **kwargs)
     if required:
         if not hasattr(parser, "_stage_required"):
