@@ -99,7 +99,8 @@ def matches_table(
     a, b = ids[i], ids[j]
     swap = b < a if len(a) else np.zeros(0, np.bool_)
     left, right = np.where(swap, b, a), np.where(swap, a, b)
-    cos = np.asarray(cos, np.float32)
+    # Dot products of unit float32 vectors can overshoot +-1 by an ulp; store the cosine in range.
+    cos = np.clip(np.asarray(cos, np.float32), np.float32(-1), np.float32(1))
     k = len(cos)
     return pa.table(
         {
