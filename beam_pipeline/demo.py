@@ -264,8 +264,13 @@ def format_summary(summary: dict, out: str) -> str:
         f"items to drop {summary['dedup']['items_to_drop']}",
     ]
     if evaluation:
+        def rate(value):  # precision is undefined (None) when nothing was predicted
+            return "n/a" if value is None else f"{value:.4f}"
+
         lines.append(
-            f"  planted duplicates: precision {evaluation['precision']:.4f}  recall {evaluation['recall']:.4f}"
+            f"  planted duplicates: precision {rate(evaluation['precision'])} "
+            f"({evaluation['found_pairs']} of {evaluation['predicted_pairs']} predicted pairs)  "
+            f"recall {rate(evaluation['recall'])} ({evaluation['found_pairs']} of {evaluation['planted_pairs']})"
         )
     lines.append("  wall time (s): " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     lines.append("  outputs:")
