@@ -164,3 +164,35 @@ def test_orient_pairs():
     assert lo == ["a", "a"] and hi == ["b", "c"] and swapped.tolist() == [True, False]
     with pytest.raises(ValueError, match="itself"):
         matching.orient_pairs(["a"], ["a"])
+
+
+@pytest.mark.parametrize("threads, chunk_rows", [(2, None), (3, 7), (2, 1)])
+def test_threads_and_tiles_give_the_same_exact_set(threads, chunk_rows, monkeypatch):
+    # Narrow tiles (5 columns) so rows span several column tiles and the diagonal cuts through tiles.
+    monkeypatch.setattr(matching, "TILE_COLS", 5)
+    x = _unit(150, 8, 4)
+    sims = x.astype(np.float64) @ x.astype(np.float64).T
+    thr = _gap_threshold(sims[np.triu_indices(150, 1)])
+    expected, full = _reference(x, x, thr, True)
+    i, j, cos = matching.pairs_above_threshold(x, x, thr, same_block=True, chunk_rows=chunk_rows, threads=threads)
+    assert list(zip(i.tolist(), j.tolist())) == sorted(expected)  # sorted by (i, j), each once
+    np.testing.assert_allclose(cos, full[i, j], atol=1e-6)
+    left, right = x[:40], x[60:133]
+    expected, _ = _reference(left, right, thr, False)
+    i, j, _ = matching.pairs_above_threshold(left, right, thr, same_block=False, chunk_rows=chunk_rows,
+                                             threads=threads)
+    assert list(zip(i.tolist(), j.tolist())) == sorted(expected)
+
+
+def test_top_k_per_row_and_pair_cosines():
+    i = np.array([2, 0, 0, 2, 0, 1])
+    j = np.array([5, 3, 4, 6, 9, 7])
+    cos = np.float32([0.9, 0.8, 0.95, 0.9, 0.8, 0.7])
+    ti, tj, tc = matching.top_k_per_row(i, j, cos, 2)
+    # row 0: 4 (0.95), then 3 and 9 tie at 0.8: smaller j first; row 2: 5 and 6 tie.
+    assert list(zip(ti.tolist(), tj.tolist())) == [(0, 4), (0, 3), (1, 7), (2, 5), (2, 6)]
+    assert tc.tolist() == [np.float32(0.95), np.float32(0.8), np.float32(0.7), np.float32(0.9), np.float32(0.9)]
+    assert len(matching.top_k_per_row(i, j, cos, 0)[0]) == 6
+    a = np.float32([[1, 0], [0.6, 0.8]])
+    b = np.float32([[0.6, 0.8], [0.6, 0.8]])
+    assert matching.pair_cosines(a, b).tolist() == [np.float32(0.6), np.float32(1.0)]
