@@ -1,15 +1,22 @@
-"""The embed pipeline: image files in, templates (one embedding per item) and failures out.
+"""The embed pipeline: a catalogue in (image files, TFRecord, Parquet or tar shards; local or gs://),
+templates (one embedding per item) and failures out.
 
-    MatchFiles(--input) -> Reshuffle -> ReadMatches -> read bytes      --(read error)-----> failures
-      -> content_sha256 -> decode to the card's input spec             --(decode error)---> failures
-      -> RunInference(KeyedModelHandler(EncoderModelHandler))          --(inference error)> failures
-      -> template rows (embedding checked: finite, unit norm)          --(bad output)-----> failures
+    ReadCatalogue(--input)                     (spread by file / shard / row group)  --(read error)-----> failures
+      -> key by content_sha256 -> CombinePerKey: one copy of the bytes + every item that has them
+      -> decode to the card's input spec (once per distinct content)                 --(decode error)---> failures
+      -> RunInference(KeyedModelHandler(EncoderModelHandler))  (batched)             --(inference error)> failures
+      -> one template row per item (embedding checked: finite, unit norm)            --(bad output)-----> failures
+      -> [record formats: one template per item_id]                                  --(repeated id)----> failures
       -> OUTPUT/templates/templates-*.parquet    OUTPUT/failures/failures-*.parquet
+         [OUTPUT/labels/labels-*.parquet with --label_key]
 
-Every matched file ends as exactly one templates row or one failures row. The model card drives the
-decode (size, channels, value range), the embedding dimension of the table and the `model_id` column:
-nothing is configured twice. Runs on the DirectRunner by default; `--runner DataflowRunner` with
-`--setup_file ./setup.py` runs the same code on Dataflow.
+Every item read ends as exactly one templates row or one failures row. Byte-identical items are decoded and
+embedded once and share the embedding (each keeps its own row); `inferences_saved` says how many model
+evaluations that spared. The model card drives the decode (size, channels, value range), the embedding
+dimension of the table and the `model_id` column: nothing is configured twice.
+
+Runs on the DirectRunner by default (see `LOCAL_RUNNING_MODE`); `--runner DataflowRunner` with
+`--setup_file ./setup.py` (or a worker image, docs/gpu_worker.md) runs the same code on Dataflow.
 
     python -m beam_pipeline.embed --input 'catalogue/images/*.png' --model_dir model --output out
 """
@@ -17,19 +24,21 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import time
 from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, StandardOptions, TestOptions
 
 from beam_pipeline import io as bio
+from beam_pipeline import sources
 from beam_pipeline.decode import DecodeError, decode_image
 from beam_pipeline.inference import EncoderModelHandler, InferenceFailure, keyed_handler
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
@@ -37,20 +46,41 @@ from schemas.tables import FAILURES_SCHEMA, templates_schema
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "embed"
-FAILURES_TAG = "failures"
+NAMESPACE = sources.METRICS_NAMESPACE
+FAILURES_TAG = sources.FAILURES_TAG
 # Same tolerance as schemas.validate_table: a row the reader would refuse goes to failures instead.
 UNIT_NORM_TOLERANCE = 1e-3
-PROGRESS_EVERY = 1000
-COUNTERS = ("items_read", "decoded", "embedded", "failed")
+PROGRESS_EVERY = 2000
+PROGRESS_SECONDS = 30.0
+COUNTERS = ("items_read", "read_failed", "decoded", "decode_failed", "inferences", "inferences_saved",
+            "embedded", "failed")
+# Local runs: how the DirectRunner executes when --direct_running_mode is not given. Measured on the
+# 2-core reference machine (BENCHMARKS.md, "Embed pipeline"): see bench/bench_embed.py --modes.
+LOCAL_RUNNING_MODE = "in_memory"
+
+LABELS_SCHEMA = pa.schema([
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+])
 
 
-class ItemInfo(NamedTuple):
-    """What travels with an item's pixels through inference (the RunInference key)."""
+class ItemRef(NamedTuple):
+    """One catalogue item that has a given content."""
 
     item_id: str
     source_uri: str
+
+
+class ContentInfo(NamedTuple):
+    """What travels with a distinct content's pixels through inference (the RunInference key).
+
+    items: every item with these bytes, sorted; width, height: the image's size as displayed.
+    """
+
     content_sha256: str
+    items: tuple
     width: int
     height: int
 
@@ -63,12 +93,12 @@ def failure_row(item_id: str, source_uri: str, stage: str, error, run_id: str) -
             "run_id": run_id}
 
 
-def template_row(info: ItemInfo, embedding: np.ndarray, model_id: str, run_id: str,
+def template_row(item: ItemRef, info: ContentInfo, embedding: np.ndarray, model_id: str, run_id: str,
                  embedded_at: datetime.datetime) -> dict:
-    """A templates-table row for `info` with its float32 (dim,) `embedding`."""
+    """A templates-table row for `item`, whose content is `info`, with its float32 (dim,) `embedding`."""
     return {
-        "item_id": info.item_id,
-        "source_uri": info.source_uri,
+        "item_id": item.item_id,
+        "source_uri": item.source_uri,
         "content_sha256": info.content_sha256,
         "embedding": np.asarray(embedding, dtype=np.float32),
         "model_id": model_id,
@@ -92,120 +122,199 @@ def check_embedding(embedding: np.ndarray, dim: int) -> str | None:
     return None
 
 
-class ReadFileFn(beam.DoFn):
-    """ReadableFile -> (item_id, source_uri, bytes); unreadable or oversized files -> failures ('read')."""
+def content_key(record: sources.Record) -> tuple[str, tuple]:
+    """Record -> (sha256 hex of its bytes, (bytes, ItemRef)): the key that brings identical bytes together."""
+    return hashlib.sha256(record.data).hexdigest(), (record.data, ItemRef(record.item_id, record.source_uri))
 
-    def __init__(self, input_glob: str, max_file_bytes: int, run_id: str):
-        self._input_glob = input_glob
-        self._max_file_bytes = max_file_bytes
-        self._run_id = run_id
-        self._items_read = Metrics.counter(NAMESPACE, "items_read")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
 
-    def process(self, readable_file):
-        uri = readable_file.metadata.path
-        item_id = bio.item_id_for(uri, self._input_glob)
-        self._items_read.inc()
-        try:
-            size = readable_file.metadata.size_in_bytes
-            if self._max_file_bytes and size is not None and size > self._max_file_bytes:
-                raise OSError(f"file of {size} bytes exceeds --max_file_bytes={self._max_file_bytes}")
-            # UNCOMPRESSED: the bytes of 'x.png.gz' are the file's bytes, not a gunzipped stream.
-            with readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                data = f.read()
-        except Exception as err:  # filesystems raise their own IOError subclasses
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(FAILURES_TAG, failure_row(item_id, uri, "read", err, self._run_id))
-            return
-        yield item_id, uri, data
+class GatherContentFn(beam.CombineFn):
+    """Combines the (bytes, ItemRef) values of one content hash into (bytes, sorted tuple of ItemRefs).
+
+    Only one copy of the bytes is kept, so with combiner lifting a duplicate's bytes do not even cross the
+    shuffle. Accumulator: [bytes or None, list of ItemRef].
+    """
+
+    def create_accumulator(self):
+        return [None, []]
+
+    def add_input(self, accumulator, element):
+        data, item = element
+        if accumulator[0] is None:
+            accumulator[0] = data
+        accumulator[1].append(item)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = [None, []]
+        for data, items in accumulators:
+            if merged[0] is None:
+                merged[0] = data
+            merged[1].extend(items)
+        return merged
+
+    def extract_output(self, accumulator):
+        return accumulator[0], tuple(sorted(accumulator[1]))
 
 
 class DecodeFn(beam.DoFn):
-    """(item_id, uri, bytes) -> (ItemInfo, uint8 pixels (H, W, C)); undecodable -> failures ('decode')."""
+    """(sha256, (bytes, items)) -> (ContentInfo, uint8 pixels (H, W, C)); undecodable -> one failures row
+    per item ('decode')."""
 
     def __init__(self, input_spec: dict, max_pixels: int, run_id: str):
         self._input_spec = dict(input_spec)
         self._max_pixels = max_pixels
         self._run_id = run_id
         self._decoded = Metrics.counter(NAMESPACE, "decoded")
+        self._decode_failed = Metrics.counter(NAMESPACE, "decode_failed")
         self._failed = Metrics.counter(NAMESPACE, "failed")
 
     def process(self, element):
-        item_id, uri, data = element
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256, (data, items) = element
         try:
             decoded = decode_image(data, self._input_spec, self._max_pixels)
-        except DecodeError as err:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(FAILURES_TAG, failure_row(item_id, uri, "decode", err, self._run_id))
+        except Exception as err:  # DecodeError, or a decoder bug: the item fails, the pipeline does not
+            if not isinstance(err, DecodeError):
+                log.warning("decode: unexpected %s on %s", type(err).__name__, items[0].source_uri)
+            self._decode_failed.inc(len(items))
+            self._failed.inc(len(items))
+            for item in items:
+                yield beam.pvalue.TaggedOutput(
+                    FAILURES_TAG, failure_row(item.item_id, item.source_uri, "decode", err, self._run_id))
             return
-        self._decoded.inc()
-        yield ItemInfo(item_id, uri, sha256, decoded.width, decoded.height), decoded.pixels
+        self._decoded.inc(len(items))
+        yield ContentInfo(sha256, items, decoded.width, decoded.height), decoded.pixels
 
 
 class ToTemplateFn(beam.DoFn):
-    """(ItemInfo, PredictionResult) -> template row; failed or invalid embeddings -> failures."""
+    """(ContentInfo, PredictionResult) -> one template row per item; failed or invalid embeddings -> one
+    failures row per item. Logs a progress line every PROGRESS_EVERY rows or PROGRESS_SECONDS."""
 
     def __init__(self, model_id: str, dim: int, run_id: str):
         self._model_id = model_id
         self._dim = dim
         self._run_id = run_id
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
+        self._inferences = Metrics.counter(NAMESPACE, "inferences")
+        self._saved = Metrics.counter(NAMESPACE, "inferences_saved")
         self._failed = Metrics.counter(NAMESPACE, "failed")
 
     def setup(self):
         self._count = 0
-        self._started = time.perf_counter()
+        self._started = self._last_log = time.perf_counter()
+
+    def _fail(self, info: ContentInfo, stage: str, error: str):
+        self._failed.inc(len(info.items))
+        for item in info.items:
+            yield beam.pvalue.TaggedOutput(
+                FAILURES_TAG, failure_row(item.item_id, item.source_uri, stage, error, self._run_id))
 
     def process(self, element):
         info, result = element
         inference = result.inference
         if isinstance(inference, InferenceFailure):
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILURES_TAG, failure_row(info.item_id, info.source_uri, "inference", inference.error, self._run_id))
+            yield from self._fail(info, "inference", inference.error)
             return
         problem = check_embedding(inference, self._dim)
         if problem is not None:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILURES_TAG, failure_row(info.item_id, info.source_uri, "validate", problem, self._run_id))
+            yield from self._fail(info, "validate", problem)
             return
-        self._embedded.inc()
-        self._count += 1
-        if self._count % PROGRESS_EVERY == 0:
-            elapsed = time.perf_counter() - self._started
-            log.info("embed: %d items embedded by this worker (%.1f items/s)", self._count, self._count / elapsed)
+        n = len(info.items)
+        self._embedded.inc(n)
+        self._inferences.inc()
+        self._saved.inc(n - 1)
         now = datetime.datetime.now(datetime.timezone.utc)
-        yield template_row(info, inference, self._model_id, self._run_id, now)
+        for item in info.items:
+            yield template_row(item, info, inference, self._model_id, self._run_id, now)
+        self._progress(n)
+
+    def _progress(self, n: int) -> None:
+        before, self._count = self._count, self._count + n
+        clock = time.perf_counter()
+        if self._count // PROGRESS_EVERY > before // PROGRESS_EVERY or clock - self._last_log > PROGRESS_SECONDS:
+            self._last_log = clock
+            log.info("embed progress: %d items embedded by this worker (%.0f items/s)", self._count,
+                     self._count / max(clock - self._started, 1e-9))
 
 
-def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderModelHandler, run_id: str) -> None:
+def uri_order(source_uri: str) -> tuple:
+    """Sort key of source URIs that orders '<shard>#<position>' by shard, then position as a number."""
+    shard, _, position = source_uri.rpartition("#")
+    return (shard, 0, int(position), "") if position.isdigit() else (shard, 1, 0, position)
+
+
+class UniqueIdsFn(beam.DoFn):
+    """(item_id, template rows) -> the row read first (`uri_order`); any other row of that id becomes
+    a failures row ('validate'): ids read from shards may repeat, and the templates table's may not."""
+
+    def __init__(self, run_id: str):
+        self._run_id = run_id
+        self._embedded = Metrics.counter(NAMESPACE, "embedded")
+        self._failed = Metrics.counter(NAMESPACE, "failed")
+
+    def process(self, element):
+        item_id, rows = element
+        rows = sorted(rows, key=lambda r: uri_order(r["source_uri"]))
+        yield rows[0]
+        for row in rows[1:]:
+            self._embedded.dec()
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(FAILURES_TAG, failure_row(
+                item_id, row["source_uri"], "validate",
+                f"duplicate item_id: also read from {rows[0]['source_uri']}, which was kept", self._run_id))
+
+
+def read_failure_row(failure: sources.ReadFailure, run_id: str) -> dict:
+    return failure_row(failure.item_id, failure.source_uri, "read", failure.error, run_id)
+
+
+def resolve_input_format(opts: EmbedOptions, paths: list[str]) -> str:
+    """--input_format, or the format the matched paths' suffixes imply when it is 'auto'."""
+    if opts.input_format != "auto":
+        return opts.input_format
+    return sources.detect_format(paths)
+
+
+def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderModelHandler, run_id: str,
+          input_format: str = "files") -> None:
     """Add the embed transforms to `pipeline`: `opts.input` -> templates and failures under `opts.output`."""
-    files = (
-        pipeline
-        | "MatchFiles" >> fileio.MatchFiles(opts.input)
-        # Matching yields all paths from one worker: spread the reads.
-        | "SpreadReads" >> beam.Reshuffle()
-        | "ReadMatches" >> fileio.ReadMatches()
-    )
-    read = files | "ReadBytes" >> beam.ParDo(
-        ReadFileFn(opts.input, opts.max_file_bytes, run_id)).with_outputs(FAILURES_TAG, main="ok")
-    decoded = read.ok | "Decode" >> beam.ParDo(
+    keys = sources.RecordKeys(image=opts.image_key, id=opts.id_key, label=opts.label_key)
+    records, read_failures = pipeline | "Read" >> sources.ReadCatalogue(
+        opts.input, input_format, keys, opts.max_file_bytes)
+    contents = (records
+                | "HashContent" >> beam.Map(content_key)
+                | "GatherDuplicates" >> beam.CombinePerKey(GatherContentFn()))
+    decoded = contents | "Decode" >> beam.ParDo(
         DecodeFn(handler.input_spec, opts.max_pixels, run_id)).with_outputs(FAILURES_TAG, main="ok")
     predictions = decoded.ok | "Embed" >> RunInference(keyed_handler(handler))
     rows = predictions | "ToTemplates" >> beam.ParDo(
         ToTemplateFn(handler.model_id, handler.embedding_dim, run_id)).with_outputs(FAILURES_TAG, main="ok")
+    templates = rows.ok
+    failures = [read_failures | "ReadFailureRows" >> beam.Map(read_failure_row, run_id),
+                decoded[FAILURES_TAG], rows[FAILURES_TAG]]
+    if input_format != "files":  # file paths are unique ids; ids read from records may repeat
+        unique = (templates
+                  | "KeyById" >> beam.Map(lambda row: (row["item_id"], row))
+                  | "GroupById" >> beam.GroupByKey()
+                  | "UniqueIds" >> beam.ParDo(UniqueIdsFn(run_id)).with_outputs(FAILURES_TAG, main="ok"))
+        templates = unique.ok
+        failures.append(unique[FAILURES_TAG])
 
-    _ = rows.ok | "WriteTemplates" >> bio.WriteTable(
-        opts.output, "templates", templates_schema(handler.embedding_dim), num_shards=opts.num_shards)
-    failures = (read.failures, decoded.failures, rows.failures) | "AllFailures" >> beam.Flatten()
+    _ = templates | "WriteTemplates" >> bio.WriteTable(
+        opts.output, "templates", templates_schema(handler.embedding_dim), num_shards=opts.num_shards,
+        row_group_rows=opts.row_group_rows)
     # Written even when empty (one empty shard), so readers always find the table.
-    _ = failures | "WriteFailures" >> bio.WriteTable(opts.output, "failures", FAILURES_SCHEMA, num_shards=opts.num_shards)
+    _ = (tuple(failures) | "AllFailures" >> beam.Flatten()
+         | "WriteFailures" >> bio.WriteTable(opts.output, "failures", FAILURES_SCHEMA, num_shards=opts.num_shards))
+    if opts.label_key is not None:
+        _ = (records
+             | "Labelled" >> beam.Filter(lambda r: r.label is not None)
+             | "LabelRows" >> beam.Map(lambda r, run: {"item_id": r.item_id, "source_uri": r.source_uri,
+                                                       "label": r.label, "run_id": run}, run_id)
+             | "WriteLabels" >> bio.WriteTable(opts.output, "labels", LABELS_SCHEMA, num_shards=opts.num_shards))
 
 
 def _counters(result) -> dict:
-    """The embed counters (COUNTERS) of a finished pipeline result ({} if the runner reports none)."""
+    """The embed counters (COUNTERS) of a pipeline result ({} if the runner reports none)."""
     try:
         query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
     except Exception:  # some runners do not support metrics queries
@@ -213,60 +322,152 @@ def _counters(result) -> dict:
     counts = dict.fromkeys(COUNTERS, 0)
     for counter in query["counters"]:
         name = counter.key.metric.name
-        counts[name] = counts.get(name, 0) + int(counter.committed or counter.attempted or 0)
+        value = counter.committed if counter.committed is not None else counter.attempted
+        counts[name] = counts.get(name, 0) + int(value or 0)
     return counts
+
+
+def _progress_line(counts: dict) -> str:
+    return ", ".join(f"{k} {counts.get(k, 0)}" for k in ("items_read", "decoded", "embedded", "failed"))
+
+
+def _wait(result, poll_seconds: float = PROGRESS_SECONDS) -> None:
+    """Wait for the pipeline, logging a progress line of its counters while it runs (runners that return
+    before finishing: Dataflow; the DirectRunner has finished when run() returns)."""
+    state = result.state
+    while not beam.runners.runner.PipelineState.is_terminal(state):
+        state = result.wait_until_finish(duration=int(poll_seconds * 1000))
+        if not beam.runners.runner.PipelineState.is_terminal(state or result.state):
+            log.info("embed progress: %s", _progress_line(_counters(result)))
+        state = state or result.state
+    result.wait_until_finish()
+
+
+def _apply_local_defaults(pipeline_options) -> None:
+    """DirectRunner runs: use LOCAL_RUNNING_MODE unless --direct_running_mode was given."""
+    runner = pipeline_options.view_as(StandardOptions).runner
+    if runner not in (None, "DirectRunner", "direct", "BundleBasedDirectRunner"):
+        return
+    direct = pipeline_options.view_as(DirectOptions)
+    explicit = pipeline_options.get_all_options(drop_default=True)
+    if "direct_running_mode" not in explicit:
+        direct.direct_running_mode = LOCAL_RUNNING_MODE
+
+
+def describe_dataflow_job(job) -> dict:
+    """The Dataflow job description (the CreateJob request body) of a dry-run job, built offline.
+
+    Beam's dry run returns before `create_job`, which stages the artefacts to GCS and only then writes
+    --dataflow_job_file; this fills in the same worker environment (worker pool, container image,
+    experiments, service options, packages to stage, sdkPipelineOptions) without uploading anything, so
+    the file shows what Dataflow would receive.
+    """
+    from apache_beam.portability import common_urns
+    from apache_beam.portability.api import beam_runner_api_pb2
+    from apache_beam.runners.dataflow.internal import apiclient
+    from apache_beam.runners.dataflow.internal import names as dataflow_names
+
+    staging = job.options.view_as(beam.options.pipeline_options.GoogleCloudOptions).staging_location
+    packages = []
+    for _, env in sorted(job.proto_pipeline.components.environments.items()):
+        for dep in env.dependencies:
+            if dep.role_urn == common_urns.artifact_roles.STAGING_TO.urn:
+                name = beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(dep.role_payload).staged_name
+                if name not in packages:
+                    packages.append(name)
+    serialized = job.proto_pipeline.SerializeToString()
+    job.proto.environment = apiclient.Environment(
+        packages=packages,
+        options=job.options,
+        environment_version=apiclient._FNAPI_ENVIRONMENT_MAJOR_VERSION,
+        proto_pipeline_staged_url=FileSystems.join(staging, dataflow_names.STAGED_PIPELINE_FILENAME),
+        proto_pipeline=job.proto_pipeline,
+        pipeline_proto_hash=hashlib.sha256(serialized).hexdigest(),
+    ).proto
+    description = json.loads(job.json())
+    description["siamese_dedup"] = {
+        "note": "dry run: built offline, nothing staged or submitted",
+        "transforms": sorted(t.unique_name for t in job.proto_pipeline.components.transforms.values()
+                             if t.unique_name and "/" not in t.unique_name),
+    }
+    return description
 
 
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the embed pipeline; returns a summary of what was written.
 
     Returns {"templates": dir, "failures": dir, "items": n, "embedded": n, "failed": n,
-    "seconds": s, "run_id": id, "model_id": id, "counters": {...}}; the counts are read back from the
-    written tables.
+    "inferences_saved": n, "seconds": s, "run_id": id, "model_id": id, "input_format": fmt,
+    "counters": {...}} (+ "labels": dir with --label_key). The counts are read back from the written
+    tables; inferences_saved = templates rows that share their content (and so their embedding) with an
+    earlier row. `counters` are the pipeline's Beam counters (COUNTERS). A Dataflow dry run (--dry_run)
+    writes --dataflow_job_file when given and returns the same keys with zero counts plus "job_file".
     """
     pipeline_options, opts = parse_stage_options(
         argv, EmbedOptions, "Embed a catalogue of images into templates Parquet (Apache Beam).")
     run_id = opts.run_id or new_run_id()
     started = time.perf_counter()
 
-    if not bio.match_paths(opts.input):
+    paths = bio.match_paths(opts.input)
+    if not paths:
         raise FileNotFoundError(f"--input {opts.input!r} matches no files")
+    input_format = resolve_input_format(opts, paths)
     handler = EncoderModelHandler(
         opts.model_dir,
         min_batch_size=opts.min_batch_size,
         max_batch_size=opts.batch_size,
         share_across_processes=opts.share_model_across_processes,
     )
-    log.info("embed run %s: %s with model %s (%s) -> %s", run_id, opts.input, handler.model_id,
-             handler.input_spec, opts.output)
-    # Shards of an earlier run would match the tables' globs beside the new ones.
-    for name in ("templates", "failures"):
-        bio.delete_table_shards(opts.output, name)
+    dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
+    log.info("embed run %s: %d %s input(s) %s with model %s (%s) -> %s", run_id, len(paths), input_format,
+             opts.input, handler.model_id, handler.input_spec, opts.output)
+    if not dry_run:
+        # Shards of an earlier run would match the tables' globs beside the new ones.
+        for name in ("templates", "failures", "labels"):
+            bio.delete_table_shards(opts.output, name)
 
+    if test_pipeline is None:
+        _apply_local_defaults(pipeline_options)
     pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=pipeline_options)
-    build(pipeline, opts, handler, run_id)
+    build(pipeline, opts, handler, run_id, input_format)
     result = pipeline.run()
-    result.wait_until_finish()
+    summary = {
+        "templates": FileSystems.join(opts.output, "templates"),
+        "failures": FileSystems.join(opts.output, "failures"),
+        "run_id": run_id,
+        "model_id": handler.model_id,
+        "input_format": input_format,
+    }
+    if dry_run:
+        job_file = pipeline_options.view_as(DebugOptions).dataflow_job_file
+        job = getattr(result, "job", None)
+        if job_file and job is not None:
+            bio.write_json(job_file, describe_dataflow_job(job))
+        summary.update(items=0, embedded=0, failed=0, inferences_saved=0,
+                       seconds=round(time.perf_counter() - started, 3), counters={}, job_file=job_file)
+        return summary
+    _wait(result)
     counters = _counters(result)
 
     templates = bio.read_table_dir(opts.output, "templates", handler.embedding_dim)
     failures = bio.read_table_dir(opts.output, "failures")
-    summary = {
-        "templates": FileSystems.join(opts.output, "templates"),
-        "failures": FileSystems.join(opts.output, "failures"),
-        "items": templates.num_rows + failures.num_rows,
-        "embedded": templates.num_rows,
-        "failed": failures.num_rows,
-        "seconds": round(time.perf_counter() - started, 3),
-        "run_id": run_id,
-        "model_id": handler.model_id,
-        "counters": counters,
-    }
+    contents = len(set(templates.column("content_sha256").to_pylist()))
+    summary.update(
+        items=templates.num_rows + failures.num_rows,
+        embedded=templates.num_rows,
+        failed=failures.num_rows,
+        inferences_saved=templates.num_rows - contents,
+        seconds=round(time.perf_counter() - started, 3),
+        counters=counters,
+    )
+    if opts.label_key is not None:
+        summary["labels"] = FileSystems.join(opts.output, "labels")
     if counters.get("items_read") not in (None, summary["items"]):
-        log.warning("embed: %s files were read but %d templates + failures were written",
+        log.warning("embed: %s items were read but %d templates + failures were written",
                     counters["items_read"], summary["items"])
-    log.info("embed run %s: %d items, %d embedded, %d failed in %.1f s", run_id, summary["items"],
-             summary["embedded"], summary["failed"], summary["seconds"])
+    log.info("embed run %s: %d items, %d embedded (%d inferences saved by identical bytes), %d failed in "
+             "%.1f s", run_id, summary["items"], summary["embedded"], summary["inferences_saved"],
+             summary["failed"], summary["seconds"])
     return summary
 
 

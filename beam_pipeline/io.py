@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
@@ -152,37 +153,92 @@ class _ToArrowTables(beam.DoFn):
         return table
 
 
+class _ParquetFileWriter:
+    """One open Parquet shard: buffers tables and writes row groups of exactly `row_group_rows` rows
+    (the last one of the file may be shorter); `row_group_rows=None` writes each table as it comes."""
+
+    def __init__(self, handle, schema: pa.Schema, codec: str, row_group_rows: int | None):
+        self.handle = handle
+        self._writer = pq.ParquetWriter(handle, schema, compression=codec)
+        self._rows = row_group_rows
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if not self._rows:
+            self._writer.write_table(table)
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self._rows:
+            buffered = pa.concat_tables(self._pending)
+            full = (buffered.num_rows // self._rows) * self._rows
+            self._writer.write_table(buffered.slice(0, full), row_group_size=self._rows)
+            rest = buffered.slice(full)
+            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self._pending_rows:
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self._rows)
+        self._writer.close()
+        self.handle.close()
+
+
+class _ParquetSink(filebasedsink.FileBasedSink):
+    """Beam file sink of pyarrow Tables as Parquet shards, with row groups of a fixed number of rows."""
+
+    def __init__(self, file_path_prefix: str, schema: pa.Schema, num_shards: int, row_group_rows: int | None,
+                 codec: str = "snappy"):
+        super().__init__(file_path_prefix, coder=None, file_name_suffix=".parquet", num_shards=num_shards,
+                         mime_type="application/x-parquet",
+                         # Parquet compresses its pages itself.
+                         compression_type=CompressionTypes.UNCOMPRESSED)
+        self._schema = schema
+        self._row_group_rows = row_group_rows
+        self._codec = codec
+
+    def open(self, temp_path):
+        return _ParquetFileWriter(super().open(temp_path), self._schema, self._codec, self._row_group_rows)
+
+    def write_record(self, writer, value):
+        writer.write(value)
+
+    def close(self, writer):
+        writer.close()
+
+
 class WriteTable(beam.PTransform):
     """Write a PCollection of dict rows, pyarrow Tables or RecordBatches as table `name` under `output_dir`.
 
     Files: `output_dir/<name>/<name>-SSSSS-of-NNNNN.parquet`, with exactly `schema` (pass
     `schemas.schema_for(name, dim)`); fixed_size_list embeddings and timestamp[us, UTC] columns keep
     their types on read-back. An empty PCollection still writes one empty shard with the schema, so
-    readers always find the table. `num_shards=0` lets the runner choose. Returns the PCollection of
-    written file paths. Bounded (batch) input only.
+    readers always find the table. `num_shards=0` lets the runner choose. `row_group_rows` fixes the rows
+    per Parquet row group within each shard (the last group of a shard holds the remainder), so a reader
+    can stream a table in blocks of that size; None writes whatever each bundle gathered (up to
+    `rows_per_table` rows) as a row group. Returns the PCollection of written file paths. Bounded
+    (batch) input only.
     """
 
     def __init__(self, output_dir: str, name: str, schema: pa.Schema, num_shards: int = 0,
-                 rows_per_table: int = 10_000):
+                 rows_per_table: int = 10_000, row_group_rows: int | None = None):
         super().__init__()
+        if row_group_rows is not None and row_group_rows < 1:
+            raise ValueError(f"row_group_rows must be >= 1 or None, got {row_group_rows}")
         self._output_dir = output_dir
         self._name = name
         self._schema = schema
         self._num_shards = num_shards
-        self._rows_per_table = rows_per_table
+        self._rows_per_table = rows_per_table if not row_group_rows else max(rows_per_table, row_group_rows)
+        self._row_group_rows = row_group_rows
 
     def expand(self, pcoll):
         prefix = FileSystems.join(self._output_dir, self._name, self._name)
         return (
             pcoll
             | "ToArrow" >> beam.ParDo(_ToArrowTables(self._schema, self._rows_per_table))
-            | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                prefix,
-                schema=self._schema,
-                codec="snappy",
-                file_name_suffix=".parquet",
-                num_shards=self._num_shards,
-            )
+            | "WriteParquet" >> beam.io.Write(
+                _ParquetSink(prefix, self._schema, self._num_shards, self._row_group_rows))
         )
 
 

@@ -70,15 +70,58 @@ def _add_threshold(parser) -> None:
 
 
 class EmbedOptions(PipelineOptions):
-    """Options of the embed pipeline: images in, templates and failures out."""
+    """Options of the embed pipeline: a catalogue in, templates and failures out."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        _add(parser, "--input", required=True, help="Glob of image files, local or gs://, e.g. 'cat/**/*.png'.")
+        _add(
+            parser,
+            "--input",
+            required=True,
+            help="Glob of the catalogue, local or gs://: image files ('cat/**/*.png'), TFRecord shards "
+            "('cat/train-*.tfrecord'), Parquet files or tar shards (WebDataset style).",
+        )
         _add(parser, "--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
         _add(parser, "--output", required=True, help="Output directory; writes templates/ and failures/ under it.")
+        _add(
+            parser,
+            "--input_format",
+            default="auto",
+            choices=["auto", "files", "tfrecord", "parquet", "tar"],
+            help="What --input holds. auto (default): from the matched paths' suffixes (.tfrecord[.gz], "
+            ".tfrec, .parquet, .tar[.gz], .tgz; anything else is an image file).",
+        )
+        _add(
+            parser,
+            "--image_key",
+            default=None,
+            help="TFRecord feature / Parquet column holding the image bytes (default: the first of "
+            "image/encoded, image, image_bytes, img, jpg, jpeg, png, webp, bytes, content; Parquet: else the "
+            "only binary column).",
+        )
+        _add(
+            parser,
+            "--id_key",
+            default=None,
+            help="TFRecord feature / Parquet column holding the item id (default: the first of id, item_id, "
+            "image/id, image/source_id, key, __key__; none: '<shard>#<position>').",
+        )
+        _add(
+            parser,
+            "--label_key",
+            default=None,
+            help="TFRecord feature / Parquet column / tar member extension (e.g. cls) holding a label; when "
+            "given, writes labels/ (item_id, source_uri, label) beside the templates.",
+        )
         _add(parser, "--batch_size", type=int, default=256, help="Inference batch size (max; default 256).")
-        _add(parser, "--min_batch_size", type=int, default=1, help="Smallest inference batch (default 1).")
+        _add(
+            parser,
+            "--min_batch_size",
+            type=int,
+            default=1,
+            help="Smallest inference batch (default 1: Beam's BatchElements grows batches up to --batch_size "
+            "as it measures them; set it equal to --batch_size for fixed batches).",
+        )
         _add(
             parser,
             "--max_pixels",
@@ -91,7 +134,8 @@ class EmbedOptions(PipelineOptions):
             "--max_file_bytes",
             type=int,
             default=200_000_000,
-            help="Refuse (failures stage 'read') files larger than this many bytes (default 2e8; 0: no limit).",
+            help="Refuse (failures stage 'read') files, records or members larger than this many bytes "
+            "(default 2e8; 0: no limit).",
         )
         _add(
             parser,
@@ -100,6 +144,13 @@ class EmbedOptions(PipelineOptions):
             help="Load one encoder per machine shared by its SDK processes instead of one per process.",
         )
         _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add(
+            parser,
+            "--row_group_rows",
+            type=int,
+            default=4096,
+            help="Rows per Parquet row group of the templates (default 4096, the match stage's --block_size).",
+        )
         _add_run_id(parser)
 
 
@@ -108,14 +159,57 @@ class MatchOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        _add(parser, "--templates", required=True, help="Glob of templates Parquet files.")
+        _add(parser, "--templates", required=True, help="Glob of templates Parquet files (the catalogue).")
         _add(parser, "--output", required=True, help="Output directory; writes matches/ and match_run.json.")
         _add(
             parser,
             "--model_dir", default=None, help="Encoder artefact directory; its model card supplies the threshold."
         )
         _add_threshold(parser)
-        _add(parser, "--block_size", type=int, default=4096, help="Rows per block of the similarity kernel.")
+        _add(
+            parser,
+            "--mode",
+            default="all_pairs",
+            choices=["all_pairs", "queries", "pairs"],
+            help="all_pairs: every pair within the catalogue; queries: --queries templates against the catalogue "
+            "(1:N, --top_k per query); pairs: verify the pairs listed in --pairs (1:1). Default all_pairs.",
+        )
+        _add(
+            parser,
+            "--search",
+            default="exact",
+            choices=["exact", "approximate"],
+            help="all_pairs only. exact: blocked matrix products over every block pair; approximate: k-means "
+            "partitions with multi-assignment, recall measured against exact search on --recall_sample items. "
+            "Default exact.",
+        )
+        _add(parser, "--queries", default=None, help="Glob of query templates Parquet files (--mode queries).")
+        _add(parser, "--top_k", type=int, default=10,
+             help="--mode queries: keep at most this many matches per query, best first (0: all at or above the "
+             "threshold). Default 10.")
+        _add(parser, "--pairs", default=None,
+             help="--mode pairs: CSV (header left_id,right_id) or Parquet glob of the pairs to verify; every pair's "
+             "score is written to verifications/.")
+        _add(parser, "--block_size", type=int, default=8192,
+             help="Rows per block: a task holds two blocks (block_size x dim x 4 bytes each). Default 8192.")
+        _add(parser, "--kernel_threads", type=int, default=0,
+             help="Threads of the similarity kernel per worker, each with single-threaded BLAS (0: the CPUs this "
+             "process may use; set 1 when the runner already runs one worker process per core).")
+        _add(parser, "--partitions", type=int, default=0,
+             help="--search approximate: k-means partitions (0: one per ~2048 items).")
+        _add(parser, "--max_assign", type=int, default=3,
+             help="--search approximate: most partitions an item is assigned to (its home plus guests within the "
+             "angular margin that guarantees exactness; the cap is what trades recall for time). Default 3.")
+        _add(parser, "--kmeans_sample", type=int, default=50_000,
+             help="--search approximate: items the k-means centroids are learnt from. Default 50000.")
+        _add(parser, "--kmeans_iters", type=int, default=10, help="--search approximate: k-means iterations.")
+        _add(parser, "--recall_sample", type=int, default=1000,
+             help="--search approximate: items matched exactly against the whole catalogue to measure the recall "
+             "(written to match_run.json and the report). Default 1000.")
+        _add(parser, "--seed", type=int, default=0, help="Seed of the k-means and recall samples. Default 0.")
+        _add(parser, "--staging_dir", default=None,
+             help="Where the templates are staged in blocks (default OUTPUT/_staging/RUN_ID); deleted after the run.")
+        _add(parser, "--keep_staging", action="store_true", help="Keep the staged blocks after the run.")
         _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 
@@ -132,9 +226,29 @@ class DedupOptions(PipelineOptions):
             parser,
             "--keeper_policy",
             default="first_id",
-            choices=["first_id", "largest_image"],
-            help="Which member of a cluster is kept (ties broken by item_id). Default first_id.",
+            choices=["first_id", "largest_image", "oldest", "column"],
+            help="Which member of a cluster is kept: first_id (smallest item_id), largest_image (width*height), "
+            "oldest (earliest embedded_at), column (--keeper_column of --keeper_table). Ties: smallest item_id. "
+            "Default first_id.",
         )
+        _add(parser, "--keeper_table", default=None,
+             help="keeper_policy column: Parquet glob or CSV with item_id and --keeper_column (items missing from "
+             "it rank last).")
+        _add(parser, "--keeper_column", default=None, help="keeper_policy column: the column to rank members by.")
+        _add(parser, "--keeper_order", default="max", choices=["max", "min"],
+             help="keeper_policy column: keep the member with the largest (max) or smallest (min) value.")
+        _add(parser, "--linkage", default="single", choices=["single", "complete"],
+             help="single: clusters are connected components of the matches (chains are flagged); complete: "
+             "components are split so every two members of a cluster match each other. Default single.")
+        _add(parser, "--chain_margin", type=float, default=0.05,
+             help="A cluster is flagged is_chained when two of its members are more than this far (angular "
+             "similarity) below the match threshold from each other. Default 0.05.")
+        _add(parser, "--threshold", type=float, default=None,
+             help="The match threshold (angular similarity) for chain flags and complete linkage. Default: "
+             "match_run.json beside the matches directory, else the weakest matched pair.")
+        _add(parser, "--max_diameter_members", type=int, default=20_000,
+             help="Clusters larger than this are not measured member by member (min_member_similarity null, "
+             "complete linkage not applied; flagged is_chained). Default 20000.")
         _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 

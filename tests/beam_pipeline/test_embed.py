@@ -7,6 +7,7 @@ import io
 import os
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -26,6 +27,7 @@ from trainer.export import load_encoder
 MAX_FILE_BYTES = 20_000
 VALID = {  # item id -> (width, height) of the file
     "a.png": (28, 28),
+    "shelf/a_copy.png": (28, 28),  # the same bytes as a.png: embedded once
     "b.png": (28, 28),
     "c_rgb.png": (40, 30),
     "d_rgba.png": (28, 28),
@@ -62,6 +64,7 @@ def _write_catalogue(root) -> dict[str, bytes]:
         "huge.png": encode(rng.integers(0, 256, (200, 200), dtype=np.uint8)),
     }
     files["broken/truncated.png"] = files["a.png"][: len(files["a.png"]) // 2]
+    files["shelf/a_copy.png"] = files["a.png"]
     assert len(files["huge.png"]) > MAX_FILE_BYTES > max(len(files[k]) for k in VALID)
     for name, data in files.items():
         path = os.path.join(root, name)
@@ -84,7 +87,8 @@ def embedded(tmp_path_factory, tiny_model_dir):
     start = datetime.datetime.now(datetime.timezone.utc)
     summary = embed.run(
         ["--input", str(root / "images" / "**"), "--model_dir", tiny_model_dir, "--output", str(out),
-         "--run_id", "test-run-1", "--batch_size", "4", "--max_file_bytes", str(MAX_FILE_BYTES)],
+         "--run_id", "test-run-1", "--batch_size", "4", "--max_file_bytes", str(MAX_FILE_BYTES),
+         "--row_group_rows", "3", "--num_shards", "1"],
         test_pipeline=test_pipeline.TestPipeline(),
     )
     end = datetime.datetime.now(datetime.timezone.utc)
@@ -96,10 +100,13 @@ def test_summary(embedded, tiny_model_dir):
     _, card = load_encoder(tiny_model_dir)
     assert summary["templates"] == os.path.join(out, "templates")
     assert summary["failures"] == os.path.join(out, "failures")
-    assert (summary["items"], summary["embedded"], summary["failed"]) == (9, 6, 3)
+    assert (summary["items"], summary["embedded"], summary["failed"]) == (10, 7, 3)
+    assert summary["inferences_saved"] == 1
     assert summary["run_id"] == "test-run-1"
     assert summary["model_id"] == card["model_id"]
-    assert summary["counters"] == {"items_read": 9, "decoded": 6, "embedded": 6, "failed": 3}
+    assert summary["input_format"] == "files"
+    assert summary["counters"] == {"items_read": 10, "read_failed": 1, "decoded": 7, "decode_failed": 2,
+                                   "inferences": 6, "inferences_saved": 1, "embedded": 7, "failed": 3}
     assert summary["seconds"] > 0
     assert not os.path.exists(os.path.join(out, "templates", "templates-00007-of-00009.parquet"))
 
@@ -122,7 +129,17 @@ def test_templates_are_exact(embedded, tiny_model_dir):
     # The pipeline's embeddings are the model's own predictions on the decoded pixels.
     pixels = np.stack([decode_image(files[i], card["input_spec"]).pixels for i in ids]).astype(np.float32)
     want = model.predict(pixels, verbose=0)
-    np.testing.assert_allclose(embeddings_as_numpy(templates), want, atol=1e-5)
+    embeddings = embeddings_as_numpy(templates)
+    np.testing.assert_allclose(embeddings, want, atol=1e-5)
+    # The copy shares the original's embedding exactly: one inference for both.
+    np.testing.assert_array_equal(embeddings[ids.index("a.png")], embeddings[ids.index("shelf/a_copy.png")])
+
+    # Row groups of --row_group_rows (3 here): the matching stage reads templates in blocks.
+    import pyarrow.parquet as pq
+    from beam_pipeline.io import match_paths, table_glob
+    sizes = [pq.ParquetFile(p).metadata.row_group(g).num_rows
+             for p in match_paths(table_glob(out, "templates")) for g in range(pq.ParquetFile(p).metadata.num_row_groups)]
+    assert sum(sizes) == 7 and all(n == 3 for n in sizes[:-1]) and 1 <= sizes[-1] <= 3, sizes
 
 
 def test_failures_are_exact(embedded):
@@ -163,20 +180,54 @@ def _process(fn, element):
 
 
 def test_inference_and_validation_failures_become_failures_rows():
-    info = embed.ItemInfo("x.png", "/cat/x.png", "ab" * 32, 10, 12)
+    items = (embed.ItemRef("x.png", "/cat/x.png"), embed.ItemRef("y.png", "/cat/y.png"))
+    info = embed.ContentInfo("ab" * 32, items, 10, 12)
     fn = embed.ToTemplateFn("0123456789abcdef", 3, "r")
     good = np.array([0.6, 0.8, 0.0], np.float32)
-    [row] = _process(fn, (info, PredictionResult(None, good, "0123456789abcdef")))
-    assert row["item_id"] == "x.png" and row["width"] == 10 and row["height"] == 12
-    np.testing.assert_array_equal(row["embedding"], good)
+    rows = _process(fn, (info, PredictionResult(None, good, "0123456789abcdef")))
+    assert [r["item_id"] for r in rows] == ["x.png", "y.png"]
+    assert [r["source_uri"] for r in rows] == ["/cat/x.png", "/cat/y.png"]
+    assert all(r["width"] == 10 and r["height"] == 12 and r["content_sha256"] == "ab" * 32 for r in rows)
+    for row in rows:
+        np.testing.assert_array_equal(row["embedding"], good)
 
-    [out] = _process(fn, (info, PredictionResult(None, InferenceFailure("ValueError: boom"), "m")))
-    assert isinstance(out, TaggedOutput) and out.tag == embed.FAILURES_TAG
-    assert out.value == {"item_id": "x.png", "source_uri": "/cat/x.png", "stage": "inference",
-                         "error": "ValueError: boom", "run_id": "r"}
+    outs = _process(fn, (info, PredictionResult(None, InferenceFailure("ValueError: boom"), "m")))
+    assert all(isinstance(o, TaggedOutput) and o.tag == embed.FAILURES_TAG for o in outs)
+    assert [o.value for o in outs] == [
+        {"item_id": "x.png", "source_uri": "/cat/x.png", "stage": "inference", "error": "ValueError: boom", "run_id": "r"},
+        {"item_id": "y.png", "source_uri": "/cat/y.png", "stage": "inference", "error": "ValueError: boom", "run_id": "r"}]
 
-    [out] = _process(fn, (info, PredictionResult(None, np.array([1.0, 1.0, 0.0], np.float32), "m")))
+    [out, _] = _process(fn, (info, PredictionResult(None, np.array([1.0, 1.0, 0.0], np.float32), "m")))
     assert out.value["stage"] == "validate" and out.value["error"] == "embedding norm is 1.414214, not 1"
+
+
+def test_gather_content_keeps_one_copy_and_every_item():
+    fn = embed.GatherContentFn()
+    a = fn.add_input(fn.create_accumulator(), (b"bytes", embed.ItemRef("b", "u/b")))
+    a = fn.add_input(a, (b"bytes", embed.ItemRef("a", "u/a")))
+    b = fn.add_input(fn.create_accumulator(), (b"bytes", embed.ItemRef("c", "u/c")))
+    merged = fn.merge_accumulators([fn.create_accumulator(), a, b])
+    assert fn.extract_output(merged) == (b"bytes", (embed.ItemRef("a", "u/a"), embed.ItemRef("b", "u/b"),
+                                                    embed.ItemRef("c", "u/c")))
+
+
+def test_decode_failure_fails_every_item_of_the_content():
+    fn = embed.DecodeFn({"height": 4, "width": 4, "channels": 1, "value_range": [0, 255]}, 10**6, "r")
+    items = (embed.ItemRef("a", "u/a"), embed.ItemRef("b", "u/b"))
+    outs = list(fn.process(("00" * 32, (b"", items))))
+    assert [(o.value["item_id"], o.value["stage"], o.value["error"]) for o in outs] == [
+        ("a", "decode", "DecodeError: empty: zero bytes"), ("b", "decode", "DecodeError: empty: zero bytes")]
+
+
+def test_unique_ids_keeps_the_first_read():
+    fn = embed.UniqueIdsFn("r")
+    rows = [{"item_id": "k", "source_uri": f"s.tfrecord#{i}"} for i in (10, 2, 7)]
+    kept, *dropped = list(fn.process(("k", rows)))
+    assert kept["source_uri"] == "s.tfrecord#2"
+    assert [d.value["source_uri"] for d in dropped] == ["s.tfrecord#7", "s.tfrecord#10"]
+    assert dropped[0].value["error"] == "duplicate item_id: also read from s.tfrecord#2, which was kept"
+    assert dropped[0].value["stage"] == "validate"
+    assert sorted(["b#x", "a#3", "a#10", "a#2"], key=embed.uri_order) == ["a#2", "a#3", "a#10", "b#x"]
 
 
 def test_check_embedding():
@@ -220,3 +271,132 @@ def test_gcs_catalogue_model_and_output(gcs_bucket, tiny_model_dir):
                                atol=1e-5)
     [failure] = read_table_dir(f"{base}/out", "failures").to_pylist()
     assert (failure["item_id"], failure["stage"], failure["error"]) == ("x/bad.png", "decode", "DecodeError: empty: zero bytes")
+
+
+# ------------------------------------------------------------------------------- record formats, local and gs://
+
+
+def _shard_catalogue(fmt: str, put, base: str):
+    """Write a two-shard catalogue in `fmt` with `put(path, bytes)` under `base`.
+
+    Shard a: sku-1, sku-2, sku-3 (the same bytes as sku-1), sku-2 again (other bytes: a repeated id), sku-4
+    (not an image). Shard b: broken (cut after one good record where the format allows it).
+    Returns (glob, label_key, templates {item_id: bytes}, failures {item_id: (stage, error start)},
+    labels: sorted [(item_id, label)] of the records read).
+    """
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from beam_pipeline import sources
+
+    rng = np.random.default_rng(21)
+    png = [_png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(4)]
+    rows = [("sku-1", png[0], "shoe"), ("sku-2", png[1], "bag"), ("sku-3", png[0], "shoe"),
+            ("sku-2", png[2], "hat"), ("sku-4", b"name,price\nshoe,10\n", "sock")]
+    if fmt == "tfrecord":
+        def shard(rows):
+            buffer = io.BytesIO()
+            sources.write_tfrecords(buffer, [sources.make_example({"image/encoded": d, "image/id": i, "label": c})
+                                             for i, d, c in rows])
+            return buffer.getvalue()
+        put(f"{base}/a.tfrecord", shard(rows))
+        put(f"{base}/b.tfrecord", shard([("sku-5", png[3], "cap"), ("sku-6", png[3], "cap")])[:-10])
+        ids = {"sku-1": "sku-1", "sku-2": "sku-2", "sku-3": "sku-3", "sku-4": "sku-4", "sku-5": "sku-5"}
+        broken = {"b.tfrecord#rest@1": ("read", "CorruptShardError: record 1 at byte")}
+        glob, label_key = f"{base}/*.tfrecord", "label"
+    elif fmt == "parquet":
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"id": [r[0] for r in rows], "image": [r[1] for r in rows],
+                                 "label": [r[2] for r in rows]}), buffer, row_group_size=2)
+        put(f"{base}/a.parquet", buffer.getvalue())
+        put(f"{base}/b.parquet", buffer.getvalue()[:-30])  # the footer is gone: nothing can be read
+        ids = {"sku-1": "sku-1", "sku-2": "sku-2", "sku-3": "sku-3", "sku-4": "sku-4"}
+        broken = {"b.parquet": ("read", "")}
+        glob, label_key = f"{base}/*.parquet", "label"
+    else:
+        def shard(rows):
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as archive:
+                for i, d, c in rows:
+                    for name, data in ((f"{i}.png", d), (f"{i}.cls", c.encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        archive.addfile(info, io.BytesIO(data))
+            return buffer.getvalue()
+        put(f"{base}/a.tar", shard(rows))
+        put(f"{base}/b.tar", shard([("sku-5", png[3], "cap"), ("sku-6", png[3], "cap")])[:2048 + 700])
+        ids = {k: f"{'b' if k == 'sku-5' else 'a'}.tar#{k}.png" for k in ("sku-1", "sku-2", "sku-3", "sku-4", "sku-5")}
+        broken = {"b.tar#rest@1": ("read", "ReadError")}
+        glob, label_key = f"{base}/*.tar", "cls"
+    templates = {ids["sku-1"]: png[0], ids["sku-2"]: png[1], ids["sku-3"]: png[0]}
+    labels = [(ids[i], c) for i, _, c in rows]  # every record read, the repeated id included
+    if "sku-5" in ids:
+        templates[ids["sku-5"]] = png[3]
+        labels.append((ids["sku-5"], "cap"))
+    failures = {ids["sku-4"]: ("decode", "DecodeError: not_an_image"),
+                ids["sku-2"]: ("validate", "duplicate item_id: also read from "), **broken}
+    return glob, label_key, templates, failures, sorted(labels)
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+@pytest.mark.parametrize("fmt", ["tfrecord", "parquet", "tar"])
+def test_record_formats_end_to_end(fmt, where, tmp_path, request, tiny_model_dir):
+    from apache_beam.io.filesystems import FileSystems
+
+    if where == "gcs":
+        base = f"{request.getfixturevalue('gcs_bucket')}/records_{fmt}"
+    else:
+        base = str(tmp_path)
+
+    def put(path, data):
+        with FileSystems.create(path) as f:
+            f.write(data)
+
+    glob, label_key, want_templates, want_failures, want_labels = _shard_catalogue(fmt, put, f"{base}/cat")
+    out = f"{base}/out"
+    summary = embed.run(["--input", glob, "--model_dir", tiny_model_dir, "--output", out, "--run_id", "rec",
+                         "--label_key", label_key], test_pipeline=test_pipeline.TestPipeline())
+    assert summary["input_format"] == fmt
+    assert (summary["embedded"], summary["failed"]) == (len(want_templates), len(want_failures))
+    assert summary["inferences_saved"] == 1  # sku-3 has sku-1's bytes
+    assert summary["counters"]["items_read"] == summary["items"] == len(want_templates) + len(want_failures)
+
+    model, card = load_encoder(tiny_model_dir)
+    templates = read_table_dir(out, "templates", card["embedding_dim"]).sort_by("item_id")
+    ids = templates.column("item_id").to_pylist()
+    assert ids == sorted(want_templates)
+    assert templates.column("content_sha256").to_pylist() == [hashlib.sha256(want_templates[i]).hexdigest() for i in ids]
+    pixels = np.stack([decode_image(want_templates[i], card["input_spec"]).pixels for i in ids]).astype(np.float32)
+    np.testing.assert_allclose(embeddings_as_numpy(templates), model.predict(pixels, verbose=0), atol=1e-5)
+
+    failures = {r["item_id"]: r for r in read_table_dir(out, "failures").to_pylist()}
+    assert sorted(failures) == sorted(want_failures)
+    for item_id, (stage, error) in want_failures.items():
+        assert failures[item_id]["stage"] == stage and failures[item_id]["error"].startswith(error), failures[item_id]
+    # The repeated id kept the record read first (the one with sku-2's first bytes), and says so.
+    kept = templates.filter(pc.equal(templates.column("item_id"), [i for i in ids if "sku-2" in i][0]))
+    assert failures[kept.column("item_id")[0].as_py()]["error"].endswith(
+        f"{kept.column('source_uri')[0].as_py()}, which was kept")
+    uris = templates.column("source_uri").to_pylist() + [r["source_uri"] for r in failures.values()]
+    assert len(set(uris)) == len(uris) and all(u.startswith(f"{base}/cat/") for u in uris)
+
+    labels = _read_rows(f"{out}/labels/labels-*.parquet")
+    assert sorted((r["item_id"], r["label"]) for r in labels) == want_labels
+    assert {r["run_id"] for r in labels} == {"rec"}
+    assert summary["labels"] == f"{out}/labels"
+
+
+def _read_rows(glob: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_pipeline.io import match_paths
+
+    rows = []
+    for path in match_paths(glob):
+        with FileSystems.open(path) as f:
+            rows += pq.read_table(pa.BufferReader(f.read())).to_pylist()
+    return rows
