@@ -1,24 +1,32 @@
-"""The match pipeline: templates in, every pair of items at or above the threshold out (exact, blocked).
+"""The match pipeline: templates in, pairs at or above the threshold out, in bounded memory.
 
-    siamese-dedup match --templates 'D/templates/*.parquet' --model_dir MODEL --output D [--threshold 0.9]
+    siamese-dedup match --templates 'D/templates/*.parquet' --output D [--threshold 0.9 | --model_dir M]
+        [--mode all_pairs | queries --queries 'Q/*.parquet' --top_k 10 | pairs --pairs pairs.csv]
+        [--search exact | approximate]
 
-1. The driver reads the templates once (beam_pipeline.io) and refuses, before any work, what cannot be
-   matched: mixed model_ids or dimensions, NaN or non-unit embeddings, duplicate item ids, or a model
-   card of another model. It resolves the threshold (given, or the card's calibration at --target_fmr).
-2. The pipeline reads the templates again and gathers them into one index (item ids sorted, their
-   embeddings as an (n, d) float32 matrix), a singleton side input broadcast to the workers. The block
-   pairs (i <= j, `--block_size` rows per block) are created, reshuffled so the runner spreads them, and
-   each is computed by matching.match_block_pair: a chunked matrix product that keeps only pairs with
-   cosine >= threshold, so no N x N matrix exists anywhere.
+1. The driver streams the templates once into blocks (beam_pipeline.blocks: `--block_size` rows per
+   Arrow file under the staging directory) and refuses, before any matching, what cannot be matched:
+   mixed model_ids or dimensions, NaN or non-unit embeddings, duplicate or null item ids, a model card
+   of another model. It resolves the threshold (given in angular similarity, or the card's calibration
+   at --target_fmr; the cosine is stored beside it).
+2. The pipeline spreads tasks over the workers; each loads only the blocks it needs (a few MiB):
+   - all_pairs, exact: strips of block pairs (i, j >= i); each a tiled matrix product keeping only pairs
+     with cosine >= threshold (matching.pairs_above_threshold). No N x N matrix exists anywhere.
+   - all_pairs, approximate: k-means partitions with multi-assignment (beam_pipeline.candidates): every
+     block's items are assigned to partitions, grouped by partition, and compared within it. A sample of
+     `--recall_sample` items is also matched exactly against the whole catalogue, and the recall of the
+     approximate pairs against it is written to match_run.json and the report.
+   - queries (1:N): every query block against every catalogue block; per query the `--top_k` pairs of
+     highest similarity at or above the threshold (0: all of them).
+   - pairs (1:1 verification): the given pairs, grouped by the blocks of their two items; every pair's
+     similarity goes to D/verifications/, those at or above the threshold to the matches.
 3. Matches (left_id < right_id, cosine, angular_similarity, model_id, run_id) are written to
-   D/matches/matches-*.parquet; the driver then writes D/match_run.json.
-
-The side input costs n * d * 4 bytes per worker (1M items x 128 dims = 512 MB); catalogues beyond that
-need a candidate stage (DESIGN.md) rather than exact all-pairs.
+   D/matches/matches-*.parquet; the driver then writes D/match_run.json and deletes the staged blocks.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import apache_beam as beam
@@ -26,86 +34,44 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from beam_pipeline import blocks as bk
+from beam_pipeline import candidates, matching
 from beam_pipeline import io as bio
-from beam_pipeline import matching
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
 from beam_pipeline.thresholds import load_card, resolve_threshold
-from schemas.tables import MATCHES_SCHEMA, embeddings_as_numpy, validate_table
+from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
 from trainer.distances import angular_similarity
 
 LOG = logging.getLogger(__name__)
-TEMPLATE_COLUMNS = ["item_id", "embedding", "model_id"]
+MODES = ("all_pairs", "queries", "pairs")
+# Exact pairs of the recall sample (staging only; global rows of the staged catalogue).
+SAMPLE_PAIRS_SCHEMA = pa.schema([pa.field("sample_row", pa.int64(), nullable=False),
+                                 pa.field("other_row", pa.int64(), nullable=False),
+                                 pa.field("cosine", pa.float32(), nullable=False)])
+SEARCHES = ("exact", "approximate")
 
 
-def load_templates(glob: str) -> pa.Table:
-    """Read and validate the templates matching `glob`; refuse what cannot be matched (ValueError).
+# ------------------------------------------------------------------------------------------- tables
 
-    Returns the table sorted by item_id. Shards of different embedding dimensions, several model_ids,
-    duplicate ids and NaN / non-unit embeddings are refused with the reason named.
+def matches_table(left_ids, right_ids, cos: np.ndarray, model_id: str, run_id: str) -> pa.Table:
+    """Matches rows (MATCHES_SCHEMA) for pairs of item ids, oriented left_id < right_id.
+
+    `left_ids` / `right_ids` are string arrays (pyarrow or sequences) of equal length.
     """
-    try:
-        table = bio.read_parquet_table(glob, "templates")
-    except OSError as err:
-        if "different schemas" not in str(err):
-            raise
-        dims = {}
-        for path in bio.match_paths(glob):
-            dims.setdefault(bio.read_parquet_table(path, "templates").schema.field("embedding").type.list_size, path)
-        raise ValueError(
-            f"templates matching {glob!r} mix embedding dimensions "
-            f"{', '.join(f'{d} ({p})' for d, p in sorted(dims.items()))}; match templates of one model"
-        ) from err
-    except Exception as err:  # SchemaError (a ValueError) names the column and the problem
-        if isinstance(err, ValueError):
-            raise ValueError(f"templates {glob!r} refused: {err}") from err
-        raise
-    table = table.take(pc.sort_indices(table, sort_keys=[("item_id", "ascending")]))
-    matching.check_catalogue(
-        table.column("item_id").to_pylist(), embeddings_as_numpy(table), table.column("model_id").to_pylist()
-    )
-    return table
-
-
-def build_index(tables: list[pa.Table], expected_items: int, model_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """Gathered templates batches -> (item ids sorted, object array (n,), embeddings float32 (n, d)).
-
-    Checks the pipeline saw the catalogue the driver validated (same size and model), so block indices
-    mean the same rows everywhere.
-    """
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        ids, emb = np.empty(0, object), np.empty((0, 0), np.float32)
+    a = pa.array(left_ids, pa.string()) if not isinstance(left_ids, pa.Array) else left_ids
+    b = pa.array(right_ids, pa.string()) if not isinstance(right_ids, pa.Array) else right_ids
+    k = len(a)
+    if k:
+        swap = pc.less(b, a)
+        left, right = pc.if_else(swap, b, a), pc.if_else(swap, a, b)
     else:
-        table = pa.concat_tables(tables)
-        table = table.take(pc.sort_indices(table, sort_keys=[("item_id", "ascending")]))
-        ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
-        emb = np.ascontiguousarray(embeddings_as_numpy(table))
-        models = set(table.column("model_id").to_pylist())
-        if models != {model_id}:
-            raise ValueError(f"templates changed during the run: model ids {sorted(models)}, expected {model_id}")
-    if len(ids) != expected_items:
-        raise ValueError(
-            f"templates changed during the run: the pipeline read {len(ids)} items, the driver validated "
-            f"{expected_items}"
-        )
-    return ids, emb
-
-
-def matches_table(
-    ids: np.ndarray, i: np.ndarray, j: np.ndarray, cos: np.ndarray, model_id: str, run_id: str
-) -> pa.Table:
-    """Matches rows (MATCHES_SCHEMA) for index pairs (i, j) into `ids`, left_id < right_id (swapped if
-    needed)."""
-    a, b = ids[i], ids[j]
-    swap = b < a if len(a) else np.zeros(0, np.bool_)
-    left, right = np.where(swap, b, a), np.where(swap, a, b)
+        left, right = a, b
     # Dot products of unit float32 vectors can overshoot +-1 by an ulp; store the cosine in range.
     cos = np.clip(np.asarray(cos, np.float32), np.float32(-1), np.float32(1))
-    k = len(cos)
     return pa.table(
         {
-            "left_id": pa.array(left.tolist(), pa.string()),
-            "right_id": pa.array(right.tolist(), pa.string()),
+            "left_id": left,
+            "right_id": right,
             "cosine": pa.array(cos, pa.float32()),
             "angular_similarity": pa.array(angular_similarity(cos).reshape(k), pa.float32()),
             "model_id": pa.array([model_id] * k, pa.string()),
@@ -115,96 +81,517 @@ def matches_table(
     )
 
 
-class MatchBlockPairFn(beam.DoFn):
-    """(block_i, block_j) + the index side input -> one Table of the pairs above threshold (if any)."""
+def _take(ids: pa.Array, rows: np.ndarray) -> pa.Array:
+    return ids.take(pa.array(np.asarray(rows, np.int64)))
 
-    def __init__(self, cos_threshold: float, block_size: int, model_id: str, run_id: str):
-        self._cos_threshold = cos_threshold
-        self._block_size = block_size
+
+# ------------------------------------------------------------------------------------------- tasks
+
+def exact_strips(num_blocks: int, strip: int) -> list[tuple[int, int, int]]:
+    """Tasks (i, j0, j1): block i against blocks j0 <= j < j1, j >= i; together every block pair once."""
+    out = []
+    for i in range(num_blocks):
+        for j0 in range(i, num_blocks, strip):
+            out.append((i, j0, min(num_blocks, j0 + strip)))
+    return out
+
+
+def strip_width(num_blocks: int, min_tasks: int = 64) -> int:
+    """Blocks per strip: long strips reuse the left block, but keep >= `min_tasks` tasks to spread."""
+    pairs = num_blocks * (num_blocks + 1) // 2
+    return max(1, min(16, pairs // max(1, min_tasks)))
+
+
+class _BlockDoFn(beam.DoFn):
+    def __init__(self, manifest: dict, cos_threshold: float, model_id: str, run_id: str, threads: int):
+        self._manifest_doc = manifest
+        self._cos = cos_threshold
         self._model_id = model_id
         self._run_id = run_id
+        self._threads = threads
         self._pairs = beam.metrics.Metrics.counter("match", "pairs")
-        self._blocks = beam.metrics.Metrics.counter("match", "block_pairs")
+        self._products = beam.metrics.Metrics.counter("match", "products")
 
-    def process(self, block_pair, index):
-        ids, emb = index
-        bi, bj = block_pair
-        i, j, cos = matching.match_block_pair(emb, bi, bj, self._block_size, self._cos_threshold)
-        self._blocks.inc()
+    def setup(self):
+        self._cache = bk.BlockCache(bk.Manifest.from_json(self._manifest_doc))
+
+
+class ExactStripFn(_BlockDoFn):
+    """(i, j0, j1) -> one matches Table of the pairs above threshold between block i and blocks j0..j1-1."""
+
+    def process(self, task):
+        bi, j0, j1 = task
+        ids_i, emb_i = self._cache.get(bi)
+        lefts, rights, coss = [], [], []
+        for bj in range(j0, j1):
+            ids_j, emb_j = (ids_i, emb_i) if bj == bi else self._cache.get(bj)
+            same = bi == bj
+            i, j, cos = matching.pairs_above_threshold(emb_i, emb_i if same else emb_j, self._cos,
+                                                       same_block=same, threads=self._threads, check=False)
+            n_i, n_j = len(emb_i), len(emb_j)
+            self._products.inc(n_i * (n_i - 1) // 2 if same else n_i * n_j)
+            if len(i):
+                lefts.append(_take(ids_i, i))
+                rights.append(_take(ids_j, j))
+                coss.append(cos)
+        if lefts:
+            table = matches_table(pa.concat_arrays(lefts), pa.concat_arrays(rights), np.concatenate(coss),
+                                  self._model_id, self._run_id)
+            self._pairs.inc(table.num_rows)
+            yield table
+
+
+class QueryStripFn(_BlockDoFn):
+    """(query block, c0, c1) -> (query block, (query rows, catalogue ids, query ids, cos)) per strip,
+    at most top_k per query row."""
+
+    def __init__(self, manifest, query_manifest, cos_threshold, model_id, run_id, threads, top_k):
+        super().__init__(manifest, cos_threshold, model_id, run_id, threads)
+        self._query_doc = query_manifest
+        self._top_k = top_k
+
+    def setup(self):
+        super().setup()
+        self._queries = bk.BlockCache(bk.Manifest.from_json(self._query_doc), size=2)
+
+    def process(self, task):
+        qb, c0, c1 = task
+        q_ids, q_emb = self._queries.get(qb)
+        rows, others, cos_all = [], [], []
+        for cb in range(c0, c1):
+            c_ids, c_emb = self._cache.get(cb)
+            i, j, cos = matching.pairs_above_threshold(q_emb, c_emb, self._cos, same_block=False,
+                                                       threads=self._threads, check=False)
+            self._products.inc(len(q_emb) * len(c_emb))
+            if not len(i):
+                continue
+            other = _take(c_ids, j)
+            same_item = pc.equal(_take(q_ids, i), other).to_numpy(zero_copy_only=False)
+            keep = ~same_item  # an item that is both query and catalogue never matches itself
+            i, j, cos = i[keep], j[keep], cos[keep]
+            # Rank key: catalogue rows as global indices, so ties break the same way in every strip.
+            i, j, cos = matching.top_k_per_row(i, j + cb * self._cache.manifest.block_size, cos, self._top_k)
+            rows.append(i)
+            others.append(c_ids_take(self._cache, j))
+            cos_all.append(cos)
+        if rows:
+            yield qb, (np.concatenate(rows), np.concatenate([o[0] for o in others]),
+                       pa.concat_arrays([o[1] for o in others]), np.concatenate(cos_all))
+
+
+def c_ids_take(cache: bk.BlockCache, global_rows: np.ndarray) -> tuple[np.ndarray, pa.Array]:
+    """(global rows, their item ids) for catalogue rows of cached blocks."""
+    blocks, within = bk.block_of_rows(cache.manifest, global_rows)
+    out = [None] * len(global_rows)
+    for b in np.unique(blocks).tolist():
+        sel = np.flatnonzero(blocks == b)
+        for k, item in zip(sel.tolist(), _take(cache.get(b)[0], within[sel]).to_pylist()):
+            out[k] = item
+    return np.asarray(global_rows, np.int64), pa.array(out, pa.string())
+
+
+class MergeQueryBlockFn(beam.DoFn):
+    """(query block, partial results of every strip) -> matches Table of the top_k per query."""
+
+    def __init__(self, query_manifest: dict, model_id: str, run_id: str, top_k: int):
+        self._query_doc = query_manifest
+        self._model_id = model_id
+        self._run_id = run_id
+        self._top_k = top_k
+
+    def setup(self):
+        self._queries = bk.BlockCache(bk.Manifest.from_json(self._query_doc), size=1)
+
+    def process(self, element):
+        qb, parts = element
+        parts = list(parts)
+        rows = np.concatenate([p[0] for p in parts])
+        grows = np.concatenate([p[1] for p in parts])
+        ids = pa.concat_arrays([p[2] for p in parts])
+        cos = np.concatenate([p[3] for p in parts])
+        i, j, c = matching.top_k_per_row(rows, grows, cos, self._top_k)
+        # Map each kept catalogue row back to its id (rows are unique per catalogue item).
+        position = {g: k for k, g in enumerate(grows.tolist())}
+        other = ids.take(pa.array([position[g] for g in j.tolist()], pa.int64()))
+        q_ids = self._queries.get(qb)[0]
+        yield matches_table(_take(q_ids, i), other, c, self._model_id, self._run_id)
+
+
+def _dedupe_tables(tables, model_id: str, run_id: str):
+    """Matches tables -> one table without repeated (left_id, right_id) (1:N with overlapping sets)."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return
+    t = pa.concat_tables(tables)
+    t = t.group_by(["left_id", "right_id"]).aggregate([("cosine", "max")]).rename_columns(
+        ["left_id", "right_id", "cosine"])
+    t = t.sort_by([("left_id", "ascending"), ("right_id", "ascending")])
+    yield matches_table(t.column("left_id").combine_chunks(), t.column("right_id").combine_chunks(),
+                        t.column("cosine").to_numpy(), model_id, run_id)
+
+
+class VerifyPairsFn(_BlockDoFn):
+    """((block a, block b), (row a, row b) arrays) -> verification Table of those pairs."""
+
+    def process(self, element):
+        (ba, bb), (ra, rb) = element
+        ids_a, emb_a = self._cache.get(ba)
+        ids_b, emb_b = self._cache.get(bb)
+        cos = np.clip(matching.pair_cosines(emb_a[ra], emb_b[rb]), np.float32(-1), np.float32(1))
+        t = matches_table(_take(ids_a, ra), _take(ids_b, rb), cos, self._model_id, self._run_id)
+        threshold = matching.float32_threshold(self._cos)
+        yield t.append_column(pa.field("is_match", pa.bool_(), nullable=False), pa.array(cos >= threshold))
+
+
+class AssignBlockFn(_BlockDoFn):
+    """block -> (partition, members of this block assigned to it) for every partition it feeds."""
+
+    def __init__(self, manifest, cos_threshold, model_id, run_id, threads, centroids, max_assign):
+        super().__init__(manifest, cos_threshold, model_id, run_id, threads)
+        self._centroids = centroids
+        self._max_assign = max_assign
+        self._capped = beam.metrics.Metrics.counter("match", "capped_items")
+        self._assignments = beam.metrics.Metrics.counter("match", "assignments")
+
+    def process(self, block):
+        ids, emb = self._cache.get(block)
+        assign, capped, _ = candidates.assign_partitions(emb, self._centroids, self._cos, self._max_assign)
+        self._capped.inc(int(capped.sum()))
+        rows = np.arange(len(emb), dtype=np.int64) + block * self._cache.manifest.block_size
+        flat_p = assign.reshape(-1)
+        flat_r = np.repeat(np.arange(len(emb)), assign.shape[1])
+        valid = flat_p >= 0
+        flat_p, flat_r = flat_p[valid], flat_r[valid]
+        self._assignments.inc(len(flat_p))
+        order = np.argsort(flat_p, kind="stable")
+        flat_p, flat_r = flat_p[order], flat_r[order]
+        starts = np.r_[0, np.flatnonzero(flat_p[1:] != flat_p[:-1]) + 1, len(flat_p)]
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            r = flat_r[a:b]
+            yield int(flat_p[a]), (rows[r], _take(ids, r), np.array(emb[r]), assign[r])
+
+
+class PartitionMatchFn(beam.DoFn):
+    """(partition, member chunks) -> matches Table of the pairs found within the partition."""
+
+    def __init__(self, cos_threshold: float, model_id: str, run_id: str, threads: int):
+        self._cos = cos_threshold
+        self._model_id = model_id
+        self._run_id = run_id
+        self._threads = threads
+        self._products = beam.metrics.Metrics.counter("match", "products")
+        self._pairs = beam.metrics.Metrics.counter("match", "pairs")
+        self._largest = beam.metrics.Metrics.distribution("match", "partition_members")
+
+    def process(self, element):
+        partition, chunks = element
+        chunks = list(chunks)
+        rows = np.concatenate([c[0] for c in chunks])
+        ids = pa.concat_arrays([c[1] for c in chunks])
+        emb = np.concatenate([c[2] for c in chunks])
+        assign = np.concatenate([c[3] for c in chunks])
+        self._largest.update(len(rows))
+        gi, gj, cos, products = candidates.partition_pairs(partition, rows, emb, assign, self._cos,
+                                                           threads=self._threads)
+        self._products.inc(products)
+        if len(gi):
+            position = {g: k for k, g in enumerate(rows.tolist())}
+            a = ids.take(pa.array([position[g] for g in gi.tolist()], pa.int64()))
+            b = ids.take(pa.array([position[g] for g in gj.tolist()], pa.int64()))
+            self._pairs.inc(len(gi))
+            yield matches_table(a, b, cos, self._model_id, self._run_id)
+
+
+class SampleExactFn(_BlockDoFn):
+    """block -> exact pairs (sample item id, other item id, cos) of the recall sample against it."""
+
+    def __init__(self, manifest, cos_threshold, model_id, run_id, threads, sample_rows, sample_emb):
+        super().__init__(manifest, cos_threshold, model_id, run_id, threads)
+        self._sample_rows = sample_rows
+        self._sample_emb = sample_emb
+
+    def process(self, block):
+        ids, emb = self._cache.get(block)
+        i, j, cos = matching.pairs_above_threshold(self._sample_emb, emb, self._cos, same_block=False,
+                                                   threads=self._threads, check=False)
+        glob_j = j + block * self._cache.manifest.block_size
+        keep = self._sample_rows[i] != glob_j
+        i, j, cos = i[keep], j[keep], cos[keep]
         if len(i):
-            self._pairs.inc(len(i))
-            yield matches_table(ids, i, j, cos, self._model_id, self._run_id)
+            yield pa.table({"sample_row": pa.array(self._sample_rows[i], pa.int64()),
+                            "other_row": pa.array(glob_j[keep], pa.int64()),
+                            "cosine": pa.array(cos, pa.float32())}, schema=SAMPLE_PAIRS_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+def _check_against_card(card, model_id: str, dim: int, n: int) -> str:
+    if card is None:
+        return model_id
+    if n and card["model_id"] != model_id:
+        raise ValueError(
+            f"templates were embedded by model {model_id} but --model_dir holds model {card['model_id']}; "
+            "its thresholds do not apply"
+        )
+    if n and card["embedding_dim"] != dim:
+        raise ValueError(f"templates have dimension {dim}, the model card says {card['embedding_dim']}")
+    return model_id or card["model_id"]
+
+
+def read_pairs(path: str) -> tuple[list[str], list[str]]:
+    """The pairs to verify: CSV (header with left_id,right_id) or Parquet with those columns."""
+    if path.endswith(".parquet") or "*" in path:
+        table = pa.concat_tables([b for _, b in [(p, pa.Table.from_batches([b]))
+                                                 for p, b in bk.iter_parquet_batches(path, ["left_id", "right_id"],
+                                                                                     "pairs")]])
+        left, right = table.column("left_id").to_pylist(), table.column("right_id").to_pylist()
+    else:
+        import csv
+        import io as _io
+
+        from apache_beam.io.filesystem import CompressionTypes
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            reader = csv.DictReader(_io.StringIO(f.read().decode("utf-8")))
+            if not reader.fieldnames or not {"left_id", "right_id"} <= set(reader.fieldnames):
+                raise ValueError(f"pairs CSV {path} needs columns left_id,right_id; it has {reader.fieldnames}")
+            rows = [(r["left_id"].strip(), r["right_id"].strip()) for r in reader]
+        left, right = [r[0] for r in rows], [r[1] for r in rows]
+    for a, b in zip(left, right):
+        if a is None or b is None or a == "" or b == "":
+            raise ValueError(f"pairs {path}: empty item id")
+        if a == b:
+            raise ValueError(f"pairs {path}: pair of {a!r} with itself")
+    return left, right
+
+
+def _pair_tasks(manifest: bk.Manifest, left: list[str], right: list[str]) -> list:
+    ids = bk.all_item_ids(manifest)
+    la, ra = pa.array(left, pa.string()), pa.array(right, pa.string())
+    ia = pc.index_in(la, value_set=ids).to_numpy(zero_copy_only=False)
+    ib = pc.index_in(ra, value_set=ids).to_numpy(zero_copy_only=False)
+    for side, idx, names in (("left", ia, left), ("right", ib, right)):
+        missing = np.flatnonzero(np.isnan(idx)) if idx.dtype.kind == "f" else np.zeros(0, np.int64)
+        if missing.size:
+            raise ValueError(f"{missing.size} pairs name {side} items that are not among the templates, e.g. "
+                             f"{names[int(missing[0])]!r}")
+    ia, ib = ia.astype(np.int64), ib.astype(np.int64)
+    ba, wa = bk.block_of_rows(manifest, ia)
+    bb, wb = bk.block_of_rows(manifest, ib)
+    tasks = {}
+    for k in range(len(ia)):
+        tasks.setdefault((int(ba[k]), int(bb[k])), ([], []))
+        tasks[(int(ba[k]), int(bb[k]))][0].append(int(wa[k]))
+        tasks[(int(ba[k]), int(bb[k]))][1].append(int(wb[k]))
+    return [(key, (np.asarray(a, np.int64), np.asarray(b, np.int64))) for key, (a, b) in sorted(tasks.items())]
+
+
+def _metric(result, name: str, kind: str = "counters"):
+    try:
+        res = result.metrics().query(beam.metrics.MetricsFilter().with_namespace("match").with_name(name))[kind]
+    except Exception:  # some runners do not report metrics
+        return None
+    if not res:
+        return None
+    if kind == "counters":
+        return int(sum(r.committed or r.attempted or 0 for r in res))
+    d = res[0].committed or res[0].attempted
+    return None if d is None else {"max": d.max, "mean": d.mean, "count": d.count}
+
+
+def _recall(manifest, sample_glob: str, matches_glob: str, sample_ids: list[str]) -> dict:
+    """Recall of the written matches against the exact pairs of the sample items (global row pairs)."""
+    exact = set()
+    for _, batch in bk.iter_parquet_batches(sample_glob, ["sample_row", "other_row"], "recall sample"):
+        for a, b in zip(batch.column("sample_row").to_pylist(), batch.column("other_row").to_pylist()):
+            exact.add((a, b) if a < b else (b, a))
+    all_ids = bk.all_item_ids(manifest)
+    sample_set = pa.array(sorted(set(sample_ids)), pa.string())
+    found_rows = set()
+    for _, batch in bk.iter_parquet_batches(matches_glob, ["left_id", "right_id"], "matches"):
+        left, right = batch.column("left_id"), batch.column("right_id")
+        hit = pc.or_(pc.is_in(left, value_set=sample_set), pc.is_in(right, value_set=sample_set))
+        if not pc.any(hit).as_py():
+            continue
+        l_rows = pc.index_in(left.filter(hit), value_set=all_ids).to_numpy(zero_copy_only=False)
+        r_rows = pc.index_in(right.filter(hit), value_set=all_ids).to_numpy(zero_copy_only=False)
+        for a, b in zip(l_rows.astype(np.int64).tolist(), r_rows.astype(np.int64).tolist()):
+            found_rows.add((a, b) if a < b else (b, a))
+    found = len(exact & found_rows)
+    return {**candidates.recall_estimate(found, len(exact)), "sample_items": len(set(sample_ids)),
+            "definition": "exact pairs (cosine >= threshold) of a random sample of items against the whole "
+                          "catalogue; recall = those the approximate search wrote to the matches"}
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    """Run the match pipeline; returns {"matches", "pairs", "items", "threshold", "seconds", ...}."""
+    """Run the match pipeline; returns {"matches", "pairs", "items", "threshold", "seconds", "run_id",
+    "model_id", ...}."""
     started = time.perf_counter()
     pipeline_options, opts = parse_stage_options(
-        argv, MatchOptions, "Match every pair of templates at or above the threshold (exact, blocked)."
+        argv, MatchOptions, "Match templates at or above the threshold: all pairs, queries (1:N) or given pairs "
+        "(1:1), exact or approximate, in bounded memory."
     )
+    if opts.mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {opts.mode!r}")
+    if opts.search not in SEARCHES:
+        raise ValueError(f"--search must be one of {SEARCHES}, got {opts.search!r}")
     if opts.block_size <= 0:
         raise ValueError(f"--block_size must be positive, got {opts.block_size}")
+    if opts.search == "approximate" and opts.mode != "all_pairs":
+        raise ValueError("--search approximate is for --mode all_pairs; queries and pairs are matched exactly")
+    if opts.mode == "queries" and not opts.queries:
+        raise ValueError("--mode queries needs --queries (a glob of query templates)")
+    if opts.mode == "pairs" and not opts.pairs:
+        raise ValueError("--mode pairs needs --pairs (CSV or Parquet with left_id,right_id)")
+    if opts.max_assign < 1 or opts.recall_sample < 1:
+        raise ValueError("--max_assign and --recall_sample must be >= 1")
     run_id = opts.run_id or new_run_id()
-
-    templates = load_templates(opts.templates)
-    n = templates.num_rows
-    dim = templates.schema.field("embedding").type.list_size
-    model_id = templates.column("model_id")[0].as_py() if n else ""
+    threads = opts.kernel_threads or matching.default_threads()
     card = load_card(opts.model_dir) if opts.model_dir else None
-    if card is not None:
-        if n and card["model_id"] != model_id:
-            raise ValueError(
-                f"templates were embedded by model {model_id} but --model_dir holds model {card['model_id']}; "
-                "its thresholds do not apply"
+    if opts.threshold is not None:  # a bad given threshold is refused before reading anything
+        resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
+
+    stage_root = opts.staging_dir or bio.FileSystems.join(opts.output, "_staging", run_id)
+    stage_dir = bio.FileSystems.join(stage_root, "catalogue")
+    t0 = time.perf_counter()
+    manifest = bk.stage_templates(opts.templates, stage_dir, opts.block_size)
+    staged = [stage_dir]
+    try:
+        model_id = _check_against_card(card, manifest.model_id, manifest.dim, manifest.n)
+        threshold = resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
+        cos_t = threshold["cosine"]
+        query_manifest = None
+        if opts.mode == "queries":
+            query_dir = bio.FileSystems.join(stage_root, "queries")
+            query_manifest = bk.stage_templates(opts.queries, query_dir, opts.block_size, what="query templates")
+            staged.append(query_dir)
+            if query_manifest.n and manifest.n and (query_manifest.model_id, query_manifest.dim) != (
+                    manifest.model_id, manifest.dim):
+                raise ValueError(
+                    f"queries are of model {query_manifest.model_id} (dimension {query_manifest.dim}), the "
+                    f"catalogue of model {manifest.model_id} (dimension {manifest.dim}): not comparable")
+        pair_tasks = None
+        if opts.mode == "pairs":
+            left, right = read_pairs(opts.pairs)
+            pair_tasks = _pair_tasks(manifest, left, right)
+        stage_seconds = time.perf_counter() - t0
+
+        bio.delete_table_shards(opts.output, "matches")
+        if opts.mode == "pairs":
+            bio.delete_table_shards(opts.output, "verifications")
+        p = test_pipeline or beam.Pipeline(options=pipeline_options)
+        doc = manifest.to_json()
+        nb = manifest.num_blocks
+        extra: dict = {}
+        sample_ids: list[str] = []
+        exact_parts = None
+        if opts.mode == "all_pairs" and opts.search == "exact":
+            strip = strip_width(nb)
+            tasks = exact_strips(nb, strip)
+            extra = {"block_pairs": nb * (nb + 1) // 2, "tasks": len(tasks), "blocks_per_strip": strip}
+            matches = (p | "Tasks" >> beam.Create(tasks) | "Spread" >> beam.Reshuffle()
+                       | "MatchStrips" >> beam.ParDo(ExactStripFn(doc, cos_t, model_id, run_id, threads)))
+        elif opts.mode == "all_pairs":
+            rng = np.random.default_rng(opts.seed)
+            k = opts.partitions or candidates.default_partitions(manifest.n)
+            k = max(1, min(k, manifest.n))
+            fit_rows = np.sort(rng.choice(manifest.n, min(manifest.n, opts.kmeans_sample), replace=False)) \
+                if manifest.n else np.zeros(0, np.int64)
+            _, fit_emb = bk.read_rows(manifest, fit_rows)
+            centroids = candidates.spherical_kmeans(fit_emb, k, iters=opts.kmeans_iters, seed=opts.seed) \
+                if manifest.n else np.zeros((1, max(1, manifest.dim)), np.float32)
+            sample_rows = np.sort(rng.choice(manifest.n, min(manifest.n, opts.recall_sample), replace=False)) \
+                if manifest.n else np.zeros(0, np.int64)
+            sample_ids, sample_emb = bk.read_rows(manifest, sample_rows)
+            extra = {"partitions": int(len(centroids)), "max_assign": opts.max_assign,
+                     "kmeans_sample": int(len(fit_rows)), "recall_sample": int(len(sample_rows))}
+            block_ids = list(range(nb))
+            matches = (
+                p | "Blocks" >> beam.Create(block_ids) | "SpreadBlocks" >> beam.Reshuffle()
+                | "Assign" >> beam.ParDo(AssignBlockFn(doc, cos_t, model_id, run_id, threads, centroids,
+                                                       opts.max_assign))
+                | "ByPartition" >> beam.GroupByKey()
+                | "MatchPartitions" >> beam.ParDo(PartitionMatchFn(cos_t, model_id, run_id, threads))
             )
-        if n and card["embedding_dim"] != dim:
-            raise ValueError(f"templates have dimension {dim}, the model card says {card['embedding_dim']}")
-        model_id = model_id or card["model_id"]
-    threshold = resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
-    pairs_of_blocks = matching.block_pairs(n, opts.block_size)
-    del templates  # the pipeline reads its own copy; the driver only needed to validate
-
-    bio.delete_table_shards(opts.output, "matches")
-    p = test_pipeline or beam.Pipeline(options=pipeline_options)
-    index = (
-        p
-        | "ReadTemplates" >> beam.io.ReadFromParquetBatched(opts.templates, columns=TEMPLATE_COLUMNS)
-        | "Gather" >> beam.combiners.ToList()
-        | "BuildIndex" >> beam.Map(build_index, expected_items=n, model_id=model_id)
-    )
-    _ = (
-        p
-        | "BlockPairs" >> beam.Create(pairs_of_blocks)
-        | "Spread" >> beam.Reshuffle()
-        | "MatchBlocks" >> beam.ParDo(
-            MatchBlockPairFn(threshold["cosine"], opts.block_size, model_id, run_id),
-            index=beam.pvalue.AsSingleton(index),
-        )
-        | "WriteMatches" >> bio.WriteTable(opts.output, "matches", MATCHES_SCHEMA, num_shards=opts.num_shards)
-    )
-    result = p.run()
-    result.wait_until_finish()
-
-    matches_glob = bio.table_glob(opts.output, "matches")
-    pairs = bio.count_parquet_rows(matches_glob)
+            exact_parts = (
+                p | "SampleBlocks" >> beam.Create(block_ids) | "SpreadSample" >> beam.Reshuffle()
+                | "SampleExact" >> beam.ParDo(SampleExactFn(doc, cos_t, model_id, run_id, threads, sample_rows,
+                                                            sample_emb))
+                | "WriteSample" >> bio.WriteTable(stage_root, "recall_sample", SAMPLE_PAIRS_SCHEMA, num_shards=1)
+            )
+            staged.append(bio.FileSystems.join(stage_root, "recall_sample"))
+        elif opts.mode == "queries":
+            qdoc = query_manifest.to_json()
+            strip = max(1, min(16, nb // max(1, 64 // max(1, query_manifest.num_blocks))))
+            tasks = [(qb, c0, min(nb, c0 + strip)) for qb in range(query_manifest.num_blocks)
+                     for c0 in range(0, nb, strip)]
+            extra = {"queries": query_manifest.n, "top_k": opts.top_k, "tasks": len(tasks)}
+            matches = (
+                p | "Tasks" >> beam.Create(tasks) | "Spread" >> beam.Reshuffle()
+                | "MatchQueries" >> beam.ParDo(QueryStripFn(doc, qdoc, cos_t, model_id, run_id, threads, opts.top_k))
+                | "ByQueryBlock" >> beam.GroupByKey()
+                | "TopK" >> beam.ParDo(MergeQueryBlockFn(qdoc, model_id, run_id, opts.top_k))
+                # A pair of two items that are both queries and catalogue items is found from both sides.
+                | "Gather" >> beam.combiners.ToList()
+                | "Dedupe" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id)
+            )
+        else:
+            extra = {"given_pairs": int(sum(len(t[1][0]) for t in pair_tasks)), "tasks": len(pair_tasks)}
+            verified = (p | "PairTasks" >> beam.Create(pair_tasks) | "Spread" >> beam.Reshuffle()
+                        | "Verify" >> beam.ParDo(VerifyPairsFn(doc, cos_t, model_id, run_id, threads)))
+            _ = verified | "WriteVerifications" >> bio.WriteTable(opts.output, "verifications", VERIFICATIONS_SCHEMA,
+                                                                  num_shards=opts.num_shards)
+            matches = (verified | "KeepMatches" >> beam.Map(
+                lambda t: t.filter(t.column("is_match")).select(MATCHES_SCHEMA.names))
+                | "Dedupe" >> beam.combiners.ToList()
+                | "DedupeTables" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id))
+        _ = matches | "WriteMatches" >> bio.WriteTable(opts.output, "matches", MATCHES_SCHEMA,
+                                                       num_shards=opts.num_shards)
+        t1 = time.perf_counter()
+        result = p.run()
+        result.wait_until_finish()
+        pipeline_seconds = time.perf_counter() - t1
+        matches_glob = bio.table_glob(opts.output, "matches")
+        pairs = bio.count_parquet_rows(matches_glob)
+        extra["products"] = _metric(result, "products")
+        recall = None
+        if exact_parts is not None:
+            extra["capped_items"] = _metric(result, "capped_items")
+            extra["assignments"] = _metric(result, "assignments")
+            extra["partition_members"] = _metric(result, "partition_members", "distributions")
+            recall = _recall(manifest, bio.table_glob(stage_root, "recall_sample"), matches_glob, sample_ids)
+    finally:
+        if not opts.keep_staging:
+            for d in staged:
+                bk.delete_staging(d)
     seconds = round(time.perf_counter() - started, 3)
     run_doc = {
         "run_id": run_id,
         "model_id": model_id,
         "threshold": threshold,
-        "items": n,
+        "mode": opts.mode,
+        "search": opts.search,
+        "items": manifest.n,
         "pairs": pairs,
+        "recall": recall,
         "block_size": opts.block_size,
-        "block_pairs": len(pairs_of_blocks),
+        "kernel_threads": threads,
+        **extra,
         "templates": opts.templates,
         "matches": matches_glob,
+        "stage_seconds": round(stage_seconds, 3),
+        "pipeline_seconds": round(pipeline_seconds, 3),
         "seconds": seconds,
     }
+    if opts.mode == "pairs":
+        run_doc["verifications"] = bio.table_glob(opts.output, "verifications")
     bio.write_json(bio.FileSystems.join(opts.output, "match_run.json"), run_doc)
-    LOG.info("match: %d items, %d pairs at angular similarity >= %.4f (%s)", n, pairs,
-             threshold["angular_similarity"], threshold["source"])
-    return {"matches": matches_glob, "pairs": pairs, "items": n, "threshold": threshold, "seconds": seconds,
-            "run_id": run_id, "model_id": model_id}
+    LOG.info("match: %d items, %d pairs at angular similarity >= %.4f (%s, %s %s)", manifest.n, pairs,
+             threshold["angular_similarity"], threshold["source"], opts.mode, opts.search)
+    return {"matches": matches_glob, "pairs": pairs, "items": manifest.n, "threshold": threshold,
+            "seconds": seconds, "run_id": run_id, "model_id": model_id, "mode": opts.mode, "search": opts.search,
+            "recall": recall}
 
 
 if __name__ == "__main__":

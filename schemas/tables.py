@@ -58,6 +58,19 @@ MATCHES_SCHEMA = pa.schema(
     ]
 )
 
+# 1:1 verification (match --mode pairs): every given pair with its similarity and the decision.
+VERIFICATIONS_SCHEMA = pa.schema(
+    [
+        pa.field("left_id", pa.string(), nullable=False),
+        pa.field("right_id", pa.string(), nullable=False),
+        pa.field("cosine", pa.float32(), nullable=False),
+        pa.field("angular_similarity", pa.float32(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("is_match", pa.bool_(), nullable=False),
+    ]
+)
+
 CLUSTERS_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
@@ -68,10 +81,16 @@ CLUSTERS_SCHEMA = pa.schema(
         # Null for singletons: nothing joined them.
         pa.field("min_link_similarity", pa.float32(), nullable=True),
         pa.field("run_id", pa.string(), nullable=False),
+        # Smallest angular similarity between any two members (complete-linkage diameter); null for
+        # singletons and for clusters too large to measure (dedup --max_diameter_members).
+        pa.field("min_member_similarity", pa.float32(), nullable=True),
+        # The cluster holds two members far below the threshold from each other (dedup --chain_margin):
+        # it is held together by a chain of links, not by mutual similarity.
+        pa.field("is_chained", pa.bool_(), nullable=False),
     ]
 )
 
-TABLE_NAMES = ("templates", "failures", "matches", "clusters")
+TABLE_NAMES = ("templates", "failures", "matches", "clusters", "verifications")
 
 
 def schema_for(name: str, dim: int | None = None) -> pa.Schema:
@@ -80,7 +99,8 @@ def schema_for(name: str, dim: int | None = None) -> pa.Schema:
         if dim is None:
             raise ValueError("the templates schema needs the embedding dimension")
         return templates_schema(dim)
-    schemas = {"failures": FAILURES_SCHEMA, "matches": MATCHES_SCHEMA, "clusters": CLUSTERS_SCHEMA}
+    schemas = {"failures": FAILURES_SCHEMA, "matches": MATCHES_SCHEMA, "clusters": CLUSTERS_SCHEMA,
+               "verifications": VERIFICATIONS_SCHEMA}
     if name not in schemas:
         raise ValueError(f"unknown table {name!r}; expected one of {TABLE_NAMES}")
     return schemas[name]
@@ -144,12 +164,12 @@ def _check_rows(table: pa.Table, name: str) -> None:
         unknown = stages - set(FAILURE_STAGES)
         if unknown:
             raise SchemaError(f"failures: column 'stage' has unknown values {sorted(unknown)}")
-    if name == "matches":
+    if name in ("matches", "verifications"):
         if not pc.all(pc.less(table.column("left_id"), table.column("right_id"))).as_py():
-            raise SchemaError("matches: every row needs left_id < right_id")
+            raise SchemaError(f"{name}: every row needs left_id < right_id")
         sim = table.column("angular_similarity").to_numpy()
         if (sim < 0).any() or (sim > 1).any():
-            raise SchemaError("matches: column 'angular_similarity' must lie in [0, 1]")
+            raise SchemaError(f"{name}: column 'angular_similarity' must lie in [0, 1]")
     if name == "clusters":
         keepers = table.filter(table.column("is_keeper"))
         if pc.count_distinct(keepers.column("cluster_id")).as_py() != keepers.num_rows or (

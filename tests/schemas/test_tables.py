@@ -95,7 +95,8 @@ def test_clusters_need_exactly_one_keeper_each():
         return pa.table(
             {"item_id": ["a", "b"], "cluster_id": ["a", "a"], "is_keeper": keepers, "keeper_id": ["a", "a"],
              "cluster_size": pa.array([2, 2], pa.int32()), "min_link_similarity": pa.array([0.9, 0.9], pa.float32()),
-             "run_id": ["r", "r"]},
+             "run_id": ["r", "r"], "min_member_similarity": pa.array([0.9, 0.9], pa.float32()),
+             "is_chained": [False, False]},
             schema=CLUSTERS_SCHEMA,
         )
 
@@ -109,3 +110,19 @@ def test_clusters_need_exactly_one_keeper_each():
 def test_unknown_table_name():
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         validate_table(pa.table({"a": [1]}), "nope")
+
+
+def test_verifications_need_ordered_ids():
+    from schemas.tables import VERIFICATIONS_SCHEMA
+
+    def rows(left, right):
+        return pa.table(
+            {"left_id": [left], "right_id": [right], "cosine": pa.array([0.2], pa.float32()),
+             "angular_similarity": pa.array([0.56], pa.float32()), "model_id": ["m"], "run_id": ["r"],
+             "is_match": [False]},
+            schema=VERIFICATIONS_SCHEMA,
+        )
+
+    assert validate_table(rows("a", "b"), "verifications").num_rows == 1
+    with pytest.raises(SchemaError, match="left_id < right_id"):
+        validate_table(rows("b", "a"), "verifications")
