@@ -6,10 +6,10 @@ quantisation) plus a little sensor noise. Everything is vectorised over a batch 
 per image), so training can augment tens of thousands of images per epoch for a few seconds of CPU.
 
 Ranges (per image, drawn independently):
-  rotation          uniform +-10 degrees
-  scale (zoom)      uniform 0.95 .. 1.12 (> 1 = crop-and-resize inwards)
-  shift             uniform +-2 pixels in x and y (for 28x28; scales with image size)
-  horizontal flip   probability 0.2
+  rotation          uniform +-7 degrees
+  scale (zoom)      uniform 0.96 .. 1.08 (> 1 = crop-and-resize inwards)
+  shift             uniform +-1.5 pixels in x and y (for 28x28; scales with image size)
+  horizontal flip   probability 0.1
   contrast          x (1 +- 0.2) around the image mean;  brightness +- 16 grey levels
   JPEG-like         probability 0.5, quality 40..90 (standard luminance table, per channel)
   noise             Gaussian, sigma 0..3 grey levels
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_ROTATION_DEG = 10.0
-SCALE_RANGE = (0.95, 1.12)
-MAX_SHIFT_FRACTION = 2.0 / 28.0
-FLIP_PROB = 0.2
+MAX_ROTATION_DEG = 7.0
+SCALE_RANGE = (0.96, 1.08)
+MAX_SHIFT_FRACTION = 1.5 / 28.0
+FLIP_PROB = 0.1
 CONTRAST_JITTER = 0.2
 BRIGHTNESS_JITTER = 16.0
 JPEG_PROB = 0.5

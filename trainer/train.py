@@ -223,15 +223,17 @@ def train(config: TrainConfig) -> dict:
     t_train = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         t_epoch = time.perf_counter()
-        losses = []
+        losses, totals = [], []
         for x, y, ids in _prefetch(_batches(x_train, y_train, sampler, rng, config)):
             loss, total = train_step(x, y, ids)
-            losses.append(float(total))
-            if not math.isfinite(losses[-1]):
-                raise TrainingCollapsed(f"epoch {epoch}: loss became {losses[-1]}; try a lower --learning_rate")
-        epoch_loss = float(np.mean(losses))
+            losses.append(float(loss))
+            totals.append(float(total))
+            if not math.isfinite(totals[-1]):
+                raise TrainingCollapsed(f"epoch {epoch}: loss became {totals[-1]}; try a lower --learning_rate")
+        epoch_loss = float(np.mean(totals))
         val_emb = embed(images[val_idx])
-        mean_cos = _check_collapse(config, epoch, epoch_loss, val_emb)
+        # The margin test looks at the class loss alone (the instance term has its own margin).
+        mean_cos = _check_collapse(config, epoch, float(np.mean(losses)), val_emb)
         val_auc = ev.seed_protocol(val_emb, labels[val_idx], seed=config.seed)["auc"]
         seconds = time.perf_counter() - t_epoch
         history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "val_auc": round(val_auc, 5),
@@ -339,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="chance that a training view is edited by trainer.augment")
     parser.add_argument("--views", type=int, choices=(1, 2), default=d.views,
                         help="augmented views per image per batch; 2 adds an instance (near-duplicate) loss")
+    parser.add_argument("--instance_weight", type=float, default=d.instance_weight,
+                        help="weight of the instance (near-duplicate) triplet loss when --views 2")
+    parser.add_argument("--instance_margin", type=float, default=d.instance_margin,
+                        help="margin of the instance loss: an edited copy must be this much closer than "
+                             "any other image, same class included")
     parser.add_argument("--validation_split", type=float, default=d.validation_split,
                         help="fraction of the train split held out for early stopping and calibration")
     parser.add_argument("--patience", type=int, default=d.patience,

@@ -1,0 +1,78 @@
+"""Throughput of the trainer's hot paths on this machine (prints one JSON line per measurement).
+
+    .venv/bin/python bench/bench_trainer.py
+
+augment_batch (images/s), one training step of the default encoder + loss (images/s, per mining), and the
+blocked recall@1 over 10,000 embeddings (seconds). Numbers depend on what else runs on the cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _report(name: str, **values) -> None:
+    print(json.dumps({"bench": name, **values}), flush=True)
+
+
+def bench_augment(n: int = 20000, batch: int = 160) -> None:
+    from trainer.augment import augment_batch
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    t = time.perf_counter()
+    for i in range(0, n, batch):
+        augment_batch(images[i:i + batch], rng)
+    dt = time.perf_counter() - t
+    _report("augment_batch", images=n, batch=batch, seconds=round(dt, 3), images_per_s=round(n / dt))
+
+
+def bench_train_step(steps: int = 30) -> None:
+    import keras
+    import tensorflow as tf
+
+    from trainer.encoder import build_encoder
+    from trainer.losses import make_batch_loss
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (160, 28, 28, 1)).astype(np.float32)
+    y = np.repeat(np.arange(10), 16)
+    for mining in ("all", "semihard", "hard"):
+        model = build_encoder()
+        opt = keras.optimizers.Adam(1e-3)
+        loss_fn = make_batch_loss(mining=mining)
+
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+            return loss
+
+        step(x, y)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        dt = time.perf_counter() - t
+        _report("train_step", mining=mining, batch=160, steps=steps, images_per_s=round(160 * steps / dt))
+
+
+def bench_recall(n: int = 10000, dim: int = 64) -> None:
+    from trainer.distances import l2_normalize
+    from trainer.evaluate import recall_at_k
+    rng = np.random.default_rng(0)
+    emb = l2_normalize(rng.standard_normal((n, dim)))
+    labels = rng.integers(0, 10, n)
+    t = time.perf_counter()
+    recall_at_k(emb, labels, ks=(1, 5))
+    _report("recall_at_k", items=n, dim=dim, seconds=round(time.perf_counter() - t, 3))
+
+
+if __name__ == "__main__":
+    bench_augment()
+    bench_recall()
+    bench_train_step()
