@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from schemas.tables import CLUSTERS_SCHEMA
 
-KEEPER_POLICIES = ("first_id", "largest_image")
+KEEPER_POLICIES = ("first_id", "largest_image", "oldest", "column")
+LINKAGES = ("single", "complete")
 
 
 class UnionFind:
@@ -86,6 +87,60 @@ def connected_components(
     return labels, min_link
 
 
+def _rank_keys(values: Sequence, order: str) -> np.ndarray:
+    """Values of a keeper column -> float64 rank keys, smaller = kept first; missing values rank last."""
+    vals = list(values)
+    present = [k for k, v in enumerate(vals) if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    keys = np.full(len(vals), np.inf)
+    if present:
+        # Rank by sorted distinct values: works for numbers, strings and timestamps alike.
+        uniq, inverse = np.unique(np.asarray([vals[k] for k in present]), return_inverse=True)
+        ranks = inverse.astype(np.float64)
+        keys[present] = -ranks if order == "max" else ranks
+    return keys
+
+
+def _keepers(labels: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Per node, the index of its cluster's keeper: smallest `key`, ties by smallest index (= item_id)."""
+    n = len(labels)
+    rank = np.lexsort((np.arange(n), key, labels))
+    comp_sorted = labels[rank]
+    starts = np.flatnonzero(np.r_[True, comp_sorted[1:] != comp_sorted[:-1]])
+    keeper_by_label = np.zeros(n, np.int64)
+    keeper_by_label[comp_sorted[starts]] = rank[starts]
+    return keeper_by_label[labels]
+
+
+def min_pair_cosine(x: np.ndarray, rows_per_chunk: int = 1024) -> float:
+    """Smallest cosine between two different rows of unit `x` (s, d), s >= 2, in row chunks (O(chunk * s))."""
+    x = np.ascontiguousarray(x, np.float32)
+    s = len(x)
+    best = np.inf
+    for a in range(0, s, rows_per_chunk):
+        b = min(s, a + rows_per_chunk)
+        sims = x[a:b] @ x.T
+        sims[np.arange(b - a), np.arange(a, b)] = np.inf  # not with itself
+        best = min(best, float(sims.min()))
+    return best
+
+
+def complete_linkage_labels(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Complete-linkage clusters of unit rows `x` (s, d) cut at angular similarity `threshold`: every two
+    members of a returned cluster have angular similarity >= threshold. Labels int64 (s,), 0-based."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    s = len(x)
+    if s < 2:
+        return np.zeros(s, np.int64)
+    cos = np.clip(np.asarray(x, np.float64) @ np.asarray(x, np.float64).T, -1.0, 1.0)
+    dist = np.arccos(cos) / np.pi  # 1 - angular similarity
+    np.fill_diagonal(dist, 0.0)
+    z = linkage(squareform(dist, checks=False), method="complete")
+    # A hair above the cut so pairs exactly at the threshold stay together despite rounding.
+    return fcluster(z, t=(1.0 - threshold) + 1e-9, criterion="distance").astype(np.int64) - 1
+
+
 def cluster_items(
     item_ids: Sequence[str],
     left_ids: Sequence[str],
@@ -95,17 +150,40 @@ def cluster_items(
     keeper_policy: str = "first_id",
     widths: np.ndarray | None = None,
     heights: np.ndarray | None = None,
+    embedded_at: Sequence | None = None,
+    keeper_values: Sequence | None = None,
+    keeper_order: str = "max",
+    embeddings: dict | None = None,
+    threshold: float | None = None,
+    chain_margin: float = 0.05,
+    linkage: str = "single",
+    max_diameter_members: int = 20_000,
+    complete_linkage_max: int = 5_000,
 ) -> dict:
     """Cluster `item_ids` (every template item) by the matched pairs (left_ids[k], right_ids[k]).
 
-    keeper_policy "first_id": the smallest item_id is kept; "largest_image": the largest width*height
-    (`widths`, `heights` aligned with `item_ids`), ties by smallest item_id. cluster_id = keeper's id.
-    Returns columns sorted by item_id: {"item_id": list[str], "cluster_id": list[str], "is_keeper": bool
-    (n,), "keeper_id": list[str], "cluster_size": int32 (n,), "min_link_similarity": float32 (n,), NaN for
-    singletons}. Raises ValueError for unknown ids in pairs, self pairs, duplicate item ids, bad policy.
+    Clusters are the connected components of the matches (union-find, `linkage="single"`); with
+    `linkage="complete"` each component is split by complete linkage on the members' embeddings cut at
+    `threshold`, so every two members of a cluster match (components above `complete_linkage_max`
+    members are left whole and flagged).
+    Keeper (ties: smallest item_id; cluster_id = keeper's id): "first_id" the smallest item_id;
+    "largest_image" the largest width*height; "oldest" the earliest `embedded_at`; "column" the largest
+    (`keeper_order="max"`) or smallest value of `keeper_values` (missing values last). Per-item inputs
+    are aligned with `item_ids`.
+    Chains: with `embeddings` ({item_id: unit vector} for at least every matched item), every cluster
+    records `min_member_similarity`, the smallest angular similarity between two of its members (on a
+    deterministic sample of `max_diameter_members` members for larger clusters: then an upper bound),
+    and `is_chained` when that is below `threshold - chain_margin`: members far below the threshold from
+    each other, held together only by a chain of links.
+    Returns columns sorted by item_id: {"item_id", "cluster_id", "is_keeper" bool (n,), "keeper_id",
+    "cluster_size" int32 (n,), "min_link_similarity" float32 (n,) (NaN for singletons),
+    "min_member_similarity" float32 (n,) (NaN if singleton or not measured), "is_chained" bool (n,)}.
+    Raises ValueError for unknown ids in pairs, self pairs, duplicate item ids, bad policy or inputs.
     """
     if keeper_policy not in KEEPER_POLICIES:
         raise ValueError(f"keeper_policy must be one of {KEEPER_POLICIES}, got {keeper_policy!r}")
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     ids = np.asarray(list(item_ids), dtype=object)
     order = np.argsort(ids.astype(str), kind="stable") if len(ids) else np.zeros(0, np.int64)
     ids = ids[order]
@@ -123,24 +201,80 @@ def cluster_items(
     if (i == j).any():
         k = int(np.flatnonzero(i == j)[0])
         raise ValueError(f"matched pair of item {ids[i[k]]!r} with itself")
-    labels, min_link = connected_components(n, i, j, similarity)
+    sim = np.asarray(similarity, np.float32)
+    if threshold is None and len(sim):
+        threshold = float(sim.min())
+    labels, min_link = connected_components(n, i, j, sim)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    sizes = counts[inverse]
+
+    def member_matrix(members: np.ndarray) -> np.ndarray:
+        try:
+            return np.stack([np.asarray(embeddings[ids[m]], np.float32) for m in members.tolist()])
+        except KeyError as err:
+            raise ValueError(f"no embedding for clustered item {err.args[0]!r}") from None
+
+    multi = np.unique(labels[sizes > 1])
+    if linkage == "complete":
+        if embeddings is None:
+            raise ValueError("complete linkage needs the members' embeddings")
+        new = labels.copy()
+        for c in multi.tolist():
+            members = np.flatnonzero(labels == c)
+            if len(members) > complete_linkage_max:
+                continue  # too large to split member by member: left whole (and flagged below)
+            sub = complete_linkage_labels(member_matrix(members), threshold)
+            for s_label in np.unique(sub).tolist():
+                part = members[sub == s_label]
+                new[part] = part.min()
+        # Re-derive components and weakest links from the edges inside the new clusters only.
+        inside = new[i] == new[j]
+        labels, min_link = connected_components(n, i[inside], j[inside], sim[inside])
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        sizes = counts[inverse]
+        multi = np.unique(labels[sizes > 1])
+
+    min_member = np.full(n, np.nan, np.float32)
+    chained = np.zeros(n, np.bool_)
+    if embeddings is not None:
+        from trainer.distances import angular_similarity
+
+        for c in multi.tolist():
+            members = np.flatnonzero(labels == c)
+            if len(members) > max_diameter_members:
+                rng = np.random.default_rng(len(members))
+                members_measured = np.sort(rng.choice(members, max_diameter_members, replace=False))
+            else:
+                members_measured = members
+            value = float(angular_similarity(min_pair_cosine(member_matrix(members_measured))))
+            min_member[members] = value
+            if threshold is not None and value < threshold - chain_margin:
+                chained[members] = True
+            if linkage == "complete" and len(members) > complete_linkage_max:
+                chained[members] = True  # could not be split: say so
 
     if keeper_policy == "first_id":
         keeper_of = labels  # smallest index = smallest id (ids are sorted)
     else:
-        if widths is None or heights is None:
-            raise ValueError("keeper_policy 'largest_image' needs widths and heights")
-        area = (np.asarray(widths, np.int64) * np.asarray(heights, np.int64))[order]
-        if len(area) != n:
-            raise ValueError(f"{len(area)} image sizes for {n} items")
-        # Within each component: largest area first, then smallest id (index).
-        rank = np.lexsort((np.arange(n), -area, labels))
-        comp_sorted = labels[rank]
-        starts = np.flatnonzero(np.r_[True, comp_sorted[1:] != comp_sorted[:-1]])
-        keeper_by_label = dict(zip(comp_sorted[starts].tolist(), rank[starts].tolist()))
-        keeper_of = np.fromiter((keeper_by_label[c] for c in labels.tolist()), np.int64, n)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    sizes = counts[inverse].astype(np.int32)
+        if keeper_policy == "largest_image":
+            if widths is None or heights is None:
+                raise ValueError("keeper_policy 'largest_image' needs widths and heights")
+            per_item = np.asarray(widths, np.int64) * np.asarray(heights, np.int64)
+            key_in = -per_item.astype(np.float64)
+        elif keeper_policy == "oldest":
+            if embedded_at is None:
+                raise ValueError("keeper_policy 'oldest' needs embedded_at")
+            key_in = _rank_keys(list(embedded_at), "min")
+        else:
+            if keeper_values is None:
+                raise ValueError("keeper_policy 'column' needs keeper_values")
+            if keeper_order not in ("max", "min"):
+                raise ValueError(f"keeper_order must be 'max' or 'min', got {keeper_order!r}")
+            key_in = _rank_keys(list(keeper_values), keeper_order)
+        if len(key_in) != n:
+            raise ValueError(f"{len(key_in)} keeper values for {n} items")
+        keeper_of = _keepers(labels, np.asarray(key_in, np.float64)[order])
+    sizes = sizes.astype(np.int32)
     keeper_ids = ids[keeper_of].tolist()
     return {
         "item_id": ids.tolist(),
@@ -149,6 +283,8 @@ def cluster_items(
         "keeper_id": keeper_ids,
         "cluster_size": sizes,
         "min_link_similarity": np.where(sizes > 1, min_link, np.float32(np.nan)).astype(np.float32),
+        "min_member_similarity": np.where(sizes > 1, min_member, np.float32(np.nan)).astype(np.float32),
+        "is_chained": chained,
     }
 
 
@@ -156,6 +292,8 @@ def clusters_table(clusters: dict, run_id: str) -> pa.Table:
     """The output of `cluster_items` as a CLUSTERS_SCHEMA table (NaN min links become nulls)."""
     n = len(clusters["item_id"])
     link = np.asarray(clusters["min_link_similarity"], np.float32)
+    diameter = np.asarray(clusters.get("min_member_similarity", np.full(n, np.nan)), np.float32)
+    chained = np.asarray(clusters.get("is_chained", np.zeros(n, np.bool_)), np.bool_)
     return pa.table(
         {
             "item_id": pa.array(clusters["item_id"], pa.string()),
@@ -165,6 +303,8 @@ def clusters_table(clusters: dict, run_id: str) -> pa.Table:
             "cluster_size": pa.array(np.asarray(clusters["cluster_size"], np.int32)),
             "min_link_similarity": pa.array(link, pa.float32(), mask=np.isnan(link)),
             "run_id": pa.array([run_id] * n, pa.string()),
+            "min_member_similarity": pa.array(diameter, pa.float32(), mask=np.isnan(diameter)),
+            "is_chained": pa.array(chained, pa.bool_()),
         },
         schema=CLUSTERS_SCHEMA,
     )
@@ -172,12 +312,14 @@ def clusters_table(clusters: dict, run_id: str) -> pa.Table:
 
 def summarize(clusters: dict) -> dict:
     """{"clusters_count": clusters of size >= 2, "items_to_drop": members that are not keepers,
-    "items": all items, "largest_cluster": size}."""
+    "items": all items, "largest_cluster": size, "chained_clusters": clusters flagged is_chained}."""
     sizes = np.asarray(clusters["cluster_size"])
     keep = np.asarray(clusters["is_keeper"], np.bool_)
+    chained = np.asarray(clusters.get("is_chained", np.zeros(len(sizes), np.bool_)), np.bool_)
     return {
         "items": int(len(sizes)),
         "clusters_count": int(((sizes > 1) & keep).sum()),
         "items_to_drop": int((~keep).sum()),
         "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+        "chained_clusters": int((chained & keep).sum()),
     }

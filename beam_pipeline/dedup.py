@@ -1,58 +1,144 @@
 """The dedup pipeline: templates + matches in, one clusters row per template item out.
 
     siamese-dedup dedup --templates 'D/templates/*.parquet' --matches 'D/matches/*.parquet' --output D
+        [--keeper_policy first_id|largest_image|oldest|column] [--linkage single|complete]
 
-1. The driver validates both tables (beam_pipeline.io) and refuses, before any work, matches of another
-   model or naming items that are not among the templates.
-2. The pipeline reads the item columns it needs (item_id, width, height) and the matched pairs, gathers
-   each into one side input and runs clustering.cluster_items on one worker: connected components are
-   global, but the edges are only the pairs above the threshold (a small multiple of the number of
-   duplicates, not N^2), so union-find over them fits one worker for catalogues of tens of millions.
-3. Rows (every item: cluster_id = keeper's item_id, is_keeper, cluster_size, min_link_similarity, null
-   for singletons) are written to D/clusters/clusters-*.parquet.
+1. The driver reads only the id and model columns of both tables (no embeddings) and refuses, before any
+   work, matches of another model or naming items that are not among the templates. It takes the match
+   threshold from --threshold or D/match_run.json (beside the matches directory).
+2. The pipeline reads the item columns it needs (item_id, width, height, embedded_at), the matched pairs,
+   and the embeddings of the matched items only (a filter on the set of items the matches name), and
+   runs clustering.cluster_items on one worker: connected components (union-find) are global, but the
+   edges are only the pairs above the threshold (a small multiple of the duplicates, not N^2), so they
+   fit one worker for catalogues of tens of millions. Every cluster records its weakest link and the
+   smallest similarity between two of its members; clusters held together only by a chain are flagged
+   (is_chained), or split with --linkage complete.
+3. Rows (every item: cluster_id = keeper's item_id, is_keeper, cluster_size, min_link_similarity,
+   min_member_similarity, is_chained) are written to D/clusters/clusters-*.parquet.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from beam_pipeline import blocks as bk
 from beam_pipeline import clustering
 from beam_pipeline import io as bio
 from beam_pipeline.options import DedupOptions, new_run_id, parse_stage_options
 from schemas.tables import CLUSTERS_SCHEMA
 
 LOG = logging.getLogger(__name__)
-ITEM_COLUMNS = ["item_id", "width", "height", "model_id"]
+ITEM_COLUMNS = ["item_id", "width", "height", "embedded_at", "model_id"]
 EDGE_COLUMNS = ["left_id", "right_id", "angular_similarity", "model_id"]
 ROWS_PER_TABLE = 100_000
 
 
+def _column_values(glob: str, columns: list[str], what: str) -> pa.Table:
+    tables = [pa.Table.from_batches([b]) for _, b in bk.iter_parquet_batches(glob, columns, what)]
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+
 def check_inputs(templates: pa.Table, matches: pa.Table) -> str:
-    """Refuse matches that do not belong to `templates` (ValueError); returns the model_id."""
-    models = set(templates.column("model_id").to_pylist())
+    """Refuse matches that do not belong to `templates` (ValueError); returns the model_id.
+
+    Both tables need only their id and model_id columns.
+    """
+    models = set(pc.unique(templates.column("model_id")).to_pylist())
     if len(models) > 1:
         raise ValueError(f"templates come from {len(models)} different models {sorted(models)[:5]}")
-    match_models = set(matches.column("model_id").to_pylist())
+    ids = templates.column("item_id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        raise ValueError("templates hold duplicate item ids")
+    match_models = set(pc.unique(matches.column("model_id")).to_pylist()) if matches.num_rows else set()
     if match_models - models and templates.num_rows:
         raise ValueError(f"matches come from model(s) {sorted(match_models - models)}, templates from {sorted(models)}")
-    known = set(templates.column("item_id").to_pylist())
+    known = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     for column in ("left_id", "right_id"):
-        unknown = set(matches.column(column).to_pylist()) - known
-        if unknown:
+        values = matches.column(column)
+        unknown = values.filter(pc.invert(pc.is_in(values, value_set=known))) if matches.num_rows else []
+        if len(unknown):
+            first = sorted(set(unknown.to_pylist()))
             raise ValueError(
-                f"{len(unknown)} matched items are not among the templates, e.g. {sorted(unknown)[0]!r}: "
+                f"{len(first)} matched items are not among the templates, e.g. {first[0]!r}: "
                 "were the matches computed from these templates?"
             )
     return next(iter(models)) if models else ""
 
 
-def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], keeper_policy: str, run_id: str):
-    """Gathered item and edge batches -> CLUSTERS_SCHEMA tables of at most ROWS_PER_TABLE rows."""
+def match_threshold(matches_glob: str, given: float | None) -> float | None:
+    """The angular threshold the matches were made at: `given`, else match_run.json beside the matches
+    directory ('D/matches/*.parquet' -> 'D/match_run.json'), else None (the weakest pair is used)."""
+    if given is not None:
+        return float(given)
+    run_json = bio.FileSystems.join(os.path.dirname(os.path.dirname(matches_glob)), "match_run.json")
+    try:
+        return float(bio.read_json(run_json)["threshold"]["angular_similarity"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
+
+
+def read_keeper_values(path: str, column: str) -> dict:
+    """{item_id: value} from a CSV (header with item_id and `column`) or a Parquet glob."""
+    if path.endswith(".csv"):
+        import csv
+        import io as _io
+
+        from apache_beam.io.filesystem import CompressionTypes
+
+        with bio.FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            reader = csv.DictReader(_io.StringIO(f.read().decode("utf-8")))
+            if not reader.fieldnames or not {"item_id", column} <= set(reader.fieldnames):
+                raise ValueError(f"keeper table {path} needs columns item_id,{column}; it has {reader.fieldnames}")
+            out = {}
+            for row in reader:
+                raw = row[column].strip()
+                try:
+                    out[row["item_id"]] = float(raw) if raw else None
+                except ValueError:
+                    out[row["item_id"]] = raw
+            return out
+    table = _column_values(path, ["item_id", column], "keeper table")
+    return dict(zip(table.column("item_id").to_pylist(), table.column(column).to_pylist()))
+
+
+def member_ids(edges: list[pa.Table]) -> frozenset:
+    """Every item named by the matched pairs."""
+    ids: set = set()
+    for t in edges:
+        ids.update(t.column("left_id").to_pylist())
+        ids.update(t.column("right_id").to_pylist())
+    return frozenset(ids)
+
+
+def keep_members(batch, members: frozenset):
+    """(item_id, embedding) of the template rows whose item is matched at all."""
+    ids = batch.column("item_id").to_pylist()
+    keep = [k for k, item in enumerate(ids) if item in members]
+    if not keep:
+        return
+    emb = batch.column("embedding")
+    if isinstance(emb, pa.ChunkedArray):
+        emb = emb.combine_chunks()
+    d = emb.type.list_size
+    matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    for k in keep:
+        yield ids[k], np.array(matrix[k], np.float32)
+
+
+def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: list, *, keeper_policy: str,
+                   run_id: str, keeper_values: dict | None = None, keeper_order: str = "max",
+                   threshold: float | None = None, chain_margin: float = 0.05, linkage: str = "single",
+                   max_diameter_members: int = 20_000):
+    """Gathered item, edge and member-embedding batches -> CLUSTERS_SCHEMA tables of <= ROWS_PER_TABLE rows."""
+    items = [t for t in items if t.num_rows]
     items_t = pa.concat_tables([t.select(ITEM_COLUMNS) for t in items]) if items else None
+    edges = [t for t in edges if t.num_rows]
     edges_t = pa.concat_tables([t.select(EDGE_COLUMNS) for t in edges]) if edges else None
     ids = items_t.column("item_id").to_pylist() if items_t is not None else []
     if edges_t is not None and edges_t.num_rows:
@@ -61,10 +147,15 @@ def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], keeper_polic
         sim = edges_t.column("angular_similarity").to_numpy().astype(np.float32)
     else:
         left, right, sim = [], [], np.zeros(0, np.float32)
+    column = (lambda name: items_t.column(name).to_numpy(zero_copy_only=False)) if items_t is not None else (
+        lambda name: np.zeros(0))
     result = clustering.cluster_items(
         ids, left, right, sim, keeper_policy=keeper_policy,
-        widths=items_t.column("width").to_numpy() if items_t is not None else np.zeros(0),
-        heights=items_t.column("height").to_numpy() if items_t is not None else np.zeros(0),
+        widths=column("width"), heights=column("height"),
+        embedded_at=items_t.column("embedded_at").cast(pa.int64()).to_pylist() if items_t is not None else [],
+        keeper_values=[keeper_values.get(i) for i in ids] if keeper_values is not None else None,
+        keeper_order=keeper_order, embeddings=dict(embeddings), threshold=threshold, chain_margin=chain_margin,
+        linkage=linkage, max_diameter_members=max_diameter_members,
     )
     table = clustering.clusters_table(result, run_id)
     for start in range(0, table.num_rows, ROWS_PER_TABLE):
@@ -78,11 +169,18 @@ def run(argv=None, test_pipeline=None) -> dict:
         argv, DedupOptions, "Group matched templates into duplicate clusters and pick a keeper for each."
     )
     run_id = opts.run_id or new_run_id()
-    templates = bio.read_parquet_table(opts.templates, "templates")
-    matches = bio.read_parquet_table(opts.matches, "matches")
+    if opts.keeper_policy == "column" and not (opts.keeper_table and opts.keeper_column):
+        raise ValueError("--keeper_policy column needs --keeper_table and --keeper_column")
+    if opts.chain_margin < 0 or opts.max_diameter_members < 2:
+        raise ValueError("--chain_margin must be >= 0 and --max_diameter_members >= 2")
+    templates = _column_values(opts.templates, ["item_id", "model_id"], "templates")
+    matches = _column_values(opts.matches, ["left_id", "right_id", "model_id"], "matches")
     model_id = check_inputs(templates, matches)
     n_items, n_pairs = templates.num_rows, matches.num_rows
     del templates, matches
+    threshold = match_threshold(opts.matches, opts.threshold)
+    keeper_values = read_keeper_values(opts.keeper_table, opts.keeper_column) if opts.keeper_policy == "column" \
+        else None
 
     bio.delete_table_shards(opts.output, "clusters")
     p = test_pipeline or beam.Pipeline(options=pipeline_options)
@@ -96,6 +194,13 @@ def run(argv=None, test_pipeline=None) -> dict:
         | "ReadMatches" >> beam.io.ReadFromParquetBatched(opts.matches, columns=EDGE_COLUMNS)
         | "GatherMatches" >> beam.combiners.ToList()
     )
+    members = edges | "Members" >> beam.Map(member_ids)
+    embeddings = (
+        p
+        | "ReadEmbeddings" >> beam.io.ReadFromParquetBatched(opts.templates, columns=["item_id", "embedding"])
+        | "MatchedOnly" >> beam.FlatMap(keep_members, members=beam.pvalue.AsSingleton(members))
+        | "GatherEmbeddings" >> beam.combiners.ToList()
+    )
     _ = (
         p
         | "Start" >> beam.Create([None])
@@ -103,8 +208,15 @@ def run(argv=None, test_pipeline=None) -> dict:
             cluster_tables,
             items=beam.pvalue.AsSingleton(items),
             edges=beam.pvalue.AsSingleton(edges),
+            embeddings=beam.pvalue.AsSingleton(embeddings),
             keeper_policy=opts.keeper_policy,
             run_id=run_id,
+            keeper_values=keeper_values,
+            keeper_order=opts.keeper_order,
+            threshold=threshold,
+            chain_margin=opts.chain_margin,
+            linkage=opts.linkage,
+            max_diameter_members=opts.max_diameter_members,
         )
         | "WriteClusters" >> bio.WriteTable(opts.output, "clusters", CLUSTERS_SCHEMA, num_shards=opts.num_shards)
     )
@@ -112,16 +224,17 @@ def run(argv=None, test_pipeline=None) -> dict:
     result.wait_until_finish()
 
     clusters_glob = bio.table_glob(opts.output, "clusters")
-    written = bio.read_parquet_table(clusters_glob, "clusters")
+    written = _column_values(clusters_glob, ["cluster_size", "is_keeper", "is_chained"], "clusters")
     if written.num_rows != n_items:
         raise RuntimeError(f"{n_items} templates but {written.num_rows} clusters rows were written")
     summary = clustering.summarize(
         {"cluster_size": written.column("cluster_size").to_numpy(),
-         "is_keeper": written.column("is_keeper").to_numpy(zero_copy_only=False)}
+         "is_keeper": written.column("is_keeper").to_numpy(zero_copy_only=False),
+         "is_chained": written.column("is_chained").to_numpy(zero_copy_only=False)}
     )
     seconds = round(time.perf_counter() - started, 3)
-    LOG.info("dedup: %d items, %d pairs -> %d clusters, %d items to drop", n_items, n_pairs,
-             summary["clusters_count"], summary["items_to_drop"])
+    LOG.info("dedup: %d items, %d pairs -> %d clusters (%d chained), %d items to drop", n_items, n_pairs,
+             summary["clusters_count"], summary["chained_clusters"], summary["items_to_drop"])
     return {
         "clusters": clusters_glob,
         "clusters_count": summary["clusters_count"],
@@ -129,7 +242,10 @@ def run(argv=None, test_pipeline=None) -> dict:
         "items": n_items,
         "pairs": n_pairs,
         "largest_cluster": summary["largest_cluster"],
+        "chained_clusters": summary["chained_clusters"],
         "keeper_policy": opts.keeper_policy,
+        "linkage": opts.linkage,
+        "threshold": threshold,
         "model_id": model_id,
         "run_id": run_id,
         "seconds": seconds,

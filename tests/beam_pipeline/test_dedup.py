@@ -108,3 +108,57 @@ def test_refuses_matches_of_unknown_items_or_other_model(workdir):
     _write_matches(str(workdir / "matches" / "matches-00000-of-00001.parquet"), PAIRS, model_id="f" * 16)
     with pytest.raises(ValueError, match="matches come from model"):
         dedup.run(_argv(workdir))
+
+
+def _arc(fractions):
+    t = np.pi * np.asarray(fractions, np.float64)
+    return np.stack([np.cos(t), np.sin(t)], axis=1).astype(np.float32)
+
+
+@pytest.fixture
+def chain_dir(tmp_path):
+    """a-b-c-d on an arc (neighbours 0.96, 0.95, 0.94; a-c 0.91; a-d 0.85) and a tight pair x-y, matched at 0.9."""
+    ids = ["a", "b", "c", "d", "x", "y"]
+    vec = _arc([0.0, 0.04, 0.09, 0.15, 0.6, 0.61])
+    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    table = pa.table(
+        {"item_id": ids, "source_uri": [f"/x/{i}.png" for i in ids], "content_sha256": ["0" * 64] * 6,
+         "embedding": vec.tolist(), "model_id": [MODEL] * 6, "width": [10] * 6, "height": [10] * 6,
+         "embedded_at": [now] * 6, "run_id": ["e"] * 6},
+        schema=templates_schema(2),
+    )
+    os.makedirs(tmp_path / "templates")
+    pq.write_table(table, tmp_path / "templates" / "templates-00000-of-00001.parquet")
+    _write_matches(str(tmp_path / "matches" / "matches-00000-of-00001.parquet"),
+                   [("a", "b", 0.96), ("b", "c", 0.95), ("c", "d", 0.94), ("a", "c", 0.91), ("x", "y", 0.99)])
+    (tmp_path / "match_run.json").write_text('{"threshold": {"angular_similarity": 0.9}}')
+    (tmp_path / "scores.csv").write_text("item_id,score\na,1\nb,7\nc,3\nd,\nx,2\ny,2\n")
+    return tmp_path
+
+
+def _chain_rows(d):
+    t = read_table_dir(str(d), "clusters").sort_by("item_id")
+    return (t.column("cluster_id").to_pylist(), t.column("is_chained").to_pylist(),
+            [round(v, 4) for v in t.column("min_member_similarity").to_pylist()])
+
+
+def test_chained_cluster_is_flagged_and_column_keeper(chain_dir):
+    summary = dedup.run(_argv(chain_dir, "--chain_margin", "0.04", "--keeper_policy", "column",
+                              "--keeper_table", str(chain_dir / "scores.csv"), "--keeper_column", "score"),
+                        test_pipeline=test_pipeline.TestPipeline())
+    clusters, chained, diameter = _chain_rows(chain_dir)
+    # threshold 0.9 read from match_run.json; a-d at 0.85 < 0.9 - 0.04. Keeper: highest score (b), x/y tie: x.
+    assert clusters == ["b", "b", "b", "b", "x", "x"]
+    assert chained == [True] * 4 + [False] * 2
+    assert diameter == [0.85] * 4 + [0.99] * 2
+    assert summary["chained_clusters"] == 1 and summary["threshold"] == 0.9
+
+
+def test_complete_linkage_splits_chains(chain_dir):
+    summary = dedup.run(_argv(chain_dir, "--chain_margin", "0.04", "--linkage", "complete"),
+                        test_pipeline=test_pipeline.TestPipeline())
+    clusters, chained, diameter = _chain_rows(chain_dir)
+    assert clusters == ["a", "a", "c", "c", "x", "x"]
+    assert chained == [False] * 6
+    assert diameter == [0.96, 0.96, 0.94, 0.94, 0.99, 0.99]
+    assert summary["clusters_count"] == 3 and summary["items_to_drop"] == 3 and summary["chained_clusters"] == 0
