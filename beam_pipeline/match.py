@@ -565,6 +565,14 @@ def run(argv=None, test_pipeline=None) -> dict:
         if not opts.keep_staging:
             for d in staged:
                 bk.delete_staging(d)
+            if not opts.staging_dir and bk.FileSystems.get_scheme(stage_root) is None:
+                import os
+
+                for d in (stage_root, os.path.dirname(stage_root)):  # OUTPUT/_staging/RUN_ID, then _staging
+                    try:
+                        os.rmdir(d)  # only if empty
+                    except OSError:
+                        pass
     seconds = round(time.perf_counter() - started, 3)
     run_doc = {
         "run_id": run_id,

@@ -154,3 +154,87 @@ def test_refuses_a_card_of_another_model(catalogue, tmp_path):
 def test_refuses_missing_calibration(catalogue, tmp_path):
     _refused(["--templates", catalogue, "--output", str(tmp_path / "o"), "--model_dir", _card(tmp_path),
               "--target_fmr", "1e-5"], "no 'instance' threshold at FMR 1e-05; it has FMR 0.001")
+
+
+def test_queries_top_k_and_an_item_never_matches_itself(catalogue, tmp_path):
+    # q1 is a copy of c; the query 'c' is also a catalogue item and must not match itself.
+    write_templates(str(tmp_path / "q" / "q.parquet"), {"q1": VECTORS["c"], "c": VECTORS["c"]})
+    out = str(tmp_path / "out")
+    summary = _run(["--templates", catalogue, "--output", out, "--threshold", "0.75", "--mode", "queries",
+                    "--queries", str(tmp_path / "q" / "*.parquet"), "--top_k", "1", "--block_size", "2"])
+    table = read_table_dir(out, "matches").sort_by([("left_id", "ascending"), ("right_id", "ascending")])
+    assert list(zip(table.column("left_id").to_pylist(), table.column("right_id").to_pylist())) == [
+        ("b", "c"), ("c", "q1")
+    ]
+    np.testing.assert_allclose(table.column("cosine").to_numpy(), [0.96, 1.0], atol=1e-6)
+    assert summary["mode"] == "queries" and summary["pairs"] == 2
+    summary = _run(["--templates", catalogue, "--output", out, "--threshold", "0.75", "--mode", "queries",
+                    "--queries", str(tmp_path / "q" / "*.parquet"), "--top_k", "0"])
+    # All at or above the threshold: q1-{a, b, c}, c-{a, b}; (c, q1) and (b, c) are not repeated.
+    assert summary["pairs"] == 5
+
+
+def test_pairs_mode_verifies_every_given_pair(catalogue, tmp_path):
+    (tmp_path / "pairs.csv").write_text("left_id,right_id\na,c\ne,b\nd,e\n")
+    out = str(tmp_path / "out")
+    summary = _run(["--templates", catalogue, "--output", out, "--threshold", "0.75", "--mode", "pairs",
+                    "--pairs", str(tmp_path / "pairs.csv"), "--block_size", "2"])
+    v = read_table_dir(out, "verifications").sort_by("left_id")
+    assert list(zip(v.column("left_id").to_pylist(), v.column("right_id").to_pylist(),
+                    v.column("is_match").to_pylist())) == [("a", "c", True), ("b", "e", False), ("d", "e", True)]
+    np.testing.assert_allclose(v.column("cosine").to_numpy(), [0.8, 0.48, 0.8], atol=1e-6)
+    m = read_table_dir(out, "matches").sort_by("left_id")
+    assert m.column("left_id").to_pylist() == ["a", "d"] and summary["pairs"] == 2
+    (tmp_path / "bad.csv").write_text("left_id,right_id\na,zzz\n")
+    _refused(["--templates", catalogue, "--output", out, "--threshold", "0.75", "--mode", "pairs",
+              "--pairs", str(tmp_path / "bad.csv")], "not among the templates, e.g. 'zzz'")
+
+
+def test_refuses_nan_naming_the_item(tmp_path):
+    write_templates(str(tmp_path / "t" / "t-1.parquet"), {"a": VECTORS["a"], "b": [np.nan, 0.0, 1.0]})
+    _refused(["--templates", str(tmp_path / "t" / "*.parquet"), "--output", str(tmp_path / "o"),
+              "--threshold", "0.7"], "item 'b' has NaN")
+    assert not os.path.exists(tmp_path / "o" / "_staging")  # nothing left behind
+
+
+def _clustered(n, d, seed):
+    """Unit vectors around 6 centres, every 4th row a near-copy (cosine ~0.97-0.999) of the row before."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((6, d))
+    x = centres[rng.integers(0, 6, n)] + 0.35 * rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    copies = np.arange(3, n, 4)
+    x[copies] = x[copies - 1] + rng.uniform(0.01, 0.06, (len(copies), 1)) * rng.standard_normal((len(copies), d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _pairs(out):
+    t = read_table_dir(out, "matches")
+    return set(zip(t.column("left_id").to_pylist(), t.column("right_id").to_pylist()))
+
+
+def test_approximate_is_exact_without_a_cap_and_measures_its_recall(tmp_path):
+    x = _clustered(1200, 16, 0)
+    write_templates(str(tmp_path / "t" / "t.parquet"), {f"i{k:05d}": v for k, v in enumerate(x)})
+    glob = str(tmp_path / "t" / "*.parquet")
+    common = ["--templates", glob, "--threshold", "0.9", "--block_size", "256"]
+    _run(common + ["--output", str(tmp_path / "exact")])
+    exact = _pairs(str(tmp_path / "exact"))
+    assert len(exact) > 250
+    # 8 partitions, up to 8 assignments each: the margin is never capped, so nothing can be missed.
+    s = _run(common + ["--output", str(tmp_path / "a8"), "--search", "approximate", "--partitions", "8",
+                       "--max_assign", "8", "--recall_sample", "300"])
+    assert _pairs(str(tmp_path / "a8")) == exact
+    doc = read_json(str(tmp_path / "a8" / "match_run.json"))
+    assert doc["capped_items"] == 0 and doc["partitions"] == 8
+    assert s["recall"]["recall"] == 1.0 and s["recall"]["pairs"] > 0
+    # One assignment each: pairs split across partitions are lost, and the measured recall (sample = all
+    # items) is exactly the share of the exact pairs found.
+    s = _run(common + ["--output", str(tmp_path / "a1"), "--search", "approximate", "--partitions", "8",
+                       "--max_assign", "1", "--recall_sample", "1200"])
+    approx = _pairs(str(tmp_path / "a1"))
+    assert approx < exact
+    assert s["recall"]["pairs"] == len(exact) and s["recall"]["found"] == len(approx)
+    assert s["recall"]["recall"] == pytest.approx(len(approx) / len(exact))
+    assert s["recall"]["recall_lower_95"] < s["recall"]["recall"]
+    assert not os.path.exists(tmp_path / "a1" / "_staging")
