@@ -80,12 +80,14 @@ def cluster_summaries(clusters: pa.Table) -> list[dict]:
     by id)}], largest first (ties: weaker link first, then cluster_id)."""
     big = clusters.filter(pc.greater(clusters.column("cluster_size"), 1))
     groups: dict[str, dict] = {}
-    for item, cid, keeper, size, link in zip(
+    for item, cid, keeper, size, link, diameter, chained in zip(
         big.column("item_id").to_pylist(), big.column("cluster_id").to_pylist(),
         big.column("is_keeper").to_pylist(), big.column("cluster_size").to_pylist(),
-        big.column("min_link_similarity").to_pylist(),
+        big.column("min_link_similarity").to_pylist(), big.column("min_member_similarity").to_pylist(),
+        big.column("is_chained").to_pylist(),
     ):
         g = groups.setdefault(cid, {"cluster_id": cid, "size": int(size), "min_link_similarity": link,
+                                    "min_member_similarity": diameter, "is_chained": bool(chained),
                                     "keeper": None, "others": []})
         if keeper:
             g["keeper"] = item
@@ -94,8 +96,20 @@ def cluster_summaries(clusters: pa.Table) -> list[dict]:
     out = []
     for g in groups.values():
         out.append({"cluster_id": g["cluster_id"], "size": g["size"], "min_link_similarity": g["min_link_similarity"],
+                    "min_member_similarity": g["min_member_similarity"], "is_chained": g["is_chained"],
                     "members": [g["keeper"], *sorted(g["others"])]})
     return sorted(out, key=lambda c: (-c["size"], c["min_link_similarity"], c["cluster_id"]))
+
+
+def matching_summary(run_doc: dict) -> dict:
+    """How the pairs were found (match_run.json): mode, exact or approximate, the work done, and for
+    approximate search its recall measured against exact search on a sample."""
+    keys = ("mode", "search", "block_size", "kernel_threads", "products", "partitions", "max_assign",
+            "capped_items", "recall", "stage_seconds", "pipeline_seconds", "seconds")
+    out = {k: run_doc.get(k) for k in keys}
+    out["mode"] = out["mode"] or "all_pairs"
+    out["search"] = out["search"] or "exact"
+    return out
 
 
 def gallery_selection(summaries: list[dict], gallery_size: int) -> list[tuple[str, dict]]:
@@ -187,6 +201,8 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
         "pairs": int(matches.num_rows),
         "clusters": int(((sizes > 1) & keepers).sum()),
         "items_to_drop": int((~keepers).sum()),
+        "chained_clusters": int((clusters.column("is_chained").to_numpy(zero_copy_only=False) & keepers
+                                 & (sizes > 1)).sum()),
     }
     evaluation = None
     genuine_counts = None
@@ -229,6 +245,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
             "model_id": card["model_id"], "embedding_dim": card["embedding_dim"], "metrics": card.get("metrics", {}),
             "thresholds": card.get("thresholds", {}),
         },
+        "matching": matching_summary(run_doc),
         "notes": notes,
     }
     return report, figures
@@ -260,6 +277,27 @@ def _flat_metrics(metrics: dict, prefix: str = "") -> list[list]:
     return rows
 
 
+def _matching_html(m: dict) -> str:
+    if not m:
+        return ""
+    how = (f"<p>Mode <code>{html.escape(str(m.get('mode')))}</code>, search "
+           f"<code>{html.escape(str(m.get('search')))}</code>")
+    if m.get("products") is not None:
+        how += f", {m['products']:,} similarities computed"
+    how += ".</p>"
+    r = m.get("recall")
+    if m.get("search") == "approximate":
+        if r and r.get("recall") is not None:
+            how += (f"<p><b>Approximate search recall: {r['recall']:.4f}</b> ({r['found']} of {r['pairs']} "
+                    f"above-threshold pairs of {r['sample_items']} randomly sampled items, found against exact "
+                    f"search; one-sided 95% lower bound {r['recall_lower_95']:.4f}). {m.get('partitions')} k-means "
+                    f"partitions, up to {m.get('max_assign')} per item; {m.get('capped_items')} items had more "
+                    "partitions within the exactness margin than that cap.</p>")
+        else:
+            how += "<p class='note'>Approximate search: the recall sample held no above-threshold pair.</p>"
+    return "<h2>Matching</h2>" + how
+
+
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """report.html: self-contained (figures as base64 data URIs)."""
     t, c = report["threshold"], report["counts"]
@@ -278,9 +316,12 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
         f"(cosine &ge; {t['cosine']:.6f}) are duplicates. Source: <code>{html.escape(str(t['source']))}</code>"
         + (f": calibrated at false match rate {t['target_fmr']:g} on {t['impostor_pairs']} impostor pairs"
            if t.get("target_fmr") is not None else ": given on the command line") + ".</p>",
+        _matching_html(report.get("matching") or {}),
         "<h2>Counts</h2>",
-        _table(["items (templates)", "failures", "matched pairs", "duplicate clusters", "items to drop"],
-               [[c["items"], c["failures"], c["pairs"], c["clusters"], c["items_to_drop"]]]),
+        _table(["items (templates)", "failures", "matched pairs", "duplicate clusters", "items to drop",
+                "chained clusters"],
+               [[c["items"], c["failures"], c["pairs"], c["clusters"], c["items_to_drop"],
+                 c.get("chained_clusters")]]),
         "<h3>Failures by stage</h3>",
         _table(list(report["failures_by_stage"]), [list(report["failures_by_stage"].values())]),
     ]
@@ -310,8 +351,12 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
         "others show their angular similarity to it. The weakest link is the smallest similarity that holds "
         "the cluster together (the minimum edge of its maximum spanning tree).</p>",
         f"<img alt='duplicates gallery' src='{img['duplicates_gallery']}'>",
-        _table(["cluster (keeper)", "size", "weakest link", "members"],
-               [[x["cluster_id"], x["size"], x["min_link_similarity"],
+        "<p>Smallest member similarity: the least similar two members of the cluster. A cluster whose members "
+        "lie far below the threshold from each other is held together only by a chain of links: it is flagged "
+        "<b>chained</b> (dedup --linkage complete splits such clusters).</p>",
+        _table(["cluster (keeper)", "size", "weakest link", "smallest member similarity", "chained", "members"],
+               [[x["cluster_id"], x["size"], x["min_link_similarity"], x.get("min_member_similarity"),
+                 "yes" if x.get("is_chained") else "no",
                  ", ".join(x["members"][:8]) + (" …" if len(x["members"]) > 8 else "")]
                 for x in report.get("largest_clusters", [])]),
     ]

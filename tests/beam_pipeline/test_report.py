@@ -64,7 +64,10 @@ def test_report_numbers_equal_hand_counts(workdir):
     validate_report(doc)
     assert doc["model_id"] == MODEL and doc["run_id"] == "r"
     assert doc["threshold"]["source"] == "given" and doc["threshold"]["angular_similarity"] == 0.75
-    assert doc["counts"] == {"items": 6, "failures": 2, "pairs": 3, "clusters": 2, "items_to_drop": 3}
+    assert doc["counts"] == {"items": 6, "failures": 2, "pairs": 3, "clusters": 2, "items_to_drop": 3,
+                             "chained_clusters": 0}
+    assert (doc["matching"]["mode"], doc["matching"]["search"], doc["matching"]["recall"]) == ("all_pairs", "exact", None)
+    assert doc["matching"]["products"] == 15  # 6 items, one block: the upper triangle
     assert doc["failures_by_stage"] == {"read": 1, "decode": 1, "inference": 0, "validate": 0}
     hist = doc["similarity_histogram"]
     assert len(hist["bin_edges"]) == 21 and hist["bin_edges"][0] == 0.75 and hist["bin_edges"][-1] == 1.0
@@ -95,6 +98,9 @@ def test_report_numbers_equal_hand_counts(workdir):
     assert summary["counts"] == doc["counts"]
 
     assert doc["largest_clusters"][0]["members"] == ["a", "b", "c"]
+    # a.b = 0.6 (angular 0.7048): the smallest member similarity, below 0.75 - 0.05: a chain.
+    assert doc["largest_clusters"][0]["min_member_similarity"] == pytest.approx(1 - np.arccos(0.6) / np.pi, abs=1e-6)
+    assert doc["largest_clusters"][0]["is_chained"] is False
     assert doc["largest_clusters"][0]["min_link_similarity"] == pytest.approx(ANG_08, abs=1e-6)
 
     for path in summary["figures"]:
@@ -150,3 +156,14 @@ def test_histogram_and_ground_truth_parsing():
         report_metrics.read_ground_truth("left_id,right_id\na,a\n")
     assert report_metrics.fmr_upper_95(0, 1000) == pytest.approx(1 - 0.05 ** (1 / 1000))
     assert report_metrics.fmr_upper_95(0, 0) is None
+
+
+def test_matching_section_states_the_measured_recall():
+    m = report.matching_summary({"mode": "all_pairs", "search": "approximate", "products": 1234567, "partitions": 98,
+                                 "max_assign": 3, "capped_items": 17,
+                                 "recall": {"recall": 0.995, "found": 995, "pairs": 1000, "sample_items": 1000,
+                                            "recall_lower_95": 0.9894}})
+    page = report._matching_html(m)
+    assert "Approximate search recall: 0.9950</b> (995 of 1000" in page and "lower bound 0.9894" in page
+    assert "1,234,567 similarities" in page and "17 items" in page
+    assert report.matching_summary({})["search"] == "exact"
