@@ -15,6 +15,8 @@ REQUIRED = [
     "pillow>=10.3",
     "matplotlib>=3.8",
     "jsonschema>=4.20",
+    "scipy>=1.11",  # complete linkage (dedup), Clopper-Pearson bounds
+    "threadpoolctl>=3.1",  # the match kernel runs single-threaded BLAS per kernel thread
 ]
 
 setuptools.setup(
@@ -24,6 +26,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["trainer", "trainer.*", "beam_pipeline", "beam_pipeline.*", "schemas", "schemas.*"]),
     install_requires=REQUIRED,
-    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8"]},
+    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8"],
+                    "bench": ["faiss-cpu>=1.8"]},  # bench/bench_matching.py: side by side with faiss
     entry_points={"console_scripts": ["siamese-dedup=beam_pipeline.cli:main"]},
 )
