@@ -228,7 +228,7 @@ class DedupOptions(PipelineOptions):
             default="first_id",
             choices=["first_id", "largest_image", "oldest", "column"],
             help="Which member of a cluster is kept: first_id (smallest item_id), largest_image (width*height), "
-            "oldest (earliest embedded_at), column (--keeper_column of --keeper_table). Ties: smallest item_id. "
+            "oldest (earliest embedded_at: first embedded), column (--keeper_column of --keeper_table). Ties: smallest item_id. "
             "Default first_id.",
         )
         _add(parser, "--keeper_table", default=None,
@@ -247,8 +247,8 @@ class DedupOptions(PipelineOptions):
              help="The match threshold (angular similarity) for chain flags and complete linkage. Default: "
              "match_run.json beside the matches directory, else the weakest matched pair.")
         _add(parser, "--max_diameter_members", type=int, default=20_000,
-             help="Clusters larger than this are not measured member by member (min_member_similarity null, "
-             "complete linkage not applied; flagged is_chained). Default 20000.")
+             help="Clusters larger than this are measured on a deterministic sample of this many members "
+             "(min_member_similarity is then an upper bound). Default 20000.")
         _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 
