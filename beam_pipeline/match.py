@@ -157,7 +157,8 @@ class QueryStripFn(_BlockDoFn):
     def process(self, task):
         qb, c0, c1 = task
         q_ids, q_emb = self._queries.get(qb)
-        rows, others, cos_all = [], [], []
+        bs = self._cache.manifest.block_size
+        rows, grows, others, cos_all = [], [], [], []
         for cb in range(c0, c1):
             c_ids, c_emb = self._cache.get(cb)
             i, j, cos = matching.pairs_above_threshold(q_emb, c_emb, self._cos, same_block=False,
@@ -165,29 +166,17 @@ class QueryStripFn(_BlockDoFn):
             self._products.inc(len(q_emb) * len(c_emb))
             if not len(i):
                 continue
-            other = _take(c_ids, j)
-            same_item = pc.equal(_take(q_ids, i), other).to_numpy(zero_copy_only=False)
-            keep = ~same_item  # an item that is both query and catalogue never matches itself
-            i, j, cos = i[keep], j[keep], cos[keep]
-            # Rank key: catalogue rows as global indices, so ties break the same way in every strip.
-            i, j, cos = matching.top_k_per_row(i, j + cb * self._cache.manifest.block_size, cos, self._top_k)
+            same_item = pc.equal(_take(q_ids, i), _take(c_ids, j)).to_numpy(zero_copy_only=False)
+            keep = ~same_item  # an item that is both query and catalogue item never matches itself
+            # Catalogue rows as global indices, so ties break the same way in every strip and the merge.
+            i, g, cos = matching.top_k_per_row(i[keep], j[keep] + cb * bs, cos[keep], self._top_k)
             rows.append(i)
-            others.append(c_ids_take(self._cache, j))
+            grows.append(g)
+            others.append(_take(c_ids, g - cb * bs))
             cos_all.append(cos)
         if rows:
-            yield qb, (np.concatenate(rows), np.concatenate([o[0] for o in others]),
-                       pa.concat_arrays([o[1] for o in others]), np.concatenate(cos_all))
-
-
-def c_ids_take(cache: bk.BlockCache, global_rows: np.ndarray) -> tuple[np.ndarray, pa.Array]:
-    """(global rows, their item ids) for catalogue rows of cached blocks."""
-    blocks, within = bk.block_of_rows(cache.manifest, global_rows)
-    out = [None] * len(global_rows)
-    for b in np.unique(blocks).tolist():
-        sel = np.flatnonzero(blocks == b)
-        for k, item in zip(sel.tolist(), _take(cache.get(b)[0], within[sel]).to_pylist()):
-            out[k] = item
-    return np.asarray(global_rows, np.int64), pa.array(out, pa.string())
+            yield qb, (np.concatenate(rows), np.concatenate(grows), pa.concat_arrays(others),
+                       np.concatenate(cos_all))
 
 
 class MergeQueryBlockFn(beam.DoFn):
@@ -339,27 +328,26 @@ def _check_against_card(card, model_id: str, dim: int, n: int) -> str:
 
 
 def read_pairs(path: str) -> tuple[list[str], list[str]]:
-    """The pairs to verify: CSV (header with left_id,right_id) or Parquet with those columns."""
-    if path.endswith(".parquet") or "*" in path:
-        table = pa.concat_tables([b for _, b in [(p, pa.Table.from_batches([b]))
-                                                 for p, b in bk.iter_parquet_batches(path, ["left_id", "right_id"],
-                                                                                     "pairs")]])
-        left, right = table.column("left_id").to_pylist(), table.column("right_id").to_pylist()
-    else:
+    """The pairs to verify: a CSV file (header with left_id,right_id) or a Parquet glob with those columns."""
+    if path.endswith(".csv"):
         import csv
         import io as _io
 
         from apache_beam.io.filesystem import CompressionTypes
-        from apache_beam.io.filesystems import FileSystems
 
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        with bio.FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             reader = csv.DictReader(_io.StringIO(f.read().decode("utf-8")))
             if not reader.fieldnames or not {"left_id", "right_id"} <= set(reader.fieldnames):
                 raise ValueError(f"pairs CSV {path} needs columns left_id,right_id; it has {reader.fieldnames}")
-            rows = [(r["left_id"].strip(), r["right_id"].strip()) for r in reader]
+            rows = [((r["left_id"] or "").strip(), (r["right_id"] or "").strip()) for r in reader]
         left, right = [r[0] for r in rows], [r[1] for r in rows]
+    else:
+        left, right = [], []
+        for _, batch in bk.iter_parquet_batches(path, ["left_id", "right_id"], "pairs"):
+            left += batch.column("left_id").to_pylist()
+            right += batch.column("right_id").to_pylist()
     for a, b in zip(left, right):
-        if a is None or b is None or a == "" or b == "":
+        if not a or not b:
             raise ValueError(f"pairs {path}: empty item id")
         if a == b:
             raise ValueError(f"pairs {path}: pair of {a!r} with itself")
