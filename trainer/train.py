@@ -39,16 +39,19 @@ class TrainingCollapsed(RuntimeError):
 class TrainConfig:
     """Everything that decides the trained model (recorded in the model card).
 
-    Batches hold `classes_per_batch` (P) classes x `per_class` (K) images. Each image is shown as
-    `views` augmented copies (views=2 also teaches "two edits of one photo are closer than two photos of
-    one class", weighted by instance_weight with instance_margin); `augment_prob` is the chance that a view is
-    edited by trainer.augment (else the original pixels).
+    A batch holds `classes_per_batch` (P) classes x `per_class` (K) images x `views` views: 10 x 8 x 2 =
+    160 embeddings by default. The class loss (`loss`, `mining`, `margin`, `distance`) pulls images of one
+    class together and pushes other classes `margin` further away. With views=2 every image also appears as
+    a second, edited copy (trainer.augment), and an instance triplet loss (weight `instance_weight`, margin
+    `instance_margin`) asks that copy to be closer than any other image, same class included: that is
+    what makes near-duplicates stand out from mere look-alikes. The first view is edited with probability
+    `augment_prob`. An epoch is len(train) embeddings of work (so with views=2 half the images, twice each).
     """
     output_dir: str = "model"
     embedding_dim: int = 64
     epochs: int = 4
     classes_per_batch: int = 10
-    per_class: int = 16
+    per_class: int = 8
     loss: str = "triplet"            # "triplet" | "contrastive"
     margin: float = 0.4
     distance: str = "cosine"         # "cosine" | "squared_euclidean"
@@ -57,9 +60,9 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     augment_prob: float = 0.5
-    views: int = 1
-    instance_weight: float = 0.5
-    instance_margin: float = 0.1
+    views: int = 2
+    instance_weight: float = 1.0
+    instance_margin: float = 0.15
     validation_split: float = 0.1    # of the train split: held out for validation + calibration
     validation_items: int = 2000     # the part of the held-out slice used for early stopping
     calibration_items: int = 3000    # the part used to calibrate thresholds (all pairs: ~4.5 M)
@@ -206,7 +209,7 @@ def train(config: TrainConfig) -> dict:
                                     margin=config.instance_margin)
     use_instances = config.views > 1 and config.instance_weight > 0
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)  # no tensor-dependent Python control flow
     def train_step(x, y, ids):
         with tf.GradientTape() as tape:
             emb = model(x, training=True)
