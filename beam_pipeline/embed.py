@@ -365,28 +365,32 @@ def describe_dataflow_job(job) -> dict:
     from apache_beam.portability import common_urns
     from apache_beam.portability.api import beam_runner_api_pb2
     from apache_beam.runners.dataflow.internal import apiclient
-    from apache_beam.runners.dataflow.internal import names as dataflow_names
+    from apache_beam.runners.internal import names as shared_names
 
     staging = job.options.view_as(beam.options.pipeline_options.GoogleCloudOptions).staging_location
-    packages = []
+    packages, local_files = [], {}
     for _, env in sorted(job.proto_pipeline.components.environments.items()):
         for dep in env.dependencies:
             if dep.role_urn == common_urns.artifact_roles.STAGING_TO.urn:
                 name = beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(dep.role_payload).staged_name
                 if name not in packages:
                     packages.append(name)
+                    if dep.type_urn == common_urns.artifact_types.FILE.urn:
+                        local_files[name] = beam_runner_api_pb2.ArtifactFilePayload.FromString(dep.type_payload).path
     serialized = job.proto_pipeline.SerializeToString()
     job.proto.environment = apiclient.Environment(
         packages=packages,
         options=job.options,
         environment_version=apiclient._FNAPI_ENVIRONMENT_MAJOR_VERSION,
-        proto_pipeline_staged_url=FileSystems.join(staging, dataflow_names.STAGED_PIPELINE_FILENAME),
+        proto_pipeline_staged_url=FileSystems.join(staging, shared_names.STAGED_PIPELINE_FILENAME),
         proto_pipeline=job.proto_pipeline,
         pipeline_proto_hash=hashlib.sha256(serialized).hexdigest(),
     ).proto
     description = json.loads(job.json())
     description["siamese_dedup"] = {
         "note": "dry run: built offline, nothing staged or submitted",
+        # Where the files to stage were built on this machine (e.g. workflow.tar.gz, setup.py's sdist).
+        "local_files": local_files,
         "transforms": sorted(t.unique_name for t in job.proto_pipeline.components.transforms.values()
                              if t.unique_name and "/" not in t.unique_name),
     }

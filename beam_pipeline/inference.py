@@ -56,6 +56,24 @@ def embed_batch(model, pixels: Sequence[np.ndarray], input_spec: dict) -> np.nda
     return embeddings
 
 
+def use_accelerator() -> str:
+    """Prepare TensorFlow's GPUs, if it sees any, and say where models will run ('GPU:0, GPU:1' or 'CPU').
+
+    TensorFlow places the model on the first GPU by itself; memory growth is switched on so that the
+    several SDK processes a Dataflow worker may run (one model each) share a GPU instead of the first one
+    taking all its memory. A CPU-only TensorFlow (tensorflow-cpu, the default install) reports 'CPU'.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised by an earlier model in this process: leave it
+            pass
+    return ", ".join(g.name.replace("/physical_device:", "") for g in gpus) or "CPU"
+
+
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:2000]
 
@@ -68,9 +86,10 @@ class EncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     built (no TensorFlow needed) so the pipeline knows the input spec, embedding dim and model id up front;
     `load_model` refuses an artefact whose model id changed since.
 
-    Batching: `min_batch_size` / `max_batch_size` go to beam.BatchElements. `share_across_processes`
-    loads one model per machine shared by the SDK processes (Beam's large_model) instead of one per
-    process.
+    Batching: `min_batch_size` / `max_batch_size` go to beam.BatchElements. One model per process by
+    default (each SDK process loads its own); `share_across_processes` loads one model per machine shared
+    by the SDK processes (Beam's large_model) instead. The model runs on the GPU when TensorFlow sees one
+    (`use_accelerator`).
     """
 
     def __init__(
@@ -111,13 +130,14 @@ class EncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     def load_model(self):
         from trainer.export import load_encoder
 
+        device = use_accelerator()
         model, card = load_encoder(self._model_dir)
         if card["model_id"] != self.model_id:
             raise ValueError(
                 f"{self._model_dir}: model_id is now {card['model_id']} but the pipeline was built for "
                 f"{self.model_id}; the artefact changed during the run"
             )
-        log.info("loaded encoder %s (%d-d) from %s", self.model_id, self.embedding_dim, self._model_dir)
+        log.info("loaded encoder %s (%d-d) from %s on %s", self.model_id, self.embedding_dim, self._model_dir, device)
         return model
 
     def run_inference(

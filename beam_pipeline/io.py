@@ -50,6 +50,10 @@ def item_id_for(path: str, input_glob: str) -> str:
     Raises ValueError if `path` does not lie under the prefix.
     """
     prefix = glob_prefix(input_glob)
+    if prefix and path.startswith(prefix) and len(path) > len(prefix) and ".." not in path:
+        # Fast path (the common case: the path as the glob matched it); a million files add up.
+        rel = path[len(prefix):]
+        return rel.replace(os.sep, "/") if _is_local(path) else rel.lstrip("/")
     if _is_local(path) and _is_local(input_glob):
         base = os.path.abspath(prefix or ".")
         rel = os.path.relpath(os.path.abspath(path), base)
