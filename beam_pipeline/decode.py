@@ -1,9 +1,9 @@
 """Decode image bytes into the encoder's input pixels. Pure functions: no Beam, no TensorFlow.
 
-`decode_image` turns the bytes of any image file PIL reads (PNG, JPEG, GIF, WebP, BMP, TIFF, ...) into a
-uint8 array of the size and channel count the model card's `input_spec` asks for, so that every image
-of a catalogue reaches the encoder the same way, or raises `DecodeError` with a short reason that the
-pipeline writes to the failures table.
+`decode_image` turns the bytes of an image file (JPEG, PNG, WebP, BMP, GIF, TIFF, PPM/PGM/PBM; see
+ACCEPTED_FORMATS) into a uint8 array of the size and channel count the model card's `input_spec` asks
+for, so that every image of a catalogue reaches the encoder the same way, or raises `DecodeError` with a
+short reason that the pipeline writes to the failures table.
 
 Steps, in order: refuse empty input; read the header only (PIL is lazy) and refuse images whose declared
 width x height exceeds `max_pixels` before any pixel is decoded (decompression bombs); decode the first
@@ -32,6 +32,12 @@ NOT_AN_IMAGE = "not_an_image"
 TOO_LARGE = "too_large"
 UNSUPPORTED = "unsupported"
 REASONS = (EMPTY, TRUNCATED, CORRUPT, NOT_AN_IMAGE, TOO_LARGE, UNSUPPORTED)
+
+# The formats decoded (PIL plugin names). Others PIL knows (EPS, which runs Ghostscript; PSD; ICO; ...) are
+# refused as 'unsupported' before any of their decoders runs: fewer decoders, fewer ways for a file to
+# hurt a worker. Camera JPEGs that PIL names MPO open through the JPEG plugin; DIB is BMP without its file
+# header.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM")
 
 # Leading bytes of formats PIL reads: bytes that start like an image but do not parse are "corrupt",
 # not "not_an_image".
@@ -93,15 +99,28 @@ def _spec_shape(input_spec: dict) -> tuple[int, int, int]:
     return height, width, channels
 
 
+def _other_format(data: bytes) -> str | None:
+    """The name of a format PIL knows but we do not accept, if `data`'s header parses as one."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # header only: no plugin decodes pixels here
+            return image.format
+    except Exception:
+        return None
+
+
 def _open_header(data: bytes, max_pixels: int) -> Image.Image:
     """Open `data` reading only the header; refuse images over `max_pixels` before any pixel decoding."""
     if not data:
         raise DecodeError(EMPTY, "zero bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as err:
         raise DecodeError(TOO_LARGE, str(err)) from None
     except UnidentifiedImageError:
+        other = None if data.startswith(_SIGNATURES) else _other_format(data)
+        if other is not None:
+            raise DecodeError(UNSUPPORTED, f"{other} images are not accepted (accepted: "
+                                           f"{', '.join(ACCEPTED_FORMATS)})") from None
         if data.startswith(_SIGNATURES):
             if _lacks_end_marker(data):
                 raise DecodeError(TRUNCATED, f"{len(data)} bytes: the header is cut short") from None
@@ -191,7 +210,7 @@ def decode_image(data: bytes, input_spec: dict, max_pixels: int = 50_000_000) ->
     max_pixels: largest declared width*height accepted; checked on the header, before decoding.
     Returns DecodedImage(pixels uint8 (height, width, channels), original width, original height).
     Raises DecodeError(reason) with reason in REASONS: 'empty', 'not_an_image', 'truncated', 'corrupt',
-    'too_large', 'unsupported' (a mode that cannot become L/RGB).
+    'too_large', 'unsupported' (a format outside ACCEPTED_FORMATS, or a mode that cannot become L/RGB).
     """
     height, width, channels = _spec_shape(input_spec)
     image = _open_header(bytes(data), int(max_pixels))

@@ -219,3 +219,42 @@ def test_decode_error_reasons_are_closed():
 def test_bad_input_spec(encode):
     with pytest.raises(ValueError, match="channels"):
         decode_image(encode(np.zeros((4, 4), np.uint8)), {"height": 4, "width": 4, "channels": 2})
+
+
+# -------------------------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("fmt, kwargs", [
+    ("PNG", {}), ("JPEG", {"quality": 100}), ("WEBP", {"lossless": True}), ("BMP", {}), ("GIF", {}),
+    ("TIFF", {"compression": "tiff_lzw"}), ("PPM", {}),
+])
+def test_every_accepted_format_decodes_to_the_same_pixels(encode, fmt, kwargs):
+    pixels = np.zeros((4, 6), np.uint8)
+    pixels[:, 3:] = 200
+    got = _decode_l(encode(pixels, fmt, **kwargs))
+    tolerance = 3 if fmt == "JPEG" else 0
+    assert np.abs(got.astype(int) - pixels).max() <= tolerance, (fmt, got)
+
+
+def test_multipage_tiff_and_animated_webp_use_the_first_frame(encode):
+    frames = [_filled("L", 30), _filled("L", 220)]
+    tiff = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    np.testing.assert_array_equal(_decode_l(tiff), np.full((4, 6), 30))
+    webp = encode(frames[0].convert("RGB"), "WEBP", save_all=True, append_images=[frames[1].convert("RGB")],
+                  lossless=True, duration=50)
+    assert abs(int(_decode_l(webp)[0, 0]) - 30) <= 1
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "TGA", "PCX"])
+def test_formats_outside_the_accepted_list_are_unsupported(encode, fmt):
+    data = encode(_filled("RGB", (10, 20, 30), size=(16, 16)), fmt)
+    with pytest.raises(DecodeError) as err:
+        decode_image(data, GRAY_4x6)
+    assert err.value.reason == "unsupported"
+    assert str(err.value).startswith(f"unsupported: {fmt} images are not accepted")
+
+
+def test_mpo_camera_jpeg_decodes_its_first_picture(encode):
+    data = encode(_filled("RGB", (90, 90, 90)), "MPO", save_all=True, append_images=[_filled("RGB", (250, 250, 250))])
+    assert Image.open(__import__("io").BytesIO(data)).format == "MPO"
+    assert np.abs(_decode_l(data).astype(int) - 90).max() <= 2
