@@ -32,13 +32,17 @@ RULE_OF_THREE = 3.0  # impostor pairs needed per unit of 1/target before a thres
 
 # --- embeddings -------------------------------------------------------------------------------------------
 
-def embed_images(model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Embed uint8 images (n, H, W) or (n, H, W, C) with a Keras encoder -> float32 unit vectors (n, dim)."""
+def embed_images(model, images: np.ndarray, batch_size: int = 1024, predict_fn=None) -> np.ndarray:
+    """Embed uint8 images (n, H, W) or (n, H, W, C) with a Keras encoder -> float32 unit vectors (n, dim).
+
+    predict_fn: optional faster call for one float32 batch (e.g. a tf.function around
+    model(x, training=False)); default calls the model eagerly.
+    """
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
-    out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
-           for i in range(0, len(x), batch_size)]
+    call = predict_fn or (lambda batch: model(batch, training=False))
+    out = [np.asarray(call(x[i:i + batch_size].astype(np.float32))) for i in range(0, len(x), batch_size)]
     dim = int(model.output_shape[-1])
     return l2_normalize(np.concatenate(out) if out else np.zeros((0, dim), np.float32))
 
@@ -46,10 +50,22 @@ def embed_images(model, images: np.ndarray, batch_size: int = 1024) -> np.ndarra
 # --- protocols --------------------------------------------------------------------------------------------
 
 def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
-    """ROC AUC of genuine (label 1) vs impostor (label 0) scores (sklearn)."""
+    """ROC AUC of genuine (label 1) vs impostor (label 0) scores (sklearn.metrics.roc_auc_score)."""
     from sklearn.metrics import roc_auc_score
     y = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
     return float(roc_auc_score(y, np.concatenate([genuine, impostor])))
+
+
+def rank_auc(genuine: np.ndarray, impostor: np.ndarray, sorted_impostor: bool = False) -> float:
+    """The same ROC AUC as `roc_auc` (ties count one half), from one sort of the impostor scores:
+    P(genuine > impostor) + P(genuine == impostor) / 2. For millions of pairs, where sklearn is slow."""
+    imp = np.asarray(impostor) if sorted_impostor else np.sort(np.asarray(impostor))
+    g = np.asarray(genuine)
+    if len(g) == 0 or len(imp) == 0:
+        raise ValueError("AUC needs genuine and impostor scores")
+    below = np.searchsorted(imp, g, side="left").astype(np.float64)
+    ties = np.searchsorted(imp, g, side="right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (len(g) * len(imp)))
 
 
 def seed_protocol(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
@@ -211,32 +227,38 @@ def all_pair_scores(embeddings: np.ndarray, labels: np.ndarray | None = None,
     for start in range(0, n, block):
         stop = min(start + block, n)
         cos = emb[start:stop] @ emb[start:].T          # rows start..stop vs columns start..n
-        rows, cols = np.triu_indices(stop - start, k=1, m=n - start)
-        scores = angular_similarity(cos[rows, cols])
+        upper = np.triu(np.ones(cos.shape, bool), k=1)  # column index > row index: each pair once
         if labels is None:
-            diff_parts.append(scores)
+            diff_parts.append(angular_similarity(cos[upper]))
             continue
         lab = np.asarray(labels).reshape(-1)
-        same = lab[start + rows] == lab[start + cols]
-        same_parts.append(scores[same])
-        diff_parts.append(scores[~same])
+        same = lab[start:stop, None] == lab[None, start:]
+        same_parts.append(angular_similarity(cos[upper & same]))
+        diff_parts.append(angular_similarity(cos[upper & ~same]))
     empty = np.zeros(0, np.float32)
     return (np.concatenate(same_parts) if same_parts else empty,
             np.concatenate(diff_parts) if diff_parts else empty)
 
 
+def _auc_or_none(genuine: np.ndarray, impostor: np.ndarray) -> float | None:
+    return rank_auc(genuine, impostor) if len(genuine) and len(impostor) else None
+
+
 def calibrate_class(embeddings: np.ndarray, labels: np.ndarray,
-                    targets: Sequence[float] = DEFAULT_FMR_TARGETS) -> dict:
-    """"class" protocol: genuine = all same-class pairs, impostor = all different-class pairs (i < j)."""
-    genuine, impostor = all_pair_scores(embeddings, labels)
+                    targets: Sequence[float] = DEFAULT_FMR_TARGETS, pair_scores=None) -> dict:
+    """"class" protocol: genuine = all same-class pairs, impostor = all different-class pairs (i < j).
+
+    pair_scores: all_pair_scores(embeddings, labels) if already computed.
+    Returns {"protocol", "genuine", "impostor", "auc", "thresholds"}.
+    """
+    genuine, impostor = pair_scores if pair_scores is not None else all_pair_scores(embeddings, labels)
     return {"protocol": "class", "genuine": genuine, "impostor": impostor,
-            "auc": roc_auc(genuine, impostor) if len(genuine) and len(impostor) else None,
-            "thresholds": thresholds_at_fmr(genuine, impostor, targets)}
+            "auc": _auc_or_none(genuine, impostor), "thresholds": thresholds_at_fmr(genuine, impostor, targets)}
 
 
 def calibrate_instance(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *, seed: int = 0,
                        targets: Sequence[float] = DEFAULT_FMR_TARGETS,
-                       originals: np.ndarray | None = None) -> dict:
+                       originals: np.ndarray | None = None, impostor: np.ndarray | None = None) -> dict:
     """"instance" protocol (near-duplicates): genuine = (image, augment_image(image)) for each held-out image,
     impostor = all pairs of distinct held-out images, any class.
 
@@ -244,34 +266,50 @@ def calibrate_instance(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.
       embed_fn: uint8 images (n, H, W[, C]) -> unit embeddings (n, d), e.g. lambda x: embed_images(model, x).
       images: the held-out images (uint8); seed fixes the augmentations.
       originals: their embeddings if already computed (saves one pass).
+      impostor: the all-pairs scores of `originals` if already computed (e.g. both parts of
+        all_pair_scores(originals, labels) concatenated).
+    Returns {"protocol", "genuine", "impostor", "auc", "thresholds"}.
     """
     from trainer.augment import augment_batch
     rng = np.random.default_rng(seed)
     copies = augment_batch(np.asarray(images), rng)
     emb = embed_fn(images) if originals is None else np.asarray(originals, np.float32)
     genuine = angular_similarity(cosine_similarity(emb, embed_fn(copies)))
-    _, impostor = all_pair_scores(emb, None)
+    if impostor is None:
+        _, impostor = all_pair_scores(emb, None)
     return {"protocol": "instance", "genuine": genuine, "impostor": impostor,
-            "auc": roc_auc(genuine, impostor) if len(genuine) and len(impostor) else None,
-            "thresholds": thresholds_at_fmr(genuine, impostor, targets)}
+            "auc": _auc_or_none(genuine, impostor), "thresholds": thresholds_at_fmr(genuine, impostor, targets)}
 
 
 # --- plots ------------------------------------------------------------------------------------------------
 
-def plot_roc(curves: dict, path: str) -> str:
-    """ROC curves (FMR on a log axis vs 1 - FNMR) of {name: (genuine, impostor)} to a PNG; returns path."""
+def roc_points(genuine: np.ndarray, impostor: np.ndarray, points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """(fmr, 1 - fnmr) at thresholds spread over the impostor quantiles (log-spaced FMRs down to
+    1/len(impostor)) and evenly over [0, 1]: a faithful curve from a few hundred points, even for millions
+    of pairs."""
+    imp = np.asarray(impostor, np.float64)
+    floor = 1.0 / max(len(imp), 1)
+    levels = np.logspace(np.log10(floor), 0, points)
+    grid = np.concatenate([np.quantile(imp, 1 - levels), np.linspace(0, 1, points), [1.0 + 1e-9]]) \
+        if len(imp) else np.linspace(0, 1, points)
+    fmr, fnmr = fmr_fnmr(genuine, impostor, np.unique(grid))
+    return fmr, 1.0 - fnmr
+
+
+def plot_roc(curves: dict, path: str, aucs: dict | None = None) -> str:
+    """ROC curves (FMR on a log axis vs 1 - FNMR) of {name: (genuine, impostor)} to a PNG; returns path.
+    aucs: {name: auc} if already known (else computed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
     for name, (genuine, impostor) in curves.items():
-        y = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
-        fpr, tpr, _ = roc_curve(y, np.concatenate([genuine, impostor]))
+        fmr, tmr = roc_points(genuine, impostor)
         floor = 1.0 / max(len(impostor), 1)
-        ax.plot(np.maximum(fpr, floor), tpr, label=f"{name} (AUC {roc_auc(genuine, impostor):.4f}, "
-                                                    f"{len(impostor):,} impostor pairs)")
+        auc = (aucs or {}).get(name)
+        auc = rank_auc(genuine, impostor) if auc is None else auc
+        ax.plot(np.maximum(fmr, floor), tmr, label=f"{name} (AUC {auc:.4f}, {len(impostor):,} impostor pairs)")
     ax.set_xscale("log")
     ax.set_xlabel("false match rate")
     ax.set_ylabel("true match rate (1 - FNMR)")
@@ -296,10 +334,10 @@ def plot_similarity_hist(groups: dict, path: str, thresholds: dict | None = None
     fig, axes = plt.subplots(len(groups), 1, figsize=(6, 2.6 * len(groups)), dpi=110, squeeze=False)
     edges = np.linspace(0, 1, bins + 1)
     for ax, (name, (genuine, impostor)) in zip(axes[:, 0], groups.items()):
-        ax.hist(impostor, bins=edges, density=True, alpha=0.6, color="tab:red",
-                label=f"impostor ({len(impostor):,})")
-        ax.hist(genuine, bins=edges, density=True, alpha=0.6, color="tab:blue",
-                label=f"genuine ({len(genuine):,})")
+        # np.histogram + stairs: matplotlib's hist is slow on millions of impostor scores.
+        for scores, colour, what in ((impostor, "tab:red", "impostor"), (genuine, "tab:blue", "genuine")):
+            counts, _ = np.histogram(scores, bins=edges, density=len(scores) > 0)
+            ax.stairs(counts, edges, fill=True, alpha=0.6, color=colour, label=f"{what} ({len(scores):,})")
         for t in (thresholds or {}).get(name, []):
             ax.axvline(t["angular_similarity"], color="k", lw=0.8, ls="--")
             ax.text(t["angular_similarity"], ax.get_ylim()[1] * 0.9, f" FMR {t['target_fmr']:g}",

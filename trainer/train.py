@@ -219,8 +219,11 @@ def train(config: TrainConfig) -> dict:
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss, total
 
+    # A compiled inference call: about twice as fast as calling the model eagerly batch by batch.
+    predict = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True, autograph=False)
+
     def embed(x):
-        return ev.embed_images(model, x)
+        return ev.embed_images(model, x, predict_fn=predict)
 
     history, best = [], {"auc": -1.0, "epoch": 0, "weights": None}
     t_train = time.perf_counter()
@@ -263,8 +266,10 @@ def train(config: TrainConfig) -> dict:
     # Calibration on held-out TRAIN images (never the test split, never trained on).
     cal_images, cal_labels = images[cal_idx], labels[cal_idx]
     cal_emb = embed(cal_images)
-    by_class = ev.calibrate_class(cal_emb, cal_labels)
-    by_instance = ev.calibrate_instance(embed, cal_images, seed=config.seed, originals=cal_emb)
+    same, different = ev.all_pair_scores(cal_emb, cal_labels)
+    by_class = ev.calibrate_class(cal_emb, cal_labels, pair_scores=(same, different))
+    by_instance = ev.calibrate_instance(embed, cal_images, seed=config.seed, originals=cal_emb,
+                                        impostor=np.concatenate([same, different]))
     thresholds = {"instance": by_instance["thresholds"], "class": by_class["thresholds"]}
 
     out = config.output_dir
@@ -273,7 +278,9 @@ def train(config: TrainConfig) -> dict:
         "roc": ev.plot_roc({"test seed protocol": (seed["genuine"], seed["impostor"]),
                             "class (calibration set)": (by_class["genuine"], by_class["impostor"]),
                             "instance (calibration set)": (by_instance["genuine"], by_instance["impostor"])},
-                           os.path.join(out, "roc.png")),
+                           os.path.join(out, "roc.png"),
+                           aucs={"test seed protocol": seed["auc"], "class (calibration set)": by_class["auc"],
+                                 "instance (calibration set)": by_instance["auc"]}),
         "similarity_hist": ev.plot_similarity_hist(
             {"test seed protocol": (seed["genuine"], seed["impostor"]),
              "class": (by_class["genuine"], by_class["impostor"]),
@@ -373,4 +380,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run()
+    try:
+        run()
+    except TrainingCollapsed as err:
+        sys.exit(f"error: {err}")

@@ -147,3 +147,20 @@ def test_plots_are_written(tmp_path):
     for path in (roc, hist):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rank_auc_equals_sklearn_with_ties():
+    rng = np.random.default_rng(4)
+    g = np.round(rng.uniform(0.4, 1.0, 300), 2)   # rounding makes plenty of ties
+    i = np.round(rng.uniform(0.0, 0.7, 2000), 2)
+    assert E.rank_auc(g, i) == pytest.approx(E.roc_auc(g, i), abs=1e-12)
+    assert E.rank_auc([0.5], [0.5]) == 0.5
+
+
+def test_roc_points_follow_fmr_fnmr():
+    g = np.array([0.9, 0.8, 0.7, 0.6])
+    i = np.array([0.1, 0.2, 0.3, 0.7, 0.8])
+    fmr, tmr = E.roc_points(g, i, points=50)
+    assert fmr.min() == 0.0 and fmr.max() == 1.0 and tmr.max() == 1.0
+    # At the threshold 0.7 exactly: FMR 2/5 and TMR 3/4 is on the curve.
+    assert any(np.isclose(fmr, 0.4) & np.isclose(tmr, 0.75))
