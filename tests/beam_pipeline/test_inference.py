@@ -120,3 +120,15 @@ def test_keyed_run_inference_in_a_pipeline(tiny_model_dir, encoder):
                | RunInference(keyed_handler(handler))
                | beam.Map(matches))
         assert_that(out, equal_to(expected))
+
+
+def test_use_accelerator_names_the_devices_tensorflow_sees():
+    import tensorflow as tf
+
+    from beam_pipeline.inference import use_accelerator
+
+    gpus = tf.config.list_physical_devices("GPU")
+    expected = ", ".join(g.name.replace("/physical_device:", "") for g in gpus) or "CPU"
+    assert use_accelerator() == expected
+    if not gpus:  # this project's machines: tensorflow-cpu, no GPU
+        assert expected == "CPU"
