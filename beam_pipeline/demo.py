@@ -254,7 +254,7 @@ def format_summary(summary: dict, out: str) -> str:
     lines = [
         "",
         "siamese-dedup demo: done",
-        f"  model {card['model_id']}  seed-protocol ROC AUC {metrics.get('seed_auc', float('nan')):.4f}  "
+        f"  model {card['model_id']}  seed-protocol ROC AUC {metrics.get('seed_protocol_auc', float('nan')):.4f}  "
         f"recall@1 {metrics.get('recall_at_1', float('nan')):.4f}",
         f"  catalogue {summary['catalogue']['items']} files, {summary['catalogue']['planted_pairs']} planted "
         f"duplicate pairs, {summary['catalogue']['broken_items']} broken files",
