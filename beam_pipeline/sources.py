@@ -51,6 +51,8 @@ METRICS_NAMESPACE = "embed"
 FAILURES_TAG = "failures"
 
 FORMATS = ("files", "tfrecord", "parquet", "tar")
+# Image files travel to the readers in groups of this many (one shuffle element each).
+FILES_PER_READ = 16
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "dib", "gif", "tif", "tiff", "ppm",
                     "pgm", "pbm", "pnm")
 _FORMAT_SUFFIXES = (
@@ -559,18 +561,19 @@ class _CountingFn(beam.DoFn):
 
 
 class _ReadFileFn(_CountingFn):
-    """FileMetadata of an image file -> its Record (or ReadFailure)."""
+    """A list of FileMetadata of image files -> a Record (or ReadFailure) per file."""
 
     def __init__(self, input_glob: str, max_bytes: int):
         super().__init__()
         self._input_glob = input_glob
         self._max_bytes = max_bytes
 
-    def process(self, metadata):
-        if _is_directory(metadata):
-            return
-        item_id = bio.item_id_for(metadata.path, self._input_glob)
-        yield from self._emit([read_file(metadata.path, item_id, self._max_bytes, metadata.size_in_bytes)])
+    def process(self, batch):
+        for metadata in batch:
+            if _is_directory(metadata):
+                continue
+            item_id = bio.item_id_for(metadata.path, self._input_glob)
+            yield from self._emit([read_file(metadata.path, item_id, self._max_bytes, metadata.size_in_bytes)])
 
 
 class _ReadShardFn(_CountingFn):
@@ -631,9 +634,9 @@ class ReadCatalogue(beam.PTransform):
     """Read the catalogue `input_glob` in `input_format` (one of FORMATS) -> (records, failures).
 
     records: PCollection of Record; failures: PCollection of ReadFailure. Every item read is counted in
-    the 'items_read' counter (namespace METRICS_NAMESPACE), failures also in 'read_failed' and 'failed'. The matched
-    files (shards) are spread over the workers before they are opened; Parquet files are split further
-    into row groups.
+    the 'items_read' counter (namespace METRICS_NAMESPACE), failures also in 'read_failed' and 'failed'.
+    The matched files (shards) are spread over the workers before they are opened (image files in groups of
+    FILES_PER_READ); Parquet files are split further into row groups.
     """
 
     def __init__(self, input_glob: str, input_format: str, keys: RecordKeys = RecordKeys(), max_bytes: int = 0):
@@ -647,13 +650,17 @@ class ReadCatalogue(beam.PTransform):
 
     def expand(self, pbegin):
         # MatchFiles lists every path from one worker: spread them before anything is opened.
-        files = (pbegin
-                 | "MatchFiles" >> fileio.MatchFiles(self._input_glob)
-                 | "SpreadFiles" >> beam.Reshuffle())
+        matched = pbegin | "MatchFiles" >> fileio.MatchFiles(self._input_glob)
         if self._format == "files":
-            read = files | "ReadFiles" >> beam.ParDo(
-                _ReadFileFn(self._input_glob, self._max_bytes)).with_outputs(FAILURES_TAG, main="records")
+            # Image files are small: spread them in groups, a fraction of the shuffle's per-element cost.
+            read = (matched
+                    | "GroupFiles" >> beam.BatchElements(min_batch_size=FILES_PER_READ,
+                                                         max_batch_size=FILES_PER_READ)
+                    | "SpreadFiles" >> beam.Reshuffle()
+                    | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._input_glob, self._max_bytes)).with_outputs(
+                        FAILURES_TAG, main="records"))
             return read.records, read[FAILURES_TAG]
+        files = matched | "SpreadFiles" >> beam.Reshuffle()
         if self._format in ("tfrecord", "tar"):
             read = files | "ReadShards" >> beam.ParDo(
                 _ReadShardFn(self._input_glob, self._format, self._keys, self._max_bytes)
