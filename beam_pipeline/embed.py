@@ -15,8 +15,9 @@ embedded once and share the embedding (each keeps its own row); `inferences_save
 evaluations that spared. The model card drives the decode (size, channels, value range), the embedding
 dimension of the table and the `model_id` column: nothing is configured twice.
 
-Runs on the DirectRunner by default (see `LOCAL_RUNNING_MODE`); `--runner DataflowRunner` with
-`--setup_file ./setup.py` (or a worker image, docs/gpu_worker.md) runs the same code on Dataflow.
+Runs locally by default, on the DirectRunner's engine (see `_apply_local_defaults`, `LOCAL_RUNNING_MODE`);
+`--runner DataflowRunner` with `--setup_file ./setup.py` (or a worker image, docs/gpu_worker.md) runs the
+same code on Dataflow.
 
     python -m beam_pipeline.embed --input 'catalogue/images/*.png' --model_dir model --output out
 """
@@ -344,14 +345,22 @@ def _wait(result, poll_seconds: float = PROGRESS_SECONDS) -> None:
 
 
 def _apply_local_defaults(pipeline_options) -> None:
-    """DirectRunner runs: use LOCAL_RUNNING_MODE unless --direct_running_mode was given."""
-    runner = pipeline_options.view_as(StandardOptions).runner
-    if runner not in (None, "DirectRunner", "direct", "BundleBasedDirectRunner"):
+    """Local runs: pin Beam's FnApiRunner when no --runner is given, in LOCAL_RUNNING_MODE unless
+    --direct_running_mode is given.
+
+    The FnApiRunner is the engine the DirectRunner runs batch pipelines on. Named directly because
+    Beam 2.77's DirectRunner first tries the Prism runner, a binary it downloads from GitHub: offline
+    that fails and it falls back to the FnApiRunner, online the pipeline would run on another engine
+    that ignores --direct_running_mode. `--runner DirectRunner` still gets Beam's own choice.
+    """
+    standard = pipeline_options.view_as(StandardOptions)
+    if standard.runner is None:
+        standard.runner = "FnApiRunner"
+    if standard.runner not in ("FnApiRunner", "DirectRunner", "direct"):
         return
-    direct = pipeline_options.view_as(DirectOptions)
     explicit = pipeline_options.get_all_options(drop_default=True)
     if "direct_running_mode" not in explicit:
-        direct.direct_running_mode = LOCAL_RUNNING_MODE
+        pipeline_options.view_as(DirectOptions).direct_running_mode = LOCAL_RUNNING_MODE
 
 
 def describe_dataflow_job(job) -> dict:

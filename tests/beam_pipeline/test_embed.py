@@ -400,3 +400,17 @@ def _read_rows(glob: str) -> list[dict]:
         with FileSystems.open(path) as f:
             rows += pq.read_table(pa.BufferReader(f.read())).to_pylist()
     return rows
+
+
+def test_local_runner_defaults():
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+    def applied(argv):
+        options = PipelineOptions(argv)
+        embed._apply_local_defaults(options)
+        return options.view_as(StandardOptions).runner, options.view_as(DirectOptions).direct_running_mode
+
+    assert applied([]) == ("FnApiRunner", embed.LOCAL_RUNNING_MODE)
+    assert applied(["--direct_running_mode", "multi_processing"]) == ("FnApiRunner", "multi_processing")
+    assert applied(["--runner", "DirectRunner"]) == ("DirectRunner", embed.LOCAL_RUNNING_MODE)
+    assert applied(["--runner", "DataflowRunner"])[0] == "DataflowRunner"
