@@ -15,9 +15,10 @@ Same model, same image files, same batch size, one run of this script:
 - beam: `beam_pipeline.embed.run` end to end (pipeline construction, read, sha256, gather identical
   bytes, decode, RunInference at fixed batches of B (--min_batch_size = --batch_size), write templates
   and failures Parquet, read them back for the summary) on the DirectRunner in each of `--modes`.
-Each timing is wall-clock seconds around the whole call (model load included in both); runs are
-interleaved plain, beam mode 1, beam mode 2, ... `--repeats` times and the best of each is kept, because
-the machine is shared. Prints one line per run and a summary with images/s and the ratio beam / plain.
+Each timing is wall-clock seconds around the whole call (model load included in both), after one
+untimed warm-up of the plain path on two batches (process-wide TensorFlow and PIL start-up costs); runs
+are interleaved plain, beam mode 1, beam mode 2, ... `--repeats` times and the best of each is kept,
+because the machine is shared. Prints one line per run and a summary with images/s and the ratio beam / plain.
 """
 from __future__ import annotations
 
@@ -130,6 +131,9 @@ def main(argv=None) -> dict:
     modes = [m for m in args.modes.split(",") if m]
     print(f"{args.images} {args.kind} images, batch {args.batch_size}, {os.cpu_count()} CPUs, modes {modes}", flush=True)
 
+    # Warm-up, untimed: the first decode and predict in a process pay one-time costs (TensorFlow and PIL
+    # initialisation) that neither contender should be charged for.
+    plain(paths[:2 * args.batch_size], model_dir, args.batch_size)
     best = {"plain": float("inf"), **{m: float("inf") for m in modes}}
     reference = None
     for repeat in range(args.repeats):
