@@ -12,6 +12,7 @@ REQUIRED = [
     "pyarrow>=14",
     "scikit-learn>=1.4",
     "google-cloud-storage>=2.14",
+    "google-crc32c>=1.5",  # TFRecord framing CRCs (beam_pipeline.sources)
     "pillow>=10.3",
     "matplotlib>=3.8",
     "jsonschema>=4.20",
