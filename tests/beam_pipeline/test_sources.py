@@ -303,3 +303,29 @@ def test_shards_on_gcs(gcs_bucket):
     put(f"{base}/s.tar", buffer.getvalue())
     assert list(sources.tar_shard_records(f"{base}/s.tar", "s.tar", RecordKeys(label="cls"))) == [
         Record("s.tar#k1.png", f"{base}/s.tar#k1.png", b"P1", "4")]
+
+
+@pytest.mark.parametrize("fmt, reader, spread", [
+    ("files", "ReadFiles", "SpreadFiles"), ("tfrecord", "ReadShards", "SpreadFiles"),
+    ("tar", "ReadShards", "SpreadFiles"), ("parquet", "ReadRowGroups", "SpreadRowGroups")])
+def test_reads_are_spread_before_any_file_is_opened(fmt, reader, spread):
+    """The ParDo that opens files (or row groups) reads a Reshuffle's output, never MatchFiles' directly:
+    the listing comes from one worker, and a fused read would stay there."""
+    p = beam.Pipeline()
+    _ = p | "Read" >> sources.ReadCatalogue("/nowhere/*", fmt)
+    proto = p.to_runner_api()
+    transforms = proto.components.transforms
+    by_name = {t.unique_name: t for t in transforms.values()}
+    producer = {pc: t.unique_name for t in transforms.values() if not t.subtransforms for pc in t.outputs.values()}
+    [read_input] = by_name[f"Read/{reader}"].inputs.values()
+    assert producer[read_input].startswith(f"Read/{spread}/"), producer[read_input]
+    # ... and the Reshuffle really shuffles (a GroupByKey inside).
+    assert any(n.endswith("/GroupByKey") for n in _descendants(transforms, by_name[f"Read/{spread}"]))
+
+
+def _descendants(transforms, transform) -> list[str]:
+    names = []
+    for sub in transform.subtransforms:
+        names.append(transforms[sub].unique_name)
+        names.extend(_descendants(transforms, transforms[sub]))
+    return names
