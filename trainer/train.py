@@ -49,7 +49,7 @@ class TrainConfig:
     """
     output_dir: str = "model"
     embedding_dim: int = 64
-    epochs: int = 4
+    epochs: int = 3
     classes_per_batch: int = 10
     per_class: int = 8
     loss: str = "triplet"            # "triplet" | "contrastive"
