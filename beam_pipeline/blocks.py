@@ -296,3 +296,29 @@ def delete_staging(directory: str) -> None:
                 os.rmdir(d)  # only when empty: never anything the stage did not write
             except OSError:
                 pass
+
+
+def write_partition_slices(path: str, partitions: list[int], batches: list[pa.RecordBatch]) -> None:
+    """Write one block's members of each partition as the record batches of one Arrow IPC file.
+
+    Batch k holds the members of `partitions[k]`; a partition task reads back only its own batch of each
+    block's file (`read_partition_slice`), so the members travel through files, not the runner's shuffle:
+    what the shuffle carries is (partition, block, batch index), a few bytes per slice.
+    """
+    if not batches:
+        return
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batches[0].schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    with FileSystems.create(path, mime_type="application/octet-stream") as f:
+        f.write(sink.getvalue().to_pybytes())
+
+
+def read_partition_slice(path: str, index: int) -> pa.RecordBatch:
+    """Record batch `index` of a file written by `write_partition_slices` (local files: memory-mapped, so
+    only that batch's pages are read)."""
+    if _is_local(path):
+        return pa.ipc.open_file(pa.memory_map(path, "r")).get_batch(index)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return pa.ipc.open_file(pa.BufferReader(f.read())).get_batch(index)

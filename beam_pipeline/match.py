@@ -233,12 +233,18 @@ class VerifyPairsFn(_BlockDoFn):
 
 
 class AssignBlockFn(_BlockDoFn):
-    """block -> (partition, members of this block assigned to it) for every partition it feeds."""
+    """block -> (partition, (block, batch index)) for every partition its items are assigned to.
 
-    def __init__(self, manifest, cos_threshold, model_id, run_id, threads, centroids, max_assign):
+    The members themselves (global row, item id, embedding, assignments) go to one Arrow file per block
+    under `slices_dir`, one record batch per partition: memory stays at one block per task whatever the
+    runner, and a partition task reads back only its own slices.
+    """
+
+    def __init__(self, manifest, cos_threshold, model_id, run_id, threads, centroids, max_assign, slices_dir):
         super().__init__(manifest, cos_threshold, model_id, run_id, threads)
         self._centroids = centroids
         self._max_assign = max_assign
+        self._slices_dir = slices_dir
         self._capped = beam.metrics.Metrics.counter("match", "capped_items")
         self._assignments = beam.metrics.Metrics.counter("match", "assignments")
 
@@ -255,13 +261,25 @@ class AssignBlockFn(_BlockDoFn):
         order = np.argsort(flat_p, kind="stable")
         flat_p, flat_r = flat_p[order], flat_r[order]
         starts = np.r_[0, np.flatnonzero(flat_p[1:] != flat_p[:-1]) + 1, len(flat_p)]
+        partitions, batches = [], []
+        d, m = emb.shape[1], assign.shape[1]
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
             r = flat_r[a:b]
-            yield int(flat_p[a]), (rows[r], _take(ids, r), np.array(emb[r]), assign[r])
+            partitions.append(int(flat_p[a]))
+            batches.append(pa.record_batch({
+                "row": pa.array(rows[r]),
+                "item_id": _take(ids, r),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(emb[r]).reshape(-1)), d),
+                "assign": pa.FixedSizeListArray.from_arrays(pa.array(assign[r].reshape(-1)), m),
+            }))
+        path = bk.FileSystems.join(self._slices_dir, f"slices-{block:05d}.arrow")
+        bk.write_partition_slices(path, partitions, batches)
+        for k, partition in enumerate(partitions):
+            yield partition, (path, k)
 
 
 class PartitionMatchFn(beam.DoFn):
-    """(partition, member chunks) -> matches Table of the pairs found within the partition."""
+    """(partition, its slices in the blocks' files) -> matches Table of the pairs found within it."""
 
     def __init__(self, cos_threshold: float, model_id: str, run_id: str, threads: int):
         self._cos = cos_threshold
@@ -273,22 +291,24 @@ class PartitionMatchFn(beam.DoFn):
         self._largest = beam.metrics.Metrics.distribution("match", "partition_members")
 
     def process(self, element):
-        partition, chunks = element
-        chunks = list(chunks)
-        rows = np.concatenate([c[0] for c in chunks])
-        ids = pa.concat_arrays([c[1] for c in chunks])
-        emb = np.concatenate([c[2] for c in chunks])
-        assign = np.concatenate([c[3] for c in chunks])
+        partition, slices = element
+        table = pa.Table.from_batches([bk.read_partition_slice(path, k) for path, k in sorted(slices)])
+        rows = table.column("row").to_numpy()
+        ids = table.column("item_id").combine_chunks()
+        emb_col = table.column("embedding").combine_chunks()
+        emb = emb_col.values.to_numpy(zero_copy_only=False).reshape(len(rows), -1)
+        assign_col = table.column("assign").combine_chunks()
+        assign = assign_col.values.to_numpy(zero_copy_only=False).reshape(len(rows), -1)
         self._largest.update(len(rows))
         gi, gj, cos, products = candidates.partition_pairs(partition, rows, emb, assign, self._cos,
                                                            threads=self._threads)
         self._products.inc(products)
         if len(gi):
-            position = {g: k for k, g in enumerate(rows.tolist())}
-            a = ids.take(pa.array([position[g] for g in gi.tolist()], pa.int64()))
-            b = ids.take(pa.array([position[g] for g in gj.tolist()], pa.int64()))
+            order = np.argsort(rows)
+            position = order[np.searchsorted(rows, gi, sorter=order)]
+            position_j = order[np.searchsorted(rows, gj, sorter=order)]
             self._pairs.inc(len(gi))
-            yield matches_table(a, b, cos, self._model_id, self._run_id)
+            yield matches_table(_take(ids, position), _take(ids, position_j), cos, self._model_id, self._run_id)
 
 
 class SampleExactFn(_BlockDoFn):
@@ -495,10 +515,12 @@ def run(argv=None, test_pipeline=None) -> dict:
             extra = {"partitions": int(len(centroids)), "max_assign": opts.max_assign,
                      "kmeans_sample": int(len(fit_rows)), "recall_sample": int(len(sample_rows))}
             block_ids = list(range(nb))
+            slices_dir = bio.FileSystems.join(stage_root, "slices")
+            staged.append(slices_dir)
             matches = (
                 p | "Blocks" >> beam.Create(block_ids) | "SpreadBlocks" >> beam.Reshuffle()
                 | "Assign" >> beam.ParDo(AssignBlockFn(doc, cos_t, model_id, run_id, threads, centroids,
-                                                       opts.max_assign))
+                                                       opts.max_assign, slices_dir))
                 | "ByPartition" >> beam.GroupByKey()
                 | "MatchPartitions" >> beam.ParDo(PartitionMatchFn(cos_t, model_id, run_id, threads))
             )
