@@ -14,5 +14,8 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
+# Quick benchmarks (a minute or two each); see BENCHMARKS.md for the long ones and their flags.
 bench: setup
-	$(VENV)/bin/python bench/bench_pipeline.py
+	$(VENV)/bin/python bench/bench_matching.py
+	$(VENV)/bin/python bench/bench_embed.py
+	$(VENV)/bin/python bench/bench_trainer.py
