@@ -13,7 +13,9 @@
    - all_pairs, exact: strips of block pairs (i, j >= i); each a tiled matrix product keeping only pairs
      with cosine >= threshold (matching.pairs_above_threshold). No N x N matrix exists anywhere.
    - all_pairs, approximate: k-means partitions with multi-assignment (beam_pipeline.candidates): every
-     block's items are assigned to partitions, grouped by partition, and compared within it. A sample of
+     block's items are assigned to partitions and written, partition by partition, to one Arrow file per
+     block; the shuffle carries only (partition, file, batch), and each partition task reads its members
+     back and compares them within the partition. A sample of
      `--recall_sample` items is also matched exactly against the whole catalogue, and the recall of the
      approximate pairs against it is written to match_run.json and the report.
    - queries (1:N): every query block against every catalogue block; per query the `--top_k` pairs of
