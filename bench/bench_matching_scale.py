@@ -45,10 +45,16 @@ def bare_rate(glob: str, block: int, samples: int, seed: int) -> dict:
     from schemas.tables import embeddings_as_numpy
 
     paths = sorted(__import__("glob").glob(glob))
-    x = embeddings_as_numpy(pq.read_table(paths[0], columns=["embedding"]))
+    parts, rows = [], 0
+    for path in paths:  # enough shards for a few blocks
+        parts.append(embeddings_as_numpy(pq.read_table(path, columns=["embedding"])))
+        rows += len(parts[-1])
+        if rows >= 6 * block:
+            break
+    x = np.concatenate(parts)
     nb = len(x) // block
     if nb < 2:
-        raise ValueError("need at least two blocks in the first shard")
+        raise ValueError("need at least two blocks of templates")
     rng = np.random.default_rng(seed)
     times, cpu = [], []
     for _ in range(samples):
