@@ -227,8 +227,8 @@ def pairs_above_threshold(
     Work is done one tile (`chunk_rows` rows x up to TILE_COLS columns, default ~2 MiB) at a time into
     reused buffers, so memory is O(tile) whatever the block size. `threads` > 1 splits the row chunks
     over that many threads, each running single-threaded BLAS and its own thresholding, so the scan runs
-    on every core instead of one core idling while the other thresholds (None or 1: one thread, BLAS as
-    configured).
+    on every core instead of one core idling while the other thresholds (None: one thread, BLAS as
+    configured; 1: one thread with single-threaded BLAS, for runners with one worker process per core).
     """
     if check:
         left = check_embeddings(left, "left")
@@ -246,10 +246,13 @@ def pairs_above_threshold(
     threshold = float32_threshold(cos_threshold)
     rows, cols = _tile_shape(m, chunk_rows)
     starts = list(range(0, n, rows))
-    threads = max(1, min(int(threads or 1), len(starts)))
-    if threads == 1:
+    if threads is None:  # one stream, BLAS threaded as configured
         parts = [_scan_rows(left, right, threshold, same_block, starts, rows, cols)]
+    elif min(int(threads), len(starts)) <= 1:  # asked for one thread: BLAS too (one worker process per core)
+        with _blas_single_thread():
+            parts = [_scan_rows(left, right, threshold, same_block, starts, rows, cols)]
     else:
+        threads = min(int(threads), len(starts))
         # Interleaved shares: on a diagonal block the first row chunks hold the most columns.
         shares = [starts[t::threads] for t in range(threads)]
         with _blas_single_thread():
