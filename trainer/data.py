@@ -73,3 +73,160 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{directory}: {split} images {images.shape} and labels {labels.shape} do not match")
     return np.array(images), labels  # np.array: writable copy, not a view of the file bytes
+
+
+# --- other sources: image folders, pairs, unlabelled folders, NumPy arrays -----------------------------------
+#
+# Every image goes through beam_pipeline.decode.decode_image (the one definition of decode: any format, size
+# or mode -> the encoder's input size and channels, uint8), so training sees exactly what the embed pipeline
+# will feed the model.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+SOURCES = ("fashion_mnist", "folder", "pairs", "unlabelled", "npz")
+
+
+class LabelledImages(tuple):
+    """(images uint8 (n, H, W, C), labels int64 (n,)) plus what they mean: `names` (label id -> class name,
+    pair name or file name), `paths` (n,) source files ("" for arrays), `kind` ("class", "pair" or
+    "instance": with "instance" every image is its own label)."""
+
+    def __new__(cls, images, labels, names, paths, kind):
+        self = super().__new__(cls, (images, labels))
+        self.images, self.labels, self.names, self.paths, self.kind = images, labels, list(names), list(paths), kind
+        return self
+
+
+def _image_files(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: not a directory")
+    return sorted(f for f in os.listdir(directory)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+
+
+def decode_files(paths: list[str], input_spec: dict) -> np.ndarray:
+    """Decode image files -> uint8 (n, H, W, C) of the spec's size/channels (beam_pipeline.decode).
+
+    A file that does not decode raises ValueError naming it and the reason (training data should be clean;
+    the embed pipeline is where bad files are tolerated and logged)."""
+    from beam_pipeline.decode import DecodeError, decode_image
+    h, w, c = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
+    out = np.empty((len(paths), h, w, c), np.uint8)
+    for i, path in enumerate(paths):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            out[i] = decode_image(data, input_spec).pixels
+        except DecodeError as err:
+            raise ValueError(f"{path}: cannot decode ({err})") from None
+    return out
+
+
+def load_image_folder(path: str, input_spec: dict) -> LabelledImages:
+    """A folder with one subfolder per class (path/<class>/<image>): labels are the subfolders in sorted
+    order (names = subfolder names). Subfolders without images are skipped."""
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    files, labels, names = [], [], []
+    for name in classes:
+        members = _image_files(os.path.join(path, name))
+        if not members:
+            continue
+        files += [os.path.join(path, name, f) for f in members]
+        labels += [len(names)] * len(members)
+        names.append(name)
+    if len(names) < 2:
+        raise ValueError(f"{path}: a class folder needs at least two subfolders of images, found {len(names)}")
+    return LabelledImages(decode_files(files, input_spec), np.asarray(labels, np.int64), names, files, "class")
+
+
+def load_pairs(path: str, input_spec: dict, folders: tuple[str, str] | None = None) -> LabelledImages:
+    """The pairs layout (as in Totally-Looks-Like): two folders whose same-named files are positive pairs.
+
+    path holds exactly two subfolders (or name them with `folders`); a file name present in both is a pair,
+    others are ignored. Returns 2 images per pair, labels = pair index (so the two halves of a pair are each
+    other's only positive and every other pair's images are negatives), names = the shared file names.
+    """
+    if folders is None:
+        subs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if len(subs) != 2:
+            raise ValueError(f"{path}: the pairs layout needs exactly two subfolders, found {subs}")
+        folders = (subs[0], subs[1])
+    left, right = (os.path.join(path, f) for f in folders)
+    common = sorted(set(_image_files(left)) & set(_image_files(right)))
+    if len(common) < 2:
+        raise ValueError(f"{path}: fewer than two same-named files in {folders[0]}/ and {folders[1]}/")
+    files = [os.path.join(d, f) for f in common for d in (left, right)]  # pair i -> rows 2i, 2i+1
+    labels = np.repeat(np.arange(len(common), dtype=np.int64), 2)
+    return LabelledImages(decode_files(files, input_spec), labels, common, files, "pair")
+
+
+def load_unlabelled(path: str, input_spec: dict) -> LabelledImages:
+    """An unlabelled folder of images (instance mode): every image is its own label."""
+    names = _image_files(path)
+    if len(names) < 2:
+        raise ValueError(f"{path}: instance mode needs at least two images")
+    files = [os.path.join(path, f) for f in names]
+    return LabelledImages(decode_files(files, input_spec), np.arange(len(files), dtype=np.int64), names, files,
+                          "instance")
+
+
+def load_npz(path: str, input_spec: dict | None = None) -> LabelledImages:
+    """NumPy arrays in a .npz: `images` (or `x`) uint8 (n, H, W[, C]) and optionally `labels` (or `y`)
+    int (n,). Without labels every image is its own label (instance mode). Images whose size or channels
+    differ from input_spec are converted through the same decode path (PNG round trip)."""
+    with np.load(path, allow_pickle=False) as z:
+        key = "images" if "images" in z else "x" if "x" in z else None
+        if key is None:
+            raise ValueError(f"{path}: no 'images' (or 'x') array; found {sorted(z.files)}")
+        images = np.asarray(z[key])
+        lab_key = "labels" if "labels" in z else "y" if "y" in z else None
+        labels = np.asarray(z[lab_key]).astype(np.int64).reshape(-1) if lab_key else None
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"{path}: images must be (n, H, W) or (n, H, W, C), got {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: images must be uint8 pixels 0..255, got {images.dtype}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if input_spec is not None and images.shape[1:] != (int(input_spec["height"]), int(input_spec["width"]),
+                                                       int(input_spec["channels"])):
+        images = convert_arrays(images, input_spec)
+    n = len(images)
+    if labels is None:
+        return LabelledImages(images, np.arange(n, dtype=np.int64), [str(i) for i in range(n)], [""] * n,
+                              "instance")
+    names = [str(v) for v in np.unique(labels)]
+    _, labels = np.unique(labels, return_inverse=True)
+    return LabelledImages(images, labels.astype(np.int64), names, [""] * n, "class")
+
+
+def convert_arrays(images: np.ndarray, input_spec: dict) -> np.ndarray:
+    """uint8 (n, H, W[, C]) of any size -> the spec's size and channels, through decode_image (PNG bytes),
+    so arrays are converted exactly like files."""
+    import io
+
+    from PIL import Image
+
+    from beam_pipeline.decode import decode_image
+    h, w, c = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
+    out = np.empty((len(images), h, w, c), np.uint8)
+    for i, img in enumerate(images):
+        img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out[i] = decode_image(buf.getvalue(), input_spec).pixels
+    return out
+
+
+def load_source(kind: str, path: str | None, input_spec: dict) -> LabelledImages:
+    """Load a training source by name (SOURCES). fashion_mnist: `path` is the IDX directory (optional) and
+    this returns the TRAIN split; the others read `path`."""
+    if kind == "fashion_mnist":
+        images, labels = load_fashion_mnist("train", path)
+        return LabelledImages(images[..., None], labels, list(CLASS_NAMES), [""] * len(labels), "class")
+    if not path:
+        raise ValueError(f"--data {kind} needs --data_path")
+    loaders = {"folder": load_image_folder, "pairs": load_pairs, "unlabelled": load_unlabelled, "npz": load_npz}
+    if kind not in loaders:
+        raise ValueError(f"data source must be one of {SOURCES}, got {kind!r}")
+    return loaders[kind](path, input_spec)

@@ -14,6 +14,9 @@ declared a match when its score is >= the threshold.
                    out rather than guessed.
   calibrate_class / calibrate_instance
                    genuine and impostor scores for the model card's two protocols (see SPEC), then thresholds.
+  map_at_r         MAP@R (Musgrave et al. 2020): for a query with R same-label items, the mean over the R
+                   nearest neighbours of precision@i at each neighbour i that is relevant, divided by R.
+  plots            ROC, genuine vs impostor histograms, FMR/FNMR against the threshold, example pairs.
 """
 from __future__ import annotations
 
@@ -121,6 +124,50 @@ def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = 
     idx, _ = nearest_neighbours(embeddings, max(ks), block)
     hit = labels[idx] == labels[:, None]
     return {int(k): float(np.mean(np.any(hit[:, :k], axis=1))) for k in ks}
+
+
+def map_at_r(embeddings: np.ndarray, labels: np.ndarray, block: int = 256) -> float:
+    """MAP@R over every item as a query (self excluded); items whose label has no other member are skipped.
+
+    For a query with R other items of its label: AP@R = (1/R) * sum_{i<=R, neighbour i relevant} P@i,
+    where P@i is the precision of the first i neighbours. Blocked: memory O(block x n).
+    """
+    emb = np.asarray(embeddings, np.float32)
+    labels = np.asarray(labels).reshape(-1)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    r_all = counts[inverse] - 1
+    r_max = int(r_all.max()) if len(r_all) else 0
+    if r_max < 1:
+        raise ValueError("MAP@R needs a label with at least two items")
+    total, queries = 0.0, 0
+    for start in range(0, len(emb), block):
+        stop = min(start + block, len(emb))
+        sims = emb[start:stop] @ emb.T
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        top = np.argpartition(-sims, r_max - 1, axis=1)[:, :r_max] if r_max < len(emb) - 1 \
+            else np.argsort(-sims, axis=1)[:, :r_max]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        rel = labels[top] == labels[start:stop, None]                 # (b, r_max)
+        r = r_all[start:stop]
+        within = np.arange(1, r_max + 1)[None, :] <= r[:, None]        # only the first R neighbours count
+        rel &= within
+        precision = np.cumsum(rel, axis=1) / np.arange(1, r_max + 1)[None, :]
+        ap = np.sum(precision * rel, axis=1) / np.maximum(r, 1)
+        valid = r >= 1
+        total += float(ap[valid].sum())
+        queries += int(valid.sum())
+    return total / queries
+
+
+def tmr_at_fmr(genuine: np.ndarray, impostor: np.ndarray,
+               targets: Sequence[float] = (1e-2, 1e-3, 1e-4)) -> list[dict]:
+    """True match rate (1 - FNMR, "recall") at each supported target FMR, with the threshold and the
+    impostor pairs behind it (thresholds_at_fmr; unsupported targets are left out)."""
+    return [{"target_fmr": t["target_fmr"], "tmr": None if t["fnmr"] is None else 1.0 - t["fnmr"],
+             "angular_similarity": t["angular_similarity"], "impostor_pairs": t["impostor_pairs"],
+             "genuine_pairs": t["genuine_pairs"], "fmr": t["fmr"], "fmr_upper_95": t["fmr_upper_95"]}
+            for t in thresholds_at_fmr(genuine, impostor, targets)]
 
 
 # --- error rates and thresholds ---------------------------------------------------------------------------
@@ -346,6 +393,63 @@ def plot_similarity_hist(groups: dict, path: str, thresholds: dict | None = None
         ax.set_xlabel("angular similarity")
         ax.set_yscale("log")
         ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _makedirs_for(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_fmr_fnmr(groups: dict, path: str, points: int = 400) -> str:
+    """FMR (log) and FNMR against the angular threshold, one colour per {name: (genuine, impostor)}:
+    where each error rate stands at every threshold one might pick. Returns path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+    for colour, (name, (genuine, impostor)) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                                                    groups.items()):
+        lo = float(min(np.min(genuine) if len(genuine) else 1, np.min(impostor) if len(impostor) else 1))
+        t = np.linspace(max(0.0, lo - 0.01), 1.0, points)
+        fmr, fnmr = fmr_fnmr(genuine, impostor, t)
+        floor = 1.0 / max(len(impostor), 1)
+        ax.plot(t, np.maximum(fmr, floor), color=colour, label=f"{name} FMR ({len(impostor):,} impostor)")
+        ax.plot(t, np.maximum(fnmr, floor), color=colour, ls="--", label=f"{name} FNMR ({len(genuine):,} genuine)")
+    ax.set_yscale("log")
+    ax.set_xlabel("threshold (angular similarity)")
+    ax.set_ylabel("error rate")
+    ax.set_title("FMR / FNMR against the threshold")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    _makedirs_for(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_example_pairs(rows: Sequence[tuple[str, np.ndarray, np.ndarray, float]], path: str,
+                       columns: int = 4) -> str:
+    """Example pairs with their scores: rows of (caption, image_a, image_b, angular similarity), images uint8
+    (H, W) or (H, W, C). Drawn side by side, `columns` pairs per line. Returns path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(rows), 1)
+    lines = (n + columns - 1) // columns
+    fig, axes = plt.subplots(lines, 2 * columns, figsize=(2 * columns * 1.1, lines * 1.45), dpi=110,
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (caption, a, b, score) in enumerate(rows):
+        r, c = divmod(i, columns)
+        for j, img in enumerate((a, b)):
+            img = np.asarray(img)
+            img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+            axes[r, 2 * c + j].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        axes[r, 2 * c].set_title(f"{caption} {score:.3f}", fontsize=6, loc="left")
     fig.tight_layout()
     _makedirs_for(path)
     fig.savefig(path)

@@ -169,3 +169,36 @@ def other_class_partners(labels: np.ndarray, anchors: np.ndarray, rng: np.random
     if len(np.unique(labels)) < 2:
         raise ValueError("other-class partners need at least two classes")
     return _sample_other({}, labels, anchors, rng, same=False, exclude_self=True)
+
+
+def pair_triplets(pair_ids: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """n (anchor, positive, negative) triplets from a pairs layout: `pair_ids` (n_images,) gives each image
+    its pair; the positive is the anchor's partner in its pair, the negative an image of ANOTHER pair.
+    (The same as class_triplets with the pair as the class: a pair is a class of two.)"""
+    return class_triplets(pair_ids, n, rng)
+
+
+class InstanceSampler:
+    """Batches of `batch_size` distinct images drawn without replacement (instance mode: no labels, every
+    image is its own identity; the trainer adds an augmented view of each, which is its only positive).
+
+    Args:
+      n: number of images; batch_size: images per batch (<= n); batches_per_epoch: default n // batch_size.
+    """
+
+    def __init__(self, n: int, batch_size: int, batches_per_epoch: int | None = None):
+        if not 2 <= batch_size <= n:
+            raise ValueError(f"batch_size must be between 2 and the number of images ({n}), got {batch_size}")
+        self.n, self.batch_size = int(n), int(batch_size)
+        self.batches_per_epoch = int(batches_per_epoch or max(1, n // batch_size))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        order, cursor = rng.permutation(self.n), 0
+        for _ in range(self.batches_per_epoch):
+            if cursor + self.batch_size > self.n:
+                order, cursor = rng.permutation(self.n), 0
+            yield order[cursor:cursor + self.batch_size]
+            cursor += self.batch_size

@@ -1,12 +1,24 @@
-"""Train the encoder on Fashion-MNIST with an in-batch triplet (or contrastive) loss and export the artefact.
+"""Train the encoder with an in-batch triplet (or contrastive) loss and export the artefact.
 
-    python -m trainer.train --output models/fmnist            # or: siamese-dedup train --output ...
+    python -m trainer.train --output models/fmnist                  # or: siamese-dedup train --output ...
+    python -m trainer.train --output models/q --preset quality      # the benchmark recipe (~10+ min CPU)
+    python -m trainer.train --output m --data folder --data_path photos/      # one subfolder per class
+    python -m trainer.train --output m --data pairs --data_path tll/          # left/ + right/ same-named files
+    python -m trainer.train --output m --data unlabelled --data_path catalogue/   # instance mode
+    python -m trainer.train --output m --data npz --data_path arrays.npz      # images (+ labels)
+    python -m trainer.train --output m --train_classes 0,1,2,3,4    # unseen-class protocol
 
-Steps: load the train split and hold out a slice of it (validation for early stopping + a calibration set
-that never trains and never picks epochs), train on class-balanced P x K batches of augmented images,
-check for collapse each epoch, keep the best weights by validation ROC AUC, then evaluate on the TEST
-split (seed protocol AUC, recall@k), calibrate thresholds on the calibration set ("class" and "instance"),
-write roc.png and similarity_hist.png, and export model.keras + model_card.json.
+Steps: load the source and hold out a slice of it (validation for early stopping + a calibration set that
+never trains and never picks epochs; for sources other than Fashion-MNIST also a test slice), train on
+class-balanced P x K batches of augmented images (instance mode: batches of distinct images, each with an
+edited copy as its only positive), check for collapse each epoch, keep the best weights by the validation
+score, then evaluate on the test split (seed protocol AUC, recall@k, MAP@R, instance recall at target FMRs;
+with --train_classes also on the classes never trained on), calibrate thresholds on the calibration set
+("class" and "instance"), write the plots and export model.keras + model_card.json.
+
+Checkpoints: with --checkpoint_dir every epoch saves the weights, the optimizer state, the best weights so
+far and the numpy random state; --resume DIR continues such a run at the next epoch (its stored config is
+used, except --epochs / --output which may be given anew).
 """
 from __future__ import annotations
 
@@ -25,10 +37,21 @@ import numpy as np
 
 from trainer import evaluate as ev
 from trainer.augment import augment_batch
-from trainer.data import load_fashion_mnist
-from trainer.samplers import PKSampler
+from trainer.data import SOURCES, load_fashion_mnist, load_source
+from trainer.samplers import InstanceSampler, PKSampler
 
 COLLAPSE_MEAN_COSINE = 0.98
+STATE_FILE = "state.json"
+
+# Named recipes: flag defaults that a --preset switches to (flags given explicitly still win).
+PRESETS = {
+    # Wider CNN with batch norm ('same' padding, 3 stages), more epochs; measured in BENCHMARKS.md.
+    "quality": {"filters": "32,64,128", "padding": "same", "batch_norm": True, "dense_units": 256,
+                "epochs": 8, "patience": 3, "instance_weight": 0.5},
+    # Instance mode recipe for near-duplicates: no class loss at all, every image its own identity.
+    "instance": {"instance_only": True, "filters": "32,64,128", "padding": "same", "batch_norm": True,
+                 "dense_units": 256, "epochs": 6, "patience": 2, "instance_margin": 0.3},
+}
 
 
 class TrainingCollapsed(RuntimeError):
@@ -46,8 +69,15 @@ class TrainConfig:
     `instance_margin`) asks that copy to be closer than any other image, same class included: that is
     what makes near-duplicates stand out from mere look-alikes. The first view is edited with probability
     `augment_prob`. An epoch is len(train) embeddings of work (so with views=2 half the images, twice each).
+    Instance mode (`--data unlabelled`, an npz without labels, or `instance_only`) drops the class loss and
+    draws batches of P*K distinct images.
     """
     output_dir: str = "model"
+    data: str = "fashion_mnist"
+    data_path: str | None = None
+    image_size: int | None = None     # other sources: side of the encoder input (default 64; npz: as stored)
+    channels: int | None = None       # other sources: 1 or 3 (default 3; npz: as stored)
+    test_fraction: float = 0.2        # other sources: held out as the test split
     embedding_dim: int = 64
     epochs: int = 3
     classes_per_batch: int = 10
@@ -63,19 +93,40 @@ class TrainConfig:
     views: int = 2
     instance_weight: float = 1.0
     instance_margin: float = 0.15
+    instance_only: bool = False
+    backbone: str = "small_cnn"
+    weights: str | None = None
+    freeze_until: str | None = None
+    alpha: float = 1.0
+    backbone_input_size: int | None = None
+    filters: str = "32,64"
+    padding: str = "valid"
+    batch_norm: bool = False
+    dense_units: int = 128
+    dropout: float = 0.1
+    train_classes: str | None = None  # "0,1,2,3,4": train on these classes, report the others as unseen
     validation_split: float = 0.1    # of the train split: held out for validation + calibration
     validation_items: int = 2000     # the part of the held-out slice used for early stopping
     calibration_items: int = 3000    # the part used to calibrate thresholds (all pairs: ~4.5 M)
+    instance_test_items: int = 3000  # test images for the instance protocol on the test split
     patience: int = 2
     max_train_items: int | None = None
     max_test_items: int | None = None
     data_dir: str | None = None
+    checkpoint_dir: str | None = None
+    tensorboard_dir: str | None = None
+    preset: str | None = None
+    stop_after_epoch: int | None = None  # end the run after this epoch (as if interrupted; for --resume tests)
     verbose: bool = True
 
 
 def _log(config: TrainConfig, message: str) -> None:
     if config.verbose:
         print(message, file=sys.stderr, flush=True)
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    return None if text in (None, "") else [int(v) for v in str(text).split(",") if v.strip() != ""]
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -104,9 +155,32 @@ def split_train(labels: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np
     return np.sort(order[held:]), held_idx[:n_val], held_idx[n_val:n_val + n_cal]
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, sampler: PKSampler, rng: np.random.Generator,
+def split_groups(labels: np.ndarray, fraction: float, rng: np.random.Generator,
+                 minimum: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held) with whole label groups held out (pairs stay together, an instance-mode image
+    is its own group): about `fraction` of the groups, at least `minimum` groups."""
+    groups = np.unique(labels)
+    n_held = min(len(groups) - minimum, max(minimum, int(round(len(groups) * fraction))))
+    if n_held < minimum:
+        raise ValueError(f"{len(groups)} groups are too few to hold out {minimum} and keep {minimum}")
+    held_groups = rng.permutation(groups)[:n_held]
+    held = np.isin(labels, held_groups)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def _stratified_cut(labels: np.ndarray, fraction: float, rng: np.random.Generator):
+    """(kept, held) indices with about `fraction` of each class held out."""
+    held = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        held.append(members[:int(round(len(members) * fraction))])
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def _batches(images: np.ndarray, labels: np.ndarray, sampler, rng: np.random.Generator,
              config: TrainConfig) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(pixels float32 (B, H, W, 1), class labels (B,), instance ids (B,)) for one epoch; B = views*P*K."""
+    """(pixels float32 (B, H, W, C), class labels (B,), instance ids (B,)) for one epoch; B = views*P*K."""
     for idx in sampler.epoch(rng):
         b = len(idx)
         idx = np.tile(idx, config.views)
@@ -119,7 +193,9 @@ def _batches(images: np.ndarray, labels: np.ndarray, sampler: PKSampler, rng: np
             edit = np.flatnonzero(edit)
             if len(edit):
                 x[edit] = augment_batch(x[edit], rng)
-        yield x[..., None].astype(np.float32), labels[idx], idx
+        if x.ndim == 3:
+            x = x[..., None]
+        yield x.astype(np.float32), labels[idx], idx
 
 
 def _prefetch(generator: Iterator, size: int = 4) -> Iterator:
@@ -162,218 +238,563 @@ def _check_collapse(config: TrainConfig, epoch: int, loss: float, val_emb: np.nd
             f"epoch {epoch}: embeddings collapsed (mean pairwise cosine {mean_cos:.4f} > "
             f"{COLLAPSE_MEAN_COSINE}): every image maps to nearly the same vector. Try a lower "
             f"--learning_rate, --mining all or semihard instead of hard, or a smaller --margin.")
-    if config.loss == "triplet" and abs(loss - config.margin) < 0.01 * config.margin:
+    margin = config.instance_margin if config.instance_only else config.margin
+    if config.loss == "triplet" and abs(loss - margin) < 0.01 * margin:
         raise TrainingCollapsed(
-            f"epoch {epoch}: the triplet loss is stuck at the margin ({loss:.4f} ~ {config.margin}): "
+            f"epoch {epoch}: the triplet loss is stuck at the margin ({loss:.4f} ~ {margin}): "
             f"positives and negatives are equally far apart, nothing is being learnt. Try a lower "
             f"--learning_rate or --mining all.")
     return mean_cos
 
 
-def train(config: TrainConfig) -> dict:
+def encoder_kwargs(config: TrainConfig) -> dict:
+    """build_encoder keyword arguments of a config (also recorded in the model card)."""
+    return {"embedding_dim": config.embedding_dim, "filters": tuple(_int_list(config.filters)),
+            "dense_units": config.dense_units, "dropout": config.dropout, "batch_norm": config.batch_norm,
+            "padding": config.padding, "backbone": config.backbone, "weights": config.weights,
+            "freeze_until": config.freeze_until, "alpha": config.alpha,
+            "backbone_input_size": config.backbone_input_size}
+
+
+def _input_spec(config: TrainConfig, images: np.ndarray | None = None) -> dict:
+    from trainer.encoder import DEFAULT_INPUT_SPEC
+    if config.data == "fashion_mnist":
+        return dict(DEFAULT_INPUT_SPEC)
+    if config.data == "npz" and images is not None and config.image_size is None and config.channels is None:
+        return {"height": int(images.shape[1]), "width": int(images.shape[2]),
+                "channels": int(images.shape[3]) if images.ndim == 4 else 1, "dtype": "uint8",
+                "value_range": [0, 255]}
+    side = int(config.image_size or 64)
+    return {"height": side, "width": side, "channels": int(config.channels or 3), "dtype": "uint8",
+            "value_range": [0, 255]}
+
+
+def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
+    """The train pool and the test split of the configured source, as numpy arrays + their meaning."""
+    if config.data == "fashion_mnist":
+        images, labels = load_fashion_mnist("train", config.data_dir or config.data_path)
+        test_images, test_labels = load_fashion_mnist("test", config.data_dir or config.data_path)
+        kind = "class"
+        description = {"dataset": "fashion-mnist", "train_split": "train", "test_split": "test"}
+    else:
+        spec = None if config.data == "npz" and config.image_size is None and config.channels is None \
+            else _input_spec(config)
+        source = load_source(config.data, config.data_path, spec)
+        images, labels, kind = source.images, source.labels, source.kind
+        # The test split is a held-out slice of the source: whole pairs / images, a share of every class.
+        cut_rng = np.random.default_rng(config.seed + 1)
+        keep, held = (_stratified_cut(labels, config.test_fraction, cut_rng) if kind == "class"
+                      else split_groups(labels, config.test_fraction, cut_rng))
+        images, labels, test_images, test_labels = images[keep], labels[keep], images[held], labels[held]
+        description = {"dataset": config.data, "path": config.data_path, "kind": kind,
+                       "train_split": f"{1 - config.test_fraction:g} of the source",
+                       "test_split": f"held-out {config.test_fraction:g} of the source (seed {config.seed})"}
+    if config.instance_only:
+        kind = "instance"
+    if kind == "instance":
+        labels = np.arange(len(labels), dtype=np.int64)
+        test_labels = np.arange(len(test_labels), dtype=np.int64)
+    if config.max_train_items:
+        keep = np.sort(rng.permutation(len(labels))[:config.max_train_items])
+        images, labels = images[keep], labels[keep]
+    if config.max_test_items:
+        test_images, test_labels = test_images[:config.max_test_items], test_labels[:config.max_test_items]
+    return {"images": images, "labels": labels, "test_images": test_images, "test_labels": test_labels,
+            "kind": kind, "description": description}
+
+
+def _held_out(labels: np.ndarray, kind: str, config: TrainConfig):
+    """(train, validation, calibration) indices of the train pool."""
+    if kind == "class":
+        return split_train(labels, config)
+    rng = np.random.default_rng(config.seed)
+    keep, held = split_groups(labels, config.validation_split, rng, minimum=4)
+    held = rng.permutation(held) if kind == "instance" else held
+    groups = np.unique(labels[held])
+    val_groups = groups[:len(groups) // 2]
+    is_val = np.isin(labels[held], val_groups)
+    val, cal = np.sort(held[is_val]), np.sort(held[~is_val])
+    return keep, val[:config.validation_items], cal[:config.calibration_items]
+
+
+def _validation_score(kind: str, emb: np.ndarray, labels: np.ndarray, copies_emb: np.ndarray | None,
+                      seed: int) -> float:
+    """What early stopping maximises: seed-protocol AUC, or in instance mode the true match rate of edited
+    copies at FMR 1e-3 among the validation images (plus their AUC as a tie-breaker)."""
+    if kind != "instance":
+        return ev.seed_protocol(emb, labels, seed=seed)["auc"]
+    from trainer.distances import angular_similarity, cosine_similarity
+    genuine = angular_similarity(cosine_similarity(emb, copies_emb))
+    _, impostor = ev.all_pair_scores(emb, None)
+    cut = np.quantile(impostor, 1 - 1e-3)
+    return float(np.mean(genuine > cut)) + 1e-3 * ev.rank_auc(genuine, impostor)
+
+
+def _save_checkpoint(directory: str, model, optimizer, best: dict, state: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    model.save_weights(os.path.join(directory, "last.weights.h5"))
+    np.savez(os.path.join(directory, "optimizer.npz"),
+             *[np.asarray(v.numpy()) for v in optimizer.variables])
+    if best["weights"] is not None:
+        np.savez(os.path.join(directory, "best.npz"), *best["weights"])
+    tmp = os.path.join(directory, STATE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, default=ev_json)
+    os.replace(tmp, os.path.join(directory, STATE_FILE))  # the state file last: it marks a complete epoch
+
+
+def ev_json(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def _load_npz_list(path: str) -> list[np.ndarray]:
+    with np.load(path) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
+def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     """Train, evaluate, calibrate and export. Returns a summary dict (paths, scores, seconds)."""
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     import keras
     import tensorflow as tf
 
-    from trainer.encoder import DEFAULT_INPUT_SPEC, build_encoder
+    from trainer.encoder import build_encoder
     from trainer.export import export_encoder
     from trainer.losses import make_batch_loss
 
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if gpu:  # float16 compute, float32 variables; the exported tower is rebuilt in float32 below
+        keras.mixed_precision.set_global_policy("mixed_float16")
 
-    images, labels = load_fashion_mnist("train", config.data_dir)
-    if config.max_train_items:
-        keep = np.sort(rng.permutation(len(labels))[:config.max_train_items])
-        images, labels = images[keep], labels[keep]
-    train_idx, val_idx, cal_idx = split_train(labels, config)
+    loaded = _load(config, rng)
+    images, labels, kind = loaded["images"], loaded["labels"], loaded["kind"]
+    instance_mode = kind == "instance"
+    seen_classes = _int_list(config.train_classes)
+    train_idx, val_idx, cal_idx = _held_out(labels, kind, config)
+    if seen_classes is not None:
+        if kind != "class":
+            raise ValueError("--train_classes needs a labelled source (fashion_mnist, folder, npz with labels)")
+        seen = np.isin(labels, seen_classes)
+        train_idx, val_idx, cal_idx = (i[seen[i]] for i in (train_idx, val_idx, cal_idx))
     x_train, y_train = images[train_idx], labels[train_idx]
     n_classes = len(np.unique(y_train))
-    p = min(config.classes_per_batch, n_classes)
-    # An epoch is len(train) embeddings' worth of work whatever the number of views, so the time per epoch
-    # stays the same; with views=2 it visits half of the images, each twice.
-    sampler = PKSampler(y_train, p=p, k=config.per_class,
-                        batches_per_epoch=max(1, len(y_train) // (config.views * p * config.per_class)))
+    views = 2 if instance_mode else config.views
+    cfg_views = dataclasses.replace(config, views=views)
+    if instance_mode:
+        batch = config.classes_per_batch * config.per_class
+        sampler = InstanceSampler(len(y_train), min(batch, len(y_train)),
+                                  max(1, len(y_train) // (views * batch)))
+        shape = f"{views} x {sampler.batch_size} images"
+    else:
+        p = min(config.classes_per_batch, n_classes)
+        k = 2 if kind == "pair" else config.per_class
+        sampler = PKSampler(y_train, p=p, k=k, batches_per_epoch=max(1, len(y_train) // (views * p * k)))
+        shape = f"{views} x {p} x {k}"
     steps_per_epoch = len(sampler)
-    _log(config, f"train {len(train_idx)} items, validation {len(val_idx)}, calibration {len(cal_idx)}; "
-                 f"{steps_per_epoch} batches of {config.views} x {p} x {config.per_class} per epoch")
+    input_spec = _input_spec(config, images)
+    _log(config, f"{kind} mode: train {len(train_idx)} items, validation {len(val_idx)}, calibration "
+                 f"{len(cal_idx)}, test {len(loaded['test_labels'])}; {steps_per_epoch} batches of {shape} "
+                 f"per epoch{'; GPU: mixed precision' if gpu else ''}")
 
-    model = build_encoder(DEFAULT_INPUT_SPEC, config.embedding_dim)
+    kwargs = encoder_kwargs(config)
+    model = build_encoder(input_spec, **kwargs)
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05)
     optimizer = keras.optimizers.Adam(schedule)
+    if gpu:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     class_loss = make_batch_loss(config.loss, mining=config.mining, distance=config.distance,
                                  margin=config.margin)
     instance_loss = make_batch_loss("triplet", mining="all", distance=config.distance,
                                     margin=config.instance_margin)
-    use_instances = config.views > 1 and config.instance_weight > 0
+    use_instances = views > 1 and (config.instance_weight > 0 or instance_mode)
+    inst_weight = 1.0 if instance_mode else config.instance_weight
 
     @tf.function(reduce_retracing=True, autograph=False)  # no tensor-dependent Python control flow
     def train_step(x, y, ids):
         with tf.GradientTape() as tape:
-            emb = model(x, training=True)
-            loss = class_loss(y, emb)
-            total = loss + config.instance_weight * instance_loss(ids, emb) if use_instances else loss
-        grads = tape.gradient(total, model.trainable_variables)
+            emb = tf.cast(model(x, training=True), tf.float32)
+            if instance_mode:
+                loss = instance_loss(ids, emb)
+                total = loss
+            else:
+                loss = class_loss(y, emb)
+                total = loss + inst_weight * instance_loss(ids, emb) if use_instances else loss
+            scaled = optimizer.scale_loss(total) if gpu else total
+        grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss, total
 
     # A compiled inference call: about twice as fast as calling the model eagerly batch by batch.
-    predict = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True, autograph=False)
+    predict = tf.function(lambda batch: tf.cast(model(batch, training=False), tf.float32),
+                          reduce_retracing=True, autograph=False)
 
     def embed(x):
         return ev.embed_images(model, x, predict_fn=predict)
 
-    history, best = [], {"auc": -1.0, "epoch": 0, "weights": None}
+    val_copies = augment_batch(images[val_idx], np.random.default_rng(config.seed + 7)) if instance_mode else None
+    history, best, first_epoch = [], {"auc": -1.0, "epoch": 0, "weights": None}, 1
+    if resume_state is not None:
+        ckpt = config.checkpoint_dir
+        model.load_weights(os.path.join(ckpt, "last.weights.h5"))
+        optimizer.build(model.trainable_variables)
+        saved = _load_npz_list(os.path.join(ckpt, "optimizer.npz"))
+        if len(saved) != len(optimizer.variables):
+            raise ValueError(f"{ckpt}: optimizer state has {len(saved)} arrays, the optimizer {len(optimizer.variables)}")
+        for var, value in zip(optimizer.variables, saved):
+            var.assign(value)
+        history = resume_state["history"]
+        best = {"auc": resume_state["best_auc"], "epoch": resume_state["best_epoch"],
+                "weights": _load_npz_list(os.path.join(ckpt, "best.npz"))}
+        rng.bit_generator.state = resume_state["rng_state"]
+        first_epoch = resume_state["epoch"] + 1
+        _log(config, f"resumed from {ckpt} after epoch {resume_state['epoch']} (best so far: epoch "
+                     f"{best['epoch']}, validation {best['auc']:.4f})")
+    writer = tf.summary.create_file_writer(config.tensorboard_dir) if config.tensorboard_dir else None
+
     t_train = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
+    stopped_early = bool(resume_state and resume_state.get("stopped_early"))
+    for epoch in range(first_epoch, config.epochs + 1):
+        if stopped_early:
+            break
+        # Per-epoch TF seed (dropout etc.): a resumed run draws what the uninterrupted run would have.
+        keras.utils.set_random_seed(config.seed * 1000 + epoch)
+        for var in model.non_trainable_variables:  # dropout's seed state is not in the saved weights
+            if var.path.endswith("seed_generator_state"):
+                var.assign(np.array([config.seed * 1000 + epoch, 0], dtype=var.dtype))
         t_epoch = time.perf_counter()
         losses, totals = [], []
-        for x, y, ids in _prefetch(_batches(x_train, y_train, sampler, rng, config)):
+        report_every = max(1, steps_per_epoch // 5)
+        for step, (x, y, ids) in enumerate(_prefetch(_batches(x_train, y_train, sampler, rng, cfg_views)), 1):
             loss, total = train_step(x, y, ids)
             losses.append(float(loss))
             totals.append(float(total))
             if not math.isfinite(totals[-1]):
                 raise TrainingCollapsed(f"epoch {epoch}: loss became {totals[-1]}; try a lower --learning_rate")
+            if step % report_every == 0 and step < steps_per_epoch:
+                rate = step * len(x) / (time.perf_counter() - t_epoch)
+                _log(config, f"  epoch {epoch} step {step}/{steps_per_epoch}: loss {np.mean(totals[-report_every:]):.4f}"
+                             f"  {rate:.0f} images/s")
+            if writer is not None and step % 20 == 0:
+                with writer.as_default():
+                    tf.summary.scalar("loss/total", totals[-1], step=(epoch - 1) * steps_per_epoch + step)
+                    tf.summary.scalar("loss/main", losses[-1], step=(epoch - 1) * steps_per_epoch + step)
         epoch_loss = float(np.mean(totals))
         val_emb = embed(images[val_idx])
         # The margin test looks at the class loss alone (the instance term has its own margin).
         mean_cos = _check_collapse(config, epoch, float(np.mean(losses)), val_emb)
-        val_auc = ev.seed_protocol(val_emb, labels[val_idx], seed=config.seed)["auc"]
+        val_auc = _validation_score(kind, val_emb, labels[val_idx],
+                                    embed(val_copies) if instance_mode else None, config.seed)
         seconds = time.perf_counter() - t_epoch
         history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "val_auc": round(val_auc, 5),
                         "mean_pairwise_cosine": round(mean_cos, 4), "seconds": round(seconds, 1)})
-        _log(config, f"epoch {epoch}/{config.epochs}: loss {epoch_loss:.4f}  val AUC {val_auc:.4f}  "
-                     f"mean cos {mean_cos:.3f}  {seconds:.0f}s")
+        _log(config, f"epoch {epoch}/{config.epochs}: loss {epoch_loss:.4f}  validation "
+                     f"{'TMR@1e-3' if instance_mode else 'AUC'} {val_auc:.4f}  mean cos {mean_cos:.3f}  {seconds:.0f}s")
+        if writer is not None:
+            with writer.as_default():
+                tf.summary.scalar("validation/score", val_auc, step=epoch)
+                tf.summary.scalar("validation/mean_pairwise_cosine", mean_cos, step=epoch)
+                tf.summary.scalar("loss/epoch", epoch_loss, step=epoch)
+            writer.flush()
         if val_auc > best["auc"]:
             best = {"auc": val_auc, "epoch": epoch, "weights": [w.copy() for w in model.get_weights()]}
         elif epoch - best["epoch"] >= config.patience:
-            _log(config, f"early stop: no better validation AUC for {config.patience} epochs")
+            _log(config, f"early stop: no better validation score for {config.patience} epochs")
+            stopped_early = True
+        if config.checkpoint_dir:
+            _save_checkpoint(config.checkpoint_dir, model, optimizer, best, {
+                "epoch": epoch, "history": history, "best_auc": best["auc"], "best_epoch": best["epoch"],
+                "rng_state": rng.bit_generator.state, "stopped_early": stopped_early,
+                "config": dataclasses.asdict(config)})
+        if config.stop_after_epoch and epoch >= config.stop_after_epoch and epoch < config.epochs:
+            _log(config, f"stopping after epoch {epoch} as asked (--stop_after_epoch); resume with --resume")
             break
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = time.perf_counter() - t_train + sum(
+        h["seconds"] for h in history[:max(0, first_epoch - 1)])
     model.set_weights(best["weights"])
-    _log(config, f"best epoch {best['epoch']} (val AUC {best['auc']:.4f}); trained in {train_seconds:.0f}s")
+    if gpu:  # export a float32 tower: the artefact's contract, and fast on CPU workers
+        keras.mixed_precision.set_global_policy("float32")
+        plain = build_encoder(input_spec, **kwargs)
+        plain.set_weights(model.get_weights())
+        model = plain
+        predict = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True, autograph=False)
+    _log(config, f"best epoch {best['epoch']} (validation {best['auc']:.4f}); trained in {train_seconds:.0f}s")
 
-    # Test split: seed protocol + retrieval.
-    test_images, test_labels = load_fashion_mnist("test", config.data_dir)
-    if config.max_test_items:
-        test_images, test_labels = test_images[:config.max_test_items], test_labels[:config.max_test_items]
+    out = config.output_dir
+    os.makedirs(out, exist_ok=True)
+    test_images, test_labels = loaded["test_images"], loaded["test_labels"]
     test_emb = embed(test_images)
-    seed = ev.seed_protocol(test_emb, test_labels, seed=config.seed)
-    recall = ev.recall_at_k(test_emb, test_labels, ks=(1, 5))
+    metrics, curves, hist_groups, fmr_groups = {}, {}, {}, {}
+    example_rows = []
+    if not instance_mode:
+        res = evaluate_labelled(test_emb, test_labels, config.seed)
+        metrics.update({"seed_protocol_auc": res["auc"], "seed_protocol_pairs": res["pairs"],
+                        "seed_protocol_split": "test", **{f"recall_at_{k}": v for k, v in res["recall"].items()},
+                        "map_at_r": res["map_at_r"]})
+        curves["test seed protocol"] = (res["genuine"], res["impostor"])
+        example_rows += _example_pairs(test_images, test_labels, res, config.seed)
+        if seen_classes is not None:
+            unseen = ~np.isin(test_labels, seen_classes)
+            for name, mask in (("unseen_classes", unseen), ("seen_classes", ~unseen)):
+                part = evaluate_labelled(test_emb[mask], test_labels[mask], config.seed)
+                metrics[name] = {"classes": sorted(int(c) for c in np.unique(test_labels[mask])),
+                                 "items": int(mask.sum()), "seed_protocol_auc": part["auc"],
+                                 **{f"recall_at_{k}": v for k, v in part["recall"].items()},
+                                 "map_at_r": part["map_at_r"]}
+                if name == "unseen_classes":
+                    curves["test unseen classes"] = (part["genuine"], part["impostor"])
+    # Instance protocol on test images never trained on: edited copies vs every other test image.
+    n_inst = min(config.instance_test_items, len(test_images))
+    inst = ev.calibrate_instance(embed, test_images[:n_inst], seed=config.seed + 11, originals=test_emb[:n_inst],
+                                 targets=(1e-2, 1e-3, 1e-4))
+    metrics["test_instance"] = {"items": n_inst, "auc": inst["auc"],
+                                "recall_at_fmr": ev.tmr_at_fmr(inst["genuine"], inst["impostor"])}
+    curves["test instance"] = (inst["genuine"], inst["impostor"])
+    fmr_groups["test instance"] = (inst["genuine"], inst["impostor"])
+    if instance_mode:
+        metrics["seed_protocol_auc"] = inst["auc"]
+        metrics["recall_at_1"] = _copy_recall_at_1(embed, test_images[:n_inst], test_emb[:n_inst], config.seed + 11)
 
     # Calibration on held-out TRAIN images (never the test split, never trained on).
     cal_images, cal_labels = images[cal_idx], labels[cal_idx]
     cal_emb = embed(cal_images)
-    same, different = ev.all_pair_scores(cal_emb, cal_labels)
-    by_class = ev.calibrate_class(cal_emb, cal_labels, pair_scores=(same, different))
+    same, different = ev.all_pair_scores(cal_emb, None if instance_mode else cal_labels)
     by_instance = ev.calibrate_instance(embed, cal_images, seed=config.seed, originals=cal_emb,
                                         impostor=np.concatenate([same, different]))
-    thresholds = {"instance": by_instance["thresholds"], "class": by_class["thresholds"]}
+    thresholds = {"instance": by_instance["thresholds"], "class": []}
+    aucs = {"test seed protocol": metrics.get("seed_protocol_auc"), "instance (calibration set)": by_instance["auc"],
+            "test instance": inst["auc"]}
+    if not instance_mode:
+        by_class = ev.calibrate_class(cal_emb, cal_labels, pair_scores=(same, different))
+        thresholds["class"] = by_class["thresholds"]
+        curves["class (calibration set)"] = (by_class["genuine"], by_class["impostor"])
+        hist_groups["class"] = (by_class["genuine"], by_class["impostor"])
+        fmr_groups["class"] = (by_class["genuine"], by_class["impostor"])
+        aucs["class (calibration set)"] = by_class["auc"]
+        metrics.update({"class_auc": by_class["auc"], "class_genuine_pairs": int(len(by_class["genuine"])),
+                        "class_impostor_pairs": int(len(by_class["impostor"]))})
+    curves["instance (calibration set)"] = (by_instance["genuine"], by_instance["impostor"])
+    hist_groups["instance"] = (by_instance["genuine"], by_instance["impostor"])
+    if "test seed protocol" in curves:
+        hist_groups = {"test seed protocol": curves["test seed protocol"], **hist_groups}
+    hist_groups["test instance"] = (inst["genuine"], inst["impostor"])
+    example_rows += _example_copies(test_images[:n_inst], inst, config.seed + 11)
+    metrics.update({"test_items": int(len(test_labels)), "validation_auc": best["auc"],
+                    "validation_metric": "instance TMR at FMR 1e-3" if instance_mode else "seed protocol AUC",
+                    "instance_auc": by_instance["auc"],
+                    "instance_genuine_pairs": int(len(by_instance["genuine"])),
+                    "instance_impostor_pairs": int(len(by_instance["impostor"]))})
 
-    out = config.output_dir
-    os.makedirs(out, exist_ok=True)
     plots = {
-        "roc": ev.plot_roc({"test seed protocol": (seed["genuine"], seed["impostor"]),
-                            "class (calibration set)": (by_class["genuine"], by_class["impostor"]),
-                            "instance (calibration set)": (by_instance["genuine"], by_instance["impostor"])},
-                           os.path.join(out, "roc.png"),
-                           aucs={"test seed protocol": seed["auc"], "class (calibration set)": by_class["auc"],
-                                 "instance (calibration set)": by_instance["auc"]}),
-        "similarity_hist": ev.plot_similarity_hist(
-            {"test seed protocol": (seed["genuine"], seed["impostor"]),
-             "class": (by_class["genuine"], by_class["impostor"]),
-             "instance": (by_instance["genuine"], by_instance["impostor"])},
-            os.path.join(out, "similarity_hist.png"), thresholds),
+        "roc": ev.plot_roc(curves, os.path.join(out, "roc.png"), aucs={k: aucs.get(k) for k in curves}),
+        "similarity_hist": ev.plot_similarity_hist(hist_groups, os.path.join(out, "similarity_hist.png"),
+                                                   thresholds),
+        "fmr_fnmr": ev.plot_fmr_fnmr(fmr_groups, os.path.join(out, "fmr_fnmr.png")),
+        "example_pairs": ev.plot_example_pairs(example_rows, os.path.join(out, "example_pairs.png")),
     }
 
-    metrics = {
-        "seed_protocol_auc": seed["auc"], "seed_protocol_pairs": seed["pairs"], "seed_protocol_split": "test",
-        "recall_at_1": recall[1], "recall_at_5": recall[5], "test_items": int(len(test_labels)),
-        "validation_auc": best["auc"],
-        "class_auc": by_class["auc"], "instance_auc": by_instance["auc"],
-        "class_genuine_pairs": int(len(by_class["genuine"])), "class_impostor_pairs": int(len(by_class["impostor"])),
-        "instance_genuine_pairs": int(len(by_instance["genuine"])),
-        "instance_impostor_pairs": int(len(by_instance["impostor"])),
-    }
-    training = {**dataclasses.asdict(config), "epochs_run": len(history), "best_epoch": best["epoch"],
-                "history": history, "train_seconds": round(train_seconds, 1), "optimizer": "adam, cosine decay",
-                "model": "trainer.encoder.build_encoder defaults"}
-    data = {"dataset": "fashion-mnist", "train_split": "train", "test_split": "test",
-            "train_items": int(len(train_idx)), "validation_items": int(len(val_idx)),
-            "calibration_items": int(len(cal_idx)), "classes": int(n_classes),
+    training = {**dataclasses.asdict(config), "views": views, "epochs_run": len(history),
+                "best_epoch": best["epoch"], "history": history, "train_seconds": round(train_seconds, 1),
+                "optimizer": "adam, cosine decay", "mixed_precision": gpu,
+                "model": {"builder": "trainer.encoder.build_encoder", **kwargs},
+                "resumed": resume_state is not None}
+    data = {**loaded["description"], "mode": kind, "train_items": int(len(train_idx)),
+            "validation_items": int(len(val_idx)), "calibration_items": int(len(cal_idx)),
+            "classes": int(n_classes), "train_classes": seen_classes,
             "calibration": "held-out slice of the train split (not trained on, not used for early stopping)"}
-    card = export_encoder(model, out, training=training, data=data, metrics=metrics, thresholds=thresholds)
+    card = export_encoder(model, out, training=training, data=data, metrics=metrics, thresholds=thresholds,
+                          input_spec=input_spec)
 
     summary = {
-        "model_dir": out, "model_id": card["model_id"], "seed_auc": seed["auc"], "recall_at_1": recall[1],
-        "recall_at_5": recall[5], "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - t_start, 1), "epochs_run": len(history),
+        "model_dir": out, "model_id": card["model_id"], "seed_auc": metrics["seed_protocol_auc"],
+        "recall_at_1": metrics.get("recall_at_1"), "recall_at_5": metrics.get("recall_at_5"),
+        "map_at_r": metrics.get("map_at_r"), "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1), "epochs_run": len(history),
         "best_epoch": best["epoch"], "validation_auc": best["auc"],
+        "instance_recall_at_fmr": {str(r["target_fmr"]): r["tmr"] for r in metrics["test_instance"]["recall_at_fmr"]},
         "thresholds": {k: len(v) for k, v in thresholds.items()}, "plots": plots,
     }
-    _log(config, f"test seed-protocol AUC {seed['auc']:.4f}  recall@1 {recall[1]:.4f}  -> {out} "
+    if "unseen_classes" in metrics:
+        summary["unseen_classes"] = {k: metrics["unseen_classes"][k]
+                                     for k in ("classes", "seed_protocol_auc", "recall_at_1", "map_at_r")}
+    _log(config, f"test AUC {metrics['seed_protocol_auc']:.4f}  recall@1 {metrics.get('recall_at_1') or 0:.4f}  "
+                 f"instance recall@FMR {summary['instance_recall_at_fmr']}  -> {out} "
                  f"(model_id {card['model_id']}, {summary['total_seconds']:.0f}s in all)")
     return summary
 
 
+def evaluate_labelled(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    """Seed protocol, recall@{1,5,10} and MAP@R of labelled embeddings."""
+    seed_res = ev.seed_protocol(emb, labels, seed=seed)
+    ks = tuple(k for k in (1, 5, 10) if k < len(labels))
+    return {"auc": seed_res["auc"], "pairs": seed_res["pairs"], "genuine": seed_res["genuine"],
+            "impostor": seed_res["impostor"], "recall": ev.recall_at_k(emb, labels, ks=ks),
+            "map_at_r": ev.map_at_r(emb, labels)}
+
+
+def _copy_recall_at_1(embed, images, originals, seed) -> float:
+    """Instance mode: fraction of edited copies whose nearest original is their own source image."""
+    copies = embed(augment_batch(images, np.random.default_rng(seed)))
+    return float(np.mean(np.argmax(copies @ originals.T, axis=1) == np.arange(len(images))))
+
+
+def _example_pairs(images, labels, res, seed) -> list:
+    """The four weakest genuine and the four strongest impostor pairs of the seed protocol (the errors to look
+    at), re-drawing the protocol's partners with the same seed to find the images behind the scores."""
+    from trainer.samplers import other_class_partners, same_class_partners
+    labels = np.asarray(labels).reshape(-1)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    anchors = np.flatnonzero(counts[inverse] >= 2)
+    rng = np.random.default_rng(seed)
+    positives = same_class_partners(labels, anchors, rng)
+    negatives = other_class_partners(labels, anchors, rng)
+    rows = [("weak genuine", images[anchors[i]], images[positives[i]], float(res["genuine"][i]))
+            for i in np.argsort(res["genuine"])[:4]]
+    rows += [("strong impostor", images[anchors[i]], images[negatives[i]], float(res["impostor"][i]))
+             for i in np.argsort(-res["impostor"])[:4]]
+    return rows
+
+
+def _example_copies(images, inst, seed) -> list:
+    """The four weakest edited copies of the instance protocol, beside their originals."""
+    copies = augment_batch(images, np.random.default_rng(seed))
+    return [("weak copy", images[i], copies[i], float(inst["genuine"][i])) for i in np.argsort(inst["genuine"])[:4]]
+
+
 # --- command line -----------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     d = TrainConfig()
+    defaults = PRESETS.get(preset, {}) if preset else {}
+
+    def dflt(name):
+        return defaults.get(name, getattr(d, name))
+
     parser = argparse.ArgumentParser(
         prog="siamese-dedup train",
-        description="Train the Siamese/triplet image encoder on Fashion-MNIST and export the encoder artefact "
-                    "(model.keras + model_card.json with test metrics and calibrated thresholds, plus roc.png "
-                    "and similarity_hist.png) to --output.",
+        description="Train the Siamese/triplet image encoder and export the encoder artefact "
+                    "(model.keras + model_card.json with test metrics and calibrated thresholds, plus roc.png, "
+                    "similarity_hist.png, fmr_fnmr.png and example_pairs.png) to --output.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output", required=True, help="artefact directory to write (created if missing)")
-    parser.add_argument("--data_dir", default=None,
-                        help="directory of the Fashion-MNIST IDX .gz files (default $FASHION_MNIST_DIR or "
-                             "/usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="maximum number of epochs")
-    parser.add_argument("--embedding_dim", type=int, default=d.embedding_dim, help="length of the embeddings")
-    parser.add_argument("--loss", choices=("triplet", "contrastive"), default=d.loss, help="in-batch loss")
-    parser.add_argument("--margin", type=float, default=d.margin,
-                        help="triplet margin (contrastive: the negative margin), in units of --distance")
-    parser.add_argument("--distance", choices=("cosine", "squared_euclidean"), default=d.distance,
-                        help="distance inside the loss (cosine = 1 - cos)")
-    parser.add_argument("--mining", choices=("all", "semihard", "hard"), default=d.mining,
-                        help="triplet mining: batch-all positive triplets, FaceNet semi-hard, or batch-hard")
-    parser.add_argument("--classes_per_batch", type=int, default=d.classes_per_batch, help="P of a P x K batch")
-    parser.add_argument("--per_class", type=int, default=d.per_class, help="K of a P x K batch")
-    parser.add_argument("--learning_rate", type=float, default=d.learning_rate, help="Adam peak learning rate")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
-    parser.add_argument("--no_augment", dest="augment", action="store_false",
-                        help="train on the original pixels only (no near-duplicate edits)")
-    parser.add_argument("--augment_prob", type=float, default=d.augment_prob,
-                        help="chance that a training view is edited by trainer.augment")
-    parser.add_argument("--views", type=int, choices=(1, 2), default=d.views,
-                        help="augmented views per image per batch; 2 adds an instance (near-duplicate) loss")
-    parser.add_argument("--instance_weight", type=float, default=d.instance_weight,
-                        help="weight of the instance (near-duplicate) triplet loss when --views 2")
-    parser.add_argument("--instance_margin", type=float, default=d.instance_margin,
-                        help="margin of the instance loss: an edited copy must be this much closer than "
-                             "any other image, same class included")
-    parser.add_argument("--validation_split", type=float, default=d.validation_split,
-                        help="fraction of the train split held out for early stopping and calibration")
-    parser.add_argument("--patience", type=int, default=d.patience,
-                        help="stop after this many epochs without a better validation AUC")
-    parser.add_argument("--max_train_items", type=int, default=None,
-                        help="use only this many train-split images (quick tests)")
-    parser.add_argument("--max_test_items", type=int, default=None,
-                        help="evaluate on only the first this many test images (quick tests)")
+    parser.add_argument("--output", required=False, help="artefact directory to write (created if missing)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
+                        help="a named recipe: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", choices=SOURCES, default=d.data,
+                   help="fashion_mnist (IDX files); folder (one subfolder per class); pairs (two folders whose "
+                        "same-named files are positive pairs); unlabelled (instance mode); npz (arrays 'images' "
+                        "[+ 'labels'])")
+    g.add_argument("--data_path", default=None, help="the folder / .npz file of --data (fashion_mnist: IDX dir)")
+    g.add_argument("--data_dir", default=None,
+                   help="directory of the Fashion-MNIST IDX .gz files (default $FASHION_MNIST_DIR or "
+                        "/usr/share/datasets/fashion-mnist)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="other sources: images are decoded and resized to this square side (default 64; npz: "
+                        "as stored)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="other sources: 1 grey or 3 RGB")
+    g.add_argument("--test_fraction", type=float, default=d.test_fraction,
+                   help="other sources: share held out as the test split (whole pairs / classes stratified)")
+    g.add_argument("--train_classes", default=None,
+                   help="comma-separated class ids to train on; the test metrics are also reported for the "
+                        "other (unseen) classes")
+    g.add_argument("--instance_only", action="store_true", default=dflt("instance_only"),
+                   help="instance mode on labelled data: ignore the labels, every image is its own identity")
+    g = parser.add_argument_group("model")
+    g.add_argument("--backbone", choices=("small_cnn", "mobilenet_v2", "resnet50"), default=d.backbone,
+                   help="encoder body")
+    g.add_argument("--weights", default=None,
+                   help="Applications backbones: 'imagenet' (needs the internet), or a local weights file; "
+                        "default random")
+    g.add_argument("--freeze_until", default=None, help="freeze the backbone up to and including this layer")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="MobileNetV2 width multiplier")
+    g.add_argument("--backbone_input_size", type=int, default=None,
+                   help="resize to this side before an Applications backbone (default: input size, >= 32)")
+    g.add_argument("--filters", default=dflt("filters"), help="small_cnn: channels of the conv stages")
+    g.add_argument("--padding", choices=("valid", "same"), default=dflt("padding"), help="small_cnn conv padding")
+    g.add_argument("--batch_norm", action=argparse.BooleanOptionalAction, default=dflt("batch_norm"),
+                   help="small_cnn: BatchNormalization after each conv")
+    g.add_argument("--dense_units", type=int, default=dflt("dense_units"), help="hidden layer of the head (0: none)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the projection")
+    g.add_argument("--embedding_dim", type=int, default=d.embedding_dim, help="length of the embeddings")
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=dflt("epochs"), help="maximum number of epochs")
+    g.add_argument("--loss", choices=("triplet", "contrastive"), default=d.loss, help="in-batch loss")
+    g.add_argument("--margin", type=float, default=d.margin,
+                   help="triplet margin (contrastive: the negative margin), in units of --distance")
+    g.add_argument("--distance", choices=("cosine", "squared_euclidean"), default=d.distance,
+                   help="distance inside the loss (cosine = 1 - cos)")
+    g.add_argument("--mining", choices=("all", "semihard", "hard"), default=dflt("mining"),
+                   help="triplet mining: batch-all positive triplets, FaceNet semi-hard, or batch-hard")
+    g.add_argument("--classes_per_batch", type=int, default=d.classes_per_batch,
+                   help="P of a P x K batch (instance mode: P*K images per batch)")
+    g.add_argument("--per_class", type=int, default=d.per_class, help="K of a P x K batch (pairs: 2)")
+    g.add_argument("--learning_rate", type=float, default=dflt("learning_rate"), help="Adam peak learning rate")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
+    g.add_argument("--no_augment", dest="augment", action="store_false",
+                   help="train on the original pixels only (no near-duplicate edits)")
+    g.add_argument("--augment_prob", type=float, default=d.augment_prob,
+                   help="chance that a training view is edited by trainer.augment")
+    g.add_argument("--views", type=int, choices=(1, 2), default=d.views,
+                   help="augmented views per image per batch; 2 adds an instance (near-duplicate) loss")
+    g.add_argument("--instance_weight", type=float, default=dflt("instance_weight"),
+                   help="weight of the instance (near-duplicate) triplet loss when --views 2")
+    g.add_argument("--instance_margin", type=float, default=dflt("instance_margin"),
+                   help="margin of the instance loss: an edited copy must be this much closer than "
+                        "any other image, same class included")
+    g.add_argument("--validation_split", type=float, default=d.validation_split,
+                   help="fraction of the train split held out for early stopping and calibration")
+    g.add_argument("--patience", type=int, default=dflt("patience"),
+                   help="stop after this many epochs without a better validation score")
+    g.add_argument("--max_train_items", type=int, default=None,
+                   help="use only this many train-split images (quick tests)")
+    g.add_argument("--max_test_items", type=int, default=None,
+                   help="evaluate on only the first this many test images (quick tests)")
+    g.add_argument("--instance_test_items", type=int, default=d.instance_test_items,
+                   help="test images of the instance protocol (all pairs of them are the impostors)")
+    g.add_argument("--checkpoint_dir", default=None, help="save a resumable checkpoint here after every epoch")
+    g.add_argument("--resume", default=None, help="continue the run checkpointed in this directory")
+    g.add_argument("--stop_after_epoch", type=int, default=None,
+                   help="end the run after this epoch as if interrupted (the checkpoint can be resumed)")
+    g.add_argument("--tensorboard_dir", default=None, help="write TensorBoard logs (losses, validation) here")
     parser.add_argument("--quiet", dest="verbose", action="store_false", help="no per-epoch progress")
     return parser
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point: parse flags, train, return the summary dict (also printed as JSON)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = build_parser().parse_known_args(argv)
+    args = build_parser(first.preset).parse_args(argv)
     values = vars(args)
-    config = TrainConfig(output_dir=values.pop("output"), **values)
-    summary = train(config)
+    resume = values.pop("resume")
+    output = values.pop("output")
+    resume_state = None
+    if resume:
+        path = os.path.join(resume, STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume {resume}: no {STATE_FILE} (not a checkpoint directory)")
+        with open(path) as f:
+            resume_state = json.load(f)
+        stored = resume_state["config"]
+        given = {a for a in argv if a.startswith("--")}
+        stored.update({"checkpoint_dir": resume, "verbose": values["verbose"],
+                       "stop_after_epoch": values["stop_after_epoch"]})
+        if "--epochs" in given:
+            stored["epochs"] = values["epochs"]
+        output = output or stored["output_dir"]
+        stored["output_dir"] = output
+        config = TrainConfig(**stored)
+    else:
+        if not output:
+            build_parser().error("--output is required (unless --resume)")
+        config = TrainConfig(output_dir=output, **values)
+    summary = train(config, resume_state)
     if config.verbose:
         print(json.dumps(summary, indent=2))
     return summary

@@ -32,3 +32,67 @@ def test_other_input_spec():
                                [[0.0, 1.0]], atol=1e-7)
     with pytest.raises(ValueError):
         build_encoder({**spec, "value_range": [1, 1]})
+
+
+def test_preprocess_matches_the_applications_functions():
+    """The frozen 1x1 map equals keras.applications' own preprocess_input on 0..255 RGB (and grey)."""
+    from trainer.encoder import preprocess_matrix
+    rgb = np.random.default_rng(2).uniform(0, 255, (5, 3)).astype(np.float32)
+    for backbone, module in (("mobilenet_v2", keras.applications.mobilenet_v2),
+                             ("resnet50", keras.applications.resnet50)):
+        kernel, bias = preprocess_matrix(backbone, 3, 0, 255)
+        want = np.asarray(module.preprocess_input(rgb.copy()[None, None]))[0, 0]
+        np.testing.assert_allclose(rgb @ kernel + bias, want, atol=1e-4)
+        grey = rgb[:, :1]
+        kernel, bias = preprocess_matrix(backbone, 1, 0, 255)
+        want = np.asarray(module.preprocess_input(np.repeat(grey, 3, axis=1)[None, None]))[0, 0]
+        np.testing.assert_allclose(grey @ kernel + bias, want, atol=1e-4)
+    # Another value range: [-1, 1] pixels are mapped to 0..255 first.
+    kernel, bias = preprocess_matrix("mobilenet_v2", 1, -1, 1)
+    np.testing.assert_allclose(np.array([[-1.0], [1.0]]) @ kernel + bias, [[-1] * 3, [1] * 3], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_mobilenet_weights(tmp_path_factory):
+    """A local weights file: an untrained alpha-0.35 MobileNetV2 backbone saved to disk (no internet here)."""
+    keras.utils.set_random_seed(7)
+    net = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, pooling="avg", alpha=0.35,
+                                         weights=None)
+    path = str(tmp_path_factory.mktemp("w") / "mnv2.weights.h5")
+    net.save_weights(path)
+    return path, net
+
+
+def test_mobilenet_backbone_local_weights_freeze_and_safe_mode(tiny_mobilenet_weights, tmp_path):
+    path, net = tiny_mobilenet_weights
+    model = build_encoder(embedding_dim=8, backbone="mobilenet_v2", alpha=0.35, weights=path,
+                          freeze_until="block_1_project_BN")
+    assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 8)
+    assert "Lambda" not in {type(l).__name__ for l in model.layers}
+    backbone = model.get_layer(net.name)
+    for mine, theirs in zip(backbone.weights, net.weights):  # the file's weights were loaded
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    names = [l.name for l in backbone.layers]
+    stop = names.index("block_1_project_BN")
+    assert not any(l.trainable for l in backbone.layers[:stop + 1])
+    assert all(l.trainable for l in backbone.layers[stop + 1:])
+    assert not model.get_layer("preprocess").trainable
+    x = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1)).astype(np.float32)
+    y = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras", safe_mode=True, compile=False)
+    np.testing.assert_allclose(np.asarray(again(x, training=False)), y, atol=1e-6)
+    with pytest.raises(ValueError, match="no layer"):
+        build_encoder(embedding_dim=8, backbone="mobilenet_v2", alpha=0.35, freeze_until="nope")
+
+
+def test_resnet50_and_bad_names():
+    from trainer.encoder import _PREPROCESS
+    assert _PREPROCESS["resnet50"][1]  # BGR
+    model = build_encoder({"height": 32, "width": 32, "channels": 3, "value_range": [0, 255]}, embedding_dim=4,
+                          backbone="resnet50", weights=None)
+    assert model.output_shape == (None, 4)
+    assert any(type(l).__name__ == "Functional" and l.name == "resnet50" for l in model.layers)
+    with pytest.raises(ValueError, match="backbone"):
+        build_encoder(backbone="vgg")

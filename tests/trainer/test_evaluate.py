@@ -1,4 +1,5 @@
 """Evaluation: exact values on hand-made scores and embeddings (no TensorFlow)."""
+import os
 import sys
 
 import jsonschema
@@ -164,3 +165,45 @@ def test_roc_points_follow_fmr_fnmr():
     assert fmr.min() == 0.0 and fmr.max() == 1.0 and tmr.max() == 1.0
     # At the threshold 0.7 exactly: FMR 2/5 and TMR 3/4 is on the curve.
     assert any(np.isclose(fmr, 0.4) & np.isclose(tmr, 0.75))
+
+
+def _map_at_r_loop(emb, labels):
+    sims = emb @ emb.T
+    out = []
+    for i in range(len(emb)):
+        r = int((labels == labels[i]).sum()) - 1
+        if r < 1:
+            continue
+        order = [j for j in np.argsort(-sims[i], kind="stable") if j != i][:r]
+        rel = np.array([labels[j] == labels[i] for j in order])
+        out.append(np.sum(np.cumsum(rel) / np.arange(1, r + 1) * rel) / r)
+    return float(np.mean(out))
+
+
+def test_map_at_r_exact_and_against_a_loop():
+    from trainer.evaluate import map_at_r
+    # 1-d "embeddings" on a circle: query 0 (label 0) sees 1 (label 0) then 2 (label 1): AP = 1.
+    emb = np.array([[1, 0], [0.99, 0.141], [0.9, 0.436], [-1, 0]], np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.array([0, 0, 1, 1])
+    # queries: 0 -> [1] AP 1; 1 -> [0] AP 1; 2 -> nearest is 1 (label 0): AP 0; 3 -> nearest 2: AP 1.
+    assert map_at_r(emb, labels) == pytest.approx(0.75)
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((120, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = rng.integers(0, 5, 120)
+    assert map_at_r(emb, labels, block=17) == pytest.approx(_map_at_r_loop(emb, labels), abs=1e-9)
+
+
+def test_tmr_at_fmr_and_extra_plots(tmp_path):
+    from trainer.evaluate import plot_example_pairs, plot_fmr_fnmr, tmr_at_fmr
+    impostor = np.linspace(0.0, 0.5, 1000)
+    genuine = np.array([0.3, 0.6, 0.7, 0.8])
+    rows = tmr_at_fmr(genuine, impostor, targets=(1e-2, 1e-4))
+    assert [r["target_fmr"] for r in rows] == [0.01]  # 1e-4 would need 30,000 impostor pairs
+    assert rows[0]["tmr"] == 0.75 and rows[0]["impostor_pairs"] == 1000 and rows[0]["fmr"] <= 0.01
+    p1 = plot_fmr_fnmr({"x": (genuine, impostor)}, str(tmp_path / "f.png"))
+    img = np.zeros((8, 8), np.uint8)
+    p2 = plot_example_pairs([("weak", img, img, 0.5), ("strong", img[..., None], img[..., None], 0.9)],
+                            str(tmp_path / "e.png"))
+    assert os.path.getsize(p1) > 1000 and os.path.getsize(p2) > 1000

@@ -85,3 +85,45 @@ def test_partners():
     assert 60 < np.sum(pos[anchors == 2] == 3) < 140
     with pytest.raises(ValueError, match="single image"):
         same_class_partners(np.array([0, 1, 1]), np.array([0]), rng)
+
+
+def test_pair_triplets_negatives_come_from_other_pairs():
+    from trainer.samplers import pair_triplets
+    pair_ids = np.repeat(np.arange(40), 2)
+    a, p, n = pair_triplets(pair_ids, 4000, np.random.default_rng(3))
+    assert np.all(pair_ids[a] == pair_ids[p]) and np.all(a != p)
+    assert np.all(pair_ids[n] != pair_ids[a])
+    assert len(set(pair_ids[n])) == 40
+
+
+def test_instance_sampler_batches_distinct_images():
+    from trainer.samplers import InstanceSampler
+    s = InstanceSampler(100, 16)
+    batches = list(s.epoch(np.random.default_rng(0)))
+    assert len(batches) == len(s) == 6
+    for b in batches:
+        assert len(b) == 16 and len(set(b.tolist())) == 16
+    assert len(set(np.concatenate(batches).tolist())) == 96  # no repeats within an epoch
+    with pytest.raises(ValueError):
+        InstanceSampler(10, 11)
+
+
+def test_in_batch_negatives_never_share_class_or_instance():
+    """The trainer's batches (P x K, two views) through the loss masks: every pair the class loss treats as a
+    negative has different classes, every pair the instance loss treats as a negative is two different
+    images, and both views of an image are each other's instance positive."""
+    tf = pytest.importorskip("tensorflow")
+    from trainer.losses import pair_masks
+    labels = _labels()
+    sampler = PKSampler(labels, p=3, k=4, batches_per_epoch=20)
+    for idx in sampler.epoch(np.random.default_rng(5)):
+        ids = np.tile(idx, 2)                    # two views, as trainer.train._batches builds them
+        y = labels[ids]
+        _, class_neg = (np.asarray(m) for m in pair_masks(tf.constant(y)))
+        inst_pos, inst_neg = (np.asarray(m) for m in pair_masks(tf.constant(ids)))
+        a, n = np.nonzero(class_neg)
+        assert len(a) and np.all(y[a] != y[n]) and np.all(ids[a] != ids[n])
+        a, n = np.nonzero(inst_neg)
+        assert np.all(ids[a] != ids[n])
+        b = len(idx)
+        assert np.all(inst_pos[np.arange(b), np.arange(b) + b])
