@@ -1,8 +1,13 @@
 """Throughput of the trainer's hot paths on this machine (prints one JSON line per measurement).
 
     .venv/bin/python bench/bench_trainer.py
+    .venv/bin/python bench/bench_trainer.py train --output /tmp/q --preset quality   # one training recipe
 
-augment_batch (images/s), one training step of the default encoder + loss (images/s, per mining), and the
+The `train` form runs trainer.train.run(ARGS) in this process and prints one JSON line with the summary's
+scores, wall seconds and CPU seconds (user + sys of this process and its children): the recipes in
+BENCHMARKS.md "## Trainer" were measured this way, under `flock /tmp/heavy.lock`.
+
+Without arguments: augment_batch (images/s), one training step of the default encoder + loss (images/s, per mining), and the
 blocked recall@1 over 10,000 embeddings (seconds). Numbers depend on what else runs on the cores.
 """
 from __future__ import annotations
@@ -72,7 +77,26 @@ def bench_recall(n: int = 10000, dim: int = 64) -> None:
     _report("recall_at_k", items=n, dim=dim, seconds=round(time.perf_counter() - t, 3))
 
 
+def bench_train(argv: list[str]) -> None:
+    import resource
+
+    from trainer.train import run
+
+    t = time.perf_counter()
+    summary = run(argv)
+    wall = time.perf_counter() - t
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    keep = ("model_dir", "model_id", "seed_auc", "recall_at_1", "recall_at_5", "map_at_r", "epochs_run",
+            "best_epoch", "train_seconds", "instance_recall_at_fmr", "unseen_classes")
+    _report("train", argv=argv, wall_seconds=round(wall, 1), cpu_seconds=round(cpu, 1),
+            load_average_1m=round(os.getloadavg()[0], 2), **{k: summary.get(k) for k in keep})
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "train":
+        bench_train(sys.argv[2:])
+        sys.exit(0)
     bench_augment()
     bench_recall()
     bench_train_step()

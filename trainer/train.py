@@ -45,12 +45,14 @@ STATE_FILE = "state.json"
 
 # Named recipes: flag defaults that a --preset switches to (flags given explicitly still win).
 PRESETS = {
-    # Wider CNN with batch norm ('same' padding, 3 stages), more epochs; measured in BENCHMARKS.md.
-    "quality": {"filters": "32,64,128", "padding": "same", "batch_norm": True, "dense_units": 256,
-                "epochs": 8, "patience": 3, "instance_weight": 0.5},
-    # Instance mode recipe for near-duplicates: no class loss at all, every image its own identity.
-    "instance": {"instance_only": True, "filters": "32,64,128", "padding": "same", "batch_norm": True,
-                 "dense_units": 256, "epochs": 6, "patience": 2, "instance_margin": 0.3},
+    # Deeper CNN with batch norm (3 'valid' stages, 28 -> 13 -> 5 -> 1), a wider head, more epochs and a
+    # lighter instance term (it pushes same-class images apart, which costs class recall). BENCHMARKS.md.
+    "quality": {"filters": "32,64,128", "batch_norm": True, "dense_units": 256, "epochs": 8, "patience": 3,
+                "instance_weight": 0.5},
+    # Instance mode for near-duplicates: no class loss, every image its own identity, the edited copy its
+    # only positive; a wider instance margin.
+    "instance": {"instance_only": True, "filters": "32,64,128", "batch_norm": True, "dense_units": 256,
+                 "epochs": 6, "patience": 2, "instance_margin": 0.3},
 }
 
 
