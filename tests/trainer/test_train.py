@@ -72,3 +72,82 @@ def test_tiny_training_run_writes_a_loadable_artefact(tmp_path):
     assert [t["target_fmr"] for t in card["thresholds"]["instance"]] == [0.01]
     assert card["thresholds"]["instance"][0]["impostor_pairs"] == 435
     assert card["training"]["margin"] == 0.4 and card["training"]["distance"] == "cosine"
+
+
+TINY = ["--filters", "4,8", "--dense_units", "16", "--embedding_dim", "8", "--quiet", "--instance_test_items", "60"]
+
+
+def _card(path):
+    return json.loads((path / "model_card.json").read_text())
+
+
+def test_new_flags_are_listed(capsys):
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data", "--data_path", "--preset", "--backbone", "--weights", "--freeze_until", "--resume",
+                 "--checkpoint_dir", "--tensorboard_dir", "--train_classes", "--instance_only"):
+        assert flag in text
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed")
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    """Two epochs in one go == one epoch, stop, --resume: same weights (same model_id), same history."""
+    args = TINY + ["--max_train_items", "400", "--max_test_items", "100", "--epochs", "2", "--patience", "5",
+                   "--seed", "4"]
+    whole = run(args + ["--output", str(tmp_path / "whole"), "--tensorboard_dir", str(tmp_path / "tb")])
+    run(args + ["--output", str(tmp_path / "half"), "--checkpoint_dir", str(tmp_path / "ck"),
+                "--stop_after_epoch", "1"])
+    state = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    resumed = run(["--resume", str(tmp_path / "ck"), "--output", str(tmp_path / "resumed"), "--quiet"])
+    assert resumed["model_id"] == whole["model_id"]
+    assert [h["loss"] for h in _card(tmp_path / "resumed")["training"]["history"]] == \
+        [h["loss"] for h in _card(tmp_path / "whole")["training"]["history"]]
+    assert _card(tmp_path / "resumed")["training"]["resumed"] is True
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    with pytest.raises(FileNotFoundError, match="state.json"):
+        run(["--resume", str(tmp_path / "whole"), "--quiet"])
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed")
+def test_pairs_unlabelled_and_unseen_class_runs(tmp_path):
+    from PIL import Image
+
+    from trainer.augment import augment_batch
+    from trainer.data import load_fashion_mnist
+    from trainer.export import load_encoder
+    images, labels = load_fashion_mnist("test")
+    originals, copies = images[:120], augment_batch(images[:120], np.random.default_rng(0))
+    for i in range(120):  # a pairs layout: an image and an edited copy under the same name, other sizes
+        for side, img in (("left", originals[i]), ("right", copies[i])):
+            (tmp_path / "pairs" / side).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).resize((32, 32)).save(tmp_path / "pairs" / side / f"{i:03d}.png")
+    out = tmp_path / "pairs_model"
+    summary = run(TINY + ["--data", "pairs", "--data_path", str(tmp_path / "pairs"), "--image_size", "28",
+                          "--channels", "1", "--epochs", "1", "--output", str(out)])
+    card = _card(out)
+    assert card["data"]["mode"] == "pair" and card["input_spec"]["height"] == 28
+    assert card["data"]["train_items"] + card["data"]["validation_items"] + card["data"]["calibration_items"] \
+        <= 2 * 96 and card["metrics"]["test_items"] == 48  # 24 held-out pairs
+    assert 0 <= summary["recall_at_1"] <= 1 and "map_at_r" in card["metrics"]
+    load_encoder(str(out))
+
+    np.savez(tmp_path / "u.npz", images=images[:300])  # no labels: instance mode
+    out = tmp_path / "instance_model"
+    summary = run(TINY + ["--data", "npz", "--data_path", str(tmp_path / "u.npz"), "--epochs", "1",
+                          "--output", str(out)])
+    card = _card(out)
+    assert card["data"]["mode"] == "instance" and card["thresholds"]["class"] == []
+    assert card["metrics"]["validation_metric"] == "instance TMR at FMR 1e-3"
+    assert [r["target_fmr"] for r in card["metrics"]["test_instance"]["recall_at_fmr"]] == [0.01]  # 60 items
+    for name in ("roc.png", "similarity_hist.png", "fmr_fnmr.png", "example_pairs.png"):
+        assert (out / name).is_file()
+
+    out = tmp_path / "unseen"
+    summary = run(TINY + ["--train_classes", "0,1,2,3,4", "--max_train_items", "800", "--max_test_items", "200",
+                          "--epochs", "1", "--output", str(out)])
+    card = _card(out)
+    assert card["metrics"]["unseen_classes"]["classes"] == [5, 6, 7, 8, 9]
+    assert card["data"]["train_classes"] == [0, 1, 2, 3, 4] and card["data"]["classes"] == 5
+    assert summary["unseen_classes"]["seed_protocol_auc"] == card["metrics"]["unseen_classes"]["seed_protocol_auc"]
