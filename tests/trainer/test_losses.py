@@ -133,3 +133,22 @@ def test_bad_names():
         L.make_batch_loss(distance="l1")
     with pytest.raises(ValueError, match="kind"):
         L.make_batch_loss("arcface")
+
+
+@pytest.mark.parametrize("distance", ["cosine", "squared_euclidean"])
+def test_contrastive_matches_loop_reference_on_random_batches(distance):
+    rng = np.random.default_rng(11)
+    e = rng.standard_normal((14, 5)).astype(np.float32)
+    y = rng.integers(0, 4, 14)
+    d = _np_dist(e.astype(np.float64), distance)
+    pos = [d[a, b] for a in range(14) for b in range(14) if a != b and y[a] == y[b]]
+    neg = [d[a, b] for a in range(14) for b in range(14) if y[a] != y[b]]
+    want = np.mean([max(v - 0.1, 0) for v in pos]) + np.mean([max(0.7 - v, 0) for v in neg])
+    fn = L.make_batch_loss("contrastive", distance=distance, margin=0.7, pos_margin=0.1)
+    assert float(fn(tf.constant(y), tf.constant(e))) == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # Explicit pairs against the same reference.
+    same = y[:7] == y[7:]
+    dd = np.array([d[i, i + 7] for i in range(7)])
+    want = np.mean(np.where(same, np.maximum(dd - 0.1, 0), np.maximum(0.7 - dd, 0)))
+    got = L.contrastive_loss(e[:7], e[7:], same, pos_margin=0.1, neg_margin=0.7, distance=distance)
+    assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-5)
