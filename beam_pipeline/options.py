@@ -148,8 +148,9 @@ class EmbedOptions(PipelineOptions):
             parser,
             "--row_group_rows",
             type=int,
-            default=4096,
-            help="Rows per Parquet row group of the templates (default 4096, the match stage's --block_size).",
+            default=8192,
+            help="Rows per Parquet row group of the templates (default 8192, the match stage's --block_size: "
+            "it streams the templates a row group at a time into blocks of that many rows).",
         )
         _add_run_id(parser)
 

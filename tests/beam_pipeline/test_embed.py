@@ -450,3 +450,12 @@ def test_wait_logs_progress_while_a_remote_job_runs(caplog):
     lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
     assert lines == ["embed progress: items_read 100, decoded 0, embedded 90, failed 0",
                      "embed progress: items_read 200, decoded 0, embedded 180, failed 0"]
+
+
+def test_template_row_groups_default_to_the_match_block_size():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_pipeline.options import EmbedOptions, MatchOptions
+
+    options = PipelineOptions([])
+    assert options.view_as(EmbedOptions).row_group_rows == options.view_as(MatchOptions).block_size
