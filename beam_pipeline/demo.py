@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target_fmr", type=float, default=1e-4, help="FMR of the model card threshold to use (default 1e-4)."
     )
+    parser.add_argument(
+        "--linkage", default="complete", choices=["single", "complete"],
+        help="Dedup clusters: complete (default: every two members of a cluster match, so no item is "
+        "dropped on the strength of a chain) or single (connected components, chains flagged).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the catalogue and training (default 0).")
     parser.add_argument("--data_dir", default=None, help="Fashion-MNIST IDX directory (default: the Debian package's).")
     return parser
@@ -213,7 +218,7 @@ def run(argv: list[str] | None = None) -> dict:
     dedup_summary = _timed(
         timings, "dedup", dedup.run,
         ["--templates", templates_glob, "--matches", os.path.join(out, "matches", "*.parquet"),
-         "--output", out, *common],
+         "--output", out, "--linkage", args.linkage, *common],
     )
     report_summary = _timed(
         timings, "report", report.run,
