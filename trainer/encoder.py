@@ -35,6 +35,7 @@ _PREPROCESS = {
     "mobilenet_v2": ("MobileNetV2", False, 1.0 / 127.5, (-1.0, -1.0, -1.0)),
     "resnet50": ("ResNet50", True, 1.0, (-103.939, -116.779, -123.68)),
 }
+RANDOM_INIT_BN_MOMENTUM = 0.9
 _MIN_SIZE = {"mobilenet_v2": 32, "resnet50": 32}
 
 
@@ -159,6 +160,13 @@ def _applications_features(inputs, backbone: str, lo: float, hi: float, channels
         raise
     if local_file:
         net.load_weights(weights)
+    if weights is None:
+        # Keras Applications use BatchNormalization momentum 0.999 (right for fine-tuning pretrained
+        # statistics); from random weights the moving statistics would lag thousands of steps behind and
+        # inference-mode outputs would be garbage (all images alike) for a short run.
+        for layer in net.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = RANDOM_INIT_BN_MOMENTUM
     if freeze_until:
         names = [layer.name for layer in net.layers]
         if freeze_until not in names:

@@ -607,7 +607,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
                 "resumed": resume_state is not None}
     data = {**loaded["description"], "mode": kind, "train_items": int(len(train_idx)),
             "validation_items": int(len(val_idx)), "calibration_items": int(len(cal_idx)),
-            "classes": int(n_classes), "train_classes": seen_classes,
+            "classes": None if instance_mode else int(n_classes), "train_classes": seen_classes,
             "calibration": "held-out slice of the train split (not trained on, not used for early stopping)"}
     card = export_encoder(model, out, training=training, data=data, metrics=metrics, thresholds=thresholds,
                           input_spec=input_spec)
