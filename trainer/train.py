@@ -117,6 +117,7 @@ class TrainConfig:
     data_dir: str | None = None
     checkpoint_dir: str | None = None
     tensorboard_dir: str | None = None
+    mixed_precision: str = "auto"    # "auto" (on when a GPU is present) | "on" | "off"
     preset: str | None = None
     stop_after_epoch: int | None = None  # end the run after this epoch (as if interrupted; for --resume tests)
     verbose: bool = True
@@ -369,9 +370,11 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
 
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    if gpu:  # float16 compute, float32 variables; the exported tower is rebuilt in float32 below
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    gpu = (config.mixed_precision == "on"
+           or (config.mixed_precision == "auto" and bool(tf.config.list_physical_devices("GPU"))))
+    # float16 compute, float32 variables; the exported tower is rebuilt in float32 below. Set either way, so
+    # a run that failed half-way in this process leaves no policy behind for the next.
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "float32")
 
     loaded = _load(config, rng)
     images, labels, kind = loaded["images"], loaded["labels"], loaded["kind"]
@@ -401,7 +404,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     input_spec = _input_spec(config, images)
     _log(config, f"{kind} mode: train {len(train_idx)} items, validation {len(val_idx)}, calibration "
                  f"{len(cal_idx)}, test {len(loaded['test_labels'])}; {steps_per_epoch} batches of {shape} "
-                 f"per epoch{'; GPU: mixed precision' if gpu else ''}")
+                 f"per epoch{'; mixed precision' if gpu else ''}")
 
     kwargs = encoder_kwargs(config)
     model = build_encoder(input_spec, **kwargs)
@@ -759,6 +762,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                    help="evaluate on only the first this many test images (quick tests)")
     g.add_argument("--instance_test_items", type=int, default=d.instance_test_items,
                    help="test images of the instance protocol (all pairs of them are the impostors)")
+    g.add_argument("--mixed_precision", choices=("auto", "on", "off"), default=d.mixed_precision,
+                   help="float16 compute with float32 weights (auto: when a GPU is present); the exported "
+                        "model is float32 either way")
     g.add_argument("--checkpoint_dir", default=None, help="save a resumable checkpoint here after every epoch")
     g.add_argument("--resume", default=None, help="continue the run checkpointed in this directory")
     g.add_argument("--stop_after_epoch", type=int, default=None,
