@@ -46,8 +46,9 @@ def bench_train_step(steps: int = 30) -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (160, 28, 28, 1)).astype(np.float32)
     y = np.repeat(np.arange(10), 16)
-    for mining in ("all", "semihard", "hard"):
-        model = build_encoder()
+    quality = {"filters": (32, 64, 128), "batch_norm": True, "dense_units": 256}  # --preset quality
+    for arch, mining in (("default", "all"), ("default", "semihard"), ("default", "hard"), ("quality", "all")):
+        model = build_encoder(**(quality if arch == "quality" else {}))
         opt = keras.optimizers.Adam(1e-3)
         loss_fn = make_batch_loss(mining=mining)
 
@@ -63,7 +64,7 @@ def bench_train_step(steps: int = 30) -> None:
         for _ in range(steps):
             step(x, y)
         dt = time.perf_counter() - t
-        _report("train_step", mining=mining, batch=160, steps=steps, images_per_s=round(160 * steps / dt))
+        _report("train_step", encoder=arch, mining=mining, batch=160, steps=steps, images_per_s=round(160 * steps / dt))
 
 
 def bench_recall(n: int = 10000, dim: int = 64) -> None:
