@@ -2,17 +2,17 @@
 templates (one embedding per item) and failures out.
 
     ReadCatalogue(--input)                     (spread by file / shard / row group)  --(read error)-----> failures
-      -> key by content_sha256 -> CombinePerKey: one copy of the bytes + every item that has them
-      -> decode to the card's input spec (once per distinct content)                 --(decode error)---> failures
+      -> decode to the card's input spec, key by content_sha256 of the bytes         --(decode error)---> failures
+      -> CombinePerKey: one copy of the pixels + every item with those bytes
       -> RunInference(KeyedModelHandler(EncoderModelHandler))  (batched)             --(inference error)> failures
       -> one template row per item (embedding checked: finite, unit norm)            --(bad output)-----> failures
       -> [record formats: one template per item_id]                                  --(repeated id)----> failures
       -> OUTPUT/templates/templates-*.parquet    OUTPUT/failures/failures-*.parquet
          [OUTPUT/labels/labels-*.parquet with --label_key]
 
-Every item read ends as exactly one templates row or one failures row. Byte-identical items are decoded and
-embedded once and share the embedding (each keeps its own row); `inferences_saved` says how many model
-evaluations that spared. The model card drives the decode (size, channels, value range), the embedding
+Every item read ends as exactly one templates row or one failures row. Byte-identical items are embedded
+once and share the embedding (each keeps its own row); `inferences_saved` says how many model evaluations
+that spared. The model card drives the decode (size, channels, value range), the embedding
 dimension of the table and the `model_id` column: nothing is configured twice.
 
 Runs locally by default, on the DirectRunner's engine (see `_apply_local_defaults`, `LOCAL_RUNNING_MODE`);
@@ -123,43 +123,13 @@ def check_embedding(embedding: np.ndarray, dim: int) -> str | None:
     return None
 
 
-def content_key(record: sources.Record) -> tuple[str, tuple]:
-    """Record -> (sha256 hex of its bytes, (bytes, ItemRef)): the key that brings identical bytes together."""
-    return hashlib.sha256(record.data).hexdigest(), (record.data, ItemRef(record.item_id, record.source_uri))
-
-
-class GatherContentFn(beam.CombineFn):
-    """Combines the (bytes, ItemRef) values of one content hash into (bytes, sorted tuple of ItemRefs).
-
-    Only one copy of the bytes is kept, so with combiner lifting a duplicate's bytes do not even cross the
-    shuffle. Accumulator: [bytes or None, list of ItemRef].
-    """
-
-    def create_accumulator(self):
-        return [None, []]
-
-    def add_input(self, accumulator, element):
-        data, item = element
-        if accumulator[0] is None:
-            accumulator[0] = data
-        accumulator[1].append(item)
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        merged = [None, []]
-        for data, items in accumulators:
-            if merged[0] is None:
-                merged[0] = data
-            merged[1].extend(items)
-        return merged
-
-    def extract_output(self, accumulator):
-        return accumulator[0], tuple(sorted(accumulator[1]))
-
-
 class DecodeFn(beam.DoFn):
-    """(sha256, (bytes, items)) -> (ContentInfo, uint8 pixels (H, W, C)); undecodable -> one failures row
-    per item ('decode')."""
+    """Record -> (sha256 hex of its bytes, (DecodedImage, ItemRef)); undecodable -> failures row ('decode').
+
+    Decoding comes before identical bytes are brought together, so what crosses that shuffle is the
+    model-sized pixels (28x28 bytes for the default encoder), not files of any size: a local run keeps
+    what goes through a shuffle in memory.
+    """
 
     def __init__(self, input_spec: dict, max_pixels: int, run_id: str):
         self._input_spec = dict(input_spec)
@@ -169,21 +139,53 @@ class DecodeFn(beam.DoFn):
         self._decode_failed = Metrics.counter(NAMESPACE, "decode_failed")
         self._failed = Metrics.counter(NAMESPACE, "failed")
 
-    def process(self, element):
-        sha256, (data, items) = element
+    def process(self, record: sources.Record):
         try:
-            decoded = decode_image(data, self._input_spec, self._max_pixels)
+            decoded = decode_image(record.data, self._input_spec, self._max_pixels)
         except Exception as err:  # DecodeError, or a decoder bug: the item fails, the pipeline does not
             if not isinstance(err, DecodeError):
-                log.warning("decode: unexpected %s on %s", type(err).__name__, items[0].source_uri)
-            self._decode_failed.inc(len(items))
-            self._failed.inc(len(items))
-            for item in items:
-                yield beam.pvalue.TaggedOutput(
-                    FAILURES_TAG, failure_row(item.item_id, item.source_uri, "decode", err, self._run_id))
+                log.warning("decode: unexpected %s on %s", type(err).__name__, record.source_uri)
+            self._decode_failed.inc()
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(
+                FAILURES_TAG, failure_row(record.item_id, record.source_uri, "decode", err, self._run_id))
             return
-        self._decoded.inc(len(items))
-        yield ContentInfo(sha256, items, decoded.width, decoded.height), decoded.pixels
+        self._decoded.inc()
+        yield hashlib.sha256(record.data).hexdigest(), (decoded, ItemRef(record.item_id, record.source_uri))
+
+
+class GatherContentFn(beam.CombineFn):
+    """Combines the (DecodedImage, ItemRef) values of one content hash into (DecodedImage, sorted tuple of
+    ItemRefs): identical bytes decode to identical pixels, so one copy is kept, and with combiner lifting
+    a duplicate's pixels do not even cross the shuffle. Accumulator: [DecodedImage or None, list of ItemRef].
+    """
+
+    def create_accumulator(self):
+        return [None, []]
+
+    def add_input(self, accumulator, element):
+        decoded, item = element
+        if accumulator[0] is None:
+            accumulator[0] = decoded
+        accumulator[1].append(item)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = [None, []]
+        for decoded, items in accumulators:
+            if merged[0] is None:
+                merged[0] = decoded
+            merged[1].extend(items)
+        return merged
+
+    def extract_output(self, accumulator):
+        return accumulator[0], tuple(sorted(accumulator[1]))
+
+
+def inference_input(element) -> tuple[ContentInfo, np.ndarray]:
+    """(sha256, (DecodedImage, items)) -> (ContentInfo, uint8 pixels (H, W, C)): RunInference's (key, example)."""
+    sha256, (decoded, items) = element
+    return ContentInfo(sha256, items, decoded.width, decoded.height), decoded.pixels
 
 
 class ToTemplateFn(beam.DoFn):
@@ -281,12 +283,12 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderModelHand
     keys = sources.RecordKeys(image=opts.image_key, id=opts.id_key, label=opts.label_key)
     records, read_failures = pipeline | "Read" >> sources.ReadCatalogue(
         opts.input, input_format, keys, opts.max_file_bytes)
-    contents = (records
-                | "HashContent" >> beam.Map(content_key)
-                | "GatherDuplicates" >> beam.CombinePerKey(GatherContentFn()))
-    decoded = contents | "Decode" >> beam.ParDo(
+    decoded = records | "Decode" >> beam.ParDo(
         DecodeFn(handler.input_spec, opts.max_pixels, run_id)).with_outputs(FAILURES_TAG, main="ok")
-    predictions = decoded.ok | "Embed" >> RunInference(keyed_handler(handler))
+    contents = (decoded.ok
+                | "GatherDuplicates" >> beam.CombinePerKey(GatherContentFn())
+                | "ToModelInput" >> beam.Map(inference_input))
+    predictions = contents | "Embed" >> RunInference(keyed_handler(handler))
     rows = predictions | "ToTemplates" >> beam.ParDo(
         ToTemplateFn(handler.model_id, handler.embedding_dim, run_id)).with_outputs(FAILURES_TAG, main="ok")
     templates = rows.ok

@@ -203,20 +203,30 @@ def test_inference_and_validation_failures_become_failures_rows():
 
 def test_gather_content_keeps_one_copy_and_every_item():
     fn = embed.GatherContentFn()
-    a = fn.add_input(fn.create_accumulator(), (b"bytes", embed.ItemRef("b", "u/b")))
-    a = fn.add_input(a, (b"bytes", embed.ItemRef("a", "u/a")))
-    b = fn.add_input(fn.create_accumulator(), (b"bytes", embed.ItemRef("c", "u/c")))
+    first, second = object(), object()  # stand-ins for the DecodedImage of identical bytes
+    a = fn.add_input(fn.create_accumulator(), (first, embed.ItemRef("b", "u/b")))
+    a = fn.add_input(a, (second, embed.ItemRef("a", "u/a")))
+    b = fn.add_input(fn.create_accumulator(), (second, embed.ItemRef("c", "u/c")))
     merged = fn.merge_accumulators([fn.create_accumulator(), a, b])
-    assert fn.extract_output(merged) == (b"bytes", (embed.ItemRef("a", "u/a"), embed.ItemRef("b", "u/b"),
-                                                    embed.ItemRef("c", "u/c")))
+    assert fn.extract_output(merged) == (first, (embed.ItemRef("a", "u/a"), embed.ItemRef("b", "u/b"),
+                                                 embed.ItemRef("c", "u/c")))
 
 
-def test_decode_failure_fails_every_item_of_the_content():
-    fn = embed.DecodeFn({"height": 4, "width": 4, "channels": 1, "value_range": [0, 255]}, 10**6, "r")
-    items = (embed.ItemRef("a", "u/a"), embed.ItemRef("b", "u/b"))
-    outs = list(fn.process(("00" * 32, (b"", items))))
-    assert [(o.value["item_id"], o.value["stage"], o.value["error"]) for o in outs] == [
-        ("a", "decode", "DecodeError: empty: zero bytes"), ("b", "decode", "DecodeError: empty: zero bytes")]
+def test_decode_keys_by_the_bytes_and_fails_per_item():
+    from beam_pipeline.decode import DecodedImage
+    from beam_pipeline.sources import Record
+
+    spec = {"height": 4, "width": 4, "channels": 1, "value_range": [0, 255]}
+    fn = embed.DecodeFn(spec, 10**6, "r")
+    data = _png(np.full((6, 8), 9, np.uint8))
+    [(sha, (decoded, item))] = list(fn.process(Record("a", "u/a", data)))
+    assert sha == hashlib.sha256(data).hexdigest() and item == embed.ItemRef("a", "u/a")
+    assert isinstance(decoded, DecodedImage) and (decoded.width, decoded.height) == (8, 6)
+    np.testing.assert_array_equal(decoded.pixels, np.full((4, 4, 1), 9))
+    info, pixels = embed.inference_input((sha, (decoded, (item,))))
+    assert info == embed.ContentInfo(sha, (item,), 8, 6) and pixels is decoded.pixels
+    [out] = list(fn.process(Record("b", "u/b", b"")))
+    assert (out.value["item_id"], out.value["stage"], out.value["error"]) == ("b", "decode", "DecodeError: empty: zero bytes")
 
 
 def test_unique_ids_keeps_the_first_read():
