@@ -218,8 +218,12 @@ def test_approximate_is_exact_without_a_cap_and_measures_its_recall(tmp_path):
     write_templates(str(tmp_path / "t" / "t.parquet"), {f"i{k:05d}": v for k, v in enumerate(x)})
     glob = str(tmp_path / "t" / "*.parquet")
     common = ["--templates", glob, "--threshold", "0.9", "--block_size", "256"]
-    _run(common + ["--output", str(tmp_path / "exact")])
-    exact = _pairs(str(tmp_path / "exact"))
+    # The exact pairs from the exact kernel in this process (tested against brute force in test_matching;
+    # the same float32 products as the pipeline, so pairs a hair from the threshold fall the same way).
+    from beam_pipeline import matching
+
+    i, j, _ = matching.pairs_above_threshold(x, x, float(cosine_from_angular(0.9)), same_block=True)
+    exact = {(f"i{a:05d}", f"i{b:05d}") for a, b in zip(i.tolist(), j.tolist())}
     assert len(exact) > 250
     # 8 partitions, up to 8 assignments each: the margin is never capped, so nothing can be missed.
     s = _run(common + ["--output", str(tmp_path / "a8"), "--search", "approximate", "--partitions", "8",
