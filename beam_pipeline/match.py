@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import apache_beam as beam
