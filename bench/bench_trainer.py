@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_trainer.py
     .venv/bin/python bench/bench_trainer.py train --output /tmp/q --preset quality   # one training recipe
 
+`markdown FILE...` turns the JSON lines of `train` runs into the table rows of BENCHMARKS.md.
 The `train` form runs trainer.train.run(ARGS) in this process and prints one JSON line with the summary's
 scores, wall seconds and CPU seconds (user + sys of this process and its children): the recipes in
 BENCHMARKS.md "## Trainer" were measured this way, under `flock /tmp/heavy.lock`.
@@ -94,9 +95,35 @@ def bench_train(argv: list[str]) -> None:
             load_average_1m=round(os.getloadavg()[0], 2), **{k: summary.get(k) for k in keep})
 
 
+def markdown_rows(paths: list[str]) -> None:
+    """Print the `train` JSON lines of the given files as BENCHMARKS.md table rows."""
+    print("| command (`.venv/bin/python bench/bench_trainer.py train ...`) | test AUC | recall@1 | MAP@R | "
+          "instance recall at FMR 1e-2 / 1e-3 / 1e-4 | unseen AUC / recall@1 | epochs (best) | train s | "
+          "wall s | CPU s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
+        for r in (r for r in rows if r.get("bench") == "train"):
+            inst = r.get("instance_recall_at_fmr") or {}
+            unseen = r.get("unseen_classes") or {}
+
+            def fmt(v):
+                return "-" if v is None else f"{v:.4f}"
+            print(f"| `{' '.join(r['argv'])}` | {fmt(r['seed_auc'])} | {fmt(r['recall_at_1'])} | "
+                  f"{fmt(r.get('map_at_r'))} | "
+                  f"{' / '.join(fmt(inst.get(k)) for k in ('0.01', '0.001', '0.0001'))} | "
+                  f"{fmt(unseen.get('seed_protocol_auc'))} / {fmt(unseen.get('recall_at_1'))} | "
+                  f"{r['epochs_run']} ({r['best_epoch']}) | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                  f"{r['cpu_seconds']:.0f} | {r['load_average_1m']} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "train":
         bench_train(sys.argv[2:])
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "markdown":
+        markdown_rows(sys.argv[2:])
         sys.exit(0)
     bench_augment()
     bench_recall()
