@@ -46,8 +46,10 @@ STATE_FILE = "state.json"
 # Named recipes: flag defaults that a --preset switches to (flags given explicitly still win).
 PRESETS = {
     # Deeper CNN with batch norm (3 'valid' stages, 28 -> 13 -> 5 -> 1), a wider head, more epochs and a
-    # lighter instance term (it pushes same-class images apart, which costs class recall). BENCHMARKS.md.
-    "quality": {"filters": "32,64,128", "batch_norm": True, "dense_units": 256, "epochs": 8, "patience": 3,
+    # lighter instance term (it pushes same-class images apart, which costs class recall). It trains at
+    # about 0.6x the default's images/s, so 5 epochs are ~3x the default's time (budget: 15 min on the
+    # 2-core reference machine). BENCHMARKS.md.
+    "quality": {"filters": "32,64,128", "batch_norm": True, "dense_units": 256, "epochs": 5, "patience": 2,
                 "instance_weight": 0.5},
     # Instance mode for near-duplicates: no class loss, every image its own identity, the edited copy its
     # only positive; a wider instance margin.
