@@ -103,7 +103,7 @@ def markdown_rows(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.startswith("{")]
+            rows = [json.loads(line) for line in f if line.startswith("{\"bench\"")]
         for r in (r for r in rows if r.get("bench") == "train"):
             inst = r.get("instance_recall_at_fmr") or {}
             unseen = r.get("unseen_classes") or {}
