@@ -3,7 +3,8 @@
 Random unit vectors in 128 dimensions have no pairs above a dedup threshold, so the catalogue is built
 like a real one: items scattered around `clusters` centres (same-cluster cosine ~0.4: structure for the
 k-means partitions, no matches), and a fraction of them with 1-3 planted near-copies whose cosine to
-their original spreads from ~0.90 to ~0.999 (some straddle a 0.9 angular threshold = cosine 0.951).
+their original spreads from ~0.95 to ~0.999 (copies of one original are a little less alike; some
+pairs straddle a 0.9 angular threshold = cosine 0.951).
 Deterministic for a seed; generated chunk by chunk, so 1,000,000 x 128 never sits in memory twice.
 """
 from __future__ import annotations
