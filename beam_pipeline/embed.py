@@ -124,11 +124,13 @@ def check_embedding(embedding: np.ndarray, dim: int) -> str | None:
 
 
 class DecodeFn(beam.DoFn):
-    """Record -> (sha256 hex of its bytes, (DecodedImage, ItemRef)); undecodable -> failures row ('decode').
+    """Record -> (sha256 hex of its bytes, ((pixel bytes, width, height), (item_id, source_uri)));
+    undecodable -> failures row ('decode').
 
     Decoding comes before identical bytes are brought together, so what crosses that shuffle is the
     model-sized pixels (28x28 bytes for the default encoder), not files of any size: a local run keeps
-    what goes through a shuffle in memory.
+    what goes through a shuffle in memory. Plain bytes, ints and strings, because Beam encodes them
+    without pickling.
     """
 
     def __init__(self, input_spec: dict, max_pixels: int, run_id: str):
@@ -151,30 +153,31 @@ class DecodeFn(beam.DoFn):
                 FAILURES_TAG, failure_row(record.item_id, record.source_uri, "decode", err, self._run_id))
             return
         self._decoded.inc()
-        yield hashlib.sha256(record.data).hexdigest(), (decoded, ItemRef(record.item_id, record.source_uri))
+        yield (hashlib.sha256(record.data).hexdigest(),
+               ((decoded.pixels.tobytes(), decoded.width, decoded.height), (record.item_id, record.source_uri)))
 
 
 class GatherContentFn(beam.CombineFn):
-    """Combines the (DecodedImage, ItemRef) values of one content hash into (DecodedImage, sorted tuple of
-    ItemRefs): identical bytes decode to identical pixels, so one copy is kept, and with combiner lifting
-    a duplicate's pixels do not even cross the shuffle. Accumulator: [DecodedImage or None, list of ItemRef].
+    """Combines the (pixels, item) values of one content hash into (pixels, sorted tuple of items):
+    identical bytes decode to identical pixels, so one copy is kept, and with combiner lifting a
+    duplicate's pixels do not even cross the shuffle. Accumulator: [pixels or None, list of items].
     """
 
     def create_accumulator(self):
         return [None, []]
 
     def add_input(self, accumulator, element):
-        decoded, item = element
+        pixels, item = element
         if accumulator[0] is None:
-            accumulator[0] = decoded
+            accumulator[0] = pixels
         accumulator[1].append(item)
         return accumulator
 
     def merge_accumulators(self, accumulators):
         merged = [None, []]
-        for decoded, items in accumulators:
+        for pixels, items in accumulators:
             if merged[0] is None:
-                merged[0] = decoded
+                merged[0] = pixels
             merged[1].extend(items)
         return merged
 
@@ -182,10 +185,13 @@ class GatherContentFn(beam.CombineFn):
         return accumulator[0], tuple(sorted(accumulator[1]))
 
 
-def inference_input(element) -> tuple[ContentInfo, np.ndarray]:
-    """(sha256, (DecodedImage, items)) -> (ContentInfo, uint8 pixels (H, W, C)): RunInference's (key, example)."""
-    sha256, (decoded, items) = element
-    return ContentInfo(sha256, items, decoded.width, decoded.height), decoded.pixels
+def inference_input(element, input_spec: dict) -> tuple[ContentInfo, np.ndarray]:
+    """(sha256, ((pixel bytes, width, height), items)) -> (ContentInfo, uint8 pixels (H, W, C) of the
+    input spec): RunInference's (key, example)."""
+    sha256, ((data, width, height), items) = element
+    shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    return ContentInfo(sha256, tuple(ItemRef(*item) for item in items), width, height), pixels
 
 
 class ToTemplateFn(beam.DoFn):
@@ -287,7 +293,7 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderModelHand
         DecodeFn(handler.input_spec, opts.max_pixels, run_id)).with_outputs(FAILURES_TAG, main="ok")
     contents = (decoded.ok
                 | "GatherDuplicates" >> beam.CombinePerKey(GatherContentFn())
-                | "ToModelInput" >> beam.Map(inference_input))
+                | "ToModelInput" >> beam.Map(inference_input, handler.input_spec))
     predictions = contents | "Embed" >> RunInference(keyed_handler(handler))
     rows = predictions | "ToTemplates" >> beam.ParDo(
         ToTemplateFn(handler.model_id, handler.embedding_dim, run_id)).with_outputs(FAILURES_TAG, main="ok")

@@ -203,28 +203,27 @@ def test_inference_and_validation_failures_become_failures_rows():
 
 def test_gather_content_keeps_one_copy_and_every_item():
     fn = embed.GatherContentFn()
-    first, second = object(), object()  # stand-ins for the DecodedImage of identical bytes
-    a = fn.add_input(fn.create_accumulator(), (first, embed.ItemRef("b", "u/b")))
-    a = fn.add_input(a, (second, embed.ItemRef("a", "u/a")))
-    b = fn.add_input(fn.create_accumulator(), (second, embed.ItemRef("c", "u/c")))
+    first, second = (b"px", 2, 1), (b"px", 2, 1)  # the pixels of identical bytes
+    a = fn.add_input(fn.create_accumulator(), (first, ("b", "u/b")))
+    a = fn.add_input(a, (second, ("a", "u/a")))
+    b = fn.add_input(fn.create_accumulator(), (second, ("c", "u/c")))
     merged = fn.merge_accumulators([fn.create_accumulator(), a, b])
-    assert fn.extract_output(merged) == (first, (embed.ItemRef("a", "u/a"), embed.ItemRef("b", "u/b"),
-                                                 embed.ItemRef("c", "u/c")))
+    pixels, items = fn.extract_output(merged)
+    assert pixels is first and items == (("a", "u/a"), ("b", "u/b"), ("c", "u/c"))
 
 
 def test_decode_keys_by_the_bytes_and_fails_per_item():
-    from beam_pipeline.decode import DecodedImage
     from beam_pipeline.sources import Record
 
     spec = {"height": 4, "width": 4, "channels": 1, "value_range": [0, 255]}
     fn = embed.DecodeFn(spec, 10**6, "r")
     data = _png(np.full((6, 8), 9, np.uint8))
-    [(sha, (decoded, item))] = list(fn.process(Record("a", "u/a", data)))
-    assert sha == hashlib.sha256(data).hexdigest() and item == embed.ItemRef("a", "u/a")
-    assert isinstance(decoded, DecodedImage) and (decoded.width, decoded.height) == (8, 6)
-    np.testing.assert_array_equal(decoded.pixels, np.full((4, 4, 1), 9))
-    info, pixels = embed.inference_input((sha, (decoded, (item,))))
-    assert info == embed.ContentInfo(sha, (item,), 8, 6) and pixels is decoded.pixels
+    [(sha, (pixels, item))] = list(fn.process(Record("a", "u/a", data)))
+    assert sha == hashlib.sha256(data).hexdigest() and item == ("a", "u/a")
+    assert pixels == (bytes([9] * 16), 8, 6)
+    info, array = embed.inference_input((sha, (pixels, (item,))), spec)
+    assert info == embed.ContentInfo(sha, (embed.ItemRef("a", "u/a"),), 8, 6)
+    np.testing.assert_array_equal(array, np.full((4, 4, 1), 9))
     [out] = list(fn.process(Record("b", "u/b", b"")))
     assert (out.value["item_id"], out.value["stage"], out.value["error"]) == ("b", "decode", "DecodeError: empty: zero bytes")
 
