@@ -37,6 +37,7 @@ import dataclasses
 import posixpath
 import struct
 import tarfile
+import typing
 from typing import IO, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
@@ -146,6 +147,18 @@ def _too_big(size: int, max_bytes: int, what: str) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------ files
 
 
+def _read_at_most(stream: IO[bytes], limit: int, chunk: int = 1 << 20) -> bytes:
+    """Up to `limit` bytes of `stream`, read in chunks (a file of unknown size is not read whole)."""
+    parts, total = [], 0
+    while total < limit:
+        part = stream.read(min(chunk, limit - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
+
+
 def read_file(path: str, item_id: str, max_bytes: int = 0, size: Optional[int] = None) -> Union[Record, ReadFailure]:
     """One image file as a Record, or a ReadFailure ('OSError: ...') if unreadable or over `max_bytes`."""
     too_big = _too_big(size, max_bytes, "file") if size is not None else None
@@ -153,12 +166,13 @@ def read_file(path: str, item_id: str, max_bytes: int = 0, size: Optional[int] =
         return ReadFailure(item_id, path, too_big)
     try:
         # UNCOMPRESSED: the bytes of 'x.png.gz' are the file's bytes, not a gunzipped stream. Local files
-        # skip FileSystems' dispatch, a noticeable share of the cost of a small file.
+        # skip FileSystems' dispatch, a noticeable share of the cost of a small file. (Not read(max + 1):
+        # that allocates the whole limit for every file.)
         with (open(path, "rb") if bio._is_local(path) else _open(path)) as f:
-            data = f.read(max_bytes + 1) if max_bytes else f.read()
+            data = f.read() if size is not None or not max_bytes else _read_at_most(f, max_bytes + 1)
     except Exception as err:  # filesystems raise their own IOError subclasses
         return ReadFailure(item_id, path, _describe(err))
-    if max_bytes and len(data) > max_bytes:
+    if max_bytes and len(data) > max_bytes:  # the listing's size was missing or out of date
         return ReadFailure(item_id, path, f"OSError: file of more than {max_bytes} bytes exceeds "
                                           f"--max_file_bytes={max_bytes}")
     return Record(item_id, path, data)
@@ -536,9 +550,15 @@ def _tar_items(pending, label, max_bytes) -> Iterator[Union[Record, ReadFailure]
 # ------------------------------------------------------------------------------------------------- Beam
 
 
-def _is_directory(metadata) -> bool:
+def _listed(metadata) -> tuple[str, int]:
+    """FileMetadata -> (path, size in bytes or -1): plain values, which Beam encodes without pickling."""
+    size = metadata.size_in_bytes
+    return metadata.path, -1 if size is None else int(size)
+
+
+def _is_directory(path: str) -> bool:
     # GCS "folder" placeholder objects end in '/' (a local match lists files only).
-    return metadata.path.endswith("/")
+    return path.endswith("/")
 
 
 class _CountingFn(beam.DoFn):
@@ -561,7 +581,7 @@ class _CountingFn(beam.DoFn):
 
 
 class _ReadFileFn(_CountingFn):
-    """A list of FileMetadata of image files -> a Record (or ReadFailure) per file."""
+    """A list of (path, size) of image files -> a Record (or ReadFailure) per file."""
 
     def __init__(self, input_glob: str, max_bytes: int):
         super().__init__()
@@ -569,15 +589,15 @@ class _ReadFileFn(_CountingFn):
         self._max_bytes = max_bytes
 
     def process(self, batch):
-        for metadata in batch:
-            if _is_directory(metadata):
+        for path, size in batch:
+            if _is_directory(path):
                 continue
-            item_id = bio.item_id_for(metadata.path, self._input_glob)
-            yield from self._emit([read_file(metadata.path, item_id, self._max_bytes, metadata.size_in_bytes)])
+            item_id = bio.item_id_for(path, self._input_glob)
+            yield from self._emit([read_file(path, item_id, self._max_bytes, None if size < 0 else size)])
 
 
 class _ReadShardFn(_CountingFn):
-    """FileMetadata of a TFRecord or tar shard -> the Records (and ReadFailures) in it."""
+    """(path, size) of a TFRecord or tar shard -> the Records (and ReadFailures) in it."""
 
     def __init__(self, input_glob: str, input_format: str, keys: RecordKeys, max_bytes: int):
         super().__init__()
@@ -586,34 +606,35 @@ class _ReadShardFn(_CountingFn):
         self._keys = keys
         self._max_bytes = max_bytes
 
-    def process(self, metadata):
-        if _is_directory(metadata):
+    def process(self, listed):
+        path, _ = listed
+        if _is_directory(path):
             return
-        shard_id = bio.item_id_for(metadata.path, self._input_glob)
-        yield from self._emit(self._reader(metadata.path, shard_id, self._keys, self._max_bytes))
+        shard_id = bio.item_id_for(path, self._input_glob)
+        yield from self._emit(self._reader(path, shard_id, self._keys, self._max_bytes))
 
 
 class _ParquetRowGroupsFn(_CountingFn):
-    """FileMetadata of a Parquet file -> (path, shard id, row group, first row) per row group; a file
+    """(path, size) of a Parquet file -> (path, shard id, row group, first row) per row group; a file
     whose footer cannot be read is one ReadFailure."""
 
     def __init__(self, input_glob: str):
         super().__init__()
         self._input_glob = input_glob
 
-    def process(self, metadata):
-        if _is_directory(metadata):
+    def process(self, listed):
+        path, _ = listed
+        if _is_directory(path):
             return
-        shard_id = bio.item_id_for(metadata.path, self._input_glob)
+        shard_id = bio.item_id_for(path, self._input_glob)
         try:
-            groups = parquet_row_groups(metadata.path)
+            groups = parquet_row_groups(path)
         except Exception as err:
-            yield from self._emit([ReadFailure(shard_id, metadata.path, f"{_describe(err)} (no readable "
-                                                                         f"Parquet footer)")])
+            yield from self._emit([ReadFailure(shard_id, path, f"{_describe(err)} (no readable Parquet footer)")])
             return
         for row_group, first_row, rows in groups:
             if rows:
-                yield metadata.path, shard_id, row_group, first_row
+                yield path, shard_id, row_group, first_row
 
 
 class _ReadRowGroupFn(_CountingFn):
@@ -650,7 +671,9 @@ class ReadCatalogue(beam.PTransform):
 
     def expand(self, pbegin):
         # MatchFiles lists every path from one worker: spread them before anything is opened.
-        matched = pbegin | "MatchFiles" >> fileio.MatchFiles(self._input_glob)
+        matched = (pbegin
+                   | "MatchFiles" >> fileio.MatchFiles(self._input_glob)
+                   | "Listed" >> beam.Map(_listed).with_output_types(typing.Tuple[str, int]))
         if self._format == "files":
             # Image files are small: spread them in groups, a fraction of the shuffle's per-element cost.
             read = (matched

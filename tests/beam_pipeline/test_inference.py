@@ -132,3 +132,19 @@ def test_use_accelerator_names_the_devices_tensorflow_sees():
     assert use_accelerator() == expected
     if not gpus:  # this project's machines: tensorflow-cpu, no GPU
         assert expected == "CPU"
+
+
+def test_compiled_encoder_equals_the_model_at_any_batch_size(tiny_model_dir, encoder):
+    from beam_pipeline.inference import CompiledEncoder
+
+    model, card = encoder
+    compiled = CompiledEncoder(model, card["input_spec"])
+    x = np.stack(_images(9, seed=4)).astype(np.float32)
+    for n in (9, 4, 1):
+        np.testing.assert_allclose(compiled.predict_on_batch(x[:n]), model.predict(x[:n], verbose=0), atol=1e-5)
+    # One trace serves every batch size.
+    assert len(compiled._predict._list_all_concrete_functions_for_serialization()) == 1
+    loaded = EncoderModelHandler(tiny_model_dir).load_model()
+    assert isinstance(loaded, CompiledEncoder)
+    np.testing.assert_allclose(embed_batch(loaded, list(x[:3].astype(np.uint8)), card["input_spec"]),
+                               model.predict(x[:3].astype(np.uint8).astype(np.float32), verbose=0), atol=1e-5)

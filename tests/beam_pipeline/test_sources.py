@@ -62,8 +62,9 @@ def test_read_file(tmp_path):
     assert sources.read_file(str(tmp_path / "a.png"), "a.png", max_bytes=4, size=5) == ReadFailure(
         "a.png", str(tmp_path / "a.png"), "OSError: file of 5 bytes exceeds --max_file_bytes=4")
     # A size the listing did not know is enforced on the bytes read.
-    failure = sources.read_file(str(tmp_path / "a.png"), "a.png", max_bytes=4)
-    assert isinstance(failure, ReadFailure) and "exceeds --max_file_bytes=4" in failure.error
+    assert sources.read_file(str(tmp_path / "a.png"), "a.png", max_bytes=4) == ReadFailure(
+        "a.png", str(tmp_path / "a.png"), "OSError: file of more than 4 bytes exceeds --max_file_bytes=4")
+    assert sources._read_at_most(__import__("io").BytesIO(b"x" * 10), 7, chunk=3) == b"x" * 7
     missing = sources.read_file(str(tmp_path / "gone.png"), "gone.png")
     assert isinstance(missing, ReadFailure) and missing.item_id == "gone.png"
 
