@@ -2,17 +2,20 @@
 templates (one embedding per item) and failures out.
 
     ReadCatalogue(--input)                     (spread by file / shard / row group)  --(read error)-----> failures
-      -> decode to the card's input spec, key by content_sha256 of the bytes         --(decode error)---> failures
-      -> CombinePerKey: one copy of the pixels + every item with those bytes
-      -> RunInference(KeyedModelHandler(EncoderModelHandler))  (batched)             --(inference error)> failures
-      -> one template row per item (embedding checked: finite, unit norm)            --(bad output)-----> failures
+      -> decode to the card's input spec, in chunks of CHUNK_ITEMS images           --(decode error)---> failures
+           \-> (content_sha256, item) per image -> GroupByKey -> contents several items share (side input)
+      -> FirstCopies: of identical bytes, only the first item's pixels go on
+      -> RunInference(EncoderChunkHandler)  (chunks gathered into batches of --batch_size images)
+                                                                                     --(inference error)> failures
+      -> a templates Table per chunk: a row per item, copies included (embedding checked) --(bad output)-> failures
       -> [record formats: one template per item_id]                                  --(repeated id)----> failures
       -> OUTPUT/templates/templates-*.parquet    OUTPUT/failures/failures-*.parquet
          [OUTPUT/labels/labels-*.parquet with --label_key]
 
 Every item read ends as exactly one templates row or one failures row. Byte-identical items are embedded
 once and share the embedding (each keeps its own row); `inferences_saved` says how many model evaluations
-that spared. The model card drives the decode (size, channels, value range), the embedding
+that spared. After decoding, the pipeline's elements are chunks of images rather than images: the
+runner's cost per element is larger than the cost of decoding a small image. The model card drives the decode (size, channels, value range), the embedding
 dimension of the table and the `model_id` column: nothing is configured twice.
 
 Runs locally by default, on the DirectRunner's engine (see `_apply_local_defaults`, `LOCAL_RUNNING_MODE`);
@@ -37,11 +40,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, StandardOptions, TestOptions
+from apache_beam.transforms import window
 
 from beam_pipeline import io as bio
 from beam_pipeline import sources
 from beam_pipeline.decode import DecodeError, decode_image
-from beam_pipeline.inference import EncoderModelHandler, InferenceFailure, keyed_handler
+from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
 from schemas.tables import FAILURES_SCHEMA, templates_schema
 
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = sources.METRICS_NAMESPACE
 FAILURES_TAG = sources.FAILURES_TAG
+CONTENTS_TAG = "contents"
+# Images per pipeline element after decoding (a divisor of the default --batch_size).
+CHUNK_ITEMS = 64
 # Same tolerance as schemas.validate_table: a row the reader would refuse goes to failures instead.
 UNIT_NORM_TOLERANCE = 1e-3
 PROGRESS_EVERY = 2000
@@ -74,10 +81,11 @@ class ItemRef(NamedTuple):
     source_uri: str
 
 
-class ContentInfo(NamedTuple):
-    """What travels with a distinct content's pixels through inference (the RunInference key).
+class Content(NamedTuple):
+    """A distinct content (byte string) of the catalogue, as it travels through inference.
 
-    items: every item with these bytes, sorted; width, height: the image's size as displayed.
+    items: every item with these bytes, sorted (the first is the one whose pixels are embedded);
+    width, height: the image's size as displayed.
     """
 
     content_sha256: str
@@ -94,22 +102,6 @@ def failure_row(item_id: str, source_uri: str, stage: str, error, run_id: str) -
             "run_id": run_id}
 
 
-def template_row(item: ItemRef, info: ContentInfo, embedding: np.ndarray, model_id: str, run_id: str,
-                 embedded_at: datetime.datetime) -> dict:
-    """A templates-table row for `item`, whose content is `info`, with its float32 (dim,) `embedding`."""
-    return {
-        "item_id": item.item_id,
-        "source_uri": item.source_uri,
-        "content_sha256": info.content_sha256,
-        "embedding": np.asarray(embedding, dtype=np.float32),
-        "model_id": model_id,
-        "width": int(info.width),
-        "height": int(info.height),
-        "embedded_at": embedded_at,
-        "run_id": run_id,
-    }
-
-
 def check_embedding(embedding: np.ndarray, dim: int) -> str | None:
     """Why `embedding` cannot be a template (wrong shape, NaN/inf, not unit norm), or None if it can."""
     embedding = np.asarray(embedding)
@@ -123,23 +115,34 @@ def check_embedding(embedding: np.ndarray, dim: int) -> str | None:
     return None
 
 
-class DecodeFn(beam.DoFn):
-    """Record -> (sha256 hex of its bytes, ((pixel bytes, width, height), (item_id, source_uri)));
-    undecodable -> failures row ('decode').
+def embedding_problems(embeddings: np.ndarray) -> np.ndarray:
+    """Row mask of float32 (n, dim) `embeddings` that `check_embedding` would refuse (NaN/inf, not unit)."""
+    finite = np.isfinite(embeddings).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], embeddings, 0).astype(np.float64), axis=1)
+    return ~finite | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
 
-    Decoding comes before identical bytes are brought together, so what crosses that shuffle is the
-    model-sized pixels (28x28 bytes for the default encoder), not files of any size: a local run keeps
-    what goes through a shuffle in memory. Plain bytes, ints and strings, because Beam encodes them
-    without pickling.
+
+class DecodeFn(beam.DoFn):
+    """Records -> chunks of up to `chunk_items` decoded images; undecodable -> failures row ('decode').
+
+    Main output, one element per chunk, plain values (Beam encodes them without pickling):
+    (content sha256s, (item_id, source_uri) per image, (width, height) per image, the uint8 pixels of all
+    images, (n, H, W, C) of the input spec, as bytes). A chunk, not an image, is the pipeline's element
+    from here to the templates: per-element costs of the runner would otherwise exceed the decoding.
+    CONTENTS_TAG output: (sha256, (item_id, source_uri)) per decoded image, to find identical bytes.
     """
 
-    def __init__(self, input_spec: dict, max_pixels: int, run_id: str):
+    def __init__(self, input_spec: dict, max_pixels: int, run_id: str, chunk_items: int = CHUNK_ITEMS):
         self._input_spec = dict(input_spec)
         self._max_pixels = max_pixels
         self._run_id = run_id
+        self._chunk_items = chunk_items
         self._decoded = Metrics.counter(NAMESPACE, "decoded")
         self._decode_failed = Metrics.counter(NAMESPACE, "decode_failed")
         self._failed = Metrics.counter(NAMESPACE, "failed")
+
+    def start_bundle(self):
+        self._chunk = []
 
     def process(self, record: sources.Record):
         try:
@@ -152,51 +155,59 @@ class DecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 FAILURES_TAG, failure_row(record.item_id, record.source_uri, "decode", err, self._run_id))
             return
-        self._decoded.inc()
-        yield (hashlib.sha256(record.data).hexdigest(),
-               ((decoded.pixels.tobytes(), decoded.width, decoded.height), (record.item_id, record.source_uri)))
+        sha256 = hashlib.sha256(record.data).hexdigest()
+        item = (record.item_id, record.source_uri)
+        self._chunk.append((sha256, item, (decoded.width, decoded.height), decoded.pixels.tobytes()))
+        yield beam.pvalue.TaggedOutput(CONTENTS_TAG, (sha256, item))
+        if len(self._chunk) >= self._chunk_items:
+            yield self._flush()
+
+    def finish_bundle(self):
+        if self._chunk:
+            # Batch pipelines only: the chunk leaves in the global window.
+            yield window.GlobalWindows.windowed_value_at_end_of_window(self._flush())
+
+    def _flush(self) -> tuple:
+        shas, items, sizes, pixels = zip(*self._chunk)
+        self._decoded.inc(len(self._chunk))
+        self._chunk = []
+        return shas, items, sizes, b"".join(pixels)
 
 
-class GatherContentFn(beam.CombineFn):
-    """Combines the (pixels, item) values of one content hash into (pixels, sorted tuple of items):
-    identical bytes decode to identical pixels, so one copy is kept, and with combiner lifting a
-    duplicate's pixels do not even cross the shuffle. Accumulator: [pixels or None, list of items].
-    """
-
-    def create_accumulator(self):
-        return [None, []]
-
-    def add_input(self, accumulator, element):
-        pixels, item = element
-        if accumulator[0] is None:
-            accumulator[0] = pixels
-        accumulator[1].append(item)
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        merged = [None, []]
-        for pixels, items in accumulators:
-            if merged[0] is None:
-                merged[0] = pixels
-            merged[1].extend(items)
-        return merged
-
-    def extract_output(self, accumulator):
-        return accumulator[0], tuple(sorted(accumulator[1]))
+def shared_contents(element) -> list[tuple[str, tuple]]:
+    """(sha256, items with those bytes) -> [(sha256, sorted items)] if several items share them, else []."""
+    sha256, items = element
+    return [(sha256, tuple(sorted(tuple(i) for i in items)))] if len(items) > 1 else []
 
 
-def inference_input(element, input_spec: dict) -> tuple[ContentInfo, np.ndarray]:
-    """(sha256, ((pixel bytes, width, height), items)) -> (ContentInfo, uint8 pixels (H, W, C) of the
-    input spec): RunInference's (key, example)."""
-    sha256, ((data, width, height), items) = element
-    shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
-    pixels = np.frombuffer(data, dtype=np.uint8).reshape(shape)
-    return ContentInfo(sha256, tuple(ItemRef(*item) for item in items), width, height), pixels
+class FirstCopiesFn(beam.DoFn):
+    """Decoded chunk -> ImageChunk of the images to embed, keyed by their Content: an image whose bytes
+    other items share is embedded only if it is the first of them (`duplicates`: sha256 -> sorted items,
+    a side input of the shared contents only); its Content lists them all."""
+
+    def __init__(self, input_spec: dict):
+        self._shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+
+    def process(self, chunk, duplicates):
+        shas, items, sizes, data = chunk
+        pixels = np.frombuffer(data, dtype=np.uint8).reshape((len(shas),) + self._shape)
+        keep, contents = [], []
+        for i, (sha256, item) in enumerate(zip(shas, items)):
+            group = duplicates.get(sha256)
+            if group is None:
+                group = (tuple(item),)
+            elif tuple(item) != group[0]:
+                continue  # a later copy: its template comes with the first's
+            keep.append(i)
+            contents.append(Content(sha256, tuple(ItemRef(*g) for g in group), *sizes[i]))
+        if keep:
+            yield ImageChunk(tuple(contents), pixels if len(keep) == len(shas) else pixels[keep])
 
 
-class ToTemplateFn(beam.DoFn):
-    """(ContentInfo, PredictionResult) -> one template row per item; failed or invalid embeddings -> one
-    failures row per item. Logs a progress line every PROGRESS_EVERY rows or PROGRESS_SECONDS."""
+class ToTemplatesFn(beam.DoFn):
+    """PredictionResult of an ImageChunk -> one templates Table with a row per item (copies included);
+    items whose embedding failed or is invalid -> failures rows ('inference' / 'validate'). Logs a
+    progress line every PROGRESS_EVERY rows or PROGRESS_SECONDS."""
 
     def __init__(self, model_id: str, dim: int, run_id: str):
         self._model_id = model_id
@@ -211,29 +222,39 @@ class ToTemplateFn(beam.DoFn):
         self._count = 0
         self._started = self._last_log = time.perf_counter()
 
-    def _fail(self, info: ContentInfo, stage: str, error: str):
-        self._failed.inc(len(info.items))
-        for item in info.items:
-            yield beam.pvalue.TaggedOutput(
-                FAILURES_TAG, failure_row(item.item_id, item.source_uri, stage, error, self._run_id))
-
-    def process(self, element):
-        info, result = element
-        inference = result.inference
-        if isinstance(inference, InferenceFailure):
-            yield from self._fail(info, "inference", inference.error)
+    def process(self, result):
+        contents, out = result.example.key, result.inference
+        embeddings = np.asarray(out.embeddings, dtype=np.float32)
+        invalid = embedding_problems(embeddings) if len(embeddings) else np.zeros(0, bool)
+        rows, columns = [], {"item_id": [], "source_uri": [], "content_sha256": [], "width": [], "height": []}
+        failed = 0
+        for j, content in enumerate(contents):
+            error, stage = out.errors.get(j), "inference"
+            if error is None and invalid[j]:
+                error, stage = check_embedding(embeddings[j], self._dim) or "embedding is invalid", "validate"
+            if error is not None:
+                failed += len(content.items)
+                for item in content.items:
+                    yield beam.pvalue.TaggedOutput(
+                        FAILURES_TAG, failure_row(item.item_id, item.source_uri, stage, error, self._run_id))
+                continue
+            for item in content.items:
+                rows.append(j)
+                columns["item_id"].append(item.item_id)
+                columns["source_uri"].append(item.source_uri)
+                columns["content_sha256"].append(content.content_sha256)
+                columns["width"].append(content.width)
+                columns["height"].append(content.height)
+        if failed:
+            self._failed.inc(failed)
+        if not rows:
             return
-        problem = check_embedding(inference, self._dim)
-        if problem is not None:
-            yield from self._fail(info, "validate", problem)
-            return
-        n = len(info.items)
+        n, embedded_contents = len(rows), len(set(rows))
         self._embedded.inc(n)
-        self._inferences.inc()
-        self._saved.inc(n - 1)
-        now = datetime.datetime.now(datetime.timezone.utc)
-        for item in info.items:
-            yield template_row(item, info, inference, self._model_id, self._run_id, now)
+        self._inferences.inc(embedded_contents)
+        self._saved.inc(n - embedded_contents)
+        yield templates_table(columns, embeddings[rows], self._model_id, self._run_id,
+                              datetime.datetime.now(datetime.timezone.utc))
         self._progress(n)
 
     def _progress(self, n: int) -> None:
@@ -243,6 +264,37 @@ class ToTemplateFn(beam.DoFn):
             self._last_log = clock
             log.info("embed progress: %d items embedded by this worker (%.0f items/s)", self._count,
                      self._count / max(clock - self._started, 1e-9))
+
+
+def templates_table(columns: dict, embeddings: np.ndarray, model_id: str, run_id: str,
+                    embedded_at: datetime.datetime) -> pa.Table:
+    """A templates Table (schema templates_schema(dim)) from per-row lists `columns` (item_id, source_uri,
+    content_sha256, width, height) and float32 (n, dim) `embeddings`; model_id, run_id and embedded_at
+    are the same for every row."""
+    n, dim = embeddings.shape
+    schema = templates_schema(dim)
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), pa.float32())
+    arrays = {
+        "item_id": pa.array(columns["item_id"], pa.string()),
+        "source_uri": pa.array(columns["source_uri"], pa.string()),
+        "content_sha256": pa.array(columns["content_sha256"], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "width": pa.array(columns["width"], pa.int32()),
+        "height": pa.array(columns["height"], pa.int32()),
+        "embedded_at": pa.array([embedded_at] * n, schema.field("embedded_at").type),
+        "run_id": pa.array([run_id] * n, pa.string()),
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+def table_rows(table: pa.Table):
+    """(item_id, row dict) per row of a templates Table (embedding as float32 numpy)."""
+    embeddings = np.asarray(table.column("embedding").combine_chunks().flatten(), np.float32).reshape(
+        table.num_rows, -1)
+    for i, row in enumerate(table.drop_columns(["embedding"]).to_pylist()):
+        row["embedding"] = embeddings[i]
+        yield row["item_id"], row
 
 
 def uri_order(source_uri: str) -> tuple:
@@ -283,26 +335,31 @@ def resolve_input_format(opts: EmbedOptions, paths: list[str]) -> str:
     return sources.detect_format(paths)
 
 
-def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderModelHandler, run_id: str,
+def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderChunkHandler, run_id: str,
           input_format: str = "files") -> None:
     """Add the embed transforms to `pipeline`: `opts.input` -> templates and failures under `opts.output`."""
     keys = sources.RecordKeys(image=opts.image_key, id=opts.id_key, label=opts.label_key)
     records, read_failures = pipeline | "Read" >> sources.ReadCatalogue(
         opts.input, input_format, keys, opts.max_file_bytes)
     decoded = records | "Decode" >> beam.ParDo(
-        DecodeFn(handler.input_spec, opts.max_pixels, run_id)).with_outputs(FAILURES_TAG, main="ok")
-    contents = (decoded.ok
-                | "GatherDuplicates" >> beam.CombinePerKey(GatherContentFn())
-                | "ToModelInput" >> beam.Map(inference_input, handler.input_spec))
-    predictions = contents | "Embed" >> RunInference(keyed_handler(handler))
-    rows = predictions | "ToTemplates" >> beam.ParDo(
-        ToTemplateFn(handler.model_id, handler.embedding_dim, run_id)).with_outputs(FAILURES_TAG, main="ok")
-    templates = rows.ok
+        DecodeFn(handler.input_spec, opts.max_pixels, run_id)).with_outputs(FAILURES_TAG, CONTENTS_TAG,
+                                                                           main="chunks")
+    # Contents that several items share (usually few): a side input, so the images travel in chunks.
+    duplicates = (decoded[CONTENTS_TAG]
+                  | "GatherItemsByContent" >> beam.GroupByKey()
+                  | "SharedContents" >> beam.FlatMap(shared_contents))
+    predictions = (decoded.chunks
+                   | "FirstCopies" >> beam.ParDo(FirstCopiesFn(handler.input_spec),
+                                                 duplicates=beam.pvalue.AsDict(duplicates))
+                   | "Embed" >> RunInference(handler))
+    tables = predictions | "ToTemplates" >> beam.ParDo(
+        ToTemplatesFn(handler.model_id, handler.embedding_dim, run_id)).with_outputs(FAILURES_TAG, main="ok")
+    templates = tables.ok
     failures = [read_failures | "ReadFailureRows" >> beam.Map(read_failure_row, run_id),
-                decoded[FAILURES_TAG], rows[FAILURES_TAG]]
+                decoded[FAILURES_TAG], tables[FAILURES_TAG]]
     if input_format != "files":  # file paths are unique ids; ids read from records may repeat
         unique = (templates
-                  | "KeyById" >> beam.Map(lambda row: (row["item_id"], row))
+                  | "KeyById" >> beam.FlatMap(table_rows)
                   | "GroupById" >> beam.GroupByKey()
                   | "UniqueIds" >> beam.ParDo(UniqueIdsFn(run_id)).with_outputs(FAILURES_TAG, main="ok"))
         templates = unique.ok
@@ -433,12 +490,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     if not paths:
         raise FileNotFoundError(f"--input {opts.input!r} matches no files")
     input_format = resolve_input_format(opts, paths)
-    handler = EncoderModelHandler(
-        opts.model_dir,
-        min_batch_size=opts.min_batch_size,
-        max_batch_size=opts.batch_size,
-        share_across_processes=opts.share_model_across_processes,
-    )
+    handler = EncoderChunkHandler(
+        opts.model_dir, batch_size=opts.batch_size, share_across_processes=opts.share_model_across_processes)
     dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
     log.info("embed run %s: %d %s input(s) %s with model %s (%s) -> %s", run_id, len(paths), input_format,
              opts.input, handler.model_id, handler.input_spec, opts.output)

@@ -1,11 +1,16 @@
-"""RunInference model handler for the encoder artefact (model.keras + model_card.json).
+"""RunInference model handlers for the encoder artefact (model.keras + model_card.json).
 
-Our own `ModelHandler` rather than `apache_beam.ml.inference.tensorflow_inference` (which needs
-tensorflow_hub and knows nothing of the model card): it loads the artefact with
-`trainer.export.load_encoder`, feeds batches of decoded uint8 pixels in the card's value range, and never
-lets one bad example fail a batch: when a batch raises, each example is retried alone and the ones that
-still fail come back as `InferenceFailure` results, which the embed pipeline writes to the failures table
-(stage "inference").
+Our own `ModelHandler`s rather than `apache_beam.ml.inference.tensorflow_inference` (which needs
+tensorflow_hub and knows nothing of the model card): they load the artefact with
+`trainer.export.load_encoder`, feed batches of decoded uint8 pixels in the card's value range, and never
+let one bad example fail a batch: when a batch raises, each example is retried alone and the ones that
+still fail come back as failures, which the embed pipeline writes to the failures table (stage
+"inference").
+
+- `EncoderModelHandler`: one example = one image (uint8 (H, W, C)); batches of `max_batch_size` images.
+- `EncoderChunkHandler`: one example = an `ImageChunk` of images (the embed pipeline's elements: a
+  pipeline element per image costs more than decoding it); the chunks of a RunInference batch are
+  predicted in model batches of exactly `batch_size` images (the last one shorter).
 
 TensorFlow is imported only when the model is loaded (on the worker), not when the pipeline is built.
 """
@@ -76,6 +81,21 @@ def embed_batch(model, pixels: Sequence[np.ndarray], input_spec: dict) -> np.nda
         raise ValueError("empty batch")
     outputs = model.predict_on_batch(to_model_input(pixels, input_spec))
     embeddings = np.asarray(outputs, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(pixels):
+        raise ValueError(f"model returned shape {embeddings.shape} for {len(pixels)} examples")
+    return embeddings
+
+
+def embed_array(model, pixels: np.ndarray, input_spec: dict) -> np.ndarray:
+    """Embeddings float32 (n, dim) of uint8 images `pixels` (n, H, W, C) (n >= 1)."""
+    shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+    if pixels.ndim != 4 or pixels.shape[1:] != shape or not len(pixels):
+        raise ValueError(f"images of shape {pixels.shape} do not match the input spec (n,) + {shape}")
+    x = pixels.astype(np.float32)
+    lo, hi = (float(v) for v in input_spec["value_range"])
+    if (lo, hi) != (0.0, 255.0):
+        x = lo + x * ((hi - lo) / 255.0)
+    embeddings = np.asarray(model.predict_on_batch(x), dtype=np.float32)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(pixels):
         raise ValueError(f"model returned shape {embeddings.shape} for {len(pixels)} examples")
     return embeddings
@@ -205,3 +225,77 @@ class _KeyedEncoderHandler(KeyedModelHandler):
 def keyed_handler(handler: EncoderModelHandler) -> KeyedModelHandler:
     """`handler` taking (key, pixels) pairs and returning (key, PredictionResult): keys travel along."""
     return _KeyedEncoderHandler(handler)
+
+
+class ImageChunk(NamedTuple):
+    """A chunk of images for `EncoderChunkHandler`: `pixels` uint8 (n, H, W, C) of the input spec, and
+    `key`, anything the caller needs to map the n embeddings back (it travels untouched)."""
+
+    key: Any
+    pixels: np.ndarray
+
+
+class ChunkEmbeddings(NamedTuple):
+    """The `inference` of a chunk's PredictionResult: `embeddings` float32 (n, dim) (rows of failed
+    images are undefined) and `errors` {row: 'Type: message'} for the images that could not be embedded."""
+
+    embeddings: np.ndarray
+    errors: dict
+
+
+def chunk_size(chunk: ImageChunk) -> int:
+    """Images in `chunk`: its weight when RunInference batches chunks."""
+    return max(1, len(chunk.pixels))
+
+
+class EncoderChunkHandler(EncoderModelHandler):
+    """Like EncoderModelHandler, but each example is an ImageChunk and its PredictionResult's inference a
+    ChunkEmbeddings. RunInference gathers chunks until they hold up to `batch_size` images (BatchElements
+    weighing each chunk by its images); `run_inference` predicts them in model batches of at most
+    `batch_size`."""
+
+    def __init__(self, model_dir: str, *, batch_size: int = 256, share_across_processes: bool = False,
+                 card: Optional[dict] = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # BatchElements sizes in element weights (images) when given element_size_fn: batches of up to
+        # batch_size images (exactly, when chunks divide it).
+        super().__init__(model_dir, min_batch_size=batch_size, max_batch_size=batch_size,
+                         share_across_processes=share_across_processes, card=card)
+        self.batch_size = batch_size
+        self._batching_kwargs["element_size_fn"] = chunk_size
+
+    def run_inference(self, batch: Sequence[ImageChunk], model, inference_args: Optional[dict] = None
+                      ) -> Iterable[PredictionResult]:
+        if not batch:  # BatchElements emits an empty batch when a chunk alone outweighs batch_size
+            return []
+        sizes = [len(chunk.pixels) for chunk in batch]
+        pixels = np.concatenate([chunk.pixels for chunk in batch]) if len(batch) > 1 else batch[0].pixels
+        embeddings = np.zeros((len(pixels), self.embedding_dim), np.float32)
+        errors: dict[int, str] = {}
+        for start in range(0, len(pixels), self.batch_size):
+            part = pixels[start:start + self.batch_size]
+            try:
+                embeddings[start:start + len(part)] = embed_array(model, part, self.input_spec)
+                continue
+            except Exception as err:  # one bad image must not fail the others: retry one by one
+                log.warning("inference failed on a batch of %d (%s); retrying image by image", len(part),
+                            _describe(err))
+            for i in range(len(part)):
+                try:
+                    embeddings[start + i] = embed_array(model, part[i:i + 1], self.input_spec)[0]
+                except Exception as err:
+                    errors[start + i] = _describe(err)
+        results, offset = [], 0
+        for chunk, n in zip(batch, sizes):
+            chunk_errors = {i - offset: e for i, e in errors.items() if offset <= i < offset + n}
+            results.append(PredictionResult(
+                chunk, ChunkEmbeddings(embeddings[offset:offset + n], chunk_errors), self.model_id))
+            offset += n
+        return results
+
+    def get_num_bytes(self, batch: Sequence[ImageChunk]) -> int:
+        return int(sum(chunk.pixels.nbytes for chunk in batch))
+
+    def __repr__(self) -> str:
+        return f"EncoderChunkHandler({self._model_dir!r}, model_id={self.model_id}, batch_size={self.batch_size})"

@@ -9,6 +9,7 @@ validates them with `schemas.validate_table`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Iterable
@@ -30,6 +31,7 @@ def _is_local(path: str) -> bool:
     return FileSystems.get_scheme(path) is None
 
 
+@functools.lru_cache(maxsize=64)
 def glob_prefix(input_glob: str) -> str:
     """The non-wildcard directory prefix of `input_glob`, ending in '/' (or '' if there is none).
 

@@ -113,14 +113,12 @@ class EmbedOptions(PipelineOptions):
             help="TFRecord feature / Parquet column / tar member extension (e.g. cls) holding a label; when "
             "given, writes labels/ (item_id, source_uri, label) beside the templates.",
         )
-        _add(parser, "--batch_size", type=int, default=256, help="Inference batch size (max; default 256).")
         _add(
             parser,
-            "--min_batch_size",
+            "--batch_size",
             type=int,
-            default=1,
-            help="Smallest inference batch (default 1: Beam's BatchElements grows batches up to --batch_size "
-            "as it measures them; set it equal to --batch_size for fixed batches).",
+            default=256,
+            help="Images per model call (default 256; the last of a bundle may be smaller).",
         )
         _add(
             parser,

@@ -13,15 +13,13 @@ from PIL import Image
 
 pytest.importorskip("keras")
 
-from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing import test_pipeline
 
 from beam_pipeline import embed
 from beam_pipeline.decode import decode_image
-from beam_pipeline.inference import InferenceFailure
 from beam_pipeline.io import read_table_dir
-from schemas.tables import embeddings_as_numpy
+from schemas.tables import embeddings_as_numpy, templates_schema
 from trainer.export import load_encoder
 
 MAX_FILE_BYTES = 20_000
@@ -179,53 +177,83 @@ def _process(fn, element):
     return list(fn.process(element))
 
 
-def test_inference_and_validation_failures_become_failures_rows():
-    items = (embed.ItemRef("x.png", "/cat/x.png"), embed.ItemRef("y.png", "/cat/y.png"))
-    info = embed.ContentInfo("ab" * 32, items, 10, 12)
-    fn = embed.ToTemplateFn("0123456789abcdef", 3, "r")
-    good = np.array([0.6, 0.8, 0.0], np.float32)
-    rows = _process(fn, (info, PredictionResult(None, good, "0123456789abcdef")))
-    assert [r["item_id"] for r in rows] == ["x.png", "y.png"]
-    assert [r["source_uri"] for r in rows] == ["/cat/x.png", "/cat/y.png"]
-    assert all(r["width"] == 10 and r["height"] == 12 and r["content_sha256"] == "ab" * 32 for r in rows)
-    for row in rows:
-        np.testing.assert_array_equal(row["embedding"], good)
+def _chunk_result(contents, embeddings, errors=None):
+    from apache_beam.ml.inference.base import PredictionResult
 
-    outs = _process(fn, (info, PredictionResult(None, InferenceFailure("ValueError: boom"), "m")))
-    assert all(isinstance(o, TaggedOutput) and o.tag == embed.FAILURES_TAG for o in outs)
-    assert [o.value for o in outs] == [
-        {"item_id": "x.png", "source_uri": "/cat/x.png", "stage": "inference", "error": "ValueError: boom", "run_id": "r"},
-        {"item_id": "y.png", "source_uri": "/cat/y.png", "stage": "inference", "error": "ValueError: boom", "run_id": "r"}]
+    from beam_pipeline.inference import ChunkEmbeddings, ImageChunk
 
-    [out, _] = _process(fn, (info, PredictionResult(None, np.array([1.0, 1.0, 0.0], np.float32), "m")))
-    assert out.value["stage"] == "validate" and out.value["error"] == "embedding norm is 1.414214, not 1"
+    embeddings = np.asarray(embeddings, np.float32)
+    chunk = ImageChunk(tuple(contents), np.zeros((len(contents), 2, 2, 1), np.uint8))
+    return PredictionResult(chunk, ChunkEmbeddings(embeddings, errors or {}), "m")
 
 
-def test_gather_content_keeps_one_copy_and_every_item():
-    fn = embed.GatherContentFn()
-    first, second = (b"px", 2, 1), (b"px", 2, 1)  # the pixels of identical bytes
-    a = fn.add_input(fn.create_accumulator(), (first, ("b", "u/b")))
-    a = fn.add_input(a, (second, ("a", "u/a")))
-    b = fn.add_input(fn.create_accumulator(), (second, ("c", "u/c")))
-    merged = fn.merge_accumulators([fn.create_accumulator(), a, b])
-    pixels, items = fn.extract_output(merged)
-    assert pixels is first and items == (("a", "u/a"), ("b", "u/b"), ("c", "u/c"))
+def test_templates_failures_and_copies_from_a_chunk():
+    fn = embed.ToTemplatesFn("0123456789abcdef", 3, "r")
+    x, y, z = (embed.ItemRef(i, f"/cat/{i}") for i in ("x.png", "y.png", "z.png"))
+    contents = [embed.Content("ab" * 32, (x, y), 10, 12),  # two items with the same bytes
+                embed.Content("cd" * 32, (z,), 5, 6),
+                embed.Content("ef" * 32, (embed.ItemRef("w.png", "/cat/w.png"),), 1, 1),
+                embed.Content("01" * 32, (embed.ItemRef("v.png", "/cat/v.png"),), 1, 1)]
+    good, other = [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]
+    outs = _process(fn, _chunk_result(contents, [good, other, [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]],
+                                      errors={3: "ValueError: boom"}))
+    [table] = [o for o in outs if not isinstance(o, TaggedOutput)]
+    assert table.schema.equals(templates_schema(3))
+    rows = table.to_pylist()
+    assert [r["item_id"] for r in rows] == ["x.png", "y.png", "z.png"]
+    assert [r["source_uri"] for r in rows] == ["/cat/x.png", "/cat/y.png", "/cat/z.png"]
+    assert [r["content_sha256"] for r in rows] == ["ab" * 32, "ab" * 32, "cd" * 32]
+    assert [(r["width"], r["height"]) for r in rows] == [(10, 12), (10, 12), (5, 6)]
+    assert {r["model_id"] for r in rows} == {"0123456789abcdef"} and {r["run_id"] for r in rows} == {"r"}
+    np.testing.assert_array_equal(embeddings_as_numpy(table), np.array([good, good, other], np.float32))
+    failures = [o.value for o in outs if isinstance(o, TaggedOutput)]
+    assert all(o.tag == embed.FAILURES_TAG for o in outs if isinstance(o, TaggedOutput))
+    assert failures == [
+        {"item_id": "w.png", "source_uri": "/cat/w.png", "stage": "validate",
+         "error": "embedding norm is 1.414214, not 1", "run_id": "r"},
+        {"item_id": "v.png", "source_uri": "/cat/v.png", "stage": "inference", "error": "ValueError: boom",
+         "run_id": "r"}]
+    # Back to rows (record formats check ids row by row).
+    [(item_id, row), *_] = list(embed.table_rows(table))
+    assert item_id == "x.png" and row["content_sha256"] == "ab" * 32
+    np.testing.assert_array_equal(row["embedding"], np.array(good, np.float32))
 
 
-def test_decode_keys_by_the_bytes_and_fails_per_item():
+def test_first_copies_keeps_one_image_per_content():
+    spec = {"height": 2, "width": 2, "channels": 1, "value_range": [0, 255]}
+    fn = embed.FirstCopiesFn(spec)
+    pixels = bytes(range(12))  # three 2x2x1 images
+    chunk = (("s1", "s2", "s1"), (("b", "u/b"), ("c", "u/c"), ("a", "u/a")), ((4, 3), (5, 5), (4, 3)), pixels)
+    # s1 is shared by a (first: it sorts first, whatever chunk it is in), b and d (in another chunk).
+    duplicates = {"s1": (("a", "u/a"), ("b", "u/b"), ("d", "u/d"))}
+    [out] = list(fn.process(chunk, duplicates))
+    assert out.key == (embed.Content("s2", (embed.ItemRef("c", "u/c"),), 5, 5),
+                       embed.Content("s1", tuple(embed.ItemRef(*i) for i in duplicates["s1"]), 4, 3))
+    np.testing.assert_array_equal(out.pixels, np.frombuffer(pixels, np.uint8).reshape(3, 2, 2, 1)[[1, 2]])
+    assert list(fn.process((("s1",), (("d", "u/d"),), ((4, 3),), bytes(4)), duplicates)) == []
+    assert embed.shared_contents(("s", [("b", "u"), ("a", "v")])) == [("s", (("a", "v"), ("b", "u")))]
+    assert embed.shared_contents(("s", [("b", "u")])) == []
+
+
+def test_decode_makes_chunks_and_fails_per_item():
     from beam_pipeline.sources import Record
 
     spec = {"height": 4, "width": 4, "channels": 1, "value_range": [0, 255]}
-    fn = embed.DecodeFn(spec, 10**6, "r")
-    data = _png(np.full((6, 8), 9, np.uint8))
-    [(sha, (pixels, item))] = list(fn.process(Record("a", "u/a", data)))
-    assert sha == hashlib.sha256(data).hexdigest() and item == ("a", "u/a")
-    assert pixels == (bytes([9] * 16), 8, 6)
-    info, array = embed.inference_input((sha, (pixels, (item,))), spec)
-    assert info == embed.ContentInfo(sha, (embed.ItemRef("a", "u/a"),), 8, 6)
-    np.testing.assert_array_equal(array, np.full((4, 4, 1), 9))
-    [out] = list(fn.process(Record("b", "u/b", b"")))
-    assert (out.value["item_id"], out.value["stage"], out.value["error"]) == ("b", "decode", "DecodeError: empty: zero bytes")
+    fn = embed.DecodeFn(spec, 10**6, "r", chunk_items=2)
+    fn.start_bundle()
+    data = [_png(np.full((6, 8), v, np.uint8)) for v in (9, 10, 11)]
+    outs = [o for i, d in enumerate(data) for o in fn.process(Record(f"i{i}", f"u/i{i}", d))]
+    outs += list(fn.process(Record("bad", "u/bad", b"")))
+    outs += list(fn.finish_bundle())
+    contents = [o.value for o in outs if isinstance(o, TaggedOutput) and o.tag == embed.CONTENTS_TAG]
+    assert contents == [(hashlib.sha256(d).hexdigest(), (f"i{i}", f"u/i{i}")) for i, d in enumerate(data)]
+    [failure] = [o.value for o in outs if isinstance(o, TaggedOutput) and o.tag == embed.FAILURES_TAG]
+    assert (failure["item_id"], failure["stage"], failure["error"]) == ("bad", "decode", "DecodeError: empty: zero bytes")
+    chunks = [o for o in outs if not isinstance(o, TaggedOutput)]
+    first, last = chunks[0], chunks[1].value  # the bundle's last chunk leaves as a windowed value
+    assert first[1] == (("i0", "u/i0"), ("i1", "u/i1")) and first[2] == ((8, 6), (8, 6))
+    assert first[3] == bytes([9] * 16 + [10] * 16)
+    assert last[0] == (hashlib.sha256(data[2]).hexdigest(),) and last[3] == bytes([11] * 16)
 
 
 def test_unique_ids_keeps_the_first_read():

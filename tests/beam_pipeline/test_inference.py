@@ -148,3 +148,72 @@ def test_compiled_encoder_equals_the_model_at_any_batch_size(tiny_model_dir, enc
     assert isinstance(loaded, CompiledEncoder)
     np.testing.assert_allclose(embed_batch(loaded, list(x[:3].astype(np.uint8)), card["input_spec"]),
                                model.predict(x[:3].astype(np.uint8).astype(np.float32), verbose=0), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ chunks
+
+
+def test_chunk_handler_batches_by_images_and_maps_results_back(tiny_model_dir, encoder):
+    from beam_pipeline.inference import ChunkEmbeddings, EncoderChunkHandler, ImageChunk, chunk_size
+
+    model, _ = encoder
+    handler = EncoderChunkHandler(tiny_model_dir, batch_size=4)
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 4,
+                                               "element_size_fn": chunk_size}
+    images = np.stack(_images(7, seed=5))
+    chunks = [ImageChunk("a", images[:3]), ImageChunk("b", images[3:4]), ImageChunk("c", images[4:])]
+    calls = []
+
+    class Spy:
+        def predict_on_batch(self, x):
+            calls.append(len(x))
+            return model.predict_on_batch(x)
+
+    results = list(handler.run_inference(chunks, Spy()))
+    assert calls == [4, 3]  # model batches of batch_size images across chunk boundaries
+    want = model.predict(images.astype(np.float32), verbose=0)
+    assert [r.example.key for r in results] == ["a", "b", "c"]
+    for result, rows in zip(results, (slice(0, 3), slice(3, 4), slice(4, 7))):
+        assert isinstance(result.inference, ChunkEmbeddings) and result.inference.errors == {}
+        np.testing.assert_allclose(result.inference.embeddings, want[rows], atol=1e-5)
+    assert handler.run_inference([], Spy()) == []
+    assert handler.get_num_bytes(chunks) == images.nbytes
+
+
+def test_chunk_handler_fails_only_the_bad_image(tiny_model_dir, encoder):
+    from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
+
+    model, _ = encoder
+
+    class Fussy:  # refuses any batch holding an all-white image
+        def predict_on_batch(self, x):
+            if (x.reshape(len(x), -1) == 255).all(axis=1).any():
+                raise ValueError("white image")
+            return model.predict_on_batch(x)
+
+    images = np.stack(_images(5, seed=6))
+    images[3] = 255
+    handler = EncoderChunkHandler(tiny_model_dir, batch_size=8)
+    a, b = handler.run_inference([ImageChunk("a", images[:2]), ImageChunk("b", images[2:])], Fussy())
+    assert a.inference.errors == {} and b.inference.errors == {1: "ValueError: white image"}
+    want = model.predict(images.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(a.inference.embeddings, want[:2], atol=1e-5)
+    np.testing.assert_allclose(b.inference.embeddings[[0, 2]], want[[2, 4]], atol=1e-5)
+
+
+def test_chunks_through_run_inference(tiny_model_dir, encoder):
+    from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
+
+    model, _ = encoder
+    images = np.stack(_images(10, seed=7))
+    want = model.predict(images.astype(np.float32), verbose=0)
+    chunks = [ImageChunk(i, images[i:i + 2]) for i in range(0, 10, 2)]
+
+    def check(result):
+        i = result.example.key
+        return i, bool(np.allclose(result.inference.embeddings, want[i:i + 2], atol=1e-5))
+
+    with test_pipeline.TestPipeline() as p:
+        out = (p | beam.Create(chunks) | RunInference(EncoderChunkHandler(tiny_model_dir, batch_size=3))
+               | beam.Map(check))
+        assert_that(out, equal_to([(i, True) for i in range(0, 10, 2)]))
