@@ -77,8 +77,8 @@ def test_dataflow_dry_run_writes_the_job_file(gcs_bucket, tiny_model_dir, tmp_pa
     assert options["setup_file"] == os.path.join(ROOT, "setup.py")
 
     ours = job["siamese_dedup"]
-    assert {"Read", "Decode", "GatherItemsByContent", "SharedContents", "FirstCopies", "Embed", "ToTemplates", "WriteTemplates",
-            "WriteFailures"} <= set(ours["transforms"])
+    assert {"Read", "Decode", "GatherItemsByContent", "SharedContents", "FirstCopies", "Embed", "ToTemplates",
+            "WriteTemplates", "WriteFailures"} <= set(ours["transforms"])
     # The sdist Dataflow would install carries the three packages the workers import.
     with tarfile.open(ours["local_files"]["workflow.tar.gz"]) as sdist:
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
