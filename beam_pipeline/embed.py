@@ -14,9 +14,10 @@ templates (one embedding per item) and failures out.
 
 Every item read ends as exactly one templates row or one failures row. Byte-identical items are embedded
 once and share the embedding (each keeps its own row); `inferences_saved` says how many model evaluations
-that spared. After decoding, the pipeline's elements are chunks of images rather than images: the
-runner's cost per element is larger than the cost of decoding a small image. The model card drives the decode (size, channels, value range), the embedding
-dimension of the table and the `model_id` column: nothing is configured twice.
+that spared. After decoding, the pipeline's elements are chunks of images rather than images: the runner's
+cost per element is larger than the cost of decoding a small image. The model card drives the decode (size,
+channels, value range), the embedding dimension of the table and the `model_id` column: nothing is
+configured twice.
 
 Runs locally by default, on the DirectRunner's engine (see `_apply_local_defaults`, `LOCAL_RUNNING_MODE`);
 `--runner DataflowRunner` with `--setup_file ./setup.py` (or a worker image, docs/gpu_worker.md) runs the

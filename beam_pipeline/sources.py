@@ -16,9 +16,10 @@ A catalogue is a glob (local or gs://, through Beam's FileSystems) of one of:
 
 In the record formats, item_id = the id field when the shard has one, else `<shard id>#<position>`
 (`<shard id>#<member name>` for tar), where `<shard id>` is the shard's path relative to the glob's
-prefix and the position is the record's index in the TFRecord shard or its row number in the Parquet file:
-stable as long as the shard is. source_uri = `<shard path>#<position or member name>` (a member name's
-repeats in one tar: `<name>@<n>`), unique per input record even when ids repeat (the embed pipeline refuses repeated ids at its validate stage).
+prefix and the position is the record's index in the TFRecord shard or its row number in the Parquet
+file: stable as long as the shard is. source_uri = `<shard path>#<position or member name>` (a member
+name's repeats in one tar: `<name>@<n>`), unique per input record even when ids repeat (the embed
+pipeline refuses repeated ids at its validate stage).
 
 Work is split across workers by file (files), by shard (TFRecord, tar: a shard is read sequentially by
 one worker; catalogues come as many shards) and by row group (Parquet). Everything that cannot be read
