@@ -57,6 +57,8 @@ FAILURES_TAG = sources.FAILURES_TAG
 CONTENTS_TAG = "contents"
 # Images per pipeline element after decoding (a divisor of the default --batch_size).
 CHUNK_ITEMS = 64
+# Paths listed up front to check --input and detect its format (auto).
+FORMAT_SAMPLE = 1000
 # Same tolerance as schemas.validate_table: a row the reader would refuse goes to failures instead.
 UNIT_NORM_TOLERANCE = 1e-3
 PROGRESS_EVERY = 2000
@@ -487,15 +489,17 @@ def run(argv=None, test_pipeline=None) -> dict:
     run_id = opts.run_id or new_run_id()
     started = time.perf_counter()
 
-    paths = bio.match_paths(opts.input)
+    # A sample of the listing: enough to refuse an empty glob and tell the format; the pipeline lists it
+    # all again, spread over workers.
+    paths = bio.match_paths(opts.input, limit=FORMAT_SAMPLE)
     if not paths:
         raise FileNotFoundError(f"--input {opts.input!r} matches no files")
     input_format = resolve_input_format(opts, paths)
     handler = EncoderChunkHandler(
         opts.model_dir, batch_size=opts.batch_size, share_across_processes=opts.share_model_across_processes)
     dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
-    log.info("embed run %s: %d %s input(s) %s with model %s (%s) -> %s", run_id, len(paths), input_format,
-             opts.input, handler.model_id, handler.input_spec, opts.output)
+    log.info("embed run %s: %s input %s with model %s (%s) -> %s", run_id, input_format, opts.input,
+             handler.model_id, handler.input_spec, opts.output)
     if not dry_run:
         # Shards of an earlier run would match the tables' globs beside the new ones.
         for name in ("templates", "failures", "labels"):

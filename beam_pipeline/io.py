@@ -72,9 +72,10 @@ def table_glob(output_dir: str, name: str) -> str:
     return FileSystems.join(output_dir, name, f"{name}-*.parquet")
 
 
-def match_paths(glob: str) -> list[str]:
-    """Sorted paths of the files matching `glob` (local or gs://); empty list if none."""
-    result = FileSystems.match([glob])[0]
+def match_paths(glob: str, limit: int | None = None) -> list[str]:
+    """Sorted paths of the files matching `glob` (local or gs://); empty list if none. With `limit`, at
+    most that many (the first the filesystem lists), without listing the rest."""
+    result = FileSystems.match([glob], limits=None if limit is None else [limit])[0]
     return sorted(m.path for m in result.metadata_list)
 
 

@@ -88,8 +88,8 @@ class EmbedOptions(PipelineOptions):
             "--input_format",
             default="auto",
             choices=["auto", "files", "tfrecord", "parquet", "tar"],
-            help="What --input holds. auto (default): from the matched paths' suffixes (.tfrecord[.gz], "
-            ".tfrec, .parquet, .tar[.gz], .tgz; anything else is an image file).",
+            help="What --input holds. auto (default): from the suffixes of (the first 1000 of) the matched "
+            "paths (.tfrecord[.gz], .tfrec, .parquet, .tar[.gz], .tgz; anything else is an image file).",
         )
         _add(
             parser,

@@ -14,7 +14,8 @@
    decodes over 2 s are listed as slow.
 4. Pipeline: `beam_pipeline.embed.run` on the directory (DirectRunner): it must finish, every file must
    end in exactly one of templates / failures, and each file's outcome must be the one the direct decode
-   gave (a template if it decoded, else a decode failure with the same reason).
+   gave (a template if it decoded, else a decode failure with the same reason; a file that decoded may
+   still fail at inference or validation, e.g. when the model's embedding of it is all zeros).
 Prints a table of outcomes per mutation and a JSON summary; exits 1 on any crash, lost item or mismatch.
 The model is `trainer.encoder.build_encoder()` at its defaults, untrained (decode does not care), unless
 --model_dir is given.
@@ -293,9 +294,13 @@ def fuzz(directory: str, corpus: dict, model_dir: str, out_dir: str, max_pixels:
     problems += [f"{name}: lost (in no table)" for name in lost] + [f"{name}: not an input" for name in extra]
     if len(templates) + len(failures) != len(corpus):
         problems.append(f"{len(templates)} templates + {len(failures)} failures != {len(corpus)} files")
+    # A file that decodes may still fail later, at inference or validation (e.g. an image on which the
+    # untrained model's embedding is all zeros): accounted for, and not a decode mismatch.
+    after_decode = ("inference: ", "validate: ")
     problems += [f"{name}: direct {direct[name]} but pipeline {outcome[name]}"
                  for name in sorted(set(direct) & set(outcome)) if direct[name] != outcome[name]
-                 and not direct[name].startswith("crash")]
+                 and not direct[name].startswith("crash")
+                 and not (direct[name] == "ok" and outcome[name].startswith(after_decode))]
 
     table = collections.defaultdict(collections.Counter)
     for name, (mutation, _) in corpus.items():
