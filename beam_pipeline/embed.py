@@ -27,10 +27,12 @@ same code on Dataflow.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import hashlib
 import json
 import logging
+import os
 import time
 from typing import NamedTuple
 
@@ -125,6 +127,11 @@ def embedding_problems(embeddings: np.ndarray) -> np.ndarray:
     return ~finite | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
 
 
+def decode_threads(requested: int) -> int:
+    """Threads a DecodeFn decodes with: `requested`, or when 0 the machine's cores (at most 4)."""
+    return requested if requested > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
 class DecodeFn(beam.DoFn):
     """Records -> chunks of up to `chunk_items` decoded images; undecodable -> failures row ('decode').
 
@@ -133,42 +140,74 @@ class DecodeFn(beam.DoFn):
     images, (n, H, W, C) of the input spec, as bytes). A chunk, not an image, is the pipeline's element
     from here to the templates: per-element costs of the runner would otherwise exceed the decoding.
     CONTENTS_TAG output: (sha256, (item_id, source_uri)) per decoded image, to find identical bytes.
+
+    Records are decoded `chunk_items` at a time on `threads` threads: Pillow's decoders and resampling
+    and hashlib release the GIL, so a worker's idle cores decode while its runner thread moves elements.
+    Outputs keep the records' order.
     """
 
-    def __init__(self, input_spec: dict, max_pixels: int, run_id: str, chunk_items: int = CHUNK_ITEMS):
+    def __init__(self, input_spec: dict, max_pixels: int, run_id: str, chunk_items: int = CHUNK_ITEMS,
+                 threads: int = 1):
         self._input_spec = dict(input_spec)
         self._max_pixels = max_pixels
         self._run_id = run_id
         self._chunk_items = chunk_items
+        self._threads = threads
         self._decoded = Metrics.counter(NAMESPACE, "decoded")
         self._decode_failed = Metrics.counter(NAMESPACE, "decode_failed")
         self._failed = Metrics.counter(NAMESPACE, "failed")
 
+    def setup(self):
+        self._pool = (concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
+                      if self._threads > 1 else None)
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
     def start_bundle(self):
-        self._chunk = []
+        self._pending, self._chunk = [], []
 
     def process(self, record: sources.Record):
-        try:
-            decoded = decode_image(record.data, self._input_spec, self._max_pixels)
-        except Exception as err:  # DecodeError, or a decoder bug: the item fails, the pipeline does not
-            if not isinstance(err, DecodeError):
-                log.warning("decode: unexpected %s on %s", type(err).__name__, record.source_uri)
-            self._decode_failed.inc()
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILURES_TAG, failure_row(record.item_id, record.source_uri, "decode", err, self._run_id))
-            return
-        sha256 = hashlib.sha256(record.data).hexdigest()
-        item = (record.item_id, record.source_uri)
-        self._chunk.append((sha256, item, (decoded.width, decoded.height), decoded.pixels.tobytes()))
-        yield beam.pvalue.TaggedOutput(CONTENTS_TAG, (sha256, item))
-        if len(self._chunk) >= self._chunk_items:
-            yield self._flush()
+        self._pending.append(record)
+        if len(self._pending) >= self._chunk_items:
+            yield from self._decode_pending()
 
     def finish_bundle(self):
+        outputs = list(self._decode_pending())
         if self._chunk:
-            # Batch pipelines only: the chunk leaves in the global window.
-            yield window.GlobalWindows.windowed_value_at_end_of_window(self._flush())
+            outputs.append(self._flush())
+        # Batch pipelines only: what is left leaves in the global window.
+        at_end = window.GlobalWindows.windowed_value_at_end_of_window
+        for out in outputs:
+            yield (beam.pvalue.TaggedOutput(out.tag, at_end(out.value))
+                   if isinstance(out, beam.pvalue.TaggedOutput) else at_end(out))
+
+    def _decode_one(self, record: sources.Record) -> tuple:
+        """(record, decoded image, sha256) or (record, None, the exception). Runs on a pool thread."""
+        try:
+            return record, decode_image(record.data, self._input_spec, self._max_pixels), \
+                hashlib.sha256(record.data).hexdigest()
+        except Exception as err:  # DecodeError, or a decoder bug: the item fails, the pipeline does not
+            return record, None, err
+
+    def _decode_pending(self):
+        pending, self._pending = self._pending, []
+        results = self._pool.map(self._decode_one, pending) if self._pool else map(self._decode_one, pending)
+        for record, decoded, outcome in results:
+            if decoded is None:
+                if not isinstance(outcome, DecodeError):
+                    log.warning("decode: unexpected %s on %s", type(outcome).__name__, record.source_uri)
+                self._decode_failed.inc()
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput(
+                    FAILURES_TAG, failure_row(record.item_id, record.source_uri, "decode", outcome, self._run_id))
+                continue
+            item = (record.item_id, record.source_uri)
+            self._chunk.append((outcome, item, (decoded.width, decoded.height), decoded.pixels.tobytes()))
+            yield beam.pvalue.TaggedOutput(CONTENTS_TAG, (outcome, item))
+            if len(self._chunk) >= self._chunk_items:
+                yield self._flush()
 
     def _flush(self) -> tuple:
         shas, items, sizes, pixels = zip(*self._chunk)
@@ -344,9 +383,8 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderChunkHand
     keys = sources.RecordKeys(image=opts.image_key, id=opts.id_key, label=opts.label_key)
     records, read_failures = pipeline | "Read" >> sources.ReadCatalogue(
         opts.input, input_format, keys, opts.max_file_bytes)
-    decoded = records | "Decode" >> beam.ParDo(
-        DecodeFn(handler.input_spec, opts.max_pixels, run_id)).with_outputs(FAILURES_TAG, CONTENTS_TAG,
-                                                                           main="chunks")
+    decode = DecodeFn(handler.input_spec, opts.max_pixels, run_id, threads=decode_threads(opts.decode_threads))
+    decoded = records | "Decode" >> beam.ParDo(decode).with_outputs(FAILURES_TAG, CONTENTS_TAG, main="chunks")
     # Contents that several items share (usually few): a side input, so the images travel in chunks.
     duplicates = (decoded[CONTENTS_TAG]
                   | "GatherItemsByContent" >> beam.GroupByKey()

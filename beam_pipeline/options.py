@@ -122,6 +122,13 @@ class EmbedOptions(PipelineOptions):
         )
         _add(
             parser,
+            "--decode_threads",
+            type=int,
+            default=0,
+            help="Threads each worker process decodes images with (default 0: its cores, at most 4).",
+        )
+        _add(
+            parser,
             "--max_pixels",
             type=int,
             default=50_000_000,

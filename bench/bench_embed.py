@@ -114,7 +114,7 @@ def beam(glob: str, model_dir: str, out: str, batch_size: int, mode: str) -> tup
 
     argv = ["--input", glob, "--model_dir", model_dir, "--output", out, "--batch_size", str(batch_size),
             "--direct_running_mode", mode]
-    if mode == "multi_processing":
+    if mode in ("multi_processing", "multi_threading"):
         argv += ["--direct_num_workers", str(os.cpu_count() or 2)]
     start = time.perf_counter()
     summary = embed.run(argv)

@@ -77,7 +77,8 @@ def seed_protocol(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> 
     Args:
       embeddings: float32 (n, d) unit vectors; labels: int (n,).
       seed: fixes the choice of partners (same seed, same pairs).
-    Returns: {"auc", "pairs" (anchors used), "genuine" (n,), "impostor" (n,)} -- scores in angular similarity.
+    Returns: {"auc", "pairs" (anchors used), "genuine" (m,), "impostor" (m,)} -- scores in angular
+    similarity -- and the pairs behind them: "anchors", "positives", "negatives" (m,) row indices.
     Anchors whose class has a single member are skipped (they have no positive).
     """
     labels = np.asarray(labels).reshape(-1)
@@ -90,7 +91,8 @@ def seed_protocol(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> 
     genuine = angular_similarity(cosine_similarity(emb[anchors], emb[positives]))
     impostor = angular_similarity(cosine_similarity(emb[anchors], emb[negatives]))
     return {"auc": roc_auc(genuine, impostor), "pairs": int(len(anchors)),
-            "genuine": genuine, "impostor": impostor}
+            "genuine": genuine, "impostor": impostor,
+            "anchors": anchors, "positives": positives, "negatives": negatives}
 
 
 def nearest_neighbours(embeddings: np.ndarray, k: int = 1, block: int = 512) -> tuple[np.ndarray, np.ndarray]:

@@ -235,25 +235,42 @@ def test_first_copies_keeps_one_image_per_content():
     assert embed.shared_contents(("s", [("b", "u")])) == []
 
 
-def test_decode_makes_chunks_and_fails_per_item():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_makes_chunks_and_fails_per_item(threads):
+    from apache_beam.utils.windowed_value import WindowedValue
+
     from beam_pipeline.sources import Record
 
     spec = {"height": 4, "width": 4, "channels": 1, "value_range": [0, 255]}
-    fn = embed.DecodeFn(spec, 10**6, "r", chunk_items=2)
+    fn = embed.DecodeFn(spec, 10**6, "r", chunk_items=2, threads=threads)
+    fn.setup()
     fn.start_bundle()
     data = [_png(np.full((6, 8), v, np.uint8)) for v in (9, 10, 11)]
     outs = [o for i, d in enumerate(data) for o in fn.process(Record(f"i{i}", f"u/i{i}", d))]
     outs += list(fn.process(Record("bad", "u/bad", b"")))
     outs += list(fn.finish_bundle())
-    contents = [o.value for o in outs if isinstance(o, TaggedOutput) and o.tag == embed.CONTENTS_TAG]
+    fn.teardown()
+
+    def value(o):  # what finish_bundle emits leaves as windowed values
+        return o.value if isinstance(o, WindowedValue) else o
+
+    tagged = [(o.tag, value(o.value)) for o in outs if isinstance(o, TaggedOutput)]
+    contents = [v for tag, v in tagged if tag == embed.CONTENTS_TAG]
     assert contents == [(hashlib.sha256(d).hexdigest(), (f"i{i}", f"u/i{i}")) for i, d in enumerate(data)]
-    [failure] = [o.value for o in outs if isinstance(o, TaggedOutput) and o.tag == embed.FAILURES_TAG]
+    [failure] = [v for tag, v in tagged if tag == embed.FAILURES_TAG]
     assert (failure["item_id"], failure["stage"], failure["error"]) == ("bad", "decode", "DecodeError: empty: zero bytes")
     chunks = [o for o in outs if not isinstance(o, TaggedOutput)]
-    first, last = chunks[0], chunks[1].value  # the bundle's last chunk leaves as a windowed value
+    first, last = chunks[0], chunks[1]
+    assert not isinstance(first, WindowedValue) and isinstance(last, WindowedValue)
+    last = last.value
     assert first[1] == (("i0", "u/i0"), ("i1", "u/i1")) and first[2] == ((8, 6), (8, 6))
     assert first[3] == bytes([9] * 16 + [10] * 16)
     assert last[0] == (hashlib.sha256(data[2]).hexdigest(),) and last[3] == bytes([11] * 16)
+
+
+def test_decode_threads():
+    assert embed.decode_threads(3) == 3
+    assert 1 <= embed.decode_threads(0) <= 4
 
 
 def test_unique_ids_keeps_the_first_read():

@@ -193,3 +193,14 @@ def test_the_same_helpers_work_on_gcs(gcs_bucket):
     np.testing.assert_array_equal(embeddings_as_numpy(table), np.stack([r["embedding"] for r in rows]))
     with pytest.raises(FileNotFoundError, match="no failures Parquet files"):
         read_table_dir(base, "failures")
+
+
+def test_match_paths_limit(tmp_path):
+    for k in range(5):
+        (tmp_path / f"f{k}.png").write_bytes(b"x")
+    glob = str(tmp_path / "*.png")
+    everything = match_paths(glob)
+    assert len(everything) == 5 and everything == sorted(everything)
+    some = match_paths(glob, limit=2)
+    assert len(some) == 2 and set(some) <= set(everything)
+    assert match_paths(str(tmp_path / "*.jpg"), limit=2) == []

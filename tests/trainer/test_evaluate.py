@@ -97,6 +97,10 @@ def test_seed_protocol():
     res = E.seed_protocol(good, labels, seed=0)
     assert res["auc"] == 1.0 and res["pairs"] == 100
     assert res["genuine"].shape == (100,) and res["genuine"].min() > res["impostor"].max()
+    # The pairs behind the scores: same class / other class, and the scores are theirs.
+    a, p, n = res["anchors"], res["positives"], res["negatives"]
+    assert (labels[a] == labels[p]).all() and (a != p).all() and (labels[a] != labels[n]).all()
+    np.testing.assert_allclose(res["genuine"], angular_similarity(np.sum(good[a] * good[p], axis=1)), atol=1e-6)
     noise = l2_normalize(rng.standard_normal((100, 16)))
     a = E.seed_protocol(noise, labels, seed=0)
     b = E.seed_protocol(noise, labels, seed=0)
