@@ -365,11 +365,7 @@ def plot_roc(curves: dict, path: str, aucs: dict | None = None) -> str:
     ax.set_title("ROC")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    _makedirs_for(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_similarity_hist(groups: dict, path: str, thresholds: dict | None = None, bins: int = 100) -> str:
@@ -395,11 +391,7 @@ def plot_similarity_hist(groups: dict, path: str, thresholds: dict | None = None
         ax.set_xlabel("angular similarity")
         ax.set_yscale("log")
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    _makedirs_for(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_fmr_fnmr(groups: dict, path: str, points: int = 400) -> str:
@@ -424,11 +416,7 @@ def plot_fmr_fnmr(groups: dict, path: str, points: int = 400) -> str:
     ax.set_title("FMR / FNMR against the threshold")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    _makedirs_for(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_example_pairs(rows: Sequence[tuple[str, np.ndarray, np.ndarray, float]], path: str,
@@ -452,14 +440,17 @@ def plot_example_pairs(rows: Sequence[tuple[str, np.ndarray, np.ndarray, float]]
             img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
             axes[r, 2 * c + j].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
         axes[r, 2 * c].set_title(f"{caption} {score:.3f}", fontsize=6, loc="left")
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str) -> str:
+    """Lay out `fig`, write it to the PNG `path` (creating its folder) and free it. Returns path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    _makedirs_for(path)
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _makedirs_for(path: str) -> None:
-    d = os.path.dirname(path)
-    if d:
-        os.makedirs(d, exist_ok=True)
