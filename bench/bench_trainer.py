@@ -48,12 +48,14 @@ def bench_train_step(steps: int = 30) -> None:
     x = rng.integers(0, 256, (160, 28, 28, 1)).astype(np.float32)
     y = np.repeat(np.arange(10), 16)
     quality = {"filters": (32, 64, 128), "batch_norm": True, "dense_units": 256}  # --preset quality
-    for arch, mining in (("default", "all"), ("default", "semihard"), ("default", "hard"), ("quality", "all")):
+    # The last variant compiles the step with XLA (jit_compile), to see whether it pays on this machine.
+    for arch, mining, jit in (("default", "all", False), ("default", "semihard", False), ("default", "hard", False),
+                              ("quality", "all", False), ("quality", "all", True)):
         model = build_encoder(**(quality if arch == "quality" else {}))
         opt = keras.optimizers.Adam(1e-3)
         loss_fn = make_batch_loss(mining=mining)
 
-        @tf.function
+        @tf.function(jit_compile=jit)
         def step(x, y):
             with tf.GradientTape() as tape:
                 loss = loss_fn(y, model(x, training=True))
@@ -65,7 +67,8 @@ def bench_train_step(steps: int = 30) -> None:
         for _ in range(steps):
             step(x, y)
         dt = time.perf_counter() - t
-        _report("train_step", encoder=arch, mining=mining, batch=160, steps=steps, images_per_s=round(160 * steps / dt))
+        _report("train_step", encoder=arch, mining=mining, jit_compile=jit, batch=160, steps=steps,
+                images_per_s=round(160 * steps / dt))
 
 
 def bench_recall(n: int = 10000, dim: int = 64) -> None:
