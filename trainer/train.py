@@ -686,7 +686,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
                         help="a named recipe: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     g = parser.add_argument_group("data")
-    g.add_argument("--data", choices=SOURCES, default=d.data,
+    g.add_argument("--data", choices=SOURCES, default=dflt("data"),
                    help="fashion_mnist (IDX files); folder (one subfolder per class); pairs (two folders whose "
                         "same-named files are positive pairs); unlabelled (instance mode); npz (arrays 'images' "
                         "[+ 'labels'])")
@@ -698,7 +698,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                    help="other sources: images are decoded and resized to this square side (default 64; npz: "
                         "as stored)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="other sources: 1 grey or 3 RGB")
-    g.add_argument("--test_fraction", type=float, default=d.test_fraction,
+    g.add_argument("--test_fraction", type=float, default=dflt("test_fraction"),
                    help="other sources: share held out as the test split (whole pairs / classes stratified)")
     g.add_argument("--train_classes", default=None,
                    help="comma-separated class ids to train on; the test metrics are also reported for the "
@@ -706,13 +706,13 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--instance_only", action="store_true", default=dflt("instance_only"),
                    help="instance mode on labelled data: ignore the labels, every image is its own identity")
     g = parser.add_argument_group("model")
-    g.add_argument("--backbone", choices=("small_cnn", "mobilenet_v2", "resnet50"), default=d.backbone,
+    g.add_argument("--backbone", choices=("small_cnn", "mobilenet_v2", "resnet50"), default=dflt("backbone"),
                    help="encoder body")
     g.add_argument("--weights", default=None,
                    help="Applications backbones: 'imagenet' (needs the internet), or a local weights file; "
                         "default random")
     g.add_argument("--freeze_until", default=None, help="freeze the backbone up to and including this layer")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="MobileNetV2 width multiplier")
+    g.add_argument("--alpha", type=float, default=dflt("alpha"), help="MobileNetV2 width multiplier")
     g.add_argument("--backbone_input_size", type=int, default=None,
                    help="resize to this side before an Applications backbone (default: input size, >= 32)")
     g.add_argument("--filters", default=dflt("filters"), help="small_cnn: channels of the conv stages")
@@ -720,34 +720,34 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--batch_norm", action=argparse.BooleanOptionalAction, default=dflt("batch_norm"),
                    help="small_cnn: BatchNormalization after each conv")
     g.add_argument("--dense_units", type=int, default=dflt("dense_units"), help="hidden layer of the head (0: none)")
-    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the projection")
-    g.add_argument("--embedding_dim", type=int, default=d.embedding_dim, help="length of the embeddings")
+    g.add_argument("--dropout", type=float, default=dflt("dropout"), help="dropout before the projection")
+    g.add_argument("--embedding_dim", type=int, default=dflt("embedding_dim"), help="length of the embeddings")
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=dflt("epochs"), help="maximum number of epochs")
-    g.add_argument("--loss", choices=("triplet", "contrastive"), default=d.loss, help="in-batch loss")
-    g.add_argument("--margin", type=float, default=d.margin,
+    g.add_argument("--loss", choices=("triplet", "contrastive"), default=dflt("loss"), help="in-batch loss")
+    g.add_argument("--margin", type=float, default=dflt("margin"),
                    help="triplet margin (contrastive: the negative margin), in units of --distance")
-    g.add_argument("--distance", choices=("cosine", "squared_euclidean"), default=d.distance,
+    g.add_argument("--distance", choices=("cosine", "squared_euclidean"), default=dflt("distance"),
                    help="distance inside the loss (cosine = 1 - cos)")
     g.add_argument("--mining", choices=("all", "semihard", "hard"), default=dflt("mining"),
                    help="triplet mining: batch-all positive triplets, FaceNet semi-hard, or batch-hard")
-    g.add_argument("--classes_per_batch", type=int, default=d.classes_per_batch,
+    g.add_argument("--classes_per_batch", type=int, default=dflt("classes_per_batch"),
                    help="P of a P x K batch (instance mode: P*K images per batch)")
-    g.add_argument("--per_class", type=int, default=d.per_class, help="K of a P x K batch (pairs: 2)")
+    g.add_argument("--per_class", type=int, default=dflt("per_class"), help="K of a P x K batch (pairs: 2)")
     g.add_argument("--learning_rate", type=float, default=dflt("learning_rate"), help="Adam peak learning rate")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
+    g.add_argument("--seed", type=int, default=dflt("seed"), help="seed of every random choice")
     g.add_argument("--no_augment", dest="augment", action="store_false",
                    help="train on the original pixels only (no near-duplicate edits)")
-    g.add_argument("--augment_prob", type=float, default=d.augment_prob,
+    g.add_argument("--augment_prob", type=float, default=dflt("augment_prob"),
                    help="chance that a training view is edited by trainer.augment")
-    g.add_argument("--views", type=int, choices=(1, 2), default=d.views,
+    g.add_argument("--views", type=int, choices=(1, 2), default=dflt("views"),
                    help="augmented views per image per batch; 2 adds an instance (near-duplicate) loss")
     g.add_argument("--instance_weight", type=float, default=dflt("instance_weight"),
                    help="weight of the instance (near-duplicate) triplet loss when --views 2")
     g.add_argument("--instance_margin", type=float, default=dflt("instance_margin"),
                    help="margin of the instance loss: an edited copy must be this much closer than "
                         "any other image, same class included")
-    g.add_argument("--validation_split", type=float, default=d.validation_split,
+    g.add_argument("--validation_split", type=float, default=dflt("validation_split"),
                    help="fraction of the train split held out for early stopping and calibration")
     g.add_argument("--patience", type=int, default=dflt("patience"),
                    help="stop after this many epochs without a better validation score")
@@ -755,9 +755,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                    help="use only this many train-split images (quick tests)")
     g.add_argument("--max_test_items", type=int, default=None,
                    help="evaluate on only the first this many test images (quick tests)")
-    g.add_argument("--instance_test_items", type=int, default=d.instance_test_items,
+    g.add_argument("--instance_test_items", type=int, default=dflt("instance_test_items"),
                    help="test images of the instance protocol (all pairs of them are the impostors)")
-    g.add_argument("--mixed_precision", choices=("auto", "on", "off"), default=d.mixed_precision,
+    g.add_argument("--mixed_precision", choices=("auto", "on", "off"), default=dflt("mixed_precision"),
                    help="float16 compute with float32 weights (auto: when a GPU is present); the exported "
                         "model is float32 either way")
     g.add_argument("--checkpoint_dir", default=None, help="save a resumable checkpoint here after every epoch")

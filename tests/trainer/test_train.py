@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from trainer.train import TrainConfig, TrainingCollapsed, _check_collapse, _mean_pairwise_cosine, run, split_train
+from trainer.train import (PRESETS, TrainConfig, TrainingCollapsed, _check_collapse, _mean_pairwise_cosine, run,
+                           split_train)
 
 HAVE_DATA = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz") or bool(
     os.environ.get("FASHION_MNIST_DIR"))
@@ -88,6 +89,17 @@ def test_new_flags_are_listed(capsys):
     for flag in ("--data", "--data_path", "--preset", "--backbone", "--weights", "--freeze_until", "--resume",
                  "--checkpoint_dir", "--tensorboard_dir", "--train_classes", "--instance_only"):
         assert flag in text
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_value_becomes_the_flag_default(preset):
+    from trainer.train import build_parser
+
+    parsed = vars(build_parser(preset).parse_args([]))
+    for key, value in PRESETS[preset].items():
+        assert parsed[key] == value, (preset, key)
+    # An explicit flag still wins over the preset.
+    assert vars(build_parser(preset).parse_args(["--epochs", "1"]))["epochs"] == 1
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed")
