@@ -92,7 +92,8 @@ class DecodedImage:
     height: int
 
 
-def _spec_shape(input_spec: dict) -> tuple[int, int, int]:
+def spec_shape(input_spec: dict) -> tuple[int, int, int]:
+    """(height, width, channels) of a model card's input spec; ValueError if it is not a valid one."""
     height, width, channels = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
     if channels not in (1, 3) or height < 1 or width < 1:
         raise ValueError(f"input_spec must give height, width >= 1 and channels 1 or 3, got {input_spec}")
@@ -212,7 +213,7 @@ def decode_image(data: bytes, input_spec: dict, max_pixels: int = 50_000_000) ->
     Raises DecodeError(reason) with reason in REASONS: 'empty', 'not_an_image', 'truncated', 'corrupt',
     'too_large', 'unsupported' (a format outside ACCEPTED_FORMATS, or a mode that cannot become L/RGB).
     """
-    height, width, channels = _spec_shape(input_spec)
+    height, width, channels = spec_shape(input_spec)
     image = _open_header(bytes(data), int(max_pixels))
     header_size = image.size
     try:

@@ -47,7 +47,7 @@ from apache_beam.transforms import window
 
 from beam_pipeline import io as bio
 from beam_pipeline import sources
-from beam_pipeline.decode import DecodeError, decode_image
+from beam_pipeline.decode import DecodeError, decode_image, spec_shape
 from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
 from schemas.tables import FAILURES_SCHEMA, templates_schema
@@ -228,7 +228,7 @@ class FirstCopiesFn(beam.DoFn):
     a side input of the shared contents only); its Content lists them all."""
 
     def __init__(self, input_spec: dict):
-        self._shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+        self._shape = spec_shape(input_spec)
 
     def process(self, chunk, duplicates):
         shas, items, sizes, data = chunk

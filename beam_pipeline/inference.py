@@ -22,6 +22,8 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
+from beam_pipeline.decode import spec_shape
+
 log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "siamese_dedup_embed"
@@ -33,21 +35,32 @@ class InferenceFailure(NamedTuple):
     error: str
 
 
+def _to_value_range(x: np.ndarray, input_spec: dict) -> np.ndarray:
+    """float32 pixels 0..255 mapped linearly onto the card's value_range (identity for [0, 255]: the model
+    rescales inside)."""
+    lo, hi = (float(v) for v in input_spec["value_range"])
+    return x if (lo, hi) == (0.0, 255.0) else lo + x * ((hi - lo) / 255.0)
+
+
+def _predict(model, x: np.ndarray) -> np.ndarray:
+    """model.predict_on_batch(x) as float32 (n, dim), checked to have a row per example."""
+    embeddings = np.asarray(model.predict_on_batch(x), dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(x):
+        raise ValueError(f"model returned shape {embeddings.shape} for {len(x)} examples")
+    return embeddings
+
+
 def to_model_input(pixels: Sequence[np.ndarray], input_spec: dict) -> np.ndarray:
     """Stack decoded uint8 images (H, W, C) into the model's float32 input (n, H, W, C).
 
     uint8 0..255 is mapped linearly onto the card's value_range (identity for the default [0, 255]; the
     model rescales inside). Raises ValueError if an image does not have the spec's shape.
     """
-    shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+    shape = spec_shape(input_spec)
     for image in pixels:
         if np.shape(image) != shape:
             raise ValueError(f"example of shape {np.shape(image)} does not match the input spec {shape}")
-    batch = np.stack([np.asarray(image) for image in pixels]).astype(np.float32)
-    lo, hi = (float(v) for v in input_spec["value_range"])
-    if (lo, hi) != (0.0, 255.0):
-        batch = lo + batch * ((hi - lo) / 255.0)
-    return batch
+    return _to_value_range(np.stack([np.asarray(image) for image in pixels]).astype(np.float32), input_spec)
 
 
 class CompiledEncoder:
@@ -62,7 +75,7 @@ class CompiledEncoder:
         import tensorflow as tf
 
         self.model = model
-        shape = (None, int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+        shape = (None,) + spec_shape(input_spec)
         self._predict = tf.function(lambda x: model(x, training=False),
                                     input_signature=[tf.TensorSpec(shape, tf.float32)])
         self._shape = shape
@@ -79,26 +92,15 @@ def embed_batch(model, pixels: Sequence[np.ndarray], input_spec: dict) -> np.nda
     CompiledEncoder or a Keras model)."""
     if not len(pixels):
         raise ValueError("empty batch")
-    outputs = model.predict_on_batch(to_model_input(pixels, input_spec))
-    embeddings = np.asarray(outputs, dtype=np.float32)
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(pixels):
-        raise ValueError(f"model returned shape {embeddings.shape} for {len(pixels)} examples")
-    return embeddings
+    return _predict(model, to_model_input(pixels, input_spec))
 
 
 def embed_array(model, pixels: np.ndarray, input_spec: dict) -> np.ndarray:
     """Embeddings float32 (n, dim) of uint8 images `pixels` (n, H, W, C) (n >= 1)."""
-    shape = (int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"]))
+    shape = spec_shape(input_spec)
     if pixels.ndim != 4 or pixels.shape[1:] != shape or not len(pixels):
         raise ValueError(f"images of shape {pixels.shape} do not match the input spec (n,) + {shape}")
-    x = pixels.astype(np.float32)
-    lo, hi = (float(v) for v in input_spec["value_range"])
-    if (lo, hi) != (0.0, 255.0):
-        x = lo + x * ((hi - lo) / 255.0)
-    embeddings = np.asarray(model.predict_on_batch(x), dtype=np.float32)
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(pixels):
-        raise ValueError(f"model returned shape {embeddings.shape} for {len(pixels)} examples")
-    return embeddings
+    return _predict(model, _to_value_range(pixels.astype(np.float32), input_spec))
 
 
 def use_accelerator() -> str:

@@ -108,8 +108,8 @@ def decode_files(paths: list[str], input_spec: dict) -> np.ndarray:
 
     A file that does not decode raises ValueError naming it and the reason (training data should be clean;
     the embed pipeline is where bad files are tolerated and logged)."""
-    from beam_pipeline.decode import DecodeError, decode_image
-    h, w, c = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
+    from beam_pipeline.decode import DecodeError, decode_image, spec_shape
+    h, w, c = spec_shape(input_spec)
     out = np.empty((len(paths), h, w, c), np.uint8)
     for i, path in enumerate(paths):
         with open(path, "rb") as f:
@@ -173,6 +173,7 @@ def load_npz(path: str, input_spec: dict | None = None) -> LabelledImages:
     """NumPy arrays in a .npz: `images` (or `x`) uint8 (n, H, W[, C]) and optionally `labels` (or `y`)
     int (n,). Without labels every image is its own label (instance mode). Images whose size or channels
     differ from input_spec are converted through the same decode path (PNG round trip)."""
+    from beam_pipeline.decode import spec_shape
     with np.load(path, allow_pickle=False) as z:
         key = "images" if "images" in z else "x" if "x" in z else None
         if key is None:
@@ -188,8 +189,7 @@ def load_npz(path: str, input_spec: dict | None = None) -> LabelledImages:
         raise ValueError(f"{path}: images must be uint8 pixels 0..255, got {images.dtype}")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
-    if input_spec is not None and images.shape[1:] != (int(input_spec["height"]), int(input_spec["width"]),
-                                                       int(input_spec["channels"])):
+    if input_spec is not None and images.shape[1:] != spec_shape(input_spec):
         images = convert_arrays(images, input_spec)
     n = len(images)
     if labels is None:
@@ -207,8 +207,8 @@ def convert_arrays(images: np.ndarray, input_spec: dict) -> np.ndarray:
 
     from PIL import Image
 
-    from beam_pipeline.decode import decode_image
-    h, w, c = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
+    from beam_pipeline.decode import decode_image, spec_shape
+    h, w, c = spec_shape(input_spec)
     out = np.empty((len(images), h, w, c), np.uint8)
     for i, img in enumerate(images):
         img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
