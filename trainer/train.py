@@ -372,11 +372,11 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
 
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    gpu = (config.mixed_precision == "on"
-           or (config.mixed_precision == "auto" and bool(tf.config.list_physical_devices("GPU"))))
+    mixed = (config.mixed_precision == "on"
+             or (config.mixed_precision == "auto" and bool(tf.config.list_physical_devices("GPU"))))
     # float16 compute, float32 variables; the exported tower is rebuilt in float32 below. Set either way, so
     # a run that failed half-way in this process leaves no policy behind for the next.
-    keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "float32")
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
 
     loaded = _load(config, rng)
     images, labels, kind = loaded["images"], loaded["labels"], loaded["kind"]
@@ -406,14 +406,14 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     input_spec = _input_spec(config, images)
     _log(config, f"{kind} mode: train {len(train_idx)} items, validation {len(val_idx)}, calibration "
                  f"{len(cal_idx)}, test {len(loaded['test_labels'])}; {steps_per_epoch} batches of {shape} "
-                 f"per epoch{'; mixed precision' if gpu else ''}")
+                 f"per epoch{'; mixed precision' if mixed else ''}")
 
     kwargs = encoder_kwargs(config)
     model = build_encoder(input_spec, **kwargs)
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05)
     optimizer = keras.optimizers.Adam(schedule)
-    if gpu:
+    if mixed:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     class_loss = make_batch_loss(config.loss, mining=config.mining, distance=config.distance,
                                  margin=config.margin)
@@ -432,7 +432,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             else:
                 loss = class_loss(y, emb)
                 total = loss + inst_weight * instance_loss(ids, emb) if use_instances else loss
-            scaled = optimizer.scale_loss(total) if gpu else total
+            scaled = optimizer.scale_loss(total) if mixed else total
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss, total
@@ -524,7 +524,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     train_seconds = time.perf_counter() - t_train + sum(
         h["seconds"] for h in history[:max(0, first_epoch - 1)])
     model.set_weights(best["weights"])
-    if gpu:  # export a float32 tower: the artefact's contract, and fast on CPU workers
+    if mixed:  # export a float32 tower: the artefact's contract, and fast on CPU workers
         keras.mixed_precision.set_global_policy("float32")
         plain = build_encoder(input_spec, **kwargs)
         plain.set_weights(model.get_weights())
@@ -607,7 +607,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
 
     training = {**dataclasses.asdict(config), "views": views, "epochs_run": len(history),
                 "best_epoch": best["epoch"], "history": history, "train_seconds": round(train_seconds, 1),
-                "optimizer": "adam, cosine decay", "mixed_precision": gpu,
+                "optimizer": "adam, cosine decay", "mixed_precision": mixed,
                 "model": {"builder": "trainer.encoder.build_encoder", **kwargs},
                 "resumed": resume_state is not None}
     data = {**loaded["description"], "mode": kind, "train_items": int(len(train_idx)),
