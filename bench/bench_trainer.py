@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_trainer.py
     .venv/bin/python bench/bench_trainer.py train --output /tmp/q --preset quality   # one training recipe
+    .venv/bin/python bench/bench_trainer.py loss      # batch-all triplet loss: rows per positive pair vs cube
 
 `markdown FILE...` turns the JSON lines of `train` runs into the table rows of BENCHMARKS.md.
 The `train` form runs trainer.train.run(ARGS) in this process and prints one JSON line with the summary's
@@ -71,6 +72,50 @@ def bench_train_step(steps: int = 30) -> None:
                 images_per_s=round(160 * steps / dt))
 
 
+def bench_triplet_rows(steps: int = 20, repeats: int = 3) -> None:
+    """Batch-all triplet loss as trainer.losses computes it (one row of distances per positive pair, N x B)
+    against the (B, B, B) cube of every triplet that it replaced: quality-encoder training steps per
+    second, both in this process, interleaved, best of `repeats`; ratio = rows / cube."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.encoder import build_encoder
+    from trainer.losses import _safe_mean, batch_all_triplet_loss, distance_matrix, pair_masks
+
+    def cube(dist, labels, margin):
+        pos, neg = pair_masks(labels)
+        loss = tf.nn.relu(dist[:, :, None] - dist[:, None, :] + margin)
+        valid = tf.logical_and(tf.logical_and(pos[:, :, None], neg[:, None, :]), loss > 1e-16)
+        return _safe_mean(loss, valid)
+
+    rng = np.random.default_rng(0)
+    for batch in (160, 320):
+        x = rng.integers(0, 256, (batch, 28, 28, 1)).astype(np.float32)
+        y = np.repeat(np.arange(10), batch // 10)
+        steps_fns = {}
+        for name, miner in (("cube", cube), ("rows", batch_all_triplet_loss)):
+            model = build_encoder(filters=(32, 64, 128), batch_norm=True, dense_units=256)
+            opt = keras.optimizers.Adam(1e-3)
+
+            def step(x, y, model=model, opt=opt, miner=miner):
+                with tf.GradientTape() as tape:
+                    loss = miner(distance_matrix(model(x, training=True)), y, 0.4)
+                grads = tape.gradient(loss, model.trainable_variables)
+                opt.apply_gradients(zip(grads, model.trainable_variables))
+                return loss
+            steps_fns[name] = tf.function(step)
+            steps_fns[name](x, y)
+        best = {name: 0.0 for name in steps_fns}
+        for _ in range(repeats):
+            for name, fn in steps_fns.items():
+                t = time.perf_counter()
+                for _ in range(steps):
+                    fn(x, y)
+                best[name] = max(best[name], batch * steps / (time.perf_counter() - t))
+        _report("triplet_loss_rows_vs_cube", batch=batch, cube_images_per_s=round(best["cube"]),
+                rows_images_per_s=round(best["rows"]), ratio=round(best["rows"] / best["cube"], 2))
+
+
 def bench_recall(n: int = 10000, dim: int = 64) -> None:
     from trainer.distances import l2_normalize
     from trainer.evaluate import recall_at_k
@@ -128,6 +173,10 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "markdown":
         markdown_rows(sys.argv[2:])
         sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "loss":
+        bench_triplet_rows()
+        sys.exit(0)
     bench_augment()
     bench_recall()
     bench_train_step()
+    bench_triplet_rows()

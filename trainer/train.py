@@ -42,6 +42,7 @@ from trainer.samplers import InstanceSampler, PKSampler
 
 COLLAPSE_MEAN_COSINE = 0.98
 STATE_FILE = "state.json"
+PROXIES_FILE = "proxies.npy"
 
 # Named recipes: flag defaults that a --preset switches to (flags given explicitly still win).
 PRESETS = {
@@ -74,7 +75,9 @@ class TrainConfig:
     what makes near-duplicates stand out from mere look-alikes. The first view is edited with probability
     `augment_prob`. An epoch is len(train) embeddings of work (so with views=2 half the images, twice each).
     Instance mode (`--data unlabelled`, an npz without labels, or `instance_only`) drops the class loss and
-    draws batches of P*K distinct images.
+    draws batches of P*K distinct images. With `proxy_weight` > 0 (labelled classes only) a normalized-softmax
+    loss against one learnt proxy vector per class is added to the triplet loss; the proxies belong to the
+    loss, not to the encoder, so they are never exported.
     """
     output_dir: str = "model"
     data: str = "fashion_mnist"
@@ -98,6 +101,8 @@ class TrainConfig:
     instance_weight: float = 1.0
     instance_margin: float = 0.15
     instance_only: bool = False
+    proxy_weight: float = 0.0        # > 0: add the normalized-softmax loss on learnt class proxies
+    proxy_temperature: float = 0.05
     backbone: str = "small_cnn"
     weights: str | None = None
     freeze_until: str | None = None
@@ -335,9 +340,10 @@ def _validation_score(kind: str, emb: np.ndarray, labels: np.ndarray, copies_emb
     return float(np.mean(genuine > cut)) + 1e-3 * ev.rank_auc(genuine, impostor)
 
 
-def _save_checkpoint(directory: str, model, optimizer, best: dict, state: dict) -> None:
+def _save_checkpoint(directory: str, model, proxies, optimizer, best: dict, state: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     model.save_weights(os.path.join(directory, "last.weights.h5"))
+    np.save(os.path.join(directory, PROXIES_FILE), proxies.numpy())
     np.savez(os.path.join(directory, "optimizer.npz"),
              *[np.asarray(v.numpy()) for v in optimizer.variables])
     if best["weights"] is not None:
@@ -368,7 +374,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
 
     from trainer.encoder import build_encoder
     from trainer.export import export_encoder
-    from trainer.losses import make_batch_loss
+    from trainer.losses import make_batch_loss, normalized_softmax_loss
 
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -421,6 +427,15 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
                                     margin=config.instance_margin)
     use_instances = views > 1 and (config.instance_weight > 0 or instance_mode)
     inst_weight = 1.0 if instance_mode else config.instance_weight
+    use_proxies = config.proxy_weight > 0
+    if use_proxies and kind != "class":
+        raise ValueError(f"--proxy_weight needs class labels; the {config.data!r} source is in {kind} mode")
+    proxy_classes = tf.constant(np.unique(y_train) if use_proxies else np.zeros(1, np.int64))
+    # Random unit-scale directions, one per class (seeded: part of what decides the model).
+    proxies = tf.Variable(np.random.default_rng(config.seed + 3).standard_normal(
+        (n_classes if use_proxies else 1, config.embedding_dim)).astype(np.float32)
+        / math.sqrt(config.embedding_dim), name="class_proxies", trainable=use_proxies)
+    trainables = model.trainable_variables + ([proxies] if use_proxies else [])
 
     @tf.function(reduce_retracing=True, autograph=False)  # no tensor-dependent Python control flow
     def train_step(x, y, ids):
@@ -432,9 +447,13 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             else:
                 loss = class_loss(y, emb)
                 total = loss + inst_weight * instance_loss(ids, emb) if use_instances else loss
+                if use_proxies:
+                    index = tf.searchsorted(proxy_classes, tf.cast(y, proxy_classes.dtype))
+                    total += config.proxy_weight * normalized_softmax_loss(emb, index, proxies,
+                                                                           config.proxy_temperature)
             scaled = optimizer.scale_loss(total) if mixed else total
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        grads = tape.gradient(scaled, trainables)
+        optimizer.apply_gradients(zip(grads, trainables))
         return loss, total
 
     # A compiled inference call: about twice as fast as calling the model eagerly batch by batch.
@@ -449,7 +468,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     if resume_state is not None:
         ckpt = config.checkpoint_dir
         model.load_weights(os.path.join(ckpt, "last.weights.h5"))
-        optimizer.build(model.trainable_variables)
+        proxies.assign(np.load(os.path.join(ckpt, PROXIES_FILE)))
+        optimizer.build(trainables)
         saved = _load_npz_list(os.path.join(ckpt, "optimizer.npz"))
         if len(saved) != len(optimizer.variables):
             raise ValueError(f"{ckpt}: optimizer state has {len(saved)} arrays, the optimizer {len(optimizer.variables)}")
@@ -514,7 +534,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             _log(config, f"early stop: no better validation score for {config.patience} epochs")
             stopped_early = True
         if config.checkpoint_dir:
-            _save_checkpoint(config.checkpoint_dir, model, optimizer, best, {
+            _save_checkpoint(config.checkpoint_dir, model, proxies, optimizer, best, {
                 "epoch": epoch, "history": history, "best_auc": best["auc"], "best_epoch": best["epoch"],
                 "rng_state": rng.bit_generator.state, "stopped_early": stopped_early,
                 "config": dataclasses.asdict(config)})
@@ -747,6 +767,11 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--instance_margin", type=float, default=dflt("instance_margin"),
                    help="margin of the instance loss: an edited copy must be this much closer than "
                         "any other image, same class included")
+    g.add_argument("--proxy_weight", type=float, default=dflt("proxy_weight"),
+                   help="labelled classes: weight of a normalized-softmax loss on one learnt proxy per class, "
+                        "added to the triplet loss (0: triplet loss only)")
+    g.add_argument("--proxy_temperature", type=float, default=dflt("proxy_temperature"),
+                   help="temperature of the proxy loss's softmax over cosines")
     g.add_argument("--validation_split", type=float, default=dflt("validation_split"),
                    help="fraction of the train split held out for early stopping and calibration")
     g.add_argument("--patience", type=int, default=dflt("patience"),

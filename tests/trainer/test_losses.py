@@ -152,3 +152,23 @@ def test_contrastive_matches_loop_reference_on_random_batches(distance):
     want = np.mean(np.where(same, np.maximum(dd - 0.1, 0), np.maximum(0.7 - dd, 0)))
     got = L.contrastive_loss(e[:7], e[7:], same, pos_margin=0.1, neg_margin=0.7, distance=distance)
     assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_normalized_softmax_matches_loop_reference(temperature):
+    rng = np.random.default_rng(5)
+    e = rng.standard_normal((9, 6)).astype(np.float32) * 3.0    # not unit: the loss normalises
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    y = rng.integers(0, 4, 9)
+    want = []
+    for row, c in zip(e.astype(np.float64), y):
+        cos = [row @ p / (np.linalg.norm(row) * np.linalg.norm(p)) for p in w.astype(np.float64)]
+        logits = np.array(cos) / temperature
+        want.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[c])
+    got = L.normalized_softmax_loss(tf.constant(e), tf.constant(y), tf.constant(w), temperature)
+    assert float(got) == pytest.approx(np.mean(want), rel=1e-4)
+    # Rows sitting on their own proxy, with the others far, cost almost nothing at a low temperature.
+    on_proxy = w[y] / np.linalg.norm(w[y], axis=1, keepdims=True)
+    apart = np.eye(4, 6, dtype=np.float32)
+    assert float(L.normalized_softmax_loss(apart[y], y, apart, 0.05)) < 1e-6
+    assert float(L.normalized_softmax_loss(on_proxy, y, w, temperature)) < float(got)

@@ -104,9 +104,10 @@ def test_every_preset_value_becomes_the_flag_default(preset):
 
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed")
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
-    """Two epochs in one go == one epoch, stop, --resume: same weights (same model_id), same history."""
+    """Two epochs in one go == one epoch, stop, --resume: same weights (same model_id), same history. The
+    class proxies of the proxy loss (trained, not exported) are part of what a checkpoint must restore."""
     args = TINY + ["--max_train_items", "400", "--max_test_items", "100", "--epochs", "2", "--patience", "5",
-                   "--seed", "4"]
+                   "--seed", "4", "--proxy_weight", "0.5"]
     whole = run(args + ["--output", str(tmp_path / "whole"), "--tensorboard_dir", str(tmp_path / "tb")])
     run(args + ["--output", str(tmp_path / "half"), "--checkpoint_dir", str(tmp_path / "ck"),
                 "--stop_after_epoch", "1"])
@@ -144,6 +145,9 @@ def test_pairs_unlabelled_and_unseen_class_runs(tmp_path):
         <= 2 * 96 and card["metrics"]["test_items"] == 48  # 24 held-out pairs
     assert 0 <= summary["recall_at_1"] <= 1 and "map_at_r" in card["metrics"]
     load_encoder(str(out))
+    with pytest.raises(ValueError, match="proxy_weight needs class labels"):
+        run(TINY + ["--data", "pairs", "--data_path", str(tmp_path / "pairs"), "--image_size", "28",
+                    "--channels", "1", "--epochs", "1", "--output", str(tmp_path / "x"), "--proxy_weight", "1"])
 
     np.savez(tmp_path / "u.npz", images=images[:300])  # no labels: instance mode
     out = tmp_path / "instance_model"
@@ -158,8 +162,11 @@ def test_pairs_unlabelled_and_unseen_class_runs(tmp_path):
 
     out = tmp_path / "unseen"
     summary = run(TINY + ["--train_classes", "0,1,2,3,4", "--max_train_items", "800", "--max_test_items", "200",
-                          "--epochs", "1", "--output", str(out)])
+                          "--epochs", "1", "--output", str(out), "--proxy_weight", "1"])
     card = _card(out)
+    # The five proxies belong to the loss: the exported tower is the plain encoder.
+    assert card["training"]["proxy_weight"] == 1.0
+    assert not any("prox" in w.path for w in load_encoder(str(out))[0].weights)
     assert card["metrics"]["unseen_classes"]["classes"] == [5, 6, 7, 8, 9]
     assert card["data"]["train_classes"] == [0, 1, 2, 3, 4] and card["data"]["classes"] == 5
     assert summary["unseen_classes"]["seed_protocol_auc"] == card["metrics"]["unseen_classes"]["seed_protocol_auc"]
