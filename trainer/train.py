@@ -1,7 +1,7 @@
 """Train the encoder with an in-batch triplet (or contrastive) loss and export the artefact.
 
     python -m trainer.train --output models/fmnist                  # or: siamese-dedup train --output ...
-    python -m trainer.train --output models/q --preset quality      # the benchmark recipe (~10+ min CPU)
+    python -m trainer.train --output models/q --preset quality      # the benchmark recipe (~15 min on 2 CPU cores)
     python -m trainer.train --output m --data folder --data_path photos/      # one subfolder per class
     python -m trainer.train --output m --data pairs --data_path tll/          # left/ + right/ same-named files
     python -m trainer.train --output m --data unlabelled --data_path catalogue/   # instance mode
@@ -46,12 +46,13 @@ PROXIES_FILE = "proxies.npy"
 
 # Named recipes: flag defaults that a --preset switches to (flags given explicitly still win).
 PRESETS = {
-    # Class retrieval: a deeper CNN with batch norm (3 'valid' stages, 28 -> 13 -> 5 -> 1) and a wider head,
-    # the class loss only (one view, no instance term: it pushes same-class images apart) on 10 x 16
-    # P x K batches, 12 epochs (~50 s each on the 2-core reference machine; budget 15 min). Measured in
-    # BENCHMARKS.md "Trainer", with the recipes it beat (instance term, semi-hard mining).
-    "quality": {"filters": "32,64,128", "batch_norm": True, "dense_units": 256, "epochs": 12, "patience": 3,
-                "views": 1, "instance_weight": 0.0, "per_class": 16},
+    # Class retrieval: three 'same'-padded conv stages with batch norm (28 -> 14 -> 7 -> 3, 0.4 M parameters)
+    # and a wider head; the class triplet loss plus the normalized-softmax proxy loss (one view, no instance
+    # term: it pushes same-class images apart) on 10 x 16 P x K batches, 10 epochs (~85 s each on the 2-core
+    # reference machine; budget 15 min). Measured in BENCHMARKS.md "Trainer", with the recipes it beat
+    # ('valid' padding, instance term, semi-hard mining, every view edited).
+    "quality": {"filters": "32,64,128", "padding": "same", "batch_norm": True, "dense_units": 256, "epochs": 10,
+                "patience": 3, "views": 1, "instance_weight": 0.0, "per_class": 16, "proxy_weight": 1.0},
     # Instance mode for near-duplicates: no class loss, every image its own identity, the edited copy its
     # only positive; a wider instance margin.
     "instance": {"instance_only": True, "filters": "32,64,128", "batch_norm": True, "dense_units": 256,
