@@ -78,7 +78,9 @@ class TrainConfig:
     Instance mode (`--data unlabelled`, an npz without labels, or `instance_only`) drops the class loss and
     draws batches of P*K distinct images. With `proxy_weight` > 0 (labelled classes only) a normalized-softmax
     loss against one learnt proxy vector per class is added to the triplet loss; the proxies belong to the
-    loss, not to the encoder, so they are never exported.
+    loss, not to the encoder, so they are never exported. With `ema_momentum` > 0 the optimizer keeps an
+    exponential moving average of the weights, and that average is what each epoch validates and what is
+    exported.
     """
     output_dir: str = "model"
     data: str = "fashion_mnist"
@@ -104,6 +106,7 @@ class TrainConfig:
     instance_only: bool = False
     proxy_weight: float = 0.0        # > 0: add the normalized-softmax loss on learnt class proxies
     proxy_temperature: float = 0.05
+    ema_momentum: float = 0.0        # > 0: validate, keep and export a moving average of the weights
     backbone: str = "small_cnn"
     weights: str | None = None
     freeze_until: str | None = None
@@ -419,7 +422,9 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     model = build_encoder(input_spec, **kwargs)
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05)
-    optimizer = keras.optimizers.Adam(schedule)
+    use_ema = config.ema_momentum > 0
+    optimizer = keras.optimizers.Adam(schedule, use_ema=use_ema, ema_momentum=config.ema_momentum or 0.99)
+    adam = optimizer
     if mixed:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     class_loss = make_batch_loss(config.loss, mining=config.mining, distance=config.distance,
@@ -513,6 +518,9 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
                     tf.summary.scalar("loss/total", totals[-1], step=(epoch - 1) * steps_per_epoch + step)
                     tf.summary.scalar("loss/main", losses[-1], step=(epoch - 1) * steps_per_epoch + step)
         epoch_loss = float(np.mean(totals))
+        if use_ema:  # judge (and keep) the averaged weights; training goes on from the raw ones
+            raw = [v.numpy() for v in trainables]
+            adam.finalize_variable_values(trainables)
         val_emb = embed(images[val_idx])
         # The margin test looks at the class loss alone (the instance term has its own margin).
         mean_cos = _check_collapse(config, epoch, float(np.mean(losses)), val_emb)
@@ -534,6 +542,9 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         elif epoch - best["epoch"] >= config.patience:
             _log(config, f"early stop: no better validation score for {config.patience} epochs")
             stopped_early = True
+        if use_ema:
+            for var, value in zip(trainables, raw):
+                var.assign(value)
         if config.checkpoint_dir:
             _save_checkpoint(config.checkpoint_dir, model, proxies, optimizer, best, {
                 "epoch": epoch, "history": history, "best_auc": best["auc"], "best_epoch": best["epoch"],
@@ -628,7 +639,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
 
     training = {**dataclasses.asdict(config), "views": views, "epochs_run": len(history),
                 "best_epoch": best["epoch"], "history": history, "train_seconds": round(train_seconds, 1),
-                "optimizer": "adam, cosine decay", "mixed_precision": mixed,
+                "optimizer": "adam, cosine decay" + (", weight EMA" if use_ema else ""), "mixed_precision": mixed,
                 "model": {"builder": "trainer.encoder.build_encoder", **kwargs},
                 "resumed": resume_state is not None}
     data = {**loaded["description"], "mode": kind, "train_items": int(len(train_idx)),
@@ -773,6 +784,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "added to the triplet loss (0: triplet loss only)")
     g.add_argument("--proxy_temperature", type=float, default=dflt("proxy_temperature"),
                    help="temperature of the proxy loss's softmax over cosines")
+    g.add_argument("--ema_momentum", type=float, default=dflt("ema_momentum"),
+                   help="> 0: keep an exponential moving average of the weights (e.g. 0.99 per step) and "
+                        "validate and export it instead of the last weights")
     g.add_argument("--validation_split", type=float, default=dflt("validation_split"),
                    help="fraction of the train split held out for early stopping and calibration")
     g.add_argument("--patience", type=int, default=dflt("patience"),

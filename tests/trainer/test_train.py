@@ -105,9 +105,10 @@ def test_every_preset_value_becomes_the_flag_default(preset):
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed")
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     """Two epochs in one go == one epoch, stop, --resume: same weights (same model_id), same history. The
-    class proxies of the proxy loss (trained, not exported) are part of what a checkpoint must restore."""
+    class proxies of the proxy loss (trained, not exported) and the weights' moving average (validated and
+    exported) are part of what a checkpoint must restore."""
     args = TINY + ["--max_train_items", "400", "--max_test_items", "100", "--epochs", "2", "--patience", "5",
-                   "--seed", "4", "--proxy_weight", "0.5"]
+                   "--seed", "4", "--proxy_weight", "0.5", "--ema_momentum", "0.9"]
     whole = run(args + ["--output", str(tmp_path / "whole"), "--tensorboard_dir", str(tmp_path / "tb")])
     run(args + ["--output", str(tmp_path / "half"), "--checkpoint_dir", str(tmp_path / "ck"),
                 "--stop_after_epoch", "1"])
@@ -118,6 +119,10 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert [h["loss"] for h in _card(tmp_path / "resumed")["training"]["history"]] == \
         [h["loss"] for h in _card(tmp_path / "whole")["training"]["history"]]
     assert _card(tmp_path / "resumed")["training"]["resumed"] is True
+    # The moving average is what was exported: without it the same run ends on other weights.
+    assert _card(tmp_path / "whole")["training"]["ema_momentum"] == 0.9
+    plain = run(args[:-2] + ["--output", str(tmp_path / "plain")])
+    assert plain["model_id"] != whole["model_id"]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
     with pytest.raises(FileNotFoundError, match="state.json"):
         run(["--resume", str(tmp_path / "whole"), "--quiet"])
