@@ -9,8 +9,9 @@ The `train` form runs trainer.train.run(ARGS) in this process and prints one JSO
 scores, wall seconds and CPU seconds (user + sys of this process and its children): the recipes in
 BENCHMARKS.md "## Trainer" were measured this way, under `flock /tmp/heavy.lock`.
 
-Without arguments: augment_batch (images/s), one training step of the default encoder + loss (images/s, per mining), and the
-blocked recall@1 over 10,000 embeddings (seconds). Numbers depend on what else runs on the cores.
+Without arguments: augment_batch (images/s), one training step of the default encoder + loss (images/s, per mining), the
+blocked recall@1 over 10,000 embeddings (seconds), and the `loss` comparison. Numbers depend on what else runs on
+the cores.
 """
 from __future__ import annotations
 
