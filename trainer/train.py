@@ -347,7 +347,8 @@ def _validation_score(kind: str, emb: np.ndarray, labels: np.ndarray, copies_emb
 def _save_checkpoint(directory: str, model, proxies, optimizer, best: dict, state: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     model.save_weights(os.path.join(directory, "last.weights.h5"))
-    np.save(os.path.join(directory, PROXIES_FILE), proxies.numpy())
+    if proxies.trainable:  # the proxy loss's class vectors: trained, so part of the state to resume
+        np.save(os.path.join(directory, PROXIES_FILE), proxies.numpy())
     np.savez(os.path.join(directory, "optimizer.npz"),
              *[np.asarray(v.numpy()) for v in optimizer.variables])
     if best["weights"] is not None:
@@ -474,7 +475,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     if resume_state is not None:
         ckpt = config.checkpoint_dir
         model.load_weights(os.path.join(ckpt, "last.weights.h5"))
-        proxies.assign(np.load(os.path.join(ckpt, PROXIES_FILE)))
+        if use_proxies:
+            proxies.assign(np.load(os.path.join(ckpt, PROXIES_FILE)))
         optimizer.build(trainables)
         saved = _load_npz_list(os.path.join(ckpt, "optimizer.npz"))
         if len(saved) != len(optimizer.variables):
