@@ -40,30 +40,38 @@ def bench_augment(n: int = 20000, batch: int = 160) -> None:
     _report("augment_batch", images=n, batch=batch, seconds=round(dt, 3), images_per_s=round(n / dt))
 
 
-def bench_train_step(steps: int = 30) -> None:
+# The encoder these step benchmarks time (BENCHMARKS.md quotes them): the second session's quality encoder,
+# 'valid' padding. Today's --preset quality pads 'same' and costs about 1.7x per image.
+QUALITY_VALID = {"filters": (32, 64, 128), "batch_norm": True, "dense_units": 256}
+
+
+def _compiled_step(model, loss_fn, jit_compile: bool = False):
+    """One compiled Adam training step (x, y) -> loss of `loss_fn(labels, embeddings)` on `model`."""
     import keras
     import tensorflow as tf
 
+    opt = keras.optimizers.Adam(1e-3)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+    return step
+
+
+def bench_train_step(steps: int = 30) -> None:
     from trainer.encoder import build_encoder
     from trainer.losses import make_batch_loss
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (160, 28, 28, 1)).astype(np.float32)
     y = np.repeat(np.arange(10), 16)
-    quality = {"filters": (32, 64, 128), "batch_norm": True, "dense_units": 256}  # --preset quality
     # The last variant compiles the step with XLA (jit_compile), to see whether it pays on this machine.
     for arch, mining, jit in (("default", "all", False), ("default", "semihard", False), ("default", "hard", False),
                               ("quality", "all", False), ("quality", "all", True)):
-        model = build_encoder(**(quality if arch == "quality" else {}))
-        opt = keras.optimizers.Adam(1e-3)
-        loss_fn = make_batch_loss(mining=mining)
-
-        @tf.function(jit_compile=jit)
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                loss = loss_fn(y, model(x, training=True))
-            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-            return loss
-
+        model = build_encoder(**(QUALITY_VALID if arch == "quality" else {}))
+        step = _compiled_step(model, make_batch_loss(mining=mining), jit_compile=jit)
         step(x, y)
         t = time.perf_counter()
         for _ in range(steps):
@@ -75,9 +83,8 @@ def bench_train_step(steps: int = 30) -> None:
 
 def bench_triplet_rows(steps: int = 20, repeats: int = 3) -> None:
     """Batch-all triplet loss as trainer.losses computes it (one row of distances per positive pair, N x B)
-    against the (B, B, B) cube of every triplet that it replaced: quality-encoder training steps per
+    against the (B, B, B) cube of every triplet that it replaced: training steps of QUALITY_VALID per
     second, both in this process, interleaved, best of `repeats`; ratio = rows / cube."""
-    import keras
     import tensorflow as tf
 
     from trainer.encoder import build_encoder
@@ -95,16 +102,8 @@ def bench_triplet_rows(steps: int = 20, repeats: int = 3) -> None:
         y = np.repeat(np.arange(10), batch // 10)
         steps_fns = {}
         for name, miner in (("cube", cube), ("rows", batch_all_triplet_loss)):
-            model = build_encoder(filters=(32, 64, 128), batch_norm=True, dense_units=256)
-            opt = keras.optimizers.Adam(1e-3)
-
-            def step(x, y, model=model, opt=opt, miner=miner):
-                with tf.GradientTape() as tape:
-                    loss = miner(distance_matrix(model(x, training=True)), y, 0.4)
-                grads = tape.gradient(loss, model.trainable_variables)
-                opt.apply_gradients(zip(grads, model.trainable_variables))
-                return loss
-            steps_fns[name] = tf.function(step)
+            steps_fns[name] = _compiled_step(build_encoder(**QUALITY_VALID),
+                                             lambda labels, emb, miner=miner: miner(distance_matrix(emb), labels, 0.4))
             steps_fns[name](x, y)
         best = {name: 0.0 for name in steps_fns}
         for _ in range(repeats):

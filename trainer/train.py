@@ -347,7 +347,7 @@ def _validation_score(kind: str, emb: np.ndarray, labels: np.ndarray, copies_emb
 def _save_checkpoint(directory: str, model, proxies, optimizer, best: dict, state: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     model.save_weights(os.path.join(directory, "last.weights.h5"))
-    if proxies.trainable:  # the proxy loss's class vectors: trained, so part of the state to resume
+    if proxies is not None:  # the proxy loss's class vectors: trained, so part of the state to resume
         np.save(os.path.join(directory, PROXIES_FILE), proxies.numpy())
     np.savez(os.path.join(directory, "optimizer.npz"),
              *[np.asarray(v.numpy()) for v in optimizer.variables])
@@ -437,11 +437,13 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     use_proxies = config.proxy_weight > 0
     if use_proxies and kind != "class":
         raise ValueError(f"--proxy_weight needs class labels; the {config.data!r} source is in {kind} mode")
-    proxy_classes = tf.constant(np.unique(y_train) if use_proxies else np.zeros(1, np.int64))
-    # Random unit-scale directions, one per class (seeded: part of what decides the model).
-    proxies = tf.Variable(np.random.default_rng(config.seed + 3).standard_normal(
-        (n_classes if use_proxies else 1, config.embedding_dim)).astype(np.float32)
-        / math.sqrt(config.embedding_dim), name="class_proxies", trainable=use_proxies)
+    proxies, proxy_classes = None, None
+    if use_proxies:
+        proxy_classes = tf.constant(np.unique(y_train))
+        # Random unit-scale directions, one per class (seeded: part of what decides the model).
+        proxies = tf.Variable(np.random.default_rng(config.seed + 3).standard_normal(
+            (n_classes, config.embedding_dim)).astype(np.float32) / math.sqrt(config.embedding_dim),
+            name="class_proxies")
     trainables = model.trainable_variables + ([proxies] if use_proxies else [])
 
     @tf.function(reduce_retracing=True, autograph=False)  # no tensor-dependent Python control flow
