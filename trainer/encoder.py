@@ -35,6 +35,10 @@ _PREPROCESS = {
     "mobilenet_v2": ("MobileNetV2", False, 1.0 / 127.5, (-1.0, -1.0, -1.0)),
     "resnet50": ("ResNet50", True, 1.0, (-103.939, -116.779, -123.68)),
 }
+# Moving-statistics momentum of batch norm trained from random weights (small_cnn, Applications with
+# weights=None). Keras's default, 0.99, averages over the last ~100 steps: with about that many steps per
+# epoch, validation normalises with statistics of weights long gone, and a smaller data set's embeddings
+# look collapsed (BENCHMARKS.md, "Trainer", fourth session).
 RANDOM_INIT_BN_MOMENTUM = 0.9
 _MIN_SIZE = {"mobilenet_v2": 32, "resnet50": 32}
 
@@ -90,6 +94,8 @@ def build_encoder(
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if convs_per_stage < 1:
+        raise ValueError(f"convs_per_stage must be >= 1, got {convs_per_stage}")
 
     height, width, channels = int(spec["height"]), int(spec["width"]), int(spec["channels"])
     inputs = keras.Input(shape=(height, width, channels), dtype="float32", name="pixels")
@@ -101,7 +107,7 @@ def build_encoder(
                 suffix = f"{stage}" if convs_per_stage == 1 else f"{stage}_{i}"
                 x = layers.Conv2D(f, 3, padding=padding, use_bias=not batch_norm, name=f"conv{suffix}")(x)
                 if batch_norm:
-                    x = layers.BatchNormalization(name=f"bn{suffix}")(x)
+                    x = layers.BatchNormalization(momentum=RANDOM_INIT_BN_MOMENTUM, name=f"bn{suffix}")(x)
                 x = layers.ReLU(name=f"relu{suffix}")(x)
             x = layers.MaxPooling2D(2, name=f"pool{stage}")(x)
         x = layers.Flatten(name="flatten")(x)

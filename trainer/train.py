@@ -113,6 +113,7 @@ class TrainConfig:
     alpha: float = 1.0
     backbone_input_size: int | None = None
     filters: str = "32,64"
+    convs_per_stage: int = 1
     padding: str = "valid"
     batch_norm: bool = False
     dense_units: int = 128
@@ -265,9 +266,19 @@ def encoder_kwargs(config: TrainConfig) -> dict:
     """build_encoder keyword arguments of a config (also recorded in the model card)."""
     return {"embedding_dim": config.embedding_dim, "filters": tuple(_int_list(config.filters)),
             "dense_units": config.dense_units, "dropout": config.dropout, "batch_norm": config.batch_norm,
-            "padding": config.padding, "backbone": config.backbone, "weights": config.weights,
-            "freeze_until": config.freeze_until, "alpha": config.alpha,
+            "padding": config.padding, "convs_per_stage": config.convs_per_stage, "backbone": config.backbone,
+            "weights": config.weights, "freeze_until": config.freeze_until, "alpha": config.alpha,
             "backbone_input_size": config.backbone_input_size}
+
+
+def make_optimizer(config: TrainConfig, total_steps: int):
+    """Adam whose learning rate decays along a cosine over `total_steps` to 5% of its peak; it keeps a
+    moving average of the weights when --ema_momentum > 0. (bench/bench_train_jax.py uses it too.)"""
+    import keras
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=max(1, total_steps),
+                                                      alpha=0.05)
+    return keras.optimizers.Adam(schedule, use_ema=config.ema_momentum > 0,
+                                 ema_momentum=config.ema_momentum or 0.99)
 
 
 def _input_spec(config: TrainConfig, images: np.ndarray | None = None) -> dict:
@@ -421,10 +432,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
 
     kwargs = encoder_kwargs(config)
     model = build_encoder(input_spec, **kwargs)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05)
     use_ema = config.ema_momentum > 0
-    optimizer = keras.optimizers.Adam(schedule, use_ema=use_ema, ema_momentum=config.ema_momentum or 0.99)
+    optimizer = make_optimizer(config, steps_per_epoch * config.epochs)
     adam = optimizer
     if mixed:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -752,6 +761,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--backbone_input_size", type=int, default=None,
                    help="resize to this side before an Applications backbone (default: input size, >= 32)")
     g.add_argument("--filters", default=dflt("filters"), help="small_cnn: channels of the conv stages")
+    g.add_argument("--convs_per_stage", type=int, default=dflt("convs_per_stage"),
+                   help="small_cnn: 3x3 convs per stage, before its pooling")
     g.add_argument("--padding", choices=("valid", "same"), default=dflt("padding"), help="small_cnn conv padding")
     g.add_argument("--batch_norm", action=argparse.BooleanOptionalAction, default=dflt("batch_norm"),
                    help="small_cnn: BatchNormalization after each conv")

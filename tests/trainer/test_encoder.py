@@ -24,6 +24,22 @@ def test_shapes_unit_norm_and_rescaling_inside():
                                atol=1e-7)
 
 
+def test_stages_of_several_convs_and_batch_norm_momentum():
+    from trainer.encoder import RANDOM_INIT_BN_MOMENTUM
+
+    model = build_encoder(embedding_dim=8, filters=(4, 8), convs_per_stage=2, batch_norm=True, padding="same",
+                          dense_units=0)
+    convs = [l.name for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert convs == ["conv0_0", "conv0_1", "conv1_0", "conv1_1"]
+    assert model.get_layer("pool1").output.shape[1:3] == (7, 7)  # 'same' keeps 28 until each pooling
+    # Batch norm trained from random weights tracks its statistics over ~10 steps, not Keras's ~100:
+    # otherwise a short epoch validates with stale statistics and looks collapsed.
+    norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(norms) == 4 and all(l.momentum == RANDOM_INIT_BN_MOMENTUM for l in norms)
+    with pytest.raises(ValueError, match="convs_per_stage"):
+        build_encoder(convs_per_stage=0)
+
+
 def test_other_input_spec():
     spec = {"height": 32, "width": 24, "channels": 3, "dtype": "float32", "value_range": [-1, 1]}
     model = build_encoder(spec, embedding_dim=4, filters=(4,), dense_units=8)

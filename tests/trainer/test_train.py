@@ -87,8 +87,18 @@ def test_new_flags_are_listed(capsys):
         run(["--help"])
     text = capsys.readouterr().out
     for flag in ("--data", "--data_path", "--preset", "--backbone", "--weights", "--freeze_until", "--resume",
-                 "--checkpoint_dir", "--tensorboard_dir", "--train_classes", "--instance_only"):
+                 "--checkpoint_dir", "--tensorboard_dir", "--train_classes", "--instance_only", "--convs_per_stage"):
         assert flag in text
+
+
+def test_architecture_flags_reach_the_encoder():
+    from trainer.train import build_parser, encoder_kwargs
+
+    values = vars(build_parser("quality").parse_args(["--convs_per_stage", "2"]))
+    values.pop("resume")
+    values.pop("output")
+    kwargs = encoder_kwargs(TrainConfig(**values))
+    assert kwargs["convs_per_stage"] == 2 and kwargs["filters"] == (32, 64, 128) and kwargs["padding"] == "same"
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
