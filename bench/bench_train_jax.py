@@ -30,7 +30,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
@@ -304,4 +303,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras is first imported (not on import: tests)
     main()

@@ -1,0 +1,34 @@
+"""bench/bench_train_jax.py checks its JAX loss against `reference_loss` before it times anything (the suite
+has no JAX): here that reference is held to trainer.losses, the TensorFlow loss the trainer optimises."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from trainer import losses as L
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_train_jax.py")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train_jax", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("margin, temperature, weight", [(0.4, 0.05, 1.0), (0.2, 0.1, 0.5), (0.4, 0.05, 0.0)])
+def test_reference_loss_is_the_trainers_loss(margin, temperature, weight):
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(5), 4)
+    emb = rng.standard_normal((20, 8))
+    proxies = rng.standard_normal((5, 8))
+    want = float(L.batch_all_triplet_loss(L.distance_matrix(emb.astype(np.float32)), labels, margin)
+                 + weight * L.normalized_softmax_loss(emb.astype(np.float32), labels, proxies.astype(np.float32),
+                                                      temperature))
+    got = _bench().reference_loss(emb, labels, proxies, margin, temperature, weight)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert os.environ.get("KERAS_BACKEND") != "jax"  # loading the script leaves Keras's backend alone
