@@ -1,7 +1,9 @@
-"""Training throughput of the `--preset quality` encoder on a GPU machine that has no TensorFlow.
+"""Training throughput of the `--preset quality` encoder, and recipes trained, on a GPU machine without TensorFlow.
 
-    KERAS_BACKEND=jax python bench/bench_train_jax.py                    # prints one JSON line per measurement
-    KERAS_BACKEND=jax python bench/bench_train_jax.py --batches 160,640 --epoch_items 54000
+    python bench/bench_train_jax.py                    # throughput: one JSON line per measurement
+    python bench/bench_train_jax.py --batches 160,640 --epoch_items 54000
+    python bench/bench_train_jax.py --recipe "--preset quality --convs_per_stage 2" --recipe "..."
+                                                       # train each recipe on Fashion-MNIST, score the test split
 
 Why JAX: the lent GPU machines (BENCHMARKS.md "Trainer", GPU) carry JAX with CUDA but no TensorFlow, and
 cannot install it (no package registry there; TensorFlow's wheel is ~600 MB, far over what the device
@@ -14,12 +16,13 @@ loop of trainer.train is TensorFlow's and is not what runs here; this script tim
          proxy loss (temperature 0.05, weight 1), backward, Adam. Images per second for P x K batches of
          10 x 16 (the preset's) and larger ones, in float32 and in mixed bfloat16.
   feed   the same step fed by the trainer's own batch generator (trainer.train._batches in its
-         _prefetch thread: P x K sampling, mirroring and near-duplicate edits in NumPy on the CPU) for
+         _prefetch thread: P x K sampling and near-duplicate edits in NumPy on the CPU) for
          `--epoch_items` images, reading the loss back every step as trainer.train does: whether the CPU
          side keeps up with the GPU.
 
-The loss follows the definitions in trainer.losses (there computed by TensorFlow); before timing, the JAX
-loss is checked against a float64 NumPy evaluation of those definitions on random embeddings.
+The loss follows the definitions in trainer.losses (there computed by TensorFlow); before anything else, the
+JAX loss is checked against `reference_loss`, a float64 NumPy evaluation of those definitions, on random
+embeddings (tests/bench holds that reference to trainer.losses itself).
 Pixels are random (throughput does not depend on them); nothing is downloaded.
 """
 from __future__ import annotations
@@ -211,13 +214,8 @@ def train_recipe(argv: list[str]) -> dict:
     from trainer import evaluate as ev
     from trainer.distances import l2_normalize
     from trainer.samplers import PKSampler
-    from trainer.train import (TrainConfig, _batches, _held_out, _load, _prefetch, build_parser,
-                               evaluate_labelled)
-    first, _ = build_parser().parse_known_args(argv)
-    values = vars(build_parser(first.preset).parse_args(argv))
-    values.pop("resume")
-    values.pop("output")
-    config = TrainConfig(output_dir="-", **values)
+    from trainer.train import _batches, _held_out, _load, _prefetch, config_from_flags, evaluate_labelled
+    config = config_from_flags(argv)
     if config.views != 1 or config.proxy_weight <= 0 or config.loss != "triplet" or config.mining != "all" \
             or config.distance != "cosine" or config.data != "fashion_mnist" or config.train_classes:
         raise SystemExit("this JAX runner covers Fashion-MNIST class training with --views 1, the proxy loss "
@@ -278,11 +276,6 @@ def main(argv=None) -> None:
                         help="instead of the throughput runs: train this recipe (trainer.train flags in one "
                              "string, e.g. '--preset quality --convs_per_stage 2') and score it; repeatable")
     args = parser.parse_args(argv)
-    if args.recipe:
-        import shlex
-        for recipe in args.recipe:
-            train_recipe(shlex.split(recipe))
-        return
 
     import jax
     import keras
@@ -294,6 +287,11 @@ def main(argv=None) -> None:
     _report("environment", devices=[str(d) for d in jax.devices()], jax=jax.__version__, keras=keras.__version__,
             cpu_count=os.cpu_count(), preset=args.preset)
     _report("loss_check", max_relative_error=check_loss(config))
+    if args.recipe:
+        import shlex
+        for recipe in args.recipe:
+            train_recipe(shlex.split(recipe))
+        return
     for precision in args.precisions.split(","):
         keras.mixed_precision.set_global_policy(precision)
         bench_steps(config, [int(b) for b in args.batches.split(",")], args.steps, args.repeats, precision)

@@ -824,12 +824,24 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_values(argv: Sequence[str]) -> dict:
+    """Every flag's value in `argv`: explicit flags, else the --preset's value, else TrainConfig's default."""
+    first, _ = build_parser().parse_known_args(argv)
+    return vars(build_parser(first.preset).parse_args(argv))
+
+
+def config_from_flags(argv: Sequence[str]) -> TrainConfig:
+    """The TrainConfig a command line asks for (its --output, if any, as output_dir; --resume ignored)."""
+    values = _flag_values(argv)
+    values.pop("resume")
+    output = values.pop("output")
+    return TrainConfig(**values, **({"output_dir": output} if output else {}))
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point: parse flags, train, return the summary dict (also printed as JSON)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    first, _ = build_parser().parse_known_args(argv)
-    args = build_parser(first.preset).parse_args(argv)
-    values = vars(args)
+    values = _flag_values(argv)
     resume = values.pop("resume")
     output = values.pop("output")
     resume_state = None

@@ -92,13 +92,12 @@ def test_new_flags_are_listed(capsys):
 
 
 def test_architecture_flags_reach_the_encoder():
-    from trainer.train import build_parser, encoder_kwargs
+    from trainer.train import config_from_flags, encoder_kwargs
 
-    values = vars(build_parser("quality").parse_args(["--convs_per_stage", "2"]))
-    values.pop("resume")
-    values.pop("output")
-    kwargs = encoder_kwargs(TrainConfig(**values))
+    config = config_from_flags(["--preset", "quality", "--convs_per_stage", "2", "--output", "m"])
+    kwargs = encoder_kwargs(config)
     assert kwargs["convs_per_stage"] == 2 and kwargs["filters"] == (32, 64, 128) and kwargs["padding"] == "same"
+    assert config.output_dir == "m" and config.epochs == PRESETS["quality"]["epochs"]
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
