@@ -99,12 +99,11 @@ def _trainer(config, n_classes: int, k: int, total_steps: int | None = None):
     import keras
 
     from trainer.encoder import DEFAULT_INPUT_SPEC, build_encoder
-    from trainer.train import encoder_kwargs, make_optimizer
+    from trainer.train import encoder_kwargs, initial_proxies, make_optimizer
 
     keras.utils.set_random_seed(config.seed)
     model = build_encoder(DEFAULT_INPUT_SPEC, **encoder_kwargs(config))
-    proxies = keras.Variable(np.random.default_rng(config.seed + 3).standard_normal(
-        (n_classes, config.embedding_dim)).astype(np.float32) / np.sqrt(config.embedding_dim))
+    proxies = keras.Variable(initial_proxies(config, n_classes))
     optimizer = (keras.optimizers.Adam(config.learning_rate) if total_steps is None
                  else make_optimizer(config, total_steps))
     trainable = model.trainable_variables + [proxies]

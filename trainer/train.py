@@ -271,6 +271,14 @@ def encoder_kwargs(config: TrainConfig) -> dict:
             "backbone_input_size": config.backbone_input_size}
 
 
+def initial_proxies(config: TrainConfig, n_classes: int) -> np.ndarray:
+    """The proxy loss's starting class vectors, float32 (n_classes, embedding_dim): random directions of
+    about unit length, seeded (part of what decides the model)."""
+    rng = np.random.default_rng(config.seed + 3)
+    return rng.standard_normal((n_classes, config.embedding_dim)).astype(np.float32) / math.sqrt(
+        config.embedding_dim)
+
+
 def make_optimizer(config: TrainConfig, total_steps: int):
     """Adam whose learning rate decays along a cosine over `total_steps` to 5% of its peak; it keeps a
     moving average of the weights when --ema_momentum > 0. (bench/bench_train_jax.py uses it too.)"""
@@ -449,10 +457,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     proxies, proxy_classes = None, None
     if use_proxies:
         proxy_classes = tf.constant(np.unique(y_train))
-        # Random unit-scale directions, one per class (seeded: part of what decides the model).
-        proxies = tf.Variable(np.random.default_rng(config.seed + 3).standard_normal(
-            (n_classes, config.embedding_dim)).astype(np.float32) / math.sqrt(config.embedding_dim),
-            name="class_proxies")
+        proxies = tf.Variable(initial_proxies(config, n_classes), name="class_proxies")
     trainables = model.trainable_variables + ([proxies] if use_proxies else [])
 
     @tf.function(reduce_retracing=True, autograph=False)  # no tensor-dependent Python control flow
