@@ -17,6 +17,7 @@ REQUIRED = [
     "matplotlib>=3.8",
     "jsonschema>=4.20",
     "scipy>=1.11",  # complete linkage (dedup), Clopper-Pearson bounds
+    "scikit-image>=0.22",  # trainer.photo_corpus: the sample photographs inside the wheel (skimage/data)
     "threadpoolctl>=3.1",  # the match kernel runs single-threaded BLAS per kernel thread
 ]
 
@@ -28,6 +29,13 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["trainer", "trainer.*", "beam_pipeline", "beam_pipeline.*", "schemas", "schemas.*"]),
     install_requires=REQUIRED,
     extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8"],
-                    "bench": ["faiss-cpu>=1.8"]},  # bench/bench_matching.py: side by side with faiss
+                    "bench": ["faiss-cpu>=1.8"],  # bench/bench_matching.py: side by side with faiss
+                    # bench/bench_neardup.py's peers: the light dependencies of imagededup's hashes and of
+                    # fastdup. The two tools themselves go in with --no-deps first (their metadata would pull
+                    # torch + CUDA, and pin numpy<2 / Pillow / scikit-learn exactly; bench/peers.py says why):
+                    #   pip install --no-deps imagededup==0.3.3.post2 fastdup==2.54 && pip install -e '.[neardup]'
+                    "neardup": ["PyWavelets>=1.4", "tqdm>=4.66", "pandas>=2.0.3", "opencv-python-headless>=4.8",
+                                "sentry-sdk>=2", "pillow-heif>=0.16", "psutil>=5.9", "pyOpenSSL>=24",
+                                "PyYAML>=6", "requests>=2.32", "packaging>=23"]},
     entry_points={"console_scripts": ["siamese-dedup=beam_pipeline.cli:main"]},
 )

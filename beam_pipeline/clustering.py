@@ -1,9 +1,15 @@
-"""Duplicate clusters from matched pairs: connected components, a keeper per cluster, the weakest link.
+"""Duplicate clusters from matched pairs: complete linkage (default) or connected components, a keeper per
+cluster, the weakest link.
 
 Pure Python/NumPy (pyarrow only to build the output table). Items are the nodes, matched pairs the
-edges. Edges are taken strongest first (Kruskal on angular similarity, descending) into a union-find,
-so the edges that merge two components form a maximum spanning tree of each cluster, and the last
-merging edge of a cluster is the minimum edge of that tree: its `min_link_similarity`. That is the
+edges. Complete linkage (`complete_linkage_labels`, the default) merges clusters strongest first only
+while every two members of the union are a matched pair, so no cluster holds two items that do not
+match; it works on the matched pairs alone, in O(E log E) for a component of E pairs. Single linkage
+(connected components) is kept as an option: on a real catalogue it chains near-duplicates of
+near-duplicates into a few huge clusters, which `is_chained` flags.
+Weakest link: edges are taken strongest first (Kruskal on angular similarity, descending) into a
+union-find, so the edges that merge two components form a maximum spanning tree of each cluster, and the
+last merging edge of a cluster is the minimum edge of that tree: its `min_link_similarity`. That is the
 honest weakest link: the cluster stays connected at any threshold up to it and splits above it, whatever
 other, stronger edges it has. Every output is independent of input order.
 """
@@ -17,7 +23,12 @@ import pyarrow as pa
 from schemas.tables import CLUSTERS_SCHEMA
 
 KEEPER_POLICIES = ("first_id", "largest_image", "oldest", "column")
-LINKAGES = ("single", "complete")
+# --linkage values (options.DedupOptions reads them from here) and the default: complete, so that no two
+# members of a cluster fail to match (single linkage chains whole catalogues into one cluster).
+LINKAGES = ("complete", "single")
+DEFAULT_LINKAGE = "complete"
+# Matched pairs stored as float32 can sit a hair under the threshold they were matched at.
+MATCH_TOLERANCE = 1e-6
 
 
 class UnionFind:
@@ -124,21 +135,150 @@ def min_pair_cosine(x: np.ndarray, rows_per_chunk: int = 1024) -> float:
     return best
 
 
-def complete_linkage_labels(x: np.ndarray, threshold: float) -> np.ndarray:
-    """Complete-linkage clusters of unit rows `x` (s, d) cut at angular similarity `threshold`: every two
-    members of a returned cluster have angular similarity >= threshold. Labels int64 (s,), 0-based."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
+def _oriented_unique_edges(n: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> tuple:
+    """Edges oriented (smaller node first), one per node pair (its strongest), in no particular order:
+    (a int64, b int64, s float32). One sort of an int64 pair key."""
+    a, b = np.minimum(i, j), np.maximum(i, j)
+    if len(a) < 2:
+        return a, b, sim
+    key = a * np.int64(n) + b
+    order = np.argsort(key)
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    if len(starts) == len(key):
+        return a, b, sim
+    return a[order][starts], b[order][starts], np.maximum.reduceat(sim[order], starts)
 
-    s = len(x)
-    if s < 2:
-        return np.zeros(s, np.int64)
-    cos = np.clip(np.asarray(x, np.float64) @ np.asarray(x, np.float64).T, -1.0, 1.0)
-    dist = np.arccos(cos) / np.pi  # 1 - angular similarity
-    np.fill_diagonal(dist, 0.0)
-    z = linkage(squareform(dist, checks=False), method="complete")
-    # A hair above the cut so pairs exactly at the threshold stay together despite rounding.
-    return fcluster(z, t=(1.0 - threshold) + 1e-9, criterion="distance").astype(np.int64) - 1
+
+def _greedy_complete_linkage(a: list, b: list, s: list) -> dict:
+    """Greedy complete linkage of the graph given as edges sorted by (-s, a, b).
+
+    Clusters are merged strongest first; two clusters may merge only when every cross pair is an edge
+    (their complete-linkage similarity is then the smallest cross edge). Adjacency between clusters is
+    kept as {neighbour: [cross edge count, smallest cross edge]} with one shared record per cluster
+    pair; a merge iterates the smaller adjacency only, and only neighbours of both merged clusters can be
+    fully linked to the new one. Ties: the pair of clusters whose (smaller, larger) smallest members come
+    first. Returns {node: smallest member of its cluster} for every node of the edges."""
+    import heapq
+
+    adj: dict = {}
+    for x, y, w in zip(a, b, s):
+        rec = [1, w]
+        adj.setdefault(x, {})[y] = rec
+        adj.setdefault(y, {})[x] = rec
+    size = dict.fromkeys(adj, 1)
+    low = {x: x for x in adj}  # smallest member of each live cluster (keyed by its representative)
+    parent = {x: x for x in adj}
+    heap: list = []  # (-similarity, low, high, rep, rep) of fully linked pairs formed by a merge
+    k, m = 0, len(a)
+    while True:
+        # Next candidate: the better of the next initial edge (singletons) and the heap's top.
+        while k < m and not (parent[a[k]] == a[k] and parent[b[k]] == b[k] and size[a[k]] == 1 == size[b[k]]):
+            k += 1
+        while heap:
+            w, lo, hi, x, y = heap[0]
+            rec = adj[x].get(y) if parent[x] == x and parent[y] == y else None
+            if rec is not None and rec[1] == -w and rec[0] == size[x] * size[y] and \
+                    (lo, hi) == (min(low[x], low[y]), max(low[x], low[y])):
+                break
+            heapq.heappop(heap)  # stale: a side merged since, or no longer fully linked
+        if k < m and (not heap or (-s[k], a[k], b[k]) < heap[0][:3]):
+            x, y = a[k], b[k]
+            k += 1
+        elif heap:
+            x, y = heapq.heappop(heap)[3:]
+        else:
+            break
+        if len(adj[x]) < len(adj[y]):
+            x, y = y, x  # x absorbs y; iterate y's (smaller) adjacency
+        del adj[x][y], adj[y][x]
+        size[x] += size.pop(y)
+        low[x] = min(low[x], low.pop(y))
+        parent[y] = x
+        for z, rec_yz in adj.pop(y).items():
+            del adj[z][y]
+            rec_xz = adj[x].get(z)
+            if rec_xz is None:
+                adj[x][z] = rec_yz
+                adj[z][x] = rec_yz
+                continue
+            rec_xz[0] += rec_yz[0]
+            if rec_yz[1] < rec_xz[1]:
+                rec_xz[1] = rec_yz[1]
+            if rec_xz[0] == size[x] * size[z]:
+                heapq.heappush(heap, (-rec_xz[1], min(low[x], low[z]), max(low[x], low[z]), x, z))
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    return {x: low[root(x)] for x in parent}
+
+
+def complete_linkage_labels(
+    n: int, i: np.ndarray, j: np.ndarray, similarity: np.ndarray, threshold: float | None = None
+) -> np.ndarray:
+    """Complete-linkage clusters of nodes 0..n-1 from the matched pairs (i[k], j[k]) alone.
+
+    Two items "match" when their pair is an edge with similarity >= `threshold` (less a tolerance of
+    MATCH_TOLERANCE for float32 storage; None: every edge). Clusters are merged strongest first, and
+    only when every two members of the union match, so every two members of a returned cluster match
+    each other: agglomerative complete linkage cut at the threshold, with unmatched pairs as infinitely
+    far. Ties merge the pair of clusters whose (smaller, larger) smallest members come first, so the
+    result depends only on the edges and the node numbering (the callers number items in id order).
+    Cost: components that are already cliques are taken whole (O(edges)); others run a greedy merge in
+    O(E log E) time and O(E) memory for a component of E matched pairs: no member-by-member matrix.
+    Labels int64 (n,): the smallest node of each node's cluster.
+    """
+    i = np.asarray(i, np.int64)
+    j = np.asarray(j, np.int64)
+    sim = np.asarray(similarity, np.float32)
+    if not (i.shape == j.shape == sim.shape):
+        raise ValueError(f"edge arrays differ in shape: {i.shape}, {j.shape}, {sim.shape}")
+    if len(i) and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n):
+        raise ValueError(f"edge endpoints must lie in [0, {n})")
+    if (i == j).any():
+        raise ValueError("edge of a node with itself")
+    if np.isnan(sim).any():
+        raise ValueError("edge weights contain NaN")
+    if threshold is not None:
+        keep = sim >= np.float32(threshold - MATCH_TOLERANCE)
+        i, j, sim = i[keep], j[keep], sim[keep]
+    a, b, s = _oriented_unique_edges(n, i, j, sim)
+    if not len(a):
+        return np.arange(n, dtype=np.int64)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as csgraph_components
+
+    _, raw = csgraph_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False)
+    comp_low = np.full(int(raw.max()) + 1, n, np.int64)
+    np.minimum.at(comp_low, raw, np.arange(n, dtype=np.int64))
+    comp = comp_low[raw]  # smallest member of each node's component
+    labels = comp.copy()  # cliques (most components: pairs) stay whole; the others are overwritten below
+    comp_size = np.bincount(comp, minlength=n).astype(np.int64)
+    comp_edges = np.bincount(comp[a], minlength=n).astype(np.int64)
+    clique = comp_edges == comp_size * (comp_size - 1) // 2  # every two members match: one cluster
+    rest = ~clique[comp[a]]
+    if not rest.any():
+        return labels
+    a, b, s = a[rest], b[rest], s[rest]
+    # Strongest first, ties by (smaller node, larger node); merges never cross components, so one pass
+    # serves all the components that are not cliques.
+    order = np.lexsort((b, a, -s))
+    for node, label in _greedy_complete_linkage(a[order].tolist(), b[order].tolist(), s[order].tolist()).items():
+        labels[node] = label
+    return labels
+
+
+def _groups(labels: np.ndarray, wanted: np.ndarray) -> list:
+    """Members (sorted node indices) of each label in `wanted`, in one sort (not a scan per label)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, wanted, side="left")
+    ends = np.searchsorted(sorted_labels, wanted, side="right")
+    return [order[lo:hi] for lo, hi in zip(starts.tolist(), ends.tolist())]
 
 
 def cluster_items(
@@ -156,28 +296,29 @@ def cluster_items(
     embeddings: dict | None = None,
     threshold: float | None = None,
     chain_margin: float = 0.05,
-    linkage: str = "single",
+    linkage: str = DEFAULT_LINKAGE,
     max_diameter_members: int = 20_000,
-    complete_linkage_max: int = 5_000,
 ) -> dict:
     """Cluster `item_ids` (every template item) by the matched pairs (left_ids[k], right_ids[k]).
 
-    Clusters are the connected components of the matches (union-find, `linkage="single"`); with
-    `linkage="complete"` each component is split by complete linkage on the members' embeddings cut at
-    `threshold`, so every two members of a cluster match (components above `complete_linkage_max`
-    members are left whole and flagged).
+    `linkage="complete"` (default): complete linkage on the matches (`complete_linkage_labels`): every
+    two members of a cluster are a matched pair at or above `threshold` (default: the weakest pair), so
+    nothing is grouped on the strength of a chain; `min_member_similarity` is then the cluster's weakest
+    pair, exact, from the matches (no embeddings needed) and `is_chained` is never set.
+    `linkage="single"`: clusters are the connected components of the matches (union-find); with
+    `embeddings` ({item_id: unit vector} for at least every matched item), every cluster records
+    `min_member_similarity`, the smallest angular similarity between two of its members (on a
+    deterministic sample of `max_diameter_members` members for larger clusters: then an upper bound),
+    and `is_chained` when that is below `threshold - chain_margin`: members far below the threshold from
+    each other, held together only by a chain of links.
     Keeper (ties: smallest item_id; cluster_id = keeper's id): "first_id" the smallest item_id;
     "largest_image" the largest width*height; "oldest" the earliest `embedded_at`; "column" the largest
     (`keeper_order="max"`) or smallest value of `keeper_values` (missing values last). Per-item inputs
     are aligned with `item_ids`.
-    Chains: with `embeddings` ({item_id: unit vector} for at least every matched item), every cluster
-    records `min_member_similarity`, the smallest angular similarity between two of its members (on a
-    deterministic sample of `max_diameter_members` members for larger clusters: then an upper bound),
-    and `is_chained` when that is below `threshold - chain_margin`: members far below the threshold from
-    each other, held together only by a chain of links.
     Returns columns sorted by item_id: {"item_id", "cluster_id", "is_keeper" bool (n,), "keeper_id",
     "cluster_size" int32 (n,), "min_link_similarity" float32 (n,) (NaN for singletons),
     "min_member_similarity" float32 (n,) (NaN if singleton or not measured), "is_chained" bool (n,)}.
+    Every output is independent of the order of items and pairs and of pair direction.
     Raises ValueError for unknown ids in pairs, self pairs, duplicate item ids, bad policy or inputs.
     """
     if keeper_policy not in KEEPER_POLICIES:
@@ -204,54 +345,42 @@ def cluster_items(
     sim = np.asarray(similarity, np.float32)
     if threshold is None and len(sim):
         threshold = float(sim.min())
-    labels, min_link = connected_components(n, i, j, sim)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    sizes = counts[inverse]
-
-    def member_matrix(members: np.ndarray) -> np.ndarray:
-        try:
-            return np.stack([np.asarray(embeddings[ids[m]], np.float32) for m in members.tolist()])
-        except KeyError as err:
-            raise ValueError(f"no embedding for clustered item {err.args[0]!r}") from None
-
-    multi = np.unique(labels[sizes > 1])
-    if linkage == "complete":
-        if embeddings is None:
-            raise ValueError("complete linkage needs the members' embeddings")
-        new = labels.copy()
-        for c in multi.tolist():
-            members = np.flatnonzero(labels == c)
-            if len(members) > complete_linkage_max:
-                continue  # too large to split member by member: left whole (and flagged below)
-            sub = complete_linkage_labels(member_matrix(members), threshold)
-            for s_label in np.unique(sub).tolist():
-                part = members[sub == s_label]
-                new[part] = part.min()
-        # Re-derive components and weakest links from the edges inside the new clusters only.
-        inside = new[i] == new[j]
-        labels, min_link = connected_components(n, i[inside], j[inside], sim[inside])
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        sizes = counts[inverse]
-        multi = np.unique(labels[sizes > 1])
 
     min_member = np.full(n, np.nan, np.float32)
     chained = np.zeros(n, np.bool_)
-    if embeddings is not None:
-        from trainer.distances import angular_similarity
+    if linkage == "complete":
+        new = complete_linkage_labels(n, i, j, sim, threshold)
+        # Weakest links and weakest pairs from the matching edges inside the clusters only.
+        inside = (new[i] == new[j]) & (sim >= np.float32(threshold - MATCH_TOLERANCE)) if len(sim) else \
+            np.zeros(0, np.bool_)
+        labels, min_link = connected_components(n, i[inside], j[inside], sim[inside])
+        weakest = np.full(n, np.inf, np.float32)
+        np.minimum.at(weakest, labels[i[inside]], sim[inside])
+        min_member = np.where(np.isfinite(weakest[labels]), weakest[labels], np.float32(np.nan)).astype(np.float32)
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        sizes = counts[inverse]
+    else:
+        labels, min_link = connected_components(n, i, j, sim)
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        sizes = counts[inverse]
+        if embeddings is not None:
+            from trainer.distances import angular_similarity
 
-        for c in multi.tolist():
-            members = np.flatnonzero(labels == c)
-            if len(members) > max_diameter_members:
-                rng = np.random.default_rng(len(members))
-                members_measured = np.sort(rng.choice(members, max_diameter_members, replace=False))
-            else:
-                members_measured = members
-            value = float(angular_similarity(min_pair_cosine(member_matrix(members_measured))))
-            min_member[members] = value
-            if threshold is not None and value < threshold - chain_margin:
-                chained[members] = True
-            if linkage == "complete" and len(members) > complete_linkage_max:
-                chained[members] = True  # could not be split: say so
+            multi = np.unique(labels[sizes > 1])
+            for members in _groups(labels, multi):
+                if len(members) > max_diameter_members:
+                    rng = np.random.default_rng(len(members))
+                    members_measured = np.sort(rng.choice(members, max_diameter_members, replace=False))
+                else:
+                    members_measured = members
+                try:
+                    x = np.stack([np.asarray(embeddings[ids[m]], np.float32) for m in members_measured.tolist()])
+                except KeyError as err:
+                    raise ValueError(f"no embedding for clustered item {err.args[0]!r}") from None
+                value = float(angular_similarity(min_pair_cosine(x)))
+                min_member[members] = value
+                if threshold is not None and value < threshold - chain_margin:
+                    chained[members] = True
 
     if keeper_policy == "first_id":
         keeper_of = labels  # smallest index = smallest id (ids are sorted)

@@ -1,18 +1,20 @@
 """The dedup pipeline: templates + matches in, one clusters row per template item out.
 
     siamese-dedup dedup --templates 'D/templates/*.parquet' --matches 'D/matches/*.parquet' --output D
-        [--keeper_policy first_id|largest_image|oldest|column] [--linkage single|complete]
+        [--keeper_policy first_id|largest_image|oldest|column] [--linkage complete|single]
 
 1. The driver reads only the id and model columns of both tables (no embeddings) and refuses, before any
    work, matches of another model or naming items that are not among the templates. It takes the match
    threshold from --threshold or D/match_run.json (beside the matches directory).
-2. The pipeline reads the item columns it needs (item_id, width, height, embedded_at), the matched pairs,
-   and the embeddings of the matched items only (a filter on the set of items the matches name), and
-   runs clustering.cluster_items on one worker: connected components (union-find) are global, but the
-   edges are only the pairs above the threshold (a small multiple of the duplicates, not N^2), so they
-   fit one worker for catalogues of tens of millions. Every cluster records its weakest link and the
-   smallest similarity between two of its members; clusters held together only by a chain are flagged
-   (is_chained), or split with --linkage complete.
+2. The pipeline reads the item columns it needs (item_id, width, height, embedded_at) and the matched
+   pairs, and runs clustering.cluster_items on one worker: clustering is global, but the edges are only
+   the pairs above the threshold (a small multiple of the duplicates, not N^2), so they fit one worker for
+   catalogues of tens of millions. --linkage complete (default): complete linkage on the matched pairs
+   alone (every two members of a cluster are a matched pair; O(E log E) in the pairs E of a component,
+   no embeddings read). --linkage single: connected components; the embeddings of the matched items only
+   are read too (a filter on the set of items the matches name) to measure each cluster's smallest
+   member-to-member similarity and flag clusters held together only by a chain (is_chained).
+   Every cluster records its weakest link and its smallest member-to-member similarity.
 3. Rows (every item: cluster_id = keeper's item_id, is_keeper, cluster_size, min_link_similarity,
    min_member_similarity, is_chained) are written to D/clusters/clusters-*.parquet.
 """
@@ -133,7 +135,8 @@ def keep_members(batch, members: frozenset):
 
 def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: list, *, keeper_policy: str,
                    run_id: str, keeper_values: dict | None = None, keeper_order: str = "max",
-                   threshold: float | None = None, chain_margin: float = 0.05, linkage: str = "single",
+                   threshold: float | None = None, chain_margin: float = 0.05,
+                   linkage: str = clustering.DEFAULT_LINKAGE,
                    max_diameter_members: int = 20_000):
     """Gathered item, edge and member-embedding batches -> CLUSTERS_SCHEMA tables of <= ROWS_PER_TABLE rows."""
     items = [t for t in items if t.num_rows]
@@ -154,7 +157,8 @@ def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: 
         widths=column("width"), heights=column("height"),
         embedded_at=items_t.column("embedded_at").cast(pa.int64()).to_pylist() if items_t is not None else [],
         keeper_values=[keeper_values.get(i) for i in ids] if keeper_values is not None else None,
-        keeper_order=keeper_order, embeddings=dict(embeddings), threshold=threshold, chain_margin=chain_margin,
+        keeper_order=keeper_order, embeddings=dict(embeddings) if linkage == "single" else None,
+        threshold=threshold, chain_margin=chain_margin,
         linkage=linkage, max_diameter_members=max_diameter_members,
     )
     table = clustering.clusters_table(result, run_id)
@@ -194,13 +198,16 @@ def run(argv=None, test_pipeline=None) -> dict:
         | "ReadMatches" >> beam.io.ReadFromParquetBatched(opts.matches, columns=EDGE_COLUMNS)
         | "GatherMatches" >> beam.combiners.ToList()
     )
-    members = edges | "Members" >> beam.Map(member_ids)
-    embeddings = (
-        p
-        | "ReadEmbeddings" >> beam.io.ReadFromParquetBatched(opts.templates, columns=["item_id", "embedding"])
-        | "MatchedOnly" >> beam.FlatMap(keep_members, members=beam.pvalue.AsSingleton(members))
-        | "GatherEmbeddings" >> beam.combiners.ToList()
-    )
+    if opts.linkage == "single":  # chain flags measure members by their embeddings
+        members = edges | "Members" >> beam.Map(member_ids)
+        embeddings = (
+            p
+            | "ReadEmbeddings" >> beam.io.ReadFromParquetBatched(opts.templates, columns=["item_id", "embedding"])
+            | "MatchedOnly" >> beam.FlatMap(keep_members, members=beam.pvalue.AsSingleton(members))
+            | "GatherEmbeddings" >> beam.combiners.ToList()
+        )
+    else:  # complete linkage works on the matched pairs alone
+        embeddings = p | "NoEmbeddings" >> beam.Create([[]])
     _ = (
         p
         | "Start" >> beam.Create([None])

@@ -96,12 +96,21 @@ def write_catalogue(
         with open(os.path.join(image_dir, name), "wb") as f:
             f.write(_png_bytes(pixels))
         groups.setdefault(source, []).append(name)
-        manifest_rows.append((name, source, int(labels[source]), copy, ""))
+        manifest_rows.append((name, source, int(labels[source]), copy, "", "near_duplicate" if copy else ""))
     for (kind, payload), name in zip(broken_payloads, names[len(entries):]):
         with open(os.path.join(image_dir, name), "wb") as f:
             f.write(payload)
-        manifest_rows.append((name, -1, -1, 0, kind))
+        manifest_rows.append((name, -1, -1, 0, kind, ""))
 
+    return _write_truth(out_dir, groups, manifest_rows, os.path.join(image_dir, "*.png"), len(broken_payloads))
+
+
+MANIFEST_COLUMNS = ("item_id", "source_index", "label", "copy_number", "broken", "edit")
+
+
+def _write_truth(out_dir: str, groups: dict, manifest_rows: list, image_glob: str, broken: int) -> Catalogue:
+    """ground_truth.csv (every pair of items showing one original, left_id < right_id) and manifest.csv
+    (MANIFEST_COLUMNS, one row per file) of a catalogue; `groups` maps an original to its items."""
     pairs = sorted(
         tuple(sorted(pair)) for members in groups.values() if len(members) > 1
         for pair in itertools.combinations(members, 2)
@@ -114,16 +123,76 @@ def write_catalogue(
     manifest_csv = os.path.join(out_dir, "manifest.csv")
     with open(manifest_csv, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["item_id", "source_index", "label", "copy_number", "broken"])
+        writer.writerow(MANIFEST_COLUMNS)
         writer.writerows(sorted(manifest_rows))
-    return Catalogue(
-        image_glob=os.path.join(image_dir, "*.png"),
-        ground_truth_csv=ground_truth_csv,
-        manifest_csv=manifest_csv,
-        items=len(manifest_rows),
-        planted_pairs=len(pairs),
-        broken_items=len(broken_payloads),
-    )
+    return Catalogue(image_glob=image_glob, ground_truth_csv=ground_truth_csv, manifest_csv=manifest_csv,
+                     items=len(manifest_rows), planted_pairs=len(pairs), broken_items=broken)
+
+
+def _jpeg_bytes(pixels: np.ndarray, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
+    return buffer.getvalue()
+
+
+def write_photo_catalogue(
+    photos: np.ndarray,
+    out_dir: str,
+    *,
+    planted_fraction: float = 0.4,
+    max_copies: int = 3,
+    seed: int = 0,
+    mirror: bool = True,
+    broken: bool = True,
+) -> Catalogue:
+    """Write `photos` uint8 (n, H, W, 3) as a catalogue of JPEG files with planted, edited copies.
+
+    A `planted_fraction` of the originals, chosen at random, get 1..`max_copies` copies, each made by one
+    edit family of trainer.copy_edits (cycled so every family is planted about equally often; MIRROR only
+    with `mirror`) and recorded in the manifest's `edit` column. Originals are saved at JPEG quality 92;
+    copies come out of the edit as uploaded. Names are shuffled (`item_000123.jpg`). Ground truth and manifest
+    as in `write_catalogue`; with `broken`, a truncated JPEG, an empty file and a text file are added.
+    """
+    from trainer.copy_edits import CopyPlanter, choose_families
+
+    photos = np.asarray(photos)
+    if photos.ndim != 4 or photos.shape[-1] != 3 or photos.dtype != np.uint8:
+        raise ValueError(f"photos must be uint8 (n, H, W, 3), got {photos.dtype} {photos.shape}")
+    if not 0.0 <= planted_fraction <= 1.0 or max_copies < 1:
+        raise ValueError("planted_fraction must lie in [0, 1] and max_copies be >= 1")
+    rng = np.random.default_rng(seed)
+    n = len(photos)
+    planted = int(round(n * planted_fraction))
+    originals = rng.choice(n, size=planted, replace=False)
+    counts = rng.integers(1, max_copies + 1, size=planted)
+    families = iter(choose_families(int(counts.sum()), rng, mirror=mirror))
+    entries = [(i, 0, "") for i in range(n)]
+    for source, count in zip(originals, counts):
+        entries.extend((int(source), c, next(families)) for c in range(1, int(count) + 1))
+    broken_payloads = []
+    if broken:
+        broken_payloads = [("truncated_jpeg", _jpeg_bytes(photos[0], 90)[:300]), *BROKEN_FILES.items()]
+    order = rng.permutation(len(entries) + len(broken_payloads))
+    names = [f"item_{k:06d}.jpg" for k in order]
+    image_dir = os.path.join(out_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    planter = CopyPlanter()
+    groups: dict[int, list[str]] = {}
+    manifest_rows = []
+    for (source, copy, family), name in zip(entries, names):
+        if copy == 0:
+            payload = _jpeg_bytes(photos[source], 92)
+        else:
+            payload = _jpeg_bytes(planter(photos[source], family, rng), 95)
+        with open(os.path.join(image_dir, name), "wb") as f:
+            f.write(payload)
+        groups.setdefault(source, []).append(name)
+        manifest_rows.append((name, source, -1, copy, "", family))
+    for (kind, payload), name in zip(broken_payloads, names[len(entries):]):
+        with open(os.path.join(image_dir, name), "wb") as f:
+            f.write(payload)
+        manifest_rows.append((name, -1, -1, 0, kind, ""))
+    return _write_truth(out_dir, groups, manifest_rows, os.path.join(image_dir, "*.jpg"), len(broken_payloads))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,17 @@
 """The match pipeline: templates in, pairs at or above the threshold out, in bounded memory.
 
-    siamese-dedup match --templates 'D/templates/*.parquet' --output D [--threshold 0.9 | --model_dir M]
+    siamese-dedup match --templates 'D/templates/*.parquet' --output D --model_dir M
+        [--threshold 0.9 | --target_fmr 1e-4 | --target_precision 0.99 | --max_false_pairs 5]
         [--mode all_pairs | queries --queries 'Q/*.parquet' --top_k 10 | pairs --pairs pairs.csv]
         [--search exact | approximate]
 
 1. The driver streams the templates once into blocks (beam_pipeline.blocks: `--block_size` rows per
    Arrow file under the staging directory) and refuses, before any matching, what cannot be matched:
    mixed model_ids or dimensions, NaN or non-unit embeddings, duplicate or null item ids, a model card
-   of another model. It resolves the threshold (given in angular similarity, or the card's calibration
-   at --target_fmr; the cosine is stored beside it).
+   of another model. It resolves the threshold: by default chosen for this catalogue by self-calibration
+   (beam_pipeline.self_calibration: the impostor tail from random pairs of the catalogue, synthetic copies
+   of its items, a false-pair budget, the estimate with its uncertainty in match_run.json); or given in
+   angular similarity, or the card's calibration at --target_fmr. The cosine is stored beside it.
 2. The pipeline spreads tasks over the workers; each loads only the blocks it needs (a few MiB):
    - all_pairs, exact: strips of block pairs (i, j >= i); each a tiled matrix product keeping only pairs
      with cosine >= threshold (matching.pairs_above_threshold). No N x N matrix exists anywhere.
@@ -36,10 +39,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from beam_pipeline import blocks as bk
-from beam_pipeline import candidates, matching
+from beam_pipeline import candidates, matching, self_calibration
 from beam_pipeline import io as bio
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
-from beam_pipeline.thresholds import load_card, resolve_threshold
+from beam_pipeline.thresholds import load_card, resolve_threshold, threshold_method
 from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
 from trainer.distances import angular_similarity
 
@@ -458,8 +461,14 @@ def run(argv=None, test_pipeline=None) -> dict:
     run_id = opts.run_id or new_run_id()
     threads = opts.kernel_threads or matching.default_threads()
     card = load_card(opts.model_dir) if opts.model_dir else None
-    if opts.threshold is not None:  # a bad given threshold is refused before reading anything
+    method = threshold_method(opts.threshold, opts.target_fmr, opts.target_precision, opts.max_false_pairs)
+    if method != "self_calibrated":  # a bad given threshold is refused before reading anything
         resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
+    elif not opts.model_dir:
+        raise ValueError("choosing the threshold for this catalogue (self-calibration) needs --model_dir (the "
+                         "encoder makes the synthetic copies); or pass --threshold")
+    elif opts.calibration_copies < 0:
+        raise ValueError(f"--calibration_copies must be >= 0, got {opts.calibration_copies}")
 
     stage_root = opts.staging_dir or bio.FileSystems.join(opts.output, "_staging", run_id)
     stage_dir = bio.FileSystems.join(stage_root, "catalogue")
@@ -468,7 +477,15 @@ def run(argv=None, test_pipeline=None) -> dict:
     staged = [stage_dir]
     try:
         model_id = _check_against_card(card, manifest.model_id, manifest.dim, manifest.n)
-        threshold = resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
+        if method == "self_calibrated":
+            threshold = self_calibration.calibrate_catalogue(
+                manifest, opts.templates, opts.model_dir,
+                target_precision=None if opts.max_false_pairs is not None
+                else (opts.target_precision or self_calibration.DEFAULT_TARGET_PRECISION),
+                max_false_pairs=opts.max_false_pairs, copies=opts.calibration_copies, seed=opts.seed,
+                log=LOG.info)
+        else:
+            threshold = resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
         cos_t = threshold["cosine"]
         query_manifest = None
         if opts.mode == "queries":

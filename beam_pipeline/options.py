@@ -43,29 +43,54 @@ def _add_run_id(parser) -> None:
 
 
 def _add_threshold(parser) -> None:
+    """The match threshold: at most one of --threshold, --target_fmr, --target_precision, --max_false_pairs;
+    none means self-calibration at the default precision (beam_pipeline.self_calibration)."""
     _add(
         parser,
         "--threshold",
         type=float,
         default=None,
-        help="Match threshold in angular similarity [0, 1]. Default: the model card's calibrated threshold "
-        "at --target_fmr.",
+        help="Match threshold in angular similarity [0, 1]. Default: chosen for this catalogue by "
+        "self-calibration (see --target_precision).",
     )
     _add(
         parser,
         "--target_fmr",
         type=float,
-        default=1e-4,
-        help="False match rate whose calibrated threshold is read from the model card when --threshold is "
-        "not given (default 1e-4).",
+        default=None,
+        help="Use the model card's threshold calibrated at this false match rate (an explicit choice: the "
+        "card was calibrated on its own held-out pairs, not on this catalogue).",
+    )
+    _add(
+        parser,
+        "--target_precision",
+        type=float,
+        default=None,
+        help="Self-calibration: the smallest threshold at which the expected false pairs are at most "
+        "(1 - this) x the predicted pairs. Default 0.99 when no other threshold flag is given.",
+    )
+    _add(
+        parser,
+        "--max_false_pairs",
+        type=float,
+        default=None,
+        help="Self-calibration: the smallest threshold at which at most this many false pairs are expected.",
+    )
+    _add(
+        parser,
+        "--calibration_copies",
+        type=int,
+        default=400,
+        help="Self-calibration: synthetic copies (catalogue items edited by trainer.copy_edits, embedded by the "
+        "model) that estimate what a duplicate scores. 0: none (the tail fit is then conservative). Default 400.",
     )
     _add(
         parser,
         "--threshold_protocol",
         default="instance",
         choices=["instance", "class"],
-        help="Which calibration of the model card to use: 'instance' (copies of one image: dedup) or "
-        "'class' (same class). Default instance.",
+        help="With --target_fmr: which calibration of the model card to use: 'instance' (copies of one "
+        "image: dedup) or 'class' (same class). Default instance.",
     )
 
 
@@ -225,6 +250,8 @@ class DedupOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
+        from beam_pipeline import clustering  # the valid --linkage / --keeper_policy values live there
+
         _add(parser, "--templates", required=True, help="Glob of templates Parquet files.")
         _add(parser, "--matches", required=True, help="Glob of matches Parquet files.")
         _add(parser, "--output", required=True, help="Output directory; writes clusters/ under it.")
@@ -232,7 +259,7 @@ class DedupOptions(PipelineOptions):
             parser,
             "--keeper_policy",
             default="first_id",
-            choices=["first_id", "largest_image", "oldest", "column"],
+            choices=clustering.KEEPER_POLICIES,
             help="Which member of a cluster is kept: first_id (smallest item_id), largest_image (width*height), "
             "oldest (earliest embedded_at: first embedded), column (--keeper_column of --keeper_table). Ties: smallest item_id. "
             "Default first_id.",
@@ -243,18 +270,22 @@ class DedupOptions(PipelineOptions):
         _add(parser, "--keeper_column", default=None, help="keeper_policy column: the column to rank members by.")
         _add(parser, "--keeper_order", default="max", choices=["max", "min"],
              help="keeper_policy column: keep the member with the largest (max) or smallest (min) value.")
-        _add(parser, "--linkage", default="single", choices=["single", "complete"],
-             help="single: clusters are connected components of the matches (chains are flagged); complete: "
-             "components are split so every two members of a cluster match each other. Default single.")
+        _add(parser, "--linkage", default=clustering.DEFAULT_LINKAGE, choices=clustering.LINKAGES,
+             help="complete: complete linkage on the matches, so every two members of a cluster are a matched "
+             "pair (nothing is grouped through a chain); single: clusters are connected components of the "
+             f"matches, chains flagged is_chained (they can join a whole catalogue). Default "
+             f"{clustering.DEFAULT_LINKAGE}.")
         _add(parser, "--chain_margin", type=float, default=0.05,
-             help="A cluster is flagged is_chained when two of its members are more than this far (angular "
-             "similarity) below the match threshold from each other. Default 0.05.")
+             help="--linkage single: a cluster is flagged is_chained when two of its members are more than this "
+             "far (angular similarity) below the match threshold from each other. Default 0.05.")
         _add(parser, "--threshold", type=float, default=None,
-             help="The match threshold (angular similarity) for chain flags and complete linkage. Default: "
-             "match_run.json beside the matches directory, else the weakest matched pair.")
+             help="The match threshold (angular similarity): pairs below it do not count as matching for "
+             "complete linkage, and the reference of the chain flags. Default: match_run.json beside the "
+             "matches directory, else the weakest matched pair.")
         _add(parser, "--max_diameter_members", type=int, default=20_000,
-             help="Clusters larger than this are measured on a deterministic sample of this many members "
-             "(min_member_similarity is then an upper bound). Default 20000.")
+             help="--linkage single: clusters larger than this are measured on a deterministic sample of this "
+             "many members (min_member_similarity is then an upper bound). Default 20000. (Complete linkage "
+             "reads every cluster's weakest pair from the matches, exactly.)")
         _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 

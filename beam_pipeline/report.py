@@ -29,7 +29,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import io as bio
-from beam_pipeline import report_figures, report_metrics
+from beam_pipeline import clustering, report_figures, report_metrics
 from beam_pipeline.thresholds import load_card
 from schemas.documents import validate_report
 from schemas.tables import FAILURE_STAGES, FAILURES_SCHEMA, SchemaError, embeddings_as_numpy
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                         "are shown.")
     parser.add_argument("--ground_truth", default=None, help="CSV with columns left_id,right_id of planted "
                         "duplicate pairs: adds precision/recall and an FMR/FNMR sweep.")
+    parser.add_argument("--manifest", default=None, help="CSV with columns item_id,edit (a catalogue's "
+                        "manifest.csv): scores per edit family beside the overall ones.")
+    parser.add_argument("--linkage", default=None, help="The linkage dedup used (clustering.LINKAGES), for the "
+                        "threshold sweep's re-clustering. Default: dedup's default.")
     parser.add_argument("--gallery_size", type=int, default=8, help="Clusters shown in the gallery: half the "
                         "largest, half the weakest-linked (default 8).")
     parser.add_argument("--gallery_members", type=int, default=6, help="Thumbnails per gallery row (default 6).")
@@ -164,7 +168,8 @@ def _read_optional_failures(workdir: str, notes: list[str]) -> pa.Table:
 
 
 def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: str | None = None,
-                 gallery_size: int = 8, gallery_members: int = 6) -> tuple[dict, dict]:
+                 gallery_size: int = 8, gallery_members: int = 6, manifest: str | None = None,
+                 linkage: str | None = None) -> tuple[dict, dict]:
     """Compute the report document and its figures -> (report dict (not yet with outputs), {name: png})."""
     notes: list[str] = []
     run_doc = bio.read_json(FileSystems.join(workdir, "match_run.json"))
@@ -208,10 +213,12 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     genuine_counts = None
     if ground_truth:
         planted = report_metrics.read_ground_truth(_read_text(ground_truth))
+        families = report_metrics.read_families(_read_text(manifest)) if manifest else None
         evaluation = report_metrics.evaluate(
             clusters.column("item_id").to_pylist(), clusters.column("cluster_id").to_pylist(),
             matches.column("left_id").to_pylist(), matches.column("right_id").to_pylist(), sim, planted,
-            threshold["angular_similarity"],
+            threshold["angular_similarity"], families=families,
+            sweep_linkage=linkage or clustering.DEFAULT_LINKAGE,
         )
         evaluation["ground_truth"] = ground_truth
         truth = report_metrics.GroundTruth(clusters.column("item_id").to_pylist(), planted)
@@ -235,7 +242,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
         "model_id": model_id,
         "run_id": run_doc.get("run_id", ""),
         "threshold": {k: threshold.get(k) for k in ("angular_similarity", "cosine", "source", "target_fmr",
-                                                     "impostor_pairs")},
+                                                     "impostor_pairs", "self_calibration") if k in threshold},
         "counts": counts,
         "similarity_histogram": histogram,
         "failures_by_stage": failures_by_stage(failures),
@@ -298,6 +305,31 @@ def _matching_html(m: dict) -> str:
     return "<h2>Matching</h2>" + how
 
 
+def _self_calibration_html(cal: dict | None) -> str:
+    """How a self-calibrated threshold was chosen, in a person's words, with the figures behind it."""
+    if not cal:
+        return ""
+    lo, hi = cal["expected_false_pairs_ci95"]
+    recall = cal.get("expected_copy_recall") or {}
+    tail = cal["tail_model"]
+    text = (f"<p>Chosen for this catalogue (self-calibration): {html.escape(cal['budget'])}. Of its "
+            f"{cal['catalogue_pairs']:,} pairs, about {cal['predicted_pairs']:,.0f} are at or above the threshold; "
+            f"expected false pairs among them: <b>{cal['expected_false_pairs']:.2f}</b> (95% interval "
+            f"{lo:.2f} to {hi:.2f}), from {cal['impostor_pairs_sampled']:,} sampled pairs of the catalogue and a "
+            f"{html.escape(tail['family'])} tail fitted between {tail['u']:.4f} and {tail['c']:.4f}.")
+    if recall:
+        lo_r, hi_r = recall["ci95"]
+        text += (f" Synthetic copies of {recall['synthetic_copies']} catalogue items reach it "
+                 f"{recall['estimate']:.1%} of the time (95% {lo_r:.1%} to {hi_r:.1%}).")
+    text += "</p>"
+    for note in cal.get("notes") or []:
+        text += f"<p class='note'>Note: {html.escape(note)}</p>"
+    by_family = (cal.get("synthetic_copies") or {}).get("recall_by_family") or {}
+    if by_family:
+        text += _table(["synthetic copy edit", "share at or above the threshold"], sorted(by_family.items()))
+    return text
+
+
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """report.html: self-contained (figures as base64 data URIs)."""
     t, c = report["threshold"], report["counts"]
@@ -315,7 +347,9 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
         f"<p>Pairs with angular similarity &ge; <b>{t['angular_similarity']:.6f}</b> "
         f"(cosine &ge; {t['cosine']:.6f}) are duplicates. Source: <code>{html.escape(str(t['source']))}</code>"
         + (f": calibrated at false match rate {t['target_fmr']:g} on {t['impostor_pairs']} impostor pairs"
-           if t.get("target_fmr") is not None else ": given on the command line") + ".</p>",
+           if t.get("target_fmr") is not None else "" if t.get("self_calibration") else
+           ": given on the command line") + ".</p>",
+        _self_calibration_html(t.get("self_calibration")),
         _matching_html(report.get("matching") or {}),
         "<h2>Counts</h2>",
         _table(["items (templates)", "failures", "matched pairs", "duplicate clusters", "items to drop",
@@ -329,13 +363,23 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
         parts.append(f"<p class='note'>Note: {html.escape(note)}</p>")
     ev = report.get("evaluation")
     if ev:
+        levels = [(name, ev[key]) for name, key in (("matched pairs", "pairs"), ("pairs within clusters", "clusters"))
+                  if ev.get(key)]
         parts += [
             "<h2>Against the planted duplicates</h2>",
             f"<p>{html.escape(ev['definition'])}.</p>",
-            _table(["precision", "recall", "found pairs", "predicted pairs", "planted pairs",
-                    "planted pairs with a missing item"],
-                   [[ev["precision"], ev["recall"], ev["found_pairs"], ev["predicted_pairs"], ev["planted_pairs"],
-                     ev["planted_pairs_with_missing_items"]]]),
+            _table(["level", "precision", "recall", "F1", "found pairs", "predicted pairs", "planted pairs"],
+                   [[name, x["precision"], x["recall"], x["f1"], x["found_pairs"], x["predicted_pairs"],
+                     x["planted_pairs"]] for name, x in levels]),
+            f"<p>Planted pairs with an item that never became a template: "
+            f"{ev['planted_pairs_with_missing_items']}.</p>",
+        ]
+        if ev.get("families"):
+            parts += ["<h3>By edit family</h3>",
+                      _table(["edit family", "copies", "pair precision", "pair recall", "pair F1", "cluster F1"],
+                             [[f, x["items"], x["pairs"]["precision"], x["pairs"]["recall"], x["pairs"]["f1"],
+                               x["clusters"]["f1"]] for f, x in sorted(ev["families"].items())])]
+        parts += [
             "<h3>Threshold sweep (from the matched pairs)</h3>",
             _table(["angular similarity", "matched pairs", "true matches", "false matches", "FNMR", "FMR",
                     "FMR upper 95%", "impostor pairs", "cluster precision", "cluster recall"],
@@ -383,8 +427,11 @@ def run(argv=None) -> dict:
     if args.gallery_size < 0 or args.gallery_members < 1:
         raise ValueError("--gallery_size must be >= 0 and --gallery_members >= 1")
     workdir = args.workdir
+    if args.linkage is not None and args.linkage not in clustering.LINKAGES:
+        raise ValueError(f"--linkage must be one of {clustering.LINKAGES}, got {args.linkage!r}")
     report, figures = build_report(workdir, model_dir=args.model_dir, ground_truth=args.ground_truth,
-                                   gallery_size=args.gallery_size, gallery_members=args.gallery_members)
+                                   gallery_size=args.gallery_size, gallery_members=args.gallery_members,
+                                   manifest=args.manifest, linkage=args.linkage)
     join = FileSystems.join
     figure_paths = {name: join(workdir, "figures", f"{name}.png") for name in figures}
     report_json, report_html = join(workdir, "report.json"), join(workdir, "report.html")
@@ -417,7 +464,8 @@ def run(argv=None) -> dict:
         "counts": report["counts"],
         "threshold": report["threshold"],
         "evaluation": None if not evaluation else {
-            k: evaluation[k] for k in ("precision", "recall", "found_pairs", "predicted_pairs", "planted_pairs")
+            k: evaluation.get(k) for k in ("precision", "recall", "f1", "found_pairs", "predicted_pairs",
+                                           "planted_pairs", "pairs", "clusters", "families")
         },
         "seconds": round(time.perf_counter() - started, 3),
     }

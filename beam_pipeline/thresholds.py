@@ -27,6 +27,23 @@ def load_card(model_dir: str) -> dict:
     return load_model_card(model_dir)
 
 
+# How a run's threshold is chosen, by the flag that asks for it (at most one is given; none: self-calibrated).
+METHODS = {"threshold": "given", "target_fmr": "model_card", "target_precision": "self_calibrated",
+           "max_false_pairs": "self_calibrated"}
+
+
+def threshold_method(threshold=None, target_fmr=None, target_precision=None, max_false_pairs=None) -> str:
+    """"given", "model_card" or "self_calibrated" (the default), from the threshold flags of a run. Raises
+    ValueError when more than one flag is given (one would silently override the others)."""
+    given = {k: v for k, v in (("threshold", threshold), ("target_fmr", target_fmr),
+                               ("target_precision", target_precision), ("max_false_pairs", max_false_pairs))
+             if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one of --threshold, --target_fmr, --target_precision, --max_false_pairs; "
+                         f"got {', '.join('--' + k for k in given)}")
+    return METHODS[next(iter(given))] if given else "self_calibrated"
+
+
 def _fmr_text(x: float) -> str:
     return f"{x:g}"
 
@@ -56,7 +73,7 @@ def resolve_threshold(
         }
     if model_card is None:
         raise ValueError("no threshold: pass --threshold (angular similarity) or --model_dir with a model card")
-    if not target_fmr or not (0.0 < float(target_fmr) <= 1.0):
+    if target_fmr is None or not (0.0 < float(target_fmr) <= 1.0):
         raise ValueError(f"target FMR must lie in (0, 1], got {target_fmr}")
     by_protocol = model_card.get("thresholds") or {}
     entries = by_protocol.get(protocol)

@@ -16,6 +16,25 @@ if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
   fi
 fi
 
+# Photographs for trainer/photo_corpus.py (about 101 MB of .debs; the list is its PACKAGES, a test checks).
+PHOTO_PACKAGES="lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 endless-sky-data openuniverse-common"
+missing=""
+for p in $PHOTO_PACKAGES; do
+  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "==> installing photo packages for trainer/photo_corpus.py:$missing"
+    $SUDO apt-get update -qq -o DPkg::Lock::Timeout=600
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      -o DPkg::Lock::Timeout=600 $missing >/dev/null
+  else
+    echo "warning: photo packages missing ($missing) and no apt-get; trainer/photo_corpus.py needs them" >&2
+  fi
+fi
+
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then

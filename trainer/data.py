@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 
 import numpy as np
 
@@ -159,12 +160,32 @@ def load_pairs(path: str, input_spec: dict, folders: tuple[str, str] | None = No
     return LabelledImages(decode_files(files, input_spec), labels, common, files, "pair")
 
 
+def decodable(paths: list[str], input_spec: dict) -> tuple[list[str], dict[str, str]]:
+    """(the paths that decode, {path: reason} of those that do not): a catalogue's broken files are skipped
+    by training (the embed stage reports them as failures rows)."""
+    from beam_pipeline.decode import DecodeError, decode_image
+    good, bad = [], {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                decode_image(f.read(), input_spec)
+            good.append(path)
+        except (DecodeError, OSError) as err:
+            bad[path] = str(err)
+    return good, bad
+
+
 def load_unlabelled(path: str, input_spec: dict) -> LabelledImages:
-    """An unlabelled folder of images (instance mode): every image is its own label."""
-    names = _image_files(path)
-    if len(names) < 2:
-        raise ValueError(f"{path}: instance mode needs at least two images")
-    files = [os.path.join(path, f) for f in names]
+    """An unlabelled folder of images (instance mode): every image is its own label. Files that do not
+    decode are skipped with a warning naming them (a real catalogue has some)."""
+    files, bad = decodable([os.path.join(path, f) for f in _image_files(path)], input_spec)
+    if bad:
+        shown = ", ".join(f"{os.path.basename(p)} ({r})" for p, r in list(bad.items())[:5])
+        print(f"warning: {path}: skipped {len(bad)} files that do not decode: {shown}"
+              f"{' ...' if len(bad) > 5 else ''}", file=sys.stderr)
+    if len(files) < 2:
+        raise ValueError(f"{path}: instance mode needs at least two images that decode, found {len(files)}")
+    names = [os.path.basename(f) for f in files]
     return LabelledImages(decode_files(files, input_spec), np.arange(len(files), dtype=np.int64), names, files,
                           "instance")
 

@@ -29,6 +29,14 @@ from keras import layers
 DEFAULT_INPUT_SPEC = {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "value_range": [0, 255]}
 
 BACKBONES = ("small_cnn", "mobilenet_v2", "resnet50")
+# small_cnn: how the last feature map becomes a vector. flatten keeps where features are (look-alike classes);
+# avg / avg_max pool over positions, so a crop, a pad or a border moves little (copy detection).
+POOLINGS = ("flatten", "avg", "avg_max")
+# small_cnn: what the first conv sees. none: the pixels in [0, 1]; standardize: each image shifted and scaled
+# to zero mean and unit variance (brightness and contrast edits vanish); grey_standardize: luminance only,
+# then standardized (a grey or colour-shifted copy looks like its original by construction).
+INPUT_NORMS = ("none", "standardize", "grey_standardize")
+_LUMA = (0.299, 0.587, 0.114)
 # Per backbone: (keras.applications constructor name, BGR channel order?, scale, per-channel offset), so that
 # backbone_input[c] = scale * pixel255[c'] + offset[c] with c' the source channel (RGB or BGR order).
 _PREPROCESS = {
@@ -53,6 +61,8 @@ def build_encoder(
     batch_norm: bool = False,
     convs_per_stage: int = 1,
     padding: str = "valid",
+    pooling: str = "flatten",
+    input_norm: str = "none",
     backbone: str = "small_cnn",
     weights: str | None = None,
     freeze_until: str | None = None,
@@ -74,6 +84,9 @@ def build_encoder(
       batch_norm: BatchNormalization after each conv. Off by default: on a 2-core CPU it costs about a
         third of the training throughput and this shallow net trains well without it.
       convs_per_stage, padding: small_cnn stage shape ("same" keeps the size until the pooling).
+      pooling: small_cnn: one of POOLINGS (flatten; avg = global average; avg_max = global average and
+        global max, concatenated).
+      input_norm: small_cnn: one of INPUT_NORMS (inside the model, so the artefact stays raw pixels in).
       backbone: one of BACKBONES.
       weights: Applications backbones: None (random), "imagenet", or the path of a weights file of the same
         backbone (e.g. written by `backbone.save_weights("x.weights.h5")`).
@@ -94,6 +107,10 @@ def build_encoder(
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if convs_per_stage < 1:
         raise ValueError(f"convs_per_stage must be >= 1, got {convs_per_stage}")
 
@@ -102,6 +119,13 @@ def build_encoder(
     if backbone == "small_cnn":
         # Map value_range to [0, 1]: x * 1/(hi-lo) - lo/(hi-lo).
         x = layers.Rescaling(1.0 / (hi - lo), offset=-lo / (hi - lo), name="rescale")(inputs)
+        if input_norm == "grey_standardize" and channels == 3:
+            luma = layers.Dense(1, use_bias=False, trainable=False, name="luminance")
+            x = luma(x)
+            luma.set_weights([np.asarray(_LUMA, np.float32).reshape(3, 1)])
+        if input_norm != "none":
+            x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-3,
+                                          name="standardize")(x)
         for stage, f in enumerate(filters):
             for i in range(convs_per_stage):
                 suffix = f"{stage}" if convs_per_stage == 1 else f"{stage}_{i}"
@@ -110,7 +134,13 @@ def build_encoder(
                     x = layers.BatchNormalization(momentum=RANDOM_INIT_BN_MOMENTUM, name=f"bn{suffix}")(x)
                 x = layers.ReLU(name=f"relu{suffix}")(x)
             x = layers.MaxPooling2D(2, name=f"pool{stage}")(x)
-        x = layers.Flatten(name="flatten")(x)
+        if pooling == "flatten":
+            x = layers.Flatten(name="flatten")(x)
+        elif pooling == "avg":
+            x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        else:
+            x = layers.Concatenate(name="avg_max_pool")([layers.GlobalAveragePooling2D(name="avg_pool")(x),
+                                                         layers.GlobalMaxPooling2D(name="max_pool")(x)])
         if dense_units:
             x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     else:

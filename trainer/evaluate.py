@@ -307,7 +307,8 @@ def calibrate_class(embeddings: np.ndarray, labels: np.ndarray,
 
 def calibrate_instance(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *, seed: int = 0,
                        targets: Sequence[float] = DEFAULT_FMR_TARGETS,
-                       originals: np.ndarray | None = None, impostor: np.ndarray | None = None) -> dict:
+                       originals: np.ndarray | None = None, impostor: np.ndarray | None = None,
+                       copies: np.ndarray | None = None) -> dict:
     """"instance" protocol (near-duplicates): genuine = (image, augment_image(image)) for each held-out image,
     impostor = all pairs of distinct held-out images, any class.
 
@@ -317,11 +318,13 @@ def calibrate_instance(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.
       originals: their embeddings if already computed (saves one pass).
       impostor: the all-pairs scores of `originals` if already computed (e.g. both parts of
         all_pair_scores(originals, labels) concatenated).
+      copies: the edited copies (row k a copy of images[k]) if made elsewhere (e.g. trainer.copy_edits);
+        default trainer.augment's edits, seeded by `seed`.
     Returns {"protocol", "genuine", "impostor", "auc", "thresholds"}.
     """
-    from trainer.augment import augment_batch
-    rng = np.random.default_rng(seed)
-    copies = augment_batch(np.asarray(images), rng)
+    if copies is None:
+        from trainer.augment import augment_batch
+        copies = augment_batch(np.asarray(images), np.random.default_rng(seed))
     emb = embed_fn(images) if originals is None else np.asarray(originals, np.float32)
     genuine = angular_similarity(cosine_similarity(emb, embed_fn(copies)))
     if impostor is None:

@@ -24,6 +24,13 @@ Definitions (d = distance, m = margin, [x]+ = max(x, 0)):
                 proxies divided by a temperature T (Zhai & Wu 2018, pytorch-metric-learning's
                 NormalizedSoftmaxLoss). Used beside the triplet loss, never instead of it: every image is
                 compared with every class at every step, not only with the few in its batch.
+  info_nce:     (SimCLR's NT-Xent; SupCon when a row has several positives) every other row of the batch is
+                a candidate: -log( sum_pos exp(cos/T) / sum_{b != a} exp(cos/T) ), averaged over its
+                positives' share and over anchors that have a positive. Uses all B-2 negatives of every
+                anchor at once: what copy detection (SSCD) trains with.
+  koleo:        (Sablayrolles et al. 2019, used by SSCD) -mean_a log(min_{b != a} ||e_a - e_b||): a
+                uniformity term that pushes each embedding away from its nearest neighbour, spreading the
+                catalogue over the sphere so that distinct images do not crowd into one region.
 """
 from __future__ import annotations
 
@@ -175,6 +182,33 @@ def normalized_softmax_loss(embeddings: tf.Tensor, class_index: tf.Tensor, proxi
     logits = tf.matmul(e, w, transpose_b=True) / temperature
     labels = tf.cast(tf.reshape(class_index, [-1]), tf.int32)
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def info_nce_loss(labels: tf.Tensor, embeddings: tf.Tensor, temperature: float = 0.05) -> tf.Tensor:
+    """InfoNCE over the batch: embeddings (B, D) (L2-normalised here), labels (B,) (same label =
+    positive). Scalar; 0 if no row has a positive."""
+    e = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1, epsilon=_EPS)
+    logits = tf.matmul(e, e, transpose_b=True) / temperature
+    pos, _ = pair_masks(labels)
+    not_self = 1.0 - tf.eye(tf.shape(e)[0])
+    # log-softmax over every other row (the row itself excluded from the denominator).
+    logits = logits - tf.stop_gradient(tf.reduce_max(logits, axis=1, keepdims=True))
+    log_denominator = tf.math.log(tf.reduce_sum(tf.exp(logits) * not_self, axis=1, keepdims=True) + _EPS)
+    log_prob = logits - log_denominator
+    pos = tf.cast(pos, tf.float32)
+    n_pos = tf.reduce_sum(pos, axis=1)
+    per_anchor = -tf.reduce_sum(log_prob * pos, axis=1) / tf.maximum(n_pos, 1.0)
+    has_pos = tf.cast(n_pos > 0, tf.float32)
+    return tf.reduce_sum(per_anchor * has_pos) / tf.maximum(tf.reduce_sum(has_pos), 1.0)
+
+
+def koleo_loss(embeddings: tf.Tensor) -> tf.Tensor:
+    """KoLeo uniformity term: -mean over rows of log(distance to the nearest other row), rows L2-normalised.
+    embeddings (B, D), B >= 2. Scalar."""
+    e = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1, epsilon=_EPS)
+    cos = tf.matmul(e, e, transpose_b=True) - 2.0 * tf.eye(tf.shape(e)[0])  # self never the nearest
+    nearest = tf.reduce_max(cos, axis=1)
+    return -tf.reduce_mean(tf.math.log(tf.sqrt(tf.maximum(2.0 - 2.0 * nearest, 0.0)) + 1e-8))
 
 
 # --- the loss the trainer uses ----------------------------------------------------------------------------

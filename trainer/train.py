@@ -31,7 +31,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -57,7 +57,23 @@ PRESETS = {
     # only positive; a wider instance margin.
     "instance": {"instance_only": True, "filters": "32,64,128", "batch_norm": True, "dense_units": 256,
                  "epochs": 6, "patience": 2, "instance_margin": 0.3},
+    # Copy detection on photos (trainer.copy_edits): 64 px RGB, four 'same' conv stages, InfoNCE over every
+    # other image of a 2 x 128 batch plus the KoLeo spreading term. "catalogue" trains on the user's own
+    # unlabelled catalogue, every image of it (nothing is split away: the match stage self-calibrates its
+    # threshold on the catalogue); "copydetect" is the general recipe, trained on a photo corpus with a
+    # held-out test split, for catalogues it has never seen. Measured in BENCHMARKS.md "Copy detection".
+    "catalogue": {"instance_only": True, "edits": "copy", "instance_loss": "info_nce", "koleo_weight": 0.1,
+                  "image_size": 64, "channels": 3, "filters": "32,64,128,256", "padding": "same",
+                  "batch_norm": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 16,
+                  "per_class": 8, "epochs": 40, "patience": 40, "test_fraction": 0.0, "validation_split": 0.0,
+                  "learning_rate": 2e-3},
+    "copydetect": {"instance_only": True, "edits": "copy", "instance_loss": "info_nce", "koleo_weight": 0.1,
+                   "image_size": 64, "channels": 3, "filters": "32,64,128,256", "padding": "same",
+                   "batch_norm": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 16,
+                   "per_class": 8, "epochs": 30, "patience": 6, "test_fraction": 0.15, "learning_rate": 2e-3},
 }
+EDITS = ("near_duplicate", "copy")  # trainer.augment (Fashion-MNIST style) | trainer.copy_edits (photos)
+INSTANCE_LOSSES = ("triplet", "info_nce")
 
 
 class TrainingCollapsed(RuntimeError):
@@ -107,6 +123,12 @@ class TrainConfig:
     proxy_weight: float = 0.0        # > 0: add the normalized-softmax loss on learnt class proxies
     proxy_temperature: float = 0.05
     ema_momentum: float = 0.0        # > 0: validate, keep and export a moving average of the weights
+    edits: str = "near_duplicate"    # EDITS: which edits make the training copies
+    mirror: bool = True              # copy edits: a left-right mirror counts as a copy
+    edit_source_size: int | None = None  # copy edits: side the copies are edited at (default 2 x image_size)
+    instance_loss: str = "triplet"   # INSTANCE_LOSSES: the instance (copy) loss
+    temperature: float = 0.05        # info_nce: softmax temperature over cosines
+    koleo_weight: float = 0.0        # > 0: add the KoLeo spreading term
     backbone: str = "small_cnn"
     weights: str | None = None
     freeze_until: str | None = None
@@ -115,6 +137,8 @@ class TrainConfig:
     filters: str = "32,64"
     convs_per_stage: int = 1
     padding: str = "valid"
+    pooling: str = "flatten"         # small_cnn: trainer.encoder.POOLINGS
+    input_norm: str = "none"         # small_cnn: trainer.encoder.INPUT_NORMS
     batch_norm: bool = False
     dense_units: int = 128
     dropout: float = 0.1
@@ -193,9 +217,46 @@ def _stratified_cut(labels: np.ndarray, fraction: float, rng: np.random.Generato
     return np.setdiff1d(np.arange(len(labels)), held), held
 
 
+def make_edit(config: TrainConfig, input_spec: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The training edits of `config.edits`: (sources uint8 (n, S, S, C), rng) -> copies uint8 of the input
+    spec's shape (n, H, W, C). near_duplicate edits the input-size images themselves (trainer.augment); copy
+    edits photos at `edit_source_size` and resizes to the input like decode (trainer.copy_edits)."""
+    if config.edits not in EDITS:
+        raise ValueError(f"edits must be one of {EDITS}, got {config.edits!r}")
+    if config.edits == "near_duplicate":
+        return augment_batch
+    from trainer.copy_edits import BatchAugmenter
+    h, w, c = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
+    if h != w or c != 3:
+        raise ValueError(f"copy edits need square RGB input (--channels 3); the input spec is {h}x{w}x{c}")
+    return BatchAugmenter(h, mirror=config.mirror)
+
+
+def make_eval_copies(config: TrainConfig, input_spec: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The copies validation, calibration and the test protocol judge: near_duplicate as in training; copy
+    edits one planted family per image (trainer.copy_edits.PlantedBatch), as the demo catalogue plants them,
+    not the heavier random compositions training uses."""
+    if config.edits != "copy":
+        return make_edit(config, input_spec)
+    from trainer.copy_edits import PlantedBatch
+    make_edit(config, input_spec)  # the same checks
+    return PlantedBatch(int(input_spec["height"]), mirror=config.mirror)
+
+
+def edit_source_spec(config: TrainConfig, input_spec: dict) -> dict | None:
+    """The decode spec of the images copies are edited from (copy edits only: larger than the input, so a
+    crop or a caption is made at photo resolution and then resized, as a real copy is)."""
+    if config.edits != "copy":
+        return None
+    side = int(config.edit_source_size or 2 * int(input_spec["height"]))
+    return {**input_spec, "height": side, "width": side}
+
+
 def _batches(images: np.ndarray, labels: np.ndarray, sampler, rng: np.random.Generator,
-             config: TrainConfig) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(pixels float32 (B, H, W, C), class labels (B,), instance ids (B,)) for one epoch; B = views*P*K."""
+             config: TrainConfig, edit: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+             sources: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(pixels float32 (B, H, W, C), class labels (B,), instance ids (B,)) for one epoch; B = views*P*K.
+    `edit(sources[rows], rng)` makes the edited views (`sources` is `images` itself for near_duplicate)."""
     for idx in sampler.epoch(rng):
         b = len(idx)
         idx = np.tile(idx, config.views)
@@ -203,11 +264,11 @@ def _batches(images: np.ndarray, labels: np.ndarray, sampler, rng: np.random.Gen
         if config.augment:
             # The first view is edited with probability augment_prob; further views always are, so each
             # image is paired with a real near-duplicate of itself (never a pixel-identical twin).
-            edit = rng.random(len(idx)) < config.augment_prob
-            edit[b:] = True
-            edit = np.flatnonzero(edit)
-            if len(edit):
-                x[edit] = augment_batch(x[edit], rng)
+            edited = rng.random(len(idx)) < config.augment_prob
+            edited[b:] = True
+            edited = np.flatnonzero(edited)
+            if len(edited):
+                x[edited] = edit(sources[idx[edited]], rng).reshape(x[edited].shape)
         if x.ndim == 3:
             x = x[..., None]
         yield x.astype(np.float32), labels[idx], idx
@@ -266,7 +327,7 @@ def encoder_kwargs(config: TrainConfig) -> dict:
     """build_encoder keyword arguments of a config (also recorded in the model card)."""
     return {"embedding_dim": config.embedding_dim, "filters": tuple(_int_list(config.filters)),
             "dense_units": config.dense_units, "dropout": config.dropout, "batch_norm": config.batch_norm,
-            "padding": config.padding, "convs_per_stage": config.convs_per_stage, "backbone": config.backbone,
+            "padding": config.padding, "pooling": config.pooling, "input_norm": config.input_norm, "convs_per_stage": config.convs_per_stage, "backbone": config.backbone,
             "weights": config.weights, "freeze_until": config.freeze_until, "alpha": config.alpha,
             "backbone_input_size": config.backbone_input_size}
 
@@ -303,7 +364,9 @@ def _input_spec(config: TrainConfig, images: np.ndarray | None = None) -> dict:
 
 
 def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
-    """The train pool and the test split of the configured source, as numpy arrays + their meaning."""
+    """The train pool and the test split of the configured source, as numpy arrays + their meaning; with
+    copy edits also `sources` / `test_sources`, the same images decoded at edit_source_size."""
+    sources = test_sources = None
     if config.data == "fashion_mnist":
         images, labels = load_fashion_mnist("train", config.data_dir or config.data_path)
         test_images, test_labels = load_fashion_mnist("test", config.data_dir or config.data_path)
@@ -314,14 +377,25 @@ def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
             else _input_spec(config)
         source = load_source(config.data, config.data_path, spec)
         images, labels, kind = source.images, source.labels, source.kind
-        # The test split is a held-out slice of the source: whole pairs / images, a share of every class.
+        source_spec = edit_source_spec(config, spec) if spec else None
+        sources = load_source(config.data, config.data_path, source_spec).images if source_spec else None
         cut_rng = np.random.default_rng(config.seed + 1)
-        keep, held = (_stratified_cut(labels, config.test_fraction, cut_rng) if kind == "class"
-                      else split_groups(labels, config.test_fraction, cut_rng))
+        if config.test_fraction == 0:
+            # Catalogue mode: every image trains (a catalogue being deduplicated is not split into test
+            # sets); the test figures are then on a sample of the trained images, and say so.
+            keep = np.arange(len(labels))
+            held = np.sort(cut_rng.permutation(len(labels))[:config.instance_test_items])
+            test_split = f"{len(held)} of the training images themselves (nothing held out: catalogue mode)"
+        else:
+            # The test split is a held-out slice of the source: whole pairs / images, a share of every class.
+            keep, held = (_stratified_cut(labels, config.test_fraction, cut_rng) if kind == "class"
+                          else split_groups(labels, config.test_fraction, cut_rng))
+            test_split = f"held-out {config.test_fraction:g} of the source (seed {config.seed})"
         images, labels, test_images, test_labels = images[keep], labels[keep], images[held], labels[held]
+        if sources is not None:
+            sources, test_sources = sources[keep], sources[held]
         description = {"dataset": config.data, "path": config.data_path, "kind": kind,
-                       "train_split": f"{1 - config.test_fraction:g} of the source",
-                       "test_split": f"held-out {config.test_fraction:g} of the source (seed {config.seed})"}
+                       "train_split": f"{1 - config.test_fraction:g} of the source", "test_split": test_split}
     if config.instance_only:
         kind = "instance"
     if kind == "instance":
@@ -330,10 +404,14 @@ def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
     if config.max_train_items:
         keep = np.sort(rng.permutation(len(labels))[:config.max_train_items])
         images, labels = images[keep], labels[keep]
+        sources = sources[keep] if sources is not None else None
     if config.max_test_items:
         test_images, test_labels = test_images[:config.max_test_items], test_labels[:config.max_test_items]
+        test_sources = test_sources[:config.max_test_items] if test_sources is not None else None
     return {"images": images, "labels": labels, "test_images": test_images, "test_labels": test_labels,
-            "kind": kind, "description": description}
+            "kind": kind, "description": description,
+            "sources": images if sources is None else sources,
+            "test_sources": test_images if test_sources is None else test_sources}
 
 
 def _held_out(labels: np.ndarray, kind: str, config: TrainConfig):
@@ -341,6 +419,13 @@ def _held_out(labels: np.ndarray, kind: str, config: TrainConfig):
     if kind == "class":
         return split_train(labels, config)
     rng = np.random.default_rng(config.seed)
+    if config.validation_split == 0:
+        # Catalogue mode: nothing is held out; early stopping and the card's calibration look at samples of
+        # the training images (the match stage calibrates on the catalogue itself anyway).
+        order = rng.permutation(len(labels))
+        n_val = min(config.validation_items, len(labels) // 2)
+        return (np.arange(len(labels)), np.sort(order[:n_val]),
+                np.sort(order[n_val:n_val + config.calibration_items]))
     keep, held = split_groups(labels, config.validation_split, rng, minimum=4)
     held = rng.permutation(held) if kind == "instance" else held
     groups = np.unique(labels[held])
@@ -398,7 +483,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
 
     from trainer.encoder import build_encoder
     from trainer.export import export_encoder
-    from trainer.losses import make_batch_loss, normalized_softmax_loss
+    from trainer.losses import info_nce_loss, koleo_loss, make_batch_loss, normalized_softmax_loss
 
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -419,6 +504,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         seen = np.isin(labels, seen_classes)
         train_idx, val_idx, cal_idx = (i[seen[i]] for i in (train_idx, val_idx, cal_idx))
     x_train, y_train = images[train_idx], labels[train_idx]
+    sources = loaded["sources"]
+    src_train = sources[train_idx]
     n_classes = len(np.unique(y_train))
     views = 2 if instance_mode else config.views
     cfg_views = dataclasses.replace(config, views=views)
@@ -434,6 +521,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         shape = f"{views} x {p} x {k}"
     steps_per_epoch = len(sampler)
     input_spec = _input_spec(config, images)
+    edit = make_edit(config, input_spec)
+    eval_copies = make_eval_copies(config, input_spec)
     _log(config, f"{kind} mode: train {len(train_idx)} items, validation {len(val_idx)}, calibration "
                  f"{len(cal_idx)}, test {len(loaded['test_labels'])}; {steps_per_epoch} batches of {shape} "
                  f"per epoch{'; mixed precision' if mixed else ''}")
@@ -447,8 +536,14 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     class_loss = make_batch_loss(config.loss, mining=config.mining, distance=config.distance,
                                  margin=config.margin)
-    instance_loss = make_batch_loss("triplet", mining="all", distance=config.distance,
-                                    margin=config.instance_margin)
+    if config.instance_loss not in INSTANCE_LOSSES:
+        raise ValueError(f"instance_loss must be one of {INSTANCE_LOSSES}, got {config.instance_loss!r}")
+    if config.instance_loss == "info_nce":
+        def instance_loss(ids, emb):
+            return info_nce_loss(ids, emb, config.temperature)
+    else:
+        instance_loss = make_batch_loss("triplet", mining="all", distance=config.distance,
+                                        margin=config.instance_margin)
     use_instances = views > 1 and (config.instance_weight > 0 or instance_mode)
     inst_weight = 1.0 if instance_mode else config.instance_weight
     use_proxies = config.proxy_weight > 0
@@ -466,7 +561,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             emb = tf.cast(model(x, training=True), tf.float32)
             if instance_mode:
                 loss = instance_loss(ids, emb)
-                total = loss
+                total = loss + config.koleo_weight * koleo_loss(emb) if config.koleo_weight > 0 else loss
             else:
                 loss = class_loss(y, emb)
                 total = loss + inst_weight * instance_loss(ids, emb) if use_instances else loss
@@ -486,7 +581,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     def embed(x):
         return ev.embed_images(model, x, predict_fn=predict)
 
-    val_copies = augment_batch(images[val_idx], np.random.default_rng(config.seed + 7)) if instance_mode else None
+    val_copies = eval_copies(sources[val_idx], np.random.default_rng(config.seed + 7)) if instance_mode else None
     history, best, first_epoch = [], {"auc": -1.0, "epoch": 0, "weights": None}, 1
     if resume_state is not None:
         ckpt = config.checkpoint_dir
@@ -521,7 +616,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         t_epoch = time.perf_counter()
         losses, totals = [], []
         report_every = max(1, steps_per_epoch // 5)
-        for step, (x, y, ids) in enumerate(_prefetch(_batches(x_train, y_train, sampler, rng, cfg_views)), 1):
+        for step, (x, y, ids) in enumerate(_prefetch(_batches(x_train, y_train, sampler, rng, cfg_views, edit, src_train)), 1):
             loss, total = train_step(x, y, ids)
             losses.append(float(loss))
             totals.append(float(total))
@@ -607,7 +702,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
                     curves["test unseen classes"] = (part["genuine"], part["impostor"])
     # Instance protocol on test images never trained on: edited copies vs every other test image.
     n_inst = min(config.instance_test_items, len(test_images))
-    inst = ev.calibrate_instance(embed, test_images[:n_inst], seed=config.seed + 11, originals=test_emb[:n_inst],
+    test_copies = eval_copies(loaded["test_sources"][:n_inst], np.random.default_rng(config.seed + 11))
+    inst = ev.calibrate_instance(embed, test_images[:n_inst], copies=test_copies, originals=test_emb[:n_inst],
                                  targets=(1e-2, 1e-3, 1e-4))
     metrics["test_instance"] = {"items": n_inst, "auc": inst["auc"],
                                 "recall_at_fmr": ev.tmr_at_fmr(inst["genuine"], inst["impostor"])}
@@ -615,14 +711,14 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     fmr_groups["test instance"] = (inst["genuine"], inst["impostor"])
     if instance_mode:
         metrics["seed_protocol_auc"] = inst["auc"]
-        metrics["recall_at_1"] = _copy_recall_at_1(embed, test_images[:n_inst], test_emb[:n_inst], config.seed + 11)
+        metrics["recall_at_1"] = _copy_recall_at_1(embed(test_copies), test_emb[:n_inst])
 
     # Calibration on held-out TRAIN images (never the test split, never trained on).
     cal_images, cal_labels = images[cal_idx], labels[cal_idx]
     cal_emb = embed(cal_images)
     same, different = ev.all_pair_scores(cal_emb, None if instance_mode else cal_labels)
-    by_instance = ev.calibrate_instance(embed, cal_images, seed=config.seed, originals=cal_emb,
-                                        impostor=np.concatenate([same, different]))
+    by_instance = ev.calibrate_instance(embed, cal_images, copies=eval_copies(sources[cal_idx], np.random.default_rng(config.seed)),
+                                        originals=cal_emb, impostor=np.concatenate([same, different]))
     thresholds = {"instance": by_instance["thresholds"], "class": []}
     aucs = {"test seed protocol": metrics.get("seed_protocol_auc"), "instance (calibration set)": by_instance["auc"],
             "test instance": inst["auc"]}
@@ -640,7 +736,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     if "test seed protocol" in curves:
         hist_groups = {"test seed protocol": curves["test seed protocol"], **hist_groups}
     hist_groups["test instance"] = (inst["genuine"], inst["impostor"])
-    example_rows += _example_copies(test_images[:n_inst], inst, config.seed + 11)
+    example_rows += _example_copies(test_images[:n_inst], test_copies, inst)
     metrics.update({"test_items": int(len(test_labels)), "validation_auc": best["auc"],
                     "validation_metric": "instance TMR at FMR 1e-3" if instance_mode else "seed protocol AUC",
                     "instance_auc": by_instance["auc"],
@@ -694,10 +790,10 @@ def evaluate_labelled(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict:
             "map_at_r": ev.map_at_r(emb, labels)}
 
 
-def _copy_recall_at_1(embed, images, originals, seed) -> float:
-    """Instance mode: fraction of edited copies whose nearest original is their own source image."""
-    copies = embed(augment_batch(images, np.random.default_rng(seed)))
-    return float(np.mean(np.argmax(copies @ originals.T, axis=1) == np.arange(len(images))))
+def _copy_recall_at_1(copies_emb: np.ndarray, originals: np.ndarray) -> float:
+    """Instance mode: fraction of edited copies (embeddings, row k a copy of original k) whose nearest
+    original is their own source image."""
+    return float(np.mean(np.argmax(copies_emb @ originals.T, axis=1) == np.arange(len(originals))))
 
 
 def _example_pairs(images, res) -> list:
@@ -711,15 +807,15 @@ def _example_pairs(images, res) -> list:
     return rows
 
 
-def _example_copies(images, inst, seed) -> list:
+def _example_copies(images, copies, inst) -> list:
     """The four weakest edited copies of the instance protocol, beside their originals."""
-    copies = augment_batch(images, np.random.default_rng(seed))
     return [("weak copy", images[i], copies[i], float(inst["genuine"][i])) for i in np.argsort(inst["genuine"])[:4]]
 
 
 # --- command line -----------------------------------------------------------------------------------------
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    from trainer.encoder import INPUT_NORMS, POOLINGS  # imports Keras: here, not at module load (the JAX bench picks its backend first)
     d = TrainConfig()
     defaults = PRESETS.get(preset, {}) if preset else {}
 
@@ -744,10 +840,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default=None,
                    help="directory of the Fashion-MNIST IDX .gz files (default $FASHION_MNIST_DIR or "
                         "/usr/share/datasets/fashion-mnist)")
-    g.add_argument("--image_size", type=int, default=None,
+    g.add_argument("--image_size", type=int, default=dflt("image_size"),
                    help="other sources: images are decoded and resized to this square side (default 64; npz: "
                         "as stored)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="other sources: 1 grey or 3 RGB")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=dflt("channels"), help="other sources: 1 grey or 3 RGB")
     g.add_argument("--test_fraction", type=float, default=dflt("test_fraction"),
                    help="other sources: share held out as the test split (whole pairs / classes stratified)")
     g.add_argument("--train_classes", default=None,
@@ -769,6 +865,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--convs_per_stage", type=int, default=dflt("convs_per_stage"),
                    help="small_cnn: 3x3 convs per stage, before its pooling")
     g.add_argument("--padding", choices=("valid", "same"), default=dflt("padding"), help="small_cnn conv padding")
+    g.add_argument("--pooling", choices=POOLINGS, default=dflt("pooling"),
+                   help="small_cnn: flatten the last feature map (where features are) or pool it globally "
+                        "(avg, avg_max: a crop or a pad moves little)")
+    g.add_argument("--input_norm", choices=INPUT_NORMS, default=dflt("input_norm"),
+                   help="small_cnn: standardize each image (brightness/contrast edits vanish), or take its "
+                        "luminance and standardize it (grey and colour-shifted copies too)")
     g.add_argument("--batch_norm", action=argparse.BooleanOptionalAction, default=dflt("batch_norm"),
                    help="small_cnn: BatchNormalization after each conv")
     g.add_argument("--dense_units", type=int, default=dflt("dense_units"), help="hidden layer of the head (0: none)")
@@ -790,6 +892,22 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=dflt("seed"), help="seed of every random choice")
     g.add_argument("--no_augment", dest="augment", action="store_false",
                    help="train on the original pixels only (no near-duplicate edits)")
+    g.add_argument("--edits", choices=EDITS, default=dflt("edits"),
+                   help="how training copies are made: near_duplicate (trainer.augment: small shifts, rotation, "
+                        "contrast, JPEG-like blocking; for Fashion-MNIST) or copy (trainer.copy_edits: the edits "
+                        "photo copies go through: crops, padding, borders, captions, text, grey, colour, blur, "
+                        "JPEG, rotation, mirror, screenshots; RGB only)")
+    g.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=dflt("mirror"),
+                   help="copy edits: a left-right mirror counts as a copy (--no-mirror: it is another item)")
+    g.add_argument("--edit_source_size", type=int, default=dflt("edit_source_size"),
+                   help="copy edits: side the photos are decoded at for editing (default 2 x --image_size)")
+    g.add_argument("--instance_loss", choices=INSTANCE_LOSSES, default=dflt("instance_loss"),
+                   help="the copy (instance) loss: triplet (batch-all, --instance_margin) or info_nce (every "
+                        "other image of the batch a negative, --temperature)")
+    g.add_argument("--temperature", type=float, default=dflt("temperature"),
+                   help="info_nce: temperature of the softmax over cosines")
+    g.add_argument("--koleo_weight", type=float, default=dflt("koleo_weight"),
+                   help="instance mode: weight of the KoLeo term that spreads embeddings apart (0: off)")
     g.add_argument("--augment_prob", type=float, default=dflt("augment_prob"),
                    help="chance that a training view is edited by trainer.augment")
     g.add_argument("--views", type=int, choices=(1, 2), default=dflt("views"),

@@ -97,7 +97,7 @@ def test_stages_end_to_end_match_an_independent_reference(tiny_model_dir, tmp_pa
     assert set(zip(matches.column("left_id").to_pylist(), matches.column("right_id").to_pylist())) == expected_pairs
 
     cli.main(["dedup", "--templates", f"{work}/templates/*.parquet", "--matches", f"{work}/matches/*.parquet",
-              "--output", work, "--run_id", "r1"])
+              "--output", work, "--linkage", "single", "--run_id", "r1"])
     clusters = pq.read_table(glob.glob(f"{work}/clusters/*.parquet")).to_pylist()
     index = {item: k for k, item in enumerate(ids)}
     rows = [index[a] for a, _ in expected_pairs]

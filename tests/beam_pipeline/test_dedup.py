@@ -143,7 +143,7 @@ def _chain_rows(d):
 
 
 def test_chained_cluster_is_flagged_and_column_keeper(chain_dir):
-    summary = dedup.run(_argv(chain_dir, "--chain_margin", "0.04", "--keeper_policy", "column",
+    summary = dedup.run(_argv(chain_dir, "--linkage", "single", "--chain_margin", "0.04", "--keeper_policy", "column",
                               "--keeper_table", str(chain_dir / "scores.csv"), "--keeper_column", "score"),
                         test_pipeline=test_pipeline.TestPipeline())
     clusters, chained, diameter = _chain_rows(chain_dir)
@@ -162,3 +162,27 @@ def test_complete_linkage_splits_chains(chain_dir):
     assert chained == [False] * 6
     assert diameter == [0.96, 0.96, 0.94, 0.94, 0.99, 0.99]
     assert summary["clusters_count"] == 3 and summary["items_to_drop"] == 3 and summary["chained_clusters"] == 0
+
+
+def test_complete_linkage_is_the_default(chain_dir):
+    summary = dedup.run(_argv(chain_dir), test_pipeline=test_pipeline.TestPipeline())
+    assert summary["linkage"] == "complete"
+    clusters, chained, diameter = _chain_rows(chain_dir)
+    # No cluster holds two items that do not match (a-d 0.85 and b-d 0.89 are below 0.9).
+    assert clusters == ["a", "a", "c", "c", "x", "x"] and chained == [False] * 6
+    assert diameter == [0.96, 0.96, 0.94, 0.94, 0.99, 0.99]
+
+
+def test_linkage_values_are_defined_by_the_clustering_module():
+    import argparse
+
+    from beam_pipeline import clustering
+    from beam_pipeline.options import DedupOptions
+
+    parser = argparse.ArgumentParser()
+    DedupOptions._add_argparse_args(parser)
+    action = parser._option_string_actions["--linkage"]
+    assert tuple(action.choices) == clustering.LINKAGES and action.default == clustering.DEFAULT_LINKAGE
+    assert tuple(parser._option_string_actions["--keeper_policy"].choices) == clustering.KEEPER_POLICIES
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--templates", "t", "--matches", "m", "--output", "o", "--linkage", "average"])

@@ -52,14 +52,16 @@ def workdir(tmp_path_factory):
     glob = str(d / "templates" / "*.parquet")
     match.run(["--templates", glob, "--output", str(d), "--threshold", "0.75", "--run_id", "r"],
               test_pipeline=test_pipeline.TestPipeline())
+    # Single linkage: the hand counts below are of connected components ({a,b,c} is a chain: a-b unmatched).
     dedup.run(["--templates", glob, "--matches", str(d / "matches" / "*.parquet"), "--output", str(d),
-               "--run_id", "r"], test_pipeline=test_pipeline.TestPipeline())
+               "--run_id", "r", "--linkage", "single"], test_pipeline=test_pipeline.TestPipeline())
     (d / "planted.csv").write_text(PLANTED)
     return d
 
 
 def test_report_numbers_equal_hand_counts(workdir):
-    summary = report.run(["--workdir", str(workdir), "--ground_truth", str(workdir / "planted.csv")])
+    summary = report.run(["--workdir", str(workdir), "--ground_truth", str(workdir / "planted.csv"),
+                         "--linkage", "single"])  # the fixture's dedup ran single linkage
     doc = json.loads((workdir / "report.json").read_text())
     validate_report(doc)
     assert doc["model_id"] == MODEL and doc["run_id"] == "r"
@@ -96,6 +98,19 @@ def test_report_numbers_equal_hand_counts(workdir):
     assert s2["fmr_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 11))
     assert summary["evaluation"]["precision"] == 0.75
     assert summary["counts"] == doc["counts"]
+    # Cluster level (as the top level) with F1 = 2*3 / (4 + 7); pair level: the 3 matched pairs, of which
+    # a-c and b-c are planted: precision 2/3, recall 2/7, F1 = 2*2 / (3 + 7).
+    assert ev["f1"] == pytest.approx(6 / 11)
+    assert {k: ev["clusters"][k] for k in ("predicted_pairs", "found_pairs", "planted_pairs")} == \
+        {"predicted_pairs": 4, "found_pairs": 3, "planted_pairs": 7}
+    assert (ev["clusters"]["precision"], ev["clusters"]["f1"]) == (0.75, pytest.approx(6 / 11))
+    assert {k: ev["pairs"][k] for k in ("predicted_pairs", "found_pairs", "planted_pairs")} == \
+        {"predicted_pairs": 3, "found_pairs": 2, "planted_pairs": 7}
+    assert ev["pairs"]["precision"] == pytest.approx(2 / 3) and ev["pairs"]["recall"] == pytest.approx(2 / 7)
+    assert ev["pairs"]["f1"] == pytest.approx(0.4) and ev["families"] is None
+    assert (s0["pair_precision"], s0["pair_f1"], s0["cluster_f1"], s0["linkage"]) == \
+        (pytest.approx(2 / 3), pytest.approx(0.4), pytest.approx(6 / 11), "single")
+    assert (s2["pair_precision"], s2["pair_recall"]) == (1.0, pytest.approx(1 / 7))
 
     assert doc["largest_clusters"][0]["members"] == ["a", "b", "c"]
     # a.b = 0.6 (angular 0.7048): the smallest member similarity, below 0.75 - 0.05: a chain.
@@ -167,3 +182,81 @@ def test_matching_section_states_the_measured_recall():
     assert "Approximate search recall: 0.9950</b> (995 of 1000" in page and "lower bound 0.9894" in page
     assert "1,234,567 similarities" in page and "17 items" in page
     assert report.matching_summary({})["search"] == "exact"
+
+
+# Two originals with copies of two edit families; c3 is a copy that never became a template.
+FAMILY_ITEMS = ["o1", "c1a", "c1b", "o2", "c2a", "x"]
+FAMILY_PLANTED = [("o1", "c1a"), ("o1", "c1b"), ("o2", "c2a"), ("o2", "c3")]
+FAMILIES = {"c1a": "crop", "c2a": "crop", "c1b": "jpeg", "c3": "jpeg", "o1": "", "o2": None}
+# Matches chain o1-c1a-x-c1b (x is no duplicate of anything) and find o2-c2a; (c1a, o1) repeats a pair.
+FAMILY_MATCHES = [("o1", "c1a", 0.95), ("c1a", "x", 0.92), ("x", "c1b", 0.91), ("o2", "c2a", 0.97),
+                  ("c1a", "o1", 0.95)]
+FAMILY_CLUSTERS = {"o1": "o1", "c1a": "o1", "x": "o1", "c1b": "o1", "o2": "o2", "c2a": "o2"}
+
+
+def _family_eval(**kwargs):
+    left, right, sim = zip(*FAMILY_MATCHES)
+    return report_metrics.evaluate(FAMILY_ITEMS, [FAMILY_CLUSTERS[i] for i in FAMILY_ITEMS], list(left),
+                                   list(right), np.float32(sim), FAMILY_PLANTED, 0.9, **kwargs)
+
+
+def test_pair_and_cluster_level_scores_by_hand():
+    ev = _family_eval()
+    # True pairs: {o1,c1a,c1b} 3 + {o2,c2a,c3} 3 = 6 (2 with c3, never found).
+    # Pairs: 4 distinct matched pairs (the repeat counts once), o1-c1a and o2-c2a true.
+    assert ev["pairs"] == {**ev["pairs"], "predicted_pairs": 4, "found_pairs": 2, "planted_pairs": 6,
+                           "precision": 0.5, "recall": pytest.approx(1 / 3), "f1": pytest.approx(0.4)}
+    # Clusters {o1,c1a,x,c1b} (6 pairs, 3 true) and {o2,c2a} (1, true): 7 predicted, 4 found.
+    assert ev["clusters"] == {**ev["clusters"], "predicted_pairs": 7, "found_pairs": 4, "planted_pairs": 6,
+                              "precision": pytest.approx(4 / 7), "recall": pytest.approx(4 / 6),
+                              "f1": pytest.approx(8 / 13)}
+    assert (ev["precision"], ev["recall"], ev["f1"]) == (ev["clusters"]["precision"], ev["clusters"]["recall"],
+                                                         ev["clusters"]["f1"])
+    assert report_metrics.f1_score(0, 0, 0) is None and report_metrics.f1_score(0, 3, 2) == 0.0
+    assert report_metrics.f1_score(2, 4, 6) == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+
+
+def test_per_family_scores_by_hand():
+    fam = _family_eval(families=FAMILIES)["families"]
+    assert sorted(fam) == ["crop", "jpeg"] and fam["crop"]["items"] == 2 and fam["jpeg"]["items"] == 2
+    # crop: true pairs with c1a or c2a: o1-c1a, c1a-c1b, o2-c2a, c2a-c3 = 4. Matched pairs touching crop:
+    # o1-c1a, c1a-x, o2-c2a (2 true). Cluster pairs touching crop: c1a with o1, x, c1b; o2-c2a (3 true).
+    crop = fam["crop"]
+    assert {k: crop["pairs"][k] for k in ("predicted_pairs", "found_pairs", "planted_pairs")} == \
+        {"predicted_pairs": 3, "found_pairs": 2, "planted_pairs": 4}
+    assert crop["pairs"]["f1"] == pytest.approx(4 / 7) and crop["pairs"]["precision"] == pytest.approx(2 / 3)
+    assert {k: crop["clusters"][k] for k in ("predicted_pairs", "found_pairs", "planted_pairs")} == \
+        {"predicted_pairs": 4, "found_pairs": 3, "planted_pairs": 4}
+    assert crop["clusters"]["f1"] == pytest.approx(0.75)
+    # jpeg: true pairs with c1b or c3: o1-c1b, c1a-c1b, o2-c3, c2a-c3 = 4. Matched: x-c1b only (false).
+    # Cluster pairs touching c1b: with o1, c1a, x (2 true).
+    jpeg = fam["jpeg"]
+    assert (jpeg["pairs"]["predicted_pairs"], jpeg["pairs"]["found_pairs"], jpeg["pairs"]["planted_pairs"]) == (1, 0, 4)
+    assert (jpeg["pairs"]["precision"], jpeg["pairs"]["recall"], jpeg["pairs"]["f1"]) == (0.0, 0.0, 0.0)
+    assert (jpeg["clusters"]["predicted_pairs"], jpeg["clusters"]["found_pairs"]) == (3, 2)
+    assert jpeg["clusters"]["f1"] == pytest.approx(4 / 7) and jpeg["clusters"]["recall"] == 0.5
+    json.dumps(fam)  # plain Python numbers: report.json can hold it
+
+
+def test_read_families_from_a_manifest():
+    text = "item_id,source,edit\no1,a.png,\nc1a,a.png,crop\nc1b,a.png, jpeg \n"
+    assert report_metrics.read_families(text) == {"c1a": "crop", "c1b": "jpeg"}
+    assert report_metrics.read_families("item_id,kind\nq,blur\n", family_column="kind") == {"q": "blur"}
+    with pytest.raises(ValueError, match="item_id,edit"):
+        report_metrics.read_families("item_id,source\no1,a.png\n")
+    names, codes = report_metrics.family_codes(["c1b", "o1", "zz"], FAMILIES)
+    assert names == ["crop", "jpeg"] and codes.tolist() == [1, -1, -1]
+
+
+def test_sweep_can_recluster_with_complete_linkage():
+    # a-b, b-c matched, a-c not; all three planted as one group.
+    args = (["a", "b", "c"], ["a", "a", "a"], ["a", "b"], ["b", "c"], np.float32([0.95, 0.94]),
+            [("a", "b"), ("b", "c")], 0.9)
+    single = report_metrics.evaluate(*args)["sweep"][0]
+    complete = report_metrics.evaluate(*args, sweep_linkage="complete")["sweep"][0]
+    assert (single["predicted_pairs"], single["cluster_recall"]) == (3, 1.0)
+    assert (complete["predicted_pairs"], complete["cluster_recall"], complete["linkage"]) == (1, pytest.approx(1 / 3),
+                                                                                           "complete")
+    assert single["pair_f1"] == complete["pair_f1"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="sweep_linkage"):
+        report_metrics.evaluate(*args, sweep_linkage="average")

@@ -172,3 +172,42 @@ def test_normalized_softmax_matches_loop_reference(temperature):
     apart = np.eye(4, 6, dtype=np.float32)
     assert float(L.normalized_softmax_loss(apart[y], y, apart, 0.05)) < 1e-6
     assert float(L.normalized_softmax_loss(on_proxy, y, w, temperature)) < float(got)
+
+
+def _np_info_nce(labels, emb, temperature):
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    logits = e @ e.T / temperature
+    n, total, anchors = len(e), 0.0, 0
+    for a in range(n):
+        others = [b for b in range(n) if b != a]
+        log_den = np.log(np.sum(np.exp(logits[a, others])))
+        pos = [b for b in others if labels[b] == labels[a]]
+        if pos:
+            total += -np.mean([logits[a, p] - log_den for p in pos])
+            anchors += 1
+    return total / max(anchors, 1)
+
+
+def test_info_nce_matches_a_loop_over_anchors():
+    from trainer.losses import info_nce_loss
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((10, 5)).astype(np.float32)
+    labels = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4, 5])  # some anchors have no positive (2, 4, 5)
+    got = float(info_nce_loss(tf.constant(labels), tf.constant(emb), 0.1))
+    assert got == pytest.approx(_np_info_nce(labels, emb, 0.1), rel=1e-4)
+    # Pulling each pair together lowers it.
+    tight = emb.copy()
+    tight[1], tight[3], tight[4], tight[7] = tight[0], tight[2], tight[2], tight[6]
+    assert float(info_nce_loss(tf.constant(labels), tf.constant(tight), 0.1)) < got
+
+
+def test_koleo_is_minus_mean_log_nearest_distance():
+    from trainer.losses import koleo_loss
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((7, 3)).astype(np.float32)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    d = np.linalg.norm(e[:, None] - e[None], axis=-1) + np.diag(np.full(7, np.inf))
+    assert float(koleo_loss(tf.constant(emb))) == pytest.approx(-np.mean(np.log(d.min(axis=1))), rel=1e-4)
+    crowded = emb.copy()
+    crowded[1] = crowded[0] + 1e-3
+    assert float(koleo_loss(tf.constant(crowded))) > float(koleo_loss(tf.constant(emb)))

@@ -1,0 +1,504 @@
+"""Self-calibration: the match threshold chosen for the catalogue in hand, without labels.
+
+A catalogue of N items is judged on M = N(N-1)/2 pairs, so a threshold must be set for M, not copied from a
+card calibrated on a few hundred pairs. At match time:
+
+1. Impostors: angular similarities of random pairs of the catalogue (every pair when M is small). Almost
+   all of them are distinct items; the few duplicates among them sit at the top, where copies score.
+2. Genuine: synthetic copies. Sampled catalogue items are read back from their files, edited by
+   trainer.copy_edits (one edit family each, as in training), decoded to the model's input exactly as the
+   embed stage decodes, and embedded by the same model; their similarity to their own template is what a
+   duplicate of this catalogue scores under this model.
+3. Tail model: the impostor tail is fitted above u (the 99th percentile of the sampled pairs) and below c
+   (the 1st percentile of the synthetic copies), a generalized Pareto distribution truncated to [u, c]
+   (peaks over threshold, maximum likelihood), so the duplicates above c do not pass for impostors. It gives
+   the expected number of false pairs at any t >= u: FP(t) = M * (n_band / n_sampled) * S(t - u) / F(c - u).
+   Where t is above every sampled impostor score, only the model speaks, and the result says so.
+4. Predicted pairs P(t): counted exactly over all pairs (blocked matrix products; a seeded subsample of
+   EXACT_COUNT_ITEMS items, scaled to M, when the catalogue is larger).
+5. The threshold: the smallest t with FP(t') <= (1 - target_precision) * P(t') at t and every higher t'
+   where pairs remain (default: expected precision 0.99), or FP(t) <= max_false_pairs. Its 95% interval
+   comes from a bootstrap of the tail fit.
+
+Everything here is numpy in, numpy out, apart from `synthetic_copy_scores`, which reads image files and runs
+the model. Similarities are angular (trainer.distances).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from scipy import optimize, stats
+
+from trainer.distances import angular_similarity, cosine_from_angular
+
+MIN_ITEMS = 50                   # fewer items: too few pairs to estimate a tail (1,225 pairs at 50)
+DEFAULT_TARGET_PRECISION = 0.99  # expected false pairs <= 1% of the predicted pairs
+IMPOSTOR_SAMPLE_PAIRS = 2_000_000
+EXACT_COUNT_ITEMS = 20_000
+TAIL_QUANTILE = 0.99             # u: the fit starts at this quantile of the sampled pairs
+GENUINE_CUT_QUANTILE = 0.01      # c: the fit stops at this quantile of the synthetic copies
+MIN_BAND = 200                   # sampled pairs needed inside [u, c] for a fit
+MIN_BAND_SPAN = 0.25             # ... and [u, c] must span this share of [u, 1] (a shape to extrapolate)
+GRID_STEP = 5e-4                 # thresholds are searched on this grid of angular similarity
+BOOTSTRAP = 100
+MAX_FIT_POINTS = 20_000          # the band is subsampled to this many points for the shape fit
+UNEXPLAINED_SLACK = (0.05, 10.0)  # (share of the predicted pairs, least pairs) the duplicates check tolerates
+SOURCE = "self_calibrated"
+
+
+class CalibrationError(ValueError):
+    """The catalogue cannot be self-calibrated (too small, degenerate): pass a threshold instead."""
+
+
+def sample_pair_scores(emb: np.ndarray, max_pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """Angular similarities of random distinct pairs (i < j) of unit rows `emb` (n, d): every pair when
+    n(n-1)/2 <= max_pairs (then the bool is True), else max_pairs pairs drawn uniformly with replacement."""
+    n = len(emb)
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        scores = [angular_similarity(emb[i + 1:] @ emb[i]) for i in range(n - 1)]
+        return np.concatenate(scores).astype(np.float64), True
+    i = rng.integers(0, n, max_pairs)
+    j = rng.integers(0, n - 1, max_pairs)
+    j = j + (j >= i)  # uniform over j != i
+    cos = np.einsum("kd,kd->k", emb[i], emb[j])
+    return angular_similarity(cos).astype(np.float64), False
+
+
+def count_pairs_at_or_above(emb: np.ndarray, grid: np.ndarray, rng: np.random.Generator,
+                            max_items: int = EXACT_COUNT_ITEMS, block: int = 2048) -> tuple[np.ndarray, bool]:
+    """Pairs of the catalogue with angular similarity >= each grid value (ascending grid): float (len(grid),).
+    Exact over all pairs when n <= max_items (bool True); otherwise counted on a seeded subsample of
+    max_items items and scaled by M / M_sub."""
+    n = len(emb)
+    scale = 1.0
+    if n > max_items:
+        rows = np.sort(rng.choice(n, max_items, replace=False))
+        emb, scale = emb[rows], (n * (n - 1)) / (max_items * (max_items - 1))
+    lo = float(grid[0])
+    hist = np.zeros(len(grid), np.int64)
+    for a in range(0, len(emb), block):
+        sims = angular_similarity(emb[a:a + block] @ emb[a:].T).astype(np.float64)
+        # Keep the strict upper triangle of the diagonal block (each pair once, no self-pairs).
+        mask = np.ones(sims.shape, bool)
+        k = min(block, len(emb) - a)
+        mask[:, :k] = np.triu(np.ones((k, k), bool), 1)
+        values = sims[mask & (sims >= lo)]
+        hist += np.bincount(np.searchsorted(grid, values, side="right") - 1, minlength=len(grid))[:len(grid)]
+    at_or_above = np.cumsum(hist[::-1])[::-1].astype(np.float64)
+    return at_or_above * scale, scale == 1.0
+
+
+@dataclasses.dataclass
+class TailModel:
+    """Generalized Pareto tail of the impostor similarities, fitted on [u, c] (truncated likelihood).
+
+    `share_above_u` is the share of all catalogue pairs that are impostors above u, inferred from the band
+    count (n_band / n_sampled / F(c - u)), so duplicates above c do not inflate it."""
+
+    u: float
+    c: float
+    xi: float
+    sigma: float
+    n_band: int
+    n_sampled: int
+    share_above_u: float
+
+    def survival(self, t) -> np.ndarray:
+        """Share of all pairs that are impostors with similarity >= t (t >= u)."""
+        t = np.asarray(t, np.float64)
+        tail = np.exp(gpd_log_survival(np.maximum(t - self.u, 0.0), self.xi, self.sigma))
+        return self.share_above_u * np.where(t >= self.u, tail, 1.0)
+
+    def to_json(self) -> dict:
+        return {"family": "generalized Pareto, truncated to [u, c], maximum likelihood", "u": round(self.u, 6),
+                "c": round(self.c, 6), "xi": round(self.xi, 5), "sigma": round(self.sigma, 6),
+                "pairs_in_band": self.n_band, "pairs_sampled": self.n_sampled,
+                "share_of_pairs_above_u": self.share_above_u}
+
+
+def gpd_log_survival(x: np.ndarray, xi: float, sigma: float) -> np.ndarray:
+    """log P(X >= x) of a generalized Pareto distribution (shape xi, scale sigma) at x >= 0; -inf beyond
+    its end point when xi < 0."""
+    x = np.asarray(x, np.float64)
+    if abs(xi) < 1e-9:
+        return -x / sigma
+    z = 1.0 + xi * x / sigma
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(z > 0, -np.log(np.where(z > 0, z, 1.0)) / xi, -np.inf)
+
+
+def _gpd_logpdf(x: np.ndarray, xi: float, sigma: float) -> np.ndarray:
+    if abs(xi) < 1e-9:
+        return -np.log(sigma) - x / sigma
+    z = 1.0 + xi * x / sigma
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(z > 0, -np.log(sigma) - (1.0 / xi + 1.0) * np.log(np.where(z > 0, z, 1.0)), -np.inf)
+
+
+def _truncated_gpd_fit(x: np.ndarray, width: float, start: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(xi, sigma) maximising the likelihood of exceedances x in [0, width] under a GPD truncated at width."""
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    mean = max(float(x.mean()), 1e-6)
+
+    def nll(params):
+        xi, log_sigma = params
+        sigma = math.exp(log_sigma)
+        logpdf = _gpd_logpdf(x, xi, sigma)
+        mass = -math.expm1(float(gpd_log_survival(width, xi, sigma)))
+        if mass <= 0 or not np.isfinite(logpdf).all():
+            return 1e300
+        return float(-(logpdf.sum() - n * math.log(mass)))
+
+    starts = [start] if start is not None else [(-0.3, math.log(mean)), (0.1, math.log(mean))]
+    best = None
+    for x0 in starts:
+        res = optimize.minimize(nll, x0=x0, method="Nelder-Mead",
+                                options={"xatol": 1e-4, "fatol": 1e-4, "maxiter": 800})
+        if best is None or res.fun < best.fun:
+            best = res
+    xi, log_sigma = best.x
+    return float(xi), float(math.exp(log_sigma))
+
+
+def fit_tail(scores: np.ndarray, genuine: np.ndarray | None) -> tuple[TailModel, list[str]]:
+    """Fit the impostor tail of sampled pair scores (angular). Returns the model and notes on how it was fit
+    (what was lowered or assumed)."""
+    scores = np.asarray(scores, np.float64)
+    notes = []
+    c = float(np.quantile(genuine, GENUINE_CUT_QUANTILE)) if genuine is not None and len(genuine) else None
+    if c is None:
+        c = float(np.quantile(scores, 1 - 1e-4))
+        notes.append("no synthetic copies: the fit stops at the 99.99th percentile of the sampled pairs, so "
+                     "duplicates among them may inflate the estimate (conservative)")
+    for q in (TAIL_QUANTILE, 0.95, 0.9, 0.8):
+        u = float(np.quantile(scores, q))
+        band = scores[(scores >= u) & (scores <= c)]
+        if len(band) >= MIN_BAND and c - u >= MIN_BAND_SPAN * (1.0 - u):
+            break
+    else:
+        u = float(np.quantile(scores, TAIL_QUANTILE))
+        c = float(np.quantile(scores, 1 - 1e-4))
+        band = scores[(scores >= u) & (scores <= c)]
+        notes.append("synthetic copies and sampled pairs overlap: the fit runs up to the 99.99th percentile "
+                     "of the sampled pairs and may include duplicates (conservative)")
+    if q != TAIL_QUANTILE and not notes:
+        notes.append(f"the fit starts at the {q:.0%} quantile of the sampled pairs (too few above the "
+                     f"{TAIL_QUANTILE:.0%} one below the copies)")
+    if len(band) < 20 or c - u <= 1e-6 or float(np.ptp(band)) < 1e-6:
+        raise CalibrationError(
+            f"the catalogue's sampled pairs have no tail to fit ({len(band)} pairs between {u:.4f} and "
+            f"{c:.4f}): its items look alike to this model. Pass --threshold or --target_fmr")
+    fit_on = band if len(band) <= MAX_FIT_POINTS else np.random.default_rng(0).choice(band, MAX_FIT_POINTS, False)
+    xi, sigma = _truncated_gpd_fit(fit_on - u, c - u)
+    mass = -math.expm1(float(gpd_log_survival(c - u, xi, sigma)))
+    # Impostors above u cannot outnumber the sampled pairs above u (a band too narrow for its fit says so).
+    share = min(len(band) / len(scores) / max(mass, 1e-12), float(np.mean(scores >= u)))
+    return TailModel(u, c, xi, sigma, int(len(band)), int(len(scores)), float(share)), notes
+
+
+def _bootstrap_tails(model: TailModel, scores: np.ndarray, rng: np.random.Generator, rounds: int) -> list[TailModel]:
+    """Refits on resampled bands (count ~ Poisson(n_band), values resampled): the fit's uncertainty."""
+    band = scores[(scores >= model.u) & (scores <= model.c)]
+    out = []
+    for _ in range(rounds):
+        k = max(20, int(rng.poisson(len(band))))
+        # The shape is refit on at most MAX_FIT_POINTS resampled values; the count k carries the rest.
+        sample = rng.choice(band, min(k, MAX_FIT_POINTS), replace=True)
+        xi, sigma = _truncated_gpd_fit(sample - model.u, model.c - model.u, start=(model.xi, math.log(model.sigma)))
+        mass = -math.expm1(float(gpd_log_survival(model.c - model.u, xi, sigma)))
+        out.append(TailModel(model.u, model.c, xi, sigma, k, model.n_sampled, k / model.n_sampled / max(mass, 1e-12)))
+    return out
+
+
+def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray, predicted: np.ndarray,
+                     genuine: np.ndarray | None, *, target_precision: float | None = DEFAULT_TARGET_PRECISION,
+                     max_false_pairs: float | None = None, exhaustive: bool = False, exact_counts: bool = True,
+                     seed: int = 0, bootstrap: int = BOOTSTRAP) -> dict:
+    """The threshold for a false-pair budget, with its estimate and uncertainty.
+
+    Args:
+      impostor_scores: angular similarities of sampled pairs (sample_pair_scores).
+      n_items: N; the catalogue has N(N-1)/2 pairs.
+      grid, predicted: ascending thresholds and the catalogue's pairs at or above each (count_pairs_at_or_above).
+      genuine: angular similarities of synthetic copies to their originals (or None).
+      target_precision: budget FP(t) <= (1 - target_precision) * P(t); or max_false_pairs: FP(t) <= it.
+    Returns the THRESHOLD dict of match_run.json (angular_similarity, cosine, source "self_calibrated") with
+    a "self_calibration" entry: the estimate, its 95% interval, the counts and the tail model behind it.
+    """
+    if (target_precision is None) == (max_false_pairs is None):
+        raise ValueError("give exactly one of target_precision and max_false_pairs")
+    if target_precision is not None and not 0.0 < target_precision < 1.0:
+        raise ValueError(f"target precision must lie in (0, 1), got {target_precision}")
+    if max_false_pairs is not None and not max_false_pairs > 0:
+        raise ValueError(f"max false pairs must be > 0, got {max_false_pairs}")
+    total_pairs = n_items * (n_items - 1) // 2
+    model, notes = fit_tail(impostor_scores, genuine)
+    on_grid = grid >= model.u
+    g, p = grid[on_grid], predicted[on_grid]
+    fp = total_pairs * model.survival(g)
+    budget = (1.0 - target_precision) * p if target_precision is not None else np.full(len(g), float(max_false_pairs))
+    ok = (fp <= budget) | (p < 1) if target_precision is not None else fp <= budget
+    unexplained = unexplained_pairs(g, p, fp, genuine, np.random.default_rng(seed + 1))
+    if unexplained is not None:
+        gated = ok & ~unexplained
+        if np.any(ok & unexplained):
+            lowest = float(g[np.flatnonzero(ok & unexplained)[-1]])
+            notes.append(f"below {lowest:.4f} the catalogue has more pairs than its duplicates (scaled from the "
+                         "synthetic copies) and the tail model explain together: the tail fit misses impostors "
+                         "there (copies and distinct items overlap under this model), so those thresholds are "
+                         "not used")
+        ok = gated
+    # The smallest t from which the budget holds at every higher threshold.
+    bad = np.flatnonzero(~ok)
+    k = int(bad[-1]) + 1 if len(bad) else 0
+    if k >= len(g):
+        k = len(g) - 1
+        notes.append("no threshold on the grid meets the budget: the highest one is used")
+    t = float(g[k])
+    fp_t, p_t = float(fp[k]), float(p[k])
+    rng = np.random.default_rng(seed)
+    boots = np.array([total_pairs * b.survival(t) for b in _bootstrap_tails(model, np.asarray(impostor_scores),
+                                                                               rng, bootstrap)])
+    boots = np.minimum(boots, total_pairs)
+    lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975])) if len(boots) else (fp_t, fp_t)
+    sampled_above = int(np.sum(np.asarray(impostor_scores) >= t))
+    beyond = sampled_above < 10
+    if beyond:
+        notes.append(f"t is beyond what sampling reaches ({sampled_above} sampled pairs at or above it): the "
+                     "false-pair estimate there comes from the tail model alone")
+    recall = None
+    if genuine is not None and len(genuine):
+        hits = int(np.sum(genuine >= t))
+        ci = stats.binomtest(hits, len(genuine)).proportion_ci(0.95, method="exact")
+        recall = {"estimate": hits / len(genuine), "ci95": [float(ci.low), float(ci.high)],
+                  "synthetic_copies": int(len(genuine))}
+    budget_text = (f"expected false pairs <= {1 - target_precision:.3g} x predicted pairs (precision "
+                   f">= {target_precision:g})" if target_precision is not None
+                   else f"expected false pairs <= {max_false_pairs:g}")
+    calibration = {
+        "budget": budget_text,
+        "target_precision": target_precision,
+        "max_false_pairs": max_false_pairs,
+        "catalogue_items": int(n_items),
+        "catalogue_pairs": int(total_pairs),
+        "predicted_pairs": p_t,
+        "predicted_pairs_exact": bool(exact_counts),
+        "expected_false_pairs": fp_t,
+        "expected_false_pairs_ci95": [lo, hi],
+        "expected_precision": (1.0 - fp_t / p_t) if p_t >= 1 else None,
+        "expected_copy_recall": recall,
+        "impostor_pairs_sampled": int(len(impostor_scores)),
+        "impostor_sample_exhaustive": bool(exhaustive),
+        "sampled_pairs_at_or_above": sampled_above,
+        "beyond_sampling": beyond,
+        "tail_model": model.to_json(),
+        "notes": notes,
+        "curve": _curve(g, p, fp),
+    }
+    return {"angular_similarity": t, "cosine": float(cosine_from_angular(t)), "source": SOURCE,
+            "target_fmr": None, "impostor_pairs": int(len(impostor_scores)), "self_calibration": calibration}
+
+
+def unexplained_pairs(grid: np.ndarray, predicted: np.ndarray, fp: np.ndarray, genuine: np.ndarray | None,
+                      rng: np.random.Generator, rounds: int = 200) -> np.ndarray | None:
+    """Where the catalogue holds clearly more pairs than duplicates and modelled impostors explain (bool per
+    grid point), a check of the tail model against a second, model-free view of the same counts.
+
+    Duplicates: D = P(m) / S_gen(m) pairs, m the median synthetic copy score (half the copies score above
+    it); at t they contribute D * S_gen(t). Excess = P(t) - D * S_gen(t) - FP(t) is flagged when it exceeds
+    UNEXPLAINED_SLACK (5% of P(t), at least 10 pairs) plus three standard deviations of D * S_gen(t) (copies
+    resampled, plus Poisson counting noise). None without copies."""
+    if genuine is None or len(genuine) < 20:
+        return None
+    genuine = np.sort(np.asarray(genuine, np.float64))
+
+    def explained(sample):
+        median = float(np.median(sample))
+        at_median = float(np.interp(median, grid, predicted)) if median >= grid[0] else float(predicted[0])
+        survival = 1.0 - np.searchsorted(np.sort(sample), grid, side="left") / len(sample)
+        return at_median / 0.5 * survival
+
+    base = explained(genuine)
+    spread = np.std([explained(rng.choice(genuine, len(genuine))) for _ in range(rounds)], axis=0)
+    spread = np.sqrt(spread ** 2 + base + 1.0)
+    excess = predicted - base - fp
+    share, floor = UNEXPLAINED_SLACK
+    return excess > np.maximum(share * predicted, floor) + 3.0 * spread
+
+
+def _curve(grid: np.ndarray, predicted: np.ndarray, fp: np.ndarray, points: int = 60) -> list[dict]:
+    """A thinned copy of the sweep behind the choice (for the report's plot)."""
+    idx = np.unique(np.linspace(0, len(grid) - 1, min(points, len(grid))).astype(int))
+    return [{"angular_similarity": round(float(grid[i]), 6), "predicted_pairs": float(predicted[i]),
+             "expected_false_pairs": float(fp[i])} for i in idx]
+
+
+def threshold_grid(low: float = 0.5) -> np.ndarray:
+    """Ascending angular thresholds from `low` to 1 in GRID_STEP steps."""
+    return np.round(np.arange(low, 1.0 + GRID_STEP / 2, GRID_STEP), 6)
+
+
+def synthetic_copy_scores(model, input_spec: dict, items: list[tuple[str, np.ndarray]], rng: np.random.Generator,
+                          *, edits: str = "copy", mirror: bool = True,
+                          max_side: int = 512) -> tuple[np.ndarray, list[str], dict]:
+    """Similarities (angular) of synthetic copies to their own templates, made by the edits the model was
+    trained with (its card's training.edits).
+
+    items: (image bytes, template embedding (d,)) of sampled catalogue items. edits "copy": each is decoded
+    (at most `max_side` px), edited by one family of trainer.copy_edits (cycled), saved as JPEG and decoded
+    to the input spec as the embed stage does; "near_duplicate": decoded to the input spec and edited there by
+    trainer.augment. Then embedded. Returns (scores (k,), families (k,), {reason: count} of items skipped
+    because their bytes do not decode)."""
+    if edits == "near_duplicate":
+        return _near_duplicate_scores(model, input_spec, items, rng)
+    import io
+
+    from PIL import Image
+
+    from beam_pipeline.decode import DecodeError, decode_image
+    from trainer.copy_edits import CopyPlanter, choose_families
+
+    planter = CopyPlanter()
+    families = choose_families(len(items), rng, mirror=mirror)
+    pixels, originals, used, skipped = [], [], [], {}
+    for (data, emb), family in zip(items, families):
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.draft("RGB", (max_side, max_side))
+            image = image.convert("RGB")
+            image.thumbnail((max_side, max_side))
+            copy = planter(np.asarray(image), family, rng)
+            buffer = io.BytesIO()
+            Image.fromarray(copy).save(buffer, format="JPEG", quality=92)
+            pixels.append(decode_image(buffer.getvalue(), input_spec).pixels)
+        except (DecodeError, OSError, ValueError) as err:
+            reason = type(err).__name__
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        originals.append(emb)
+        used.append(family)
+    if not pixels:
+        return np.zeros(0), [], skipped
+    return _scores(model, input_spec, pixels, originals), used, skipped
+
+
+def _scores(model, input_spec: dict, pixels: list, originals: list) -> np.ndarray:
+    from beam_pipeline.inference import embed_batch
+    copies = np.concatenate([embed_batch(model, pixels[k:k + 256], input_spec) for k in range(0, len(pixels), 256)])
+    cos = np.einsum("kd,kd->k", copies, np.asarray(originals, np.float32))
+    return angular_similarity(cos).astype(np.float64)
+
+
+def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.Generator):
+    """synthetic_copy_scores for encoders trained with trainer.augment (e.g. Fashion-MNIST)."""
+    from beam_pipeline.decode import DecodeError, decode_image
+    from trainer.augment import augment_image
+    pixels, originals, skipped = [], [], {}
+    for data, emb in items:
+        try:
+            decoded = decode_image(data, input_spec).pixels
+        except DecodeError as err:
+            skipped[type(err).__name__] = skipped.get(type(err).__name__, 0) + 1
+            continue
+        pixels.append(augment_image(decoded, rng))
+        originals.append(emb)
+    if not pixels:
+        return np.zeros(0), [], skipped
+    return _scores(model, input_spec, pixels, originals), ["near_duplicate"] * len(pixels), skipped
+
+
+def _read_bytes(uri: str, max_bytes: int) -> bytes:
+    """The bytes of a catalogue file (local or gs://); shard members (uri with '#') are not readable alone."""
+    if "#" in uri:
+        raise OSError("a shard member: its file cannot be read on its own")
+    from apache_beam.io.filesystems import FileSystems
+    with FileSystems.open(uri) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(f"larger than {max_bytes} bytes")
+    return data
+
+
+def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target_precision: float | None,
+                        max_false_pairs: float | None, copies: int = 400, max_pairs: int = IMPOSTOR_SAMPLE_PAIRS,
+                        seed: int = 0, max_file_bytes: int = 64 << 20, log=None) -> dict:
+    """Self-calibrate the staged catalogue `manifest` (beam_pipeline.blocks) for a false-pair budget.
+
+    Reads a seeded subsample of at most EXACT_COUNT_ITEMS templates, samples pairs of them, makes `copies`
+    synthetic copies of sampled items from their source files with the model at `model_dir`, counts the
+    catalogue's pairs per threshold and calls `choose_threshold`. Raises CalibrationError (with what to do
+    instead) when the catalogue is too small or degenerate."""
+    from beam_pipeline import blocks as bk
+    from trainer.export import load_encoder
+
+    n = manifest.n
+    if n < MIN_ITEMS:
+        raise CalibrationError(
+            f"the catalogue has {n} items; self-calibration needs at least {MIN_ITEMS} (their random pairs are "
+            "its impostor sample). Pass --threshold (angular similarity) or --target_fmr (the model card's "
+            "calibration)")
+    rng = np.random.default_rng(seed)
+    rows = np.arange(n) if n <= EXACT_COUNT_ITEMS else np.sort(rng.choice(n, EXACT_COUNT_ITEMS, replace=False))
+    ids, emb = bk.read_rows(manifest, rows)
+    impostor, exhaustive = sample_pair_scores(emb, max_pairs, rng)
+    if float(np.quantile(impostor, 0.5)) >= 0.999:
+        raise CalibrationError(
+            "half of the catalogue's random pairs are at angular similarity >= 0.999: its items are (nearly) "
+            "identical to this model, so copies cannot be told from distinct items. Pass --threshold")
+    grid = threshold_grid(max(0.0, float(np.quantile(impostor, 0.5))))
+    predicted, exact = count_pairs_at_or_above(emb, grid, rng)
+    uris = _source_uris(templates_glob)
+    genuine, families, skipped = np.zeros(0), [], {}
+    model, card = None, None
+    if copies > 0:
+        model, card = load_encoder(model_dir)
+        picks = rng.permutation(len(ids))
+        items = []
+        for k in picks:
+            if len(items) >= copies:
+                break
+            try:
+                items.append((_read_bytes(uris[ids[k]], max_file_bytes), emb[k]))
+            except (OSError, KeyError) as err:
+                reason = f"unreadable ({type(err).__name__})"
+                skipped[reason] = skipped.get(reason, 0) + 1
+        training = (card or {}).get("training") or {}
+        if items:
+            genuine, families, bad = synthetic_copy_scores(
+                model, card["input_spec"], items, rng, edits=training.get("edits", "near_duplicate"),
+                mirror=bool(training.get("mirror", True)))
+            for reason, count in bad.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+    result = choose_threshold(impostor, n, grid, predicted, genuine if len(genuine) else None,
+                              target_precision=target_precision, max_false_pairs=max_false_pairs,
+                              exhaustive=exhaustive and len(rows) == n, exact_counts=exact, seed=seed)
+    cal = result["self_calibration"]
+    by_family = {}
+    for f in sorted(set(families)):
+        sel = np.asarray([x == f for x in families])
+        by_family[f] = round(float(np.mean(genuine[sel] >= result["angular_similarity"])), 4)
+    cal["synthetic_copies"] = {"made": int(len(genuine)), "skipped": skipped, "recall_by_family": by_family,
+                               "median_similarity": float(np.median(genuine)) if len(genuine) else None}
+    if len(genuine) == 0:
+        cal["notes"].append("no synthetic copies could be made (source files unreadable or copies off): the "
+                            "expected copy recall is unknown")
+    if log is not None:
+        lo, hi = cal["expected_false_pairs_ci95"]
+        log(f"self-calibrated threshold {result['angular_similarity']:.4f} angular: {cal['budget']}; "
+            f"~{cal['predicted_pairs']:.0f} predicted pairs, expected false pairs {cal['expected_false_pairs']:.2f} "
+            f"(95% {lo:.2f}-{hi:.2f}) of {cal['catalogue_pairs']} pairs; copy recall "
+            f"{(cal['expected_copy_recall'] or {}).get('estimate')}")
+    return result
+
+
+def _source_uris(templates_glob: str) -> dict:
+    """item_id -> source_uri of the templates."""
+    from beam_pipeline import blocks as bk
+    out = {}
+    for _, batch in bk.iter_parquet_batches(templates_glob, ["item_id", "source_uri"]):
+        out.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+    return out

@@ -1,0 +1,140 @@
+"""beam_pipeline.self_calibration: pair sampling, exact counts, the truncated tail fit and the budget."""
+import numpy as np
+import pytest
+
+from beam_pipeline import self_calibration as sc
+from trainer.distances import angular_similarity
+
+
+def _unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_sample_pair_scores_is_every_pair_when_small_and_uniform_when_not():
+    rng = np.random.default_rng(0)
+    emb = _unit(rng, 40)
+    scores, exhaustive = sc.sample_pair_scores(emb, 10_000, rng)
+    iu = np.triu_indices(40, 1)
+    assert exhaustive and np.allclose(np.sort(scores), np.sort(angular_similarity((emb @ emb.T)[iu])))
+    sampled, exhaustive = sc.sample_pair_scores(emb, 500, rng)
+    assert not exhaustive and len(sampled) == 500
+    assert np.all(sampled < 1.0), "a pair is never an item with itself"
+
+
+@pytest.mark.parametrize("block", [7, 2048])
+def test_count_pairs_at_or_above_equals_brute_force(block):
+    rng = np.random.default_rng(1)
+    emb = _unit(rng, 60, 4)
+    grid = sc.threshold_grid(0.4)[::40]
+    counts, exact = sc.count_pairs_at_or_above(emb, grid, rng, block=block)
+    sims = angular_similarity(emb @ emb.T)[np.triu_indices(60, 1)]
+    assert exact and np.array_equal(counts, [np.sum(sims >= t) for t in grid])
+    scaled, exact = sc.count_pairs_at_or_above(emb, grid, rng, max_items=40)
+    assert not exact and scaled[0] == pytest.approx(counts[0], rel=0.25)
+
+
+def _catalogue_scores(rng, n=1500, dups=800):
+    """All pairs of a synthetic catalogue: exponential impostor tail, duplicates high up."""
+    m = n * (n - 1) // 2
+    impostor = 0.6 + rng.exponential(0.02, m - dups)
+    duplicate = np.clip(rng.normal(0.95, 0.015, dups), 0, 1)
+    return impostor, duplicate, np.clip(rng.normal(0.95, 0.015, 400), 0, 1)
+
+
+def test_tail_fit_extrapolates_an_exponential_tail_and_ignores_duplicates_above_the_cut():
+    rng = np.random.default_rng(2)
+    impostor, duplicate, genuine = _catalogue_scores(rng)
+    scores = np.concatenate([impostor, duplicate])
+    model, notes = sc.fit_tail(scores, genuine)
+    assert abs(model.xi) < 0.1, model  # the exponential is the GPD with shape 0
+    m = len(scores)
+    for t in (0.72, 0.76):  # truth: m * exp(-(t - 0.6) / 0.02) -> about 2,770 and 380 pairs
+        truth = np.sum(impostor >= t)
+        assert m * model.survival(t) == pytest.approx(truth, rel=0.35), t
+    # The share above u comes from the band, not from every pair above u (the 800 duplicates there).
+    assert model.share_above_u * m < np.sum(scores >= model.u)
+
+
+def test_choose_threshold_meets_its_budget_and_states_it():
+    rng = np.random.default_rng(3)
+    impostor, duplicate, genuine = _catalogue_scores(rng)
+    scores = np.concatenate([impostor, duplicate])
+    grid = sc.threshold_grid(0.6)
+    predicted = np.array([np.sum(scores >= t) for t in grid], float)
+    out = sc.choose_threshold(scores, 1500, grid, predicted, genuine, target_precision=0.99, bootstrap=20)
+    cal = out["self_calibration"]
+    t = out["angular_similarity"]
+    assert out["source"] == sc.SOURCE and out["cosine"] == pytest.approx(np.cos(np.pi * (1 - t)))
+    assert cal["expected_false_pairs"] <= 0.01 * cal["predicted_pairs"] + 1e-9
+    lo, hi = cal["expected_false_pairs_ci95"]
+    assert lo <= cal["expected_false_pairs"] <= hi
+    true_false = np.sum(impostor >= t)
+    assert true_false <= 0.02 * cal["predicted_pairs"], "the real false pairs stay within the budget"
+    assert cal["expected_copy_recall"]["estimate"] > 0.9
+    strict = sc.choose_threshold(scores, 1500, grid, predicted, genuine, target_precision=None,
+                                 max_false_pairs=0.01, bootstrap=5)
+    assert strict["angular_similarity"] > t and strict["self_calibration"]["expected_false_pairs"] <= 0.01
+    with pytest.raises(ValueError, match="exactly one"):
+        sc.choose_threshold(scores, 1500, grid, predicted, genuine, target_precision=0.99, max_false_pairs=3)
+
+
+def test_a_catalogue_whose_pairs_have_no_tail_is_refused():
+    scores = np.full(5000, 0.999)
+    with pytest.raises(sc.CalibrationError, match="look alike"):
+        sc.fit_tail(scores, np.full(10, 0.9995))
+
+
+def _photos(n, side=64, seed=0):
+    """n distinct smooth random RGB 'photos' (blurred noise at two scales), uint8 (n, side, side, 3)."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        coarse = cv2.resize(rng.random((6, 6, 3)).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
+        fine = cv2.GaussianBlur(rng.random((side, side, 3)).astype(np.float32), (0, 0), 2)
+        out.append(np.clip((0.7 * coarse + 0.5 * fine) * 200, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _embed_catalogue(tmp_path, model_dir, n):
+    from beam_pipeline import embed
+    from beam_pipeline.demo import write_photo_catalogue
+    cat = write_photo_catalogue(_photos(n), str(tmp_path / "cat"), planted_fraction=0.3, max_copies=2, seed=1)
+    work = str(tmp_path / "work")
+    embed.run(["--input", cat.image_glob, "--model_dir", model_dir, "--output", work, "--run_id", "e"])
+    return cat, work
+
+
+def test_match_without_threshold_flags_chooses_one_for_the_catalogue(tmp_path, tiny_rgb_model_dir):
+    from apache_beam.testing import test_pipeline
+
+    from beam_pipeline import match
+    from beam_pipeline.io import read_json, read_table_dir
+    cat, work = _embed_catalogue(tmp_path, tiny_rgb_model_dir, 90)
+    out = match.run(["--templates", f"{work}/templates/*.parquet", "--model_dir", tiny_rgb_model_dir,
+                     "--output", work, "--calibration_copies", "40", "--run_id", "m"],
+                    test_pipeline=test_pipeline.TestPipeline())
+    doc = read_json(f"{work}/match_run.json")
+    t = doc["threshold"]
+    cal = t["self_calibration"]
+    assert t["source"] == sc.SOURCE and out["threshold"]["angular_similarity"] == t["angular_similarity"]
+    assert cal["catalogue_items"] == cat.items - cat.broken_items == doc["items"]
+    assert cal["synthetic_copies"]["made"] == 40 and cal["impostor_sample_exhaustive"]
+    assert cal["predicted_pairs"] == doc["pairs"], "the counted pairs are the pairs the pipeline matched"
+    sims = read_table_dir(work, "matches").column("angular_similarity").to_numpy()
+    assert np.all(sims >= t["angular_similarity"] - 1e-6)
+    assert cal["expected_false_pairs"] <= 0.01 * max(cal["predicted_pairs"], 1) + 1e-9 or \
+        cal["predicted_pairs"] == 0
+
+
+def test_self_calibration_refuses_a_catalogue_too_small_and_mixed_threshold_flags(tmp_path, tiny_rgb_model_dir):
+    from beam_pipeline import match
+    _, work = _embed_catalogue(tmp_path, tiny_rgb_model_dir, 20)
+    base = ["--templates", f"{work}/templates/*.parquet", "--model_dir", tiny_rgb_model_dir, "--output", work]
+    with pytest.raises(sc.CalibrationError, match="needs at least 50.*--threshold"):
+        match.run(base)
+    with pytest.raises(ValueError, match="at most one of"):
+        match.run(base + ["--threshold", "0.9", "--target_fmr", "1e-4"])
+    with pytest.raises(ValueError, match="needs --model_dir"):
+        match.run(["--templates", f"{work}/templates/*.parquet", "--output", work])
