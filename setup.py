@@ -17,6 +17,7 @@ REQUIRED = [
     "matplotlib>=3.8",
     "jsonschema>=4.20",
     "scipy>=1.11",  # complete linkage (dedup), Clopper-Pearson bounds
+    "albumentations>=2.0,<3",  # trainer.copy_edits: the copy edits (training, planted copies, self-calibration)
     "scikit-image>=0.22",  # trainer.photo_corpus: the sample photographs inside the wheel (skimage/data)
     "threadpoolctl>=3.1",  # the match kernel runs single-threaded BLAS per kernel thread
 ]

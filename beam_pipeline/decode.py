@@ -9,8 +9,9 @@ Steps, in order: refuse empty input; read the header only (PIL is lazy) and refu
 width x height exceeds `max_pixels` before any pixel is decoded (decompression bombs); decode the first
 frame (animated GIF/WebP/APNG: frame 0), letting JPEG decode at a reduced DCT scale when the target is
 much smaller; apply the EXIF orientation; convert the mode (alpha is composited on white; 16-bit samples
-are scaled, not clipped); resize to the spec's size (stretching: the whole picture is kept, aspect ratio
-is not); return (H, W, C) uint8.
+are scaled, not clipped); with the spec's "trim_borders", cut away plain bands at the edges (letterbox bars, frames, caption
+bars, window chrome: `border_box`); resize to the spec's size (stretching: the whole picture is kept,
+aspect ratio is not); return (H, W, C) uint8.
 
 PIL's own process-wide decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, errors above twice it) is left
 as it is: `max_pixels` is the policy, and an image over PIL's limit is reported as 'too_large' as well.
@@ -204,6 +205,54 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
         raise DecodeError(UNSUPPORTED, f"mode {mode}: {err}") from None
 
 
+# Border trimming (input_spec "trim_borders": true): letterbox bars, frames, caption bars and window chrome
+# are cut away before the resize, so a padded or framed copy reaches the encoder like its original.
+TRIM_TOLERANCE = 12      # a pixel belongs to the edge's colour within this many grey levels (max over channels)
+TRIM_SHARE = 0.75        # a line (row or column) is border when at least this share of it has the edge colour
+TRIM_MAX_SIDE = 0.35     # at most this share of the height (width) is cut from one side
+TRIM_MIN_KEPT = 0.4      # and at least this share of each dimension is kept, else nothing is cut
+TRIM_ROUNDS = 3          # a title bar above a margin: each round strips one band of one colour per side
+TRIM_WORK_SIDE = 96      # the box is found on a copy at most this large
+
+
+def _edge_run(lines: np.ndarray) -> int:
+    """How many lines, from index 0 on, are border: lines (n, m, c) int16, line 0 at the edge."""
+    edge = np.median(lines[0], axis=0)
+    close = (np.abs(lines - edge).max(axis=2) <= TRIM_TOLERANCE).mean(axis=1) >= TRIM_SHARE
+    run = int(np.argmin(close)) if not close.all() else len(close)
+    return min(run, int(len(lines) * TRIM_MAX_SIDE))
+
+
+def border_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) row/column bounds of `pixels` (H, W[, C] uint8) without the plain bands at
+    its edges (see TRIM_*); the whole image when trimming would keep too little or finds nothing."""
+    a = np.asarray(pixels)
+    a = a[..., None] if a.ndim == 2 else a
+    h, w = a.shape[:2]
+    step = max(1, int(np.ceil(max(h, w) / TRIM_WORK_SIDE)))
+    small = a[::step, ::step].astype(np.int16)
+    top, bottom, left, right = 0, small.shape[0], 0, small.shape[1]
+    for _ in range(TRIM_ROUNDS):
+        box = small[top:bottom, left:right]
+        if box.shape[0] < 4 or box.shape[1] < 4:
+            break
+        cuts = (_edge_run(box), _edge_run(box[::-1]), _edge_run(box.transpose(1, 0, 2)),
+                _edge_run(box.transpose(1, 0, 2)[::-1]))
+        if not any(cuts):
+            break
+        top, bottom, left, right = top + cuts[0], bottom - cuts[1], left + cuts[2], right - cuts[3]
+    box = (top * step, min(h, bottom * step), left * step, min(w, right * step))
+    if box[1] - box[0] < TRIM_MIN_KEPT * h or box[3] - box[2] < TRIM_MIN_KEPT * w:
+        return 0, h, 0, w
+    return box
+
+
+def trim_borders(pixels: np.ndarray) -> np.ndarray:
+    """`pixels` (H, W[, C]) without the plain bands at its edges (border_box)."""
+    top, bottom, left, right = border_box(pixels)
+    return pixels[top:bottom, left:right]
+
+
 def decode_image(data: bytes, input_spec: dict, max_pixels: int = 50_000_000) -> DecodedImage:
     """Decode image file bytes into the encoder's input pixels.
 
@@ -226,6 +275,10 @@ def decode_image(data: bytes, input_spec: dict, max_pixels: int = 50_000_000) ->
         turned = image.size != stored_size
         source_width, source_height = header_size[::-1] if turned else header_size
         image = to_channels(image, channels)
+        if input_spec.get("trim_borders"):
+            top, bottom, left, right = border_box(np.asarray(image))
+            if (top, left) != (0, 0) or (bottom, right) != (image.height, image.width):
+                image = image.crop((left, top, right, bottom))
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, dtype=np.uint8)

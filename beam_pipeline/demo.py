@@ -196,36 +196,51 @@ def write_photo_catalogue(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from beam_pipeline.clustering import DEFAULT_LINKAGE, LINKAGES
+
     parser = argparse.ArgumentParser(
         prog="siamese-dedup demo",
-        description="Train on Fashion-MNIST, embed the test split with planted near-duplicates, match, "
-        "deduplicate and report, end to end on the DirectRunner.",
+        description="The whole job end to end on the DirectRunner, twice: Fashion-MNIST (train, embed the test "
+        "split with planted near-duplicates, match, deduplicate, report) and a photo catalogue built from "
+        "Debian's image packages with planted edited copies (an encoder trained on the catalogue itself).",
     )
     parser.add_argument("--output", default="demo_output", help="Directory for every output (default demo_output).")
+    parser.add_argument("--parts", default="fashion_mnist,photos",
+                        help="Which parts to run, comma-separated: fashion_mnist, photos (default both).")
     parser.add_argument(
-        "--model_dir", default=None, help="Use this trained encoder artefact instead of training one."
+        "--model_dir", default=None, help="Fashion-MNIST: use this trained encoder artefact instead of training one."
     )
-    parser.add_argument("--epochs", type=int, default=None, help="Training epochs (default: the trainer's).")
+    parser.add_argument("--epochs", type=int, default=None, help="Fashion-MNIST training epochs (default: the trainer's).")
     parser.add_argument(
-        "--max_train_items", type=int, default=None, help="Train on at most this many images (quick runs)."
-    )
-    parser.add_argument(
-        "--catalogue_size", type=int, default=None, help="Use the first N test images (default: all 10,000)."
-    )
-    parser.add_argument("--planted", type=int, default=500, help="Originals that get augmented copies (default 500).")
-    parser.add_argument("--max_copies", type=int, default=2, help="Copies per planted original: 1..N (default 2).")
-    parser.add_argument("--threshold", type=float, default=None, help="Match threshold in angular similarity.")
-    parser.add_argument(
-        "--target_fmr", type=float, default=1e-4, help="FMR of the model card threshold to use (default 1e-4)."
+        "--max_train_items", type=int, default=None, help="Fashion-MNIST: train on at most this many images (quick runs)."
     )
     parser.add_argument(
-        "--linkage", default="complete", choices=["single", "complete"],
+        "--catalogue_size", type=int, default=None, help="Fashion-MNIST: use the first N test images (default: all 10,000)."
+    )
+    parser.add_argument("--planted", type=int, default=500, help="Fashion-MNIST: originals that get augmented copies (default 500).")
+    parser.add_argument("--max_copies", type=int, default=2, help="Fashion-MNIST: copies per planted original: 1..N (default 2).")
+    parser.add_argument("--photo_items", type=int, default=PHOTO_ITEMS,
+                        help=f"Photos: distinct originals in the catalogue (default {PHOTO_ITEMS}).")
+    parser.add_argument("--photo_model_dir", default=None,
+                        help="Photos: use this encoder instead of training one on the catalogue (--preset catalogue).")
+    parser.add_argument("--photo_train_args", default="",
+                        help="Photos: extra flags for the catalogue training, e.g. '--epochs 10' (quick runs).")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Match threshold in angular similarity (default: self-calibrated per catalogue).")
+    parser.add_argument("--target_fmr", type=float, default=None,
+                        help="Use the model card's threshold at this FMR instead of self-calibration.")
+    parser.add_argument(
+        "--linkage", default=DEFAULT_LINKAGE, choices=LINKAGES,
         help="Dedup clusters: complete (default: every two members of a cluster match, so no item is "
         "dropped on the strength of a chain) or single (connected components, chains flagged).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the catalogue and training (default 0).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the catalogues and training (default 0).")
     parser.add_argument("--data_dir", default=None, help="Fashion-MNIST IDX directory (default: the Debian package's).")
     return parser
+
+
+PARTS = ("fashion_mnist", "photos")
+PHOTO_ITEMS = 800
 
 
 def _timed(timings: dict, stage: str, fn, *args):
@@ -237,128 +252,182 @@ def _timed(timings: dict, stage: str, fn, *args):
     return result
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """Run the demo; returns the summary dict it also writes to OUTPUT/demo_summary.json."""
+def _dedup_job(catalogue: Catalogue, model_dir: str, out: str, args, run_id: str, timings: dict,
+               prefix: str = "") -> dict:
+    """embed -> match -> dedup -> report of one catalogue into `out`; the stage summaries."""
     from beam_pipeline import dedup, embed, match, report
-    from beam_pipeline.options import new_run_id
-    from trainer import train
-    from trainer.data import load_fashion_mnist
 
-    args = build_parser().parse_args(argv)
-    out = os.path.abspath(args.output)
-    os.makedirs(out, exist_ok=True)
-    run_id = new_run_id()
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    model_dir = args.model_dir
-    train_summary = None
-    if model_dir is None:
-        model_dir = os.path.join(out, "model")
-        train_argv = ["--output", model_dir, "--seed", str(args.seed)]
-        for flag in ("epochs", "max_train_items", "data_dir"):
-            if getattr(args, flag) is not None:
-                train_argv += [f"--{flag}", str(getattr(args, flag))]
-        train_summary = _timed(timings, "train", train.run, train_argv)
-
-    def make_catalogue():
-        images, labels = load_fashion_mnist("test", args.data_dir)
-        if args.catalogue_size is not None:
-            images, labels = images[: args.catalogue_size], labels[: args.catalogue_size]
-        return write_catalogue(
-            images, labels, os.path.join(out, "catalogue"), planted=min(args.planted, len(images)),
-            max_copies=args.max_copies, seed=args.seed,
-        )
-
-    catalogue = _timed(timings, "catalogue", make_catalogue)
     common = ["--run_id", run_id]
     embed_summary = _timed(
-        timings, "embed", embed.run,
+        timings, prefix + "embed", embed.run,
         ["--input", catalogue.image_glob, "--model_dir", model_dir, "--output", out, *common],
     )
-    threshold_flags = ["--target_fmr", str(args.target_fmr)]
+    threshold_flags = []
     if args.threshold is not None:
         threshold_flags = ["--threshold", str(args.threshold)]
+    elif args.target_fmr is not None:
+        threshold_flags = ["--target_fmr", str(args.target_fmr)]
     templates_glob = os.path.join(out, "templates", "*.parquet")
     match_summary = _timed(
-        timings, "match", match.run,
+        timings, prefix + "match", match.run,
         ["--templates", templates_glob, "--model_dir", model_dir, "--output", out, *threshold_flags, *common],
     )
     dedup_summary = _timed(
-        timings, "dedup", dedup.run,
+        timings, prefix + "dedup", dedup.run,
         ["--templates", templates_glob, "--matches", os.path.join(out, "matches", "*.parquet"),
          "--output", out, "--linkage", args.linkage, *common],
     )
     report_summary = _timed(
-        timings, "report", report.run,
-        ["--workdir", out, "--model_dir", model_dir, "--ground_truth", catalogue.ground_truth_csv],
+        timings, prefix + "report", report.run,
+        ["--workdir", out, "--model_dir", model_dir, "--ground_truth", catalogue.ground_truth_csv,
+         "--manifest", catalogue.manifest_csv, "--linkage", args.linkage],
     )
-    timings["total"] = round(time.perf_counter() - started, 2)
-
     accounted = embed_summary["embedded"] + embed_summary["failed"]
     if accounted != catalogue.items:
         raise RuntimeError(
             f"{catalogue.items} catalogue files but {accounted} templates + failures: items were lost"
         )
-    summary = {
-        "run_id": run_id,
-        "model_dir": model_dir,
-        "train": train_summary,
-        "catalogue": dataclasses.asdict(catalogue),
-        "embed": embed_summary,
-        "match": match_summary,
-        "dedup": dedup_summary,
-        "report": report_summary,
-        "seconds": timings,
-    }
+    return {"model_dir": model_dir, "catalogue": dataclasses.asdict(catalogue), "embed": embed_summary,
+            "match": match_summary, "dedup": dedup_summary, "report": report_summary}
+
+
+def photo_tiles(n: int, seed: int = 0) -> np.ndarray:
+    """`n` distinct photo tiles (uint8 (n, 256, 256, 3)) from the corpus's held-out packages
+    (trainer.photo_corpus.DEFAULT_SPLIT), chosen with the seed."""
+    from trainer import photo_corpus
+
+    tiles, _ = photo_corpus.tile_photos(photo_corpus.photo_files(photo_corpus.DEFAULT_SPLIT["heldout"]))
+    if n > len(tiles):
+        raise ValueError(f"--photo_items {n}: the corpus's held-out packages give {len(tiles)} distinct tiles")
+    return tiles[np.sort(np.random.default_rng(seed).choice(len(tiles), n, replace=False))]
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the demo; returns the summary dict it also writes to OUTPUT/demo_summary.json."""
+    import shlex
+
+    from beam_pipeline.options import new_run_id
+    from trainer import train
+    from trainer.data import load_fashion_mnist
+
+    args = build_parser().parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        build_parser().error(f"--parts takes a comma-separated subset of {', '.join(PARTS)}; got {args.parts!r}")
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    run_id = new_run_id()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    summary: dict = {"run_id": run_id, "seconds": timings}
+
+    if "fashion_mnist" in parts:
+        model_dir = args.model_dir
+        train_summary = None
+        if model_dir is None:
+            model_dir = os.path.join(out, "model")
+            train_argv = ["--output", model_dir, "--seed", str(args.seed)]
+            for flag in ("epochs", "max_train_items", "data_dir"):
+                if getattr(args, flag) is not None:
+                    train_argv += [f"--{flag}", str(getattr(args, flag))]
+            train_summary = _timed(timings, "train", train.run, train_argv)
+
+        def make_catalogue():
+            images, labels = load_fashion_mnist("test", args.data_dir)
+            if args.catalogue_size is not None:
+                images, labels = images[: args.catalogue_size], labels[: args.catalogue_size]
+            return write_catalogue(
+                images, labels, os.path.join(out, "catalogue"), planted=min(args.planted, len(images)),
+                max_copies=args.max_copies, seed=args.seed,
+            )
+
+        catalogue = _timed(timings, "catalogue", make_catalogue)
+        summary.update(train=train_summary, **_dedup_job(catalogue, model_dir, out, args, run_id, timings))
+
+    if "photos" in parts:
+        photo_out = os.path.join(out, "photos")
+        tiles = _timed(timings, "photos: tiles", photo_tiles, args.photo_items, args.seed)
+        catalogue = _timed(timings, "photos: catalogue", lambda: write_photo_catalogue(
+            tiles, os.path.join(photo_out, "catalogue"), seed=args.seed))
+        photo_model = args.photo_model_dir
+        photo_train = None
+        if photo_model is None:
+            photo_model = os.path.join(photo_out, "model")
+            photo_train = _timed(timings, "photos: train", train.run, [
+                "--data", "unlabelled", "--data_path", os.path.dirname(catalogue.image_glob), "--preset", "catalogue",
+                "--output", photo_model, "--seed", str(args.seed), *shlex.split(args.photo_train_args)])
+        summary["photos"] = {"train": photo_train, **_dedup_job(catalogue, photo_model, photo_out, args, run_id,
+                                                                 timings, prefix="photos: ")}
+    timings["total"] = round(time.perf_counter() - started, 2)
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print(format_summary(summary, out))
     return summary
 
 
+def _rate(value) -> str:  # precision is undefined (None) when nothing was predicted
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _job_lines(job: dict) -> list[str]:
+    """The figures of one catalogue's run: threshold and how it was chosen, counts, planted-duplicate scores."""
+    threshold = job["match"]["threshold"]
+    lines = [
+        f"  catalogue {job['catalogue']['items']} files, {job['catalogue']['planted_pairs']} planted "
+        f"duplicate pairs, {job['catalogue']['broken_items']} broken files",
+        f"  embedded {job['embed']['embedded']}, failures {job['embed']['failed']}",
+        f"  threshold {threshold['angular_similarity']:.4f} angular ({threshold['source']})",
+    ]
+    cal = threshold.get("self_calibration")
+    if cal:
+        lo, hi = cal["expected_false_pairs_ci95"]
+        recall = (cal.get("expected_copy_recall") or {}).get("estimate")
+        lines.append(f"    chosen for {cal['budget']}: expected false pairs {cal['expected_false_pairs']:.2f} "
+                     f"(95% {lo:.2f}-{hi:.2f}) of ~{cal['predicted_pairs']:.0f} predicted; synthetic copies "
+                     f"found {_rate(recall)}")
+    lines.append(f"  matched pairs {job['match']['pairs']}, clusters {job['dedup']['clusters_count']}, "
+                 f"items to drop {job['dedup']['items_to_drop']}")
+    evaluation = job["report"].get("evaluation") or {}
+    for level, key in (("matched pairs", "pairs"), ("clusters", "clusters")):
+        x = evaluation.get(key)
+        if x:
+            lines.append(f"  planted duplicates, {level}: precision {_rate(x['precision'])}  recall "
+                         f"{_rate(x['recall'])}  F1 {_rate(x['f1'])}  ({x['found_pairs']} found of "
+                         f"{x['predicted_pairs']} predicted, {x['planted_pairs']} planted)")
+    return lines
+
+
 def format_summary(summary: dict, out: str) -> str:
     """The short text the demo prints: figures, timings and every output path."""
     from beam_pipeline.io import read_json
 
-    card = read_json(os.path.join(summary["model_dir"], "model_card.json"))
-    metrics = card.get("metrics", {})
-    evaluation = summary["report"].get("evaluation") or {}
-    threshold = summary["match"]["threshold"]
-    lines = [
-        "",
-        "siamese-dedup demo: done",
-        f"  model {card['model_id']}  seed-protocol ROC AUC {metrics.get('seed_protocol_auc', float('nan')):.4f}  "
-        f"recall@1 {metrics.get('recall_at_1', float('nan')):.4f}",
-        f"  catalogue {summary['catalogue']['items']} files, {summary['catalogue']['planted_pairs']} planted "
-        f"duplicate pairs, {summary['catalogue']['broken_items']} broken files",
-        f"  embedded {summary['embed']['embedded']}, failures {summary['embed']['failed']}",
-        f"  threshold {threshold['angular_similarity']:.4f} angular ({threshold['source']})",
-        f"  matched pairs {summary['match']['pairs']}, clusters {summary['dedup']['clusters_count']}, "
-        f"items to drop {summary['dedup']['items_to_drop']}",
-    ]
-    if evaluation:
-        def rate(value):  # precision is undefined (None) when nothing was predicted
-            return "n/a" if value is None else f"{value:.4f}"
-
-        lines.append(
-            f"  planted duplicates: precision {rate(evaluation['precision'])} "
-            f"({evaluation['found_pairs']} of {evaluation['predicted_pairs']} predicted pairs)  "
-            f"recall {rate(evaluation['recall'])} ({evaluation['found_pairs']} of {evaluation['planted_pairs']})"
-        )
+    lines = ["", "siamese-dedup demo: done"]
+    paths = {}
+    for name, job in (("Fashion-MNIST", summary if "embed" in summary else None), ("photos", summary.get("photos"))):
+        if not job:
+            continue
+        card = read_json(os.path.join(job["model_dir"], "model_card.json"))
+        metrics = card.get("metrics", {})
+        lines.append(f" {name}: model {card['model_id']}  "
+                     + (f"seed-protocol ROC AUC {metrics.get('seed_protocol_auc', float('nan')):.4f}  "
+                        f"recall@1 {metrics.get('recall_at_1', float('nan')):.4f}" if name == "Fashion-MNIST" else
+                        f"trained on the catalogue itself in {card['training'].get('train_seconds', 0):.0f} s"))
+        lines += _job_lines(job)
+        tag = "" if name == "Fashion-MNIST" else "photos "
+        paths.update({
+            f"{tag}model": job["model_dir"],
+            f"{tag}catalogue": os.path.dirname(job["catalogue"]["image_glob"]),
+            f"{tag}ground truth": job["catalogue"]["ground_truth_csv"],
+            f"{tag}templates": job["embed"]["templates"],
+            f"{tag}failures": job["embed"]["failures"],
+            f"{tag}matches": job["match"]["matches"],
+            f"{tag}clusters": job["dedup"]["clusters"],
+            f"{tag}report.json": job["report"]["report_json"],
+            f"{tag}report.html": job["report"]["report_html"],
+        })
+    paths["summary"] = os.path.join(out, "demo_summary.json")
     lines.append("  wall time (s): " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     lines.append("  outputs:")
-    paths = {
-        "model": summary["model_dir"],
-        "catalogue": os.path.dirname(summary["catalogue"]["image_glob"]),
-        "ground truth": summary["catalogue"]["ground_truth_csv"],
-        "templates": summary["embed"]["templates"],
-        "failures": summary["embed"]["failures"],
-        "matches": summary["match"]["matches"],
-        "clusters": summary["dedup"]["clusters"],
-        "report.json": summary["report"]["report_json"],
-        "report.html": summary["report"]["report_html"],
-        "summary": os.path.join(out, "demo_summary.json"),
-    }
-    lines += [f"    {name:<13} {path}" for name, path in paths.items()]
+    lines += [f"    {name:<20} {path}" for name, path in paths.items()]
     return "\n".join(lines)

@@ -459,6 +459,18 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
                "embedded": e.get("embedded"), "failed": e.get("failed"), "matches": m.get("pairs"),
                "sweep_matches": ms.get("pairs"), "threshold": m["threshold"], "clusters": d.get("clusters_count"),
                "items_to_drop": d.get("items_to_drop")}
+    cal = m["threshold"].get("self_calibration")
+    if cal:  # the false pairs self-calibration stated against those the ground truth shows
+        scored = {p for p in own_pairs if p[0] in c["universe"] and p[1] in c["universe"]}
+        true_false = len(scored - c["truth"])
+        stated = float(cal["expected_false_pairs"])
+        details["self_calibration_check"] = {
+            "stated_false_pairs": stated, "stated_ci95": cal["expected_false_pairs_ci95"],
+            "true_false_pairs": true_false, "matched_pairs": len(scored),
+            "ratio_stated_to_true": round(stated / true_false, 3) if true_false else None,
+            "within_factor_2": (true_false / 2 <= stated <= 2 * true_false) if true_false else stated <= 2.0,
+            "stated_copy_recall": (cal.get("expected_copy_recall") or {}).get("estimate"),
+            "true_recall": round(len(scored & c["truth"]) / len(c["truth"]), 4) if c["truth"] else None}
     return rows, details
 
 
@@ -578,6 +590,13 @@ def main(argv=None) -> dict:
                                                         else " (misses the target <= 0.5)")
         print(f"errors ratio, {label}: ours {r['ours']} (F1 {_fmt(r['ours_f1'])}) / best peer {r['best_peer']} "
               f"(F1 {_fmt(r['best_peer_f1'])}) = {ratio}{verdict}")
+    check = (doc.get("ours") or {}).get("self_calibration_check")
+    if check:
+        lo, hi = check["stated_ci95"]
+        print(f"self-calibration: stated {check['stated_false_pairs']:.2f} false pairs (95% {lo:.2f}-{hi:.2f}); the "
+              f"ground truth shows {check['true_false_pairs']} of {check['matched_pairs']} matched pairs "
+              f"({'within' if check['within_factor_2'] else 'NOT within'} a factor of 2); stated copy recall "
+              f"{_fmt(check['stated_copy_recall'])}, true pair recall {_fmt(check['true_recall'])}")
     for r in rows:
         if r.get("best_at_cap") or r.get("best_at_floor"):
             print(f"note: {r['method']}: the best threshold is at the edge of the sweep; widen it "

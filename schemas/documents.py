@@ -40,6 +40,8 @@ MODEL_CARD_SCHEMA = {
                 "channels": {"enum": [1, 3]},
                 "dtype": {"enum": ["uint8", "float32"]},
                 "value_range": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+                # beam_pipeline.decode.border_box: plain bands at the edges are cut before the resize
+                "trim_borders": {"type": "boolean"},
             },
         },
         "training": {"type": "object"},

@@ -257,9 +257,9 @@ def choose_families(n: int, rng: np.random.Generator, mirror: bool = True) -> li
 
 
 def augmenter(size: int, *, mirror: bool = True) -> A.Compose:
-    """Training edits: a random composition of the families above with wider ranges, ending in a resize to
-    `size` x `size` (stretching, bilinear, like decode). Call as `augmenter(...)(image=x)["image"]`; seed it
-    with `.set_random_seed(s)`."""
+    """Training edits: a random composition of the families above with wider ranges (the output's size
+    varies; BatchAugmenter resizes it like decode). Call as `augmenter(...)(image=x)["image"]`; seed it with
+    `.set_random_seed(s)`."""
     geometric = A.OneOf([
         A.RandomResizedCrop(size=(size * 2, size * 2), scale=(0.35, 1.0), ratio=(0.6, 1.6), p=1.0),
         Letterbox(p=0.35),
@@ -283,24 +283,25 @@ def augmenter(size: int, *, mirror: bool = True) -> A.Compose:
     steps = [geometric, overlays, colour, detail]
     if mirror:
         steps.append(A.HorizontalFlip(p=0.5))
-    steps += [A.ImageCompression(quality_range=(25, 95), p=0.6),
-              A.Resize(size, size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")]
+    steps.append(A.ImageCompression(quality_range=(25, 95), p=0.6))
     return A.Compose(steps, strict=False)
 
 
 class BatchAugmenter:
     """Edits batches for training: uint8 (n, S, S, 3) sources -> uint8 (n, size, size, 3) copies, seeded
-    from the caller's Generator (one albumentations seed per batch), so a run is reproducible."""
+    from the caller's Generator (one albumentations seed per batch), so a run is reproducible. Each copy
+    reaches the input size as decode takes a file there: plain edge bands cut when `trim` (the input spec's
+    trim_borders), then resized."""
 
-    def __init__(self, size: int, *, mirror: bool = True):
-        self.size = size
+    def __init__(self, size: int, *, mirror: bool = True, trim: bool = False):
+        self.size, self.trim = size, trim
         self._compose = augmenter(size, mirror=mirror)
 
     def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         self._compose.set_random_seed(_seed(rng))
         out = np.empty((len(images), self.size, self.size, 3), np.uint8)
         for k, image in enumerate(images):
-            out[k] = self._compose(image=_rgb(image))["image"]
+            out[k] = to_input(self._compose(image=_rgb(image))["image"], self.size, self.trim)
         return out
 
 
@@ -308,16 +309,25 @@ class PlantedBatch:
     """Evaluation copies: one planted family per image (cycling through the families, like the demo's
     catalogue), resized to `size` x `size` like decode: (sources uint8 (n, S, S, 3), rng) -> (n, size, size, 3)."""
 
-    def __init__(self, size: int, *, mirror: bool = True):
-        self.size, self.mirror = size, mirror
+    def __init__(self, size: int, *, mirror: bool = True, trim: bool = False):
+        self.size, self.mirror, self.trim = size, mirror, trim
         self._planter = CopyPlanter()
 
     def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         families = choose_families(len(images), rng, mirror=self.mirror)
         out = np.empty((len(images), self.size, self.size, 3), np.uint8)
         for k, (image, family) in enumerate(zip(images, families)):
-            out[k] = resize_like_decode(self._planter(image, family, rng)[None], self.size)[0]
+            out[k] = to_input(self._planter(image, family, rng), self.size, self.trim)
         return out
+
+
+def to_input(image: np.ndarray, size: int, trim: bool = False) -> np.ndarray:
+    """One edited copy uint8 (h, w, 3) -> the encoder's input (size, size, 3) as decode makes it from a file:
+    plain edge bands cut (beam_pipeline.decode.trim_borders) when `trim`, then PIL's bilinear resize."""
+    if trim:
+        from beam_pipeline.decode import trim_borders
+        image = trim_borders(image)
+    return resize_like_decode(np.ascontiguousarray(image)[None], size)[0]
 
 
 def resize_like_decode(images: np.ndarray, size: int) -> np.ndarray:
@@ -331,4 +341,4 @@ def resize_like_decode(images: np.ndarray, size: int) -> np.ndarray:
 
 
 __all__ = ["EDIT_FAMILIES", "MIRROR", "CopyPlanter", "plant_copy", "choose_families", "augmenter",
-           "BatchAugmenter", "PlantedBatch", "jpeg_round_trip", "resize_like_decode"]
+           "BatchAugmenter", "PlantedBatch", "to_input", "jpeg_round_trip", "resize_like_decode"]

@@ -4,6 +4,7 @@ No TensorFlow here: the arrays are plain numpy.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import sys
@@ -83,7 +84,7 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
 # will feed the model.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-SOURCES = ("fashion_mnist", "folder", "pairs", "unlabelled", "npz")
+SOURCES = ("fashion_mnist", "folder", "pairs", "unlabelled", "npz", "photo_corpus")
 
 
 class LabelledImages(tuple):
@@ -239,12 +240,33 @@ def convert_arrays(images: np.ndarray, input_spec: dict) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _corpus_tiles(sources: tuple[str, ...]) -> np.ndarray:
+    from trainer import photo_corpus
+    tiles, _ = photo_corpus.tile_photos(photo_corpus.photo_files(sources))
+    return tiles
+
+
+def load_photo_corpus(path: str | None, input_spec: dict) -> LabelledImages:
+    """Tiles of the Debian photo corpus (trainer.photo_corpus) as an unlabelled instance-mode source. `path`
+    names its sources, comma-separated (default: photo_corpus.DEFAULT_SPLIT["train"], so the held-out
+    packages stay unseen); each tile is converted to the input spec through decode (convert_arrays)."""
+    from trainer import photo_corpus
+    names = tuple(x.strip() for x in (path or "").split(",") if x.strip()) or photo_corpus.DEFAULT_SPLIT["train"]
+    tiles = _corpus_tiles(names)
+    n = len(tiles)
+    return LabelledImages(convert_arrays(tiles, input_spec), np.arange(n, dtype=np.int64),
+                          [str(i) for i in range(n)], [""] * n, "instance")
+
+
 def load_source(kind: str, path: str | None, input_spec: dict) -> LabelledImages:
     """Load a training source by name (SOURCES). fashion_mnist: `path` is the IDX directory (optional) and
     this returns the TRAIN split; the others read `path`."""
     if kind == "fashion_mnist":
         images, labels = load_fashion_mnist("train", path)
         return LabelledImages(images[..., None], labels, list(CLASS_NAMES), [""] * len(labels), "class")
+    if kind == "photo_corpus":
+        return load_photo_corpus(path, input_spec)
     if not path:
         raise ValueError(f"--data {kind} needs --data_path")
     loaders = {"folder": load_image_folder, "pairs": load_pairs, "unlabelled": load_unlabelled, "npz": load_npz}

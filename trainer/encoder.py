@@ -63,6 +63,7 @@ def build_encoder(
     padding: str = "valid",
     pooling: str = "flatten",
     input_norm: str = "none",
+    thumbnail: int = 0,
     backbone: str = "small_cnn",
     weights: str | None = None,
     freeze_until: str | None = None,
@@ -87,6 +88,10 @@ def build_encoder(
       pooling: small_cnn: one of POOLINGS (flatten; avg = global average; avg_max = global average and
         global max, concatenated).
       input_norm: small_cnn: one of INPUT_NORMS (inside the model, so the artefact stays raw pixels in).
+      thumbnail: small_cnn: > 0 adds a parameter-free branch beside the convs: the (normalised) input
+        averaged down to thumbnail x thumbnail, standardised, concatenated with the pooled conv features
+        before the head (the coarse layout a copy keeps under blur, JPEG, resizing; the head learns its
+        weight). The input side must be a multiple of it.
       backbone: one of BACKBONES.
       weights: Applications backbones: None (random), "imagenet", or the path of a weights file of the same
         backbone (e.g. written by `backbone.save_weights("x.weights.h5")`).
@@ -119,6 +124,8 @@ def build_encoder(
     if backbone == "small_cnn":
         # Map value_range to [0, 1]: x * 1/(hi-lo) - lo/(hi-lo).
         x = layers.Rescaling(1.0 / (hi - lo), offset=-lo / (hi - lo), name="rescale")(inputs)
+        if thumbnail and (height % thumbnail or width % thumbnail):
+            raise ValueError(f"thumbnail {thumbnail} must divide the input size {height}x{width}")
         if input_norm == "grey_standardize" and channels == 3:
             luma = layers.Dense(1, use_bias=False, trainable=False, name="luminance")
             x = luma(x)
@@ -126,6 +133,11 @@ def build_encoder(
         if input_norm != "none":
             x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-3,
                                           name="standardize")(x)
+        thumb = None
+        if thumbnail:
+            thumb = layers.AveragePooling2D((height // thumbnail, width // thumbnail), name="thumbnail_pool")(x)
+            thumb = layers.Flatten(name="thumbnail_flat")(thumb)
+            thumb = layers.LayerNormalization(center=False, scale=False, epsilon=1e-3, name="thumbnail_norm")(thumb)
         for stage, f in enumerate(filters):
             for i in range(convs_per_stage):
                 suffix = f"{stage}" if convs_per_stage == 1 else f"{stage}_{i}"
@@ -141,6 +153,8 @@ def build_encoder(
         else:
             x = layers.Concatenate(name="avg_max_pool")([layers.GlobalAveragePooling2D(name="avg_pool")(x),
                                                          layers.GlobalMaxPooling2D(name="max_pool")(x)])
+        if thumb is not None:
+            x = layers.Concatenate(name="with_thumbnail")([x, thumb])
         if dense_units:
             x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     else:

@@ -28,9 +28,9 @@ Definitions (d = distance, m = margin, [x]+ = max(x, 0)):
                 a candidate: -log( sum_pos exp(cos/T) / sum_{b != a} exp(cos/T) ), averaged over its
                 positives' share and over anchors that have a positive. Uses all B-2 negatives of every
                 anchor at once: what copy detection (SSCD) trains with.
-  koleo:        (Sablayrolles et al. 2019, used by SSCD) -mean_a log(min_{b != a} ||e_a - e_b||): a
-                uniformity term that pushes each embedding away from its nearest neighbour, spreading the
-                catalogue over the sphere so that distinct images do not crowd into one region.
+  koleo:        (Sablayrolles et al. 2019, used by SSCD) -mean_a log(min_b ||e_a - e_b||) over rows b of
+                another label: a uniformity term that pushes each embedding away from its nearest other
+                image, spreading the catalogue over the sphere so distinct images do not crowd together.
 """
 from __future__ import annotations
 
@@ -202,11 +202,18 @@ def info_nce_loss(labels: tf.Tensor, embeddings: tf.Tensor, temperature: float =
     return tf.reduce_sum(per_anchor * has_pos) / tf.maximum(tf.reduce_sum(has_pos), 1.0)
 
 
-def koleo_loss(embeddings: tf.Tensor) -> tf.Tensor:
-    """KoLeo uniformity term: -mean over rows of log(distance to the nearest other row), rows L2-normalised.
-    embeddings (B, D), B >= 2. Scalar."""
+def koleo_loss(embeddings: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+    """KoLeo uniformity term: -mean over rows of log(distance to the nearest row of ANOTHER label), rows
+    L2-normalised (with labels None: the nearest other row). Positives are left out, as in SSCD: pushing a
+    copy away from its own original would undo the loss that pulls them together. embeddings (B, D). Scalar."""
     e = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1, epsilon=_EPS)
-    cos = tf.matmul(e, e, transpose_b=True) - 2.0 * tf.eye(tf.shape(e)[0])  # self never the nearest
+    n = tf.shape(e)[0]
+    if labels is None:
+        excluded = tf.eye(n)
+    else:
+        labels = tf.reshape(labels, [-1])
+        excluded = tf.cast(tf.equal(labels[:, None], labels[None, :]), tf.float32)  # self and positives
+    cos = tf.matmul(e, e, transpose_b=True) - 3.0 * excluded  # excluded rows are never the nearest
     nearest = tf.reduce_max(cos, axis=1)
     return -tf.reduce_mean(tf.math.log(tf.sqrt(tf.maximum(2.0 - 2.0 * nearest, 0.0)) + 1e-8))
 

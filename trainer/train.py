@@ -65,7 +65,8 @@ PRESETS = {
     "catalogue": {"instance_only": True, "edits": "copy", "instance_loss": "info_nce", "koleo_weight": 0.1,
                   "image_size": 64, "channels": 3, "filters": "32,64,128,256", "padding": "same",
                   "batch_norm": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 16,
-                  "per_class": 8, "epochs": 40, "patience": 40, "test_fraction": 0.0, "validation_split": 0.0,
+                  "per_class": 8, "epochs": 40, "patience": 40, "keep_epoch": "last", "test_fraction": 0.0,
+                  "validation_split": 0.0,
                   "learning_rate": 2e-3},
     "copydetect": {"instance_only": True, "edits": "copy", "instance_loss": "info_nce", "koleo_weight": 0.1,
                    "image_size": 64, "channels": 3, "filters": "32,64,128,256", "padding": "same",
@@ -74,6 +75,9 @@ PRESETS = {
 }
 EDITS = ("near_duplicate", "copy")  # trainer.augment (Fashion-MNIST style) | trainer.copy_edits (photos)
 INSTANCE_LOSSES = ("triplet", "info_nce")
+# Which epoch is exported: the best by validation (early stopping), or the last (catalogue mode, where the
+# "validation" images are trained on, so their score cannot pick an epoch).
+KEEP_EPOCHS = ("best", "last")
 
 
 class TrainingCollapsed(RuntimeError):
@@ -125,6 +129,7 @@ class TrainConfig:
     ema_momentum: float = 0.0        # > 0: validate, keep and export a moving average of the weights
     edits: str = "near_duplicate"    # EDITS: which edits make the training copies
     mirror: bool = True              # copy edits: a left-right mirror counts as a copy
+    trim_borders: bool = False       # other sources: decode cuts plain edge bands (beam_pipeline.decode)
     edit_source_size: int | None = None  # copy edits: side the copies are edited at (default 2 x image_size)
     instance_loss: str = "triplet"   # INSTANCE_LOSSES: the instance (copy) loss
     temperature: float = 0.05        # info_nce: softmax temperature over cosines
@@ -139,6 +144,7 @@ class TrainConfig:
     padding: str = "valid"
     pooling: str = "flatten"         # small_cnn: trainer.encoder.POOLINGS
     input_norm: str = "none"         # small_cnn: trainer.encoder.INPUT_NORMS
+    thumbnail: int = 0               # small_cnn: > 0 adds the parameter-free thumbnail branch of that side
     batch_norm: bool = False
     dense_units: int = 128
     dropout: float = 0.1
@@ -148,6 +154,7 @@ class TrainConfig:
     calibration_items: int = 3000    # the part used to calibrate thresholds (all pairs: ~4.5 M)
     instance_test_items: int = 3000  # test images for the instance protocol on the test split
     patience: int = 2
+    keep_epoch: str = "best"         # KEEP_EPOCHS: export the best validated epoch, or the last one
     max_train_items: int | None = None
     max_test_items: int | None = None
     data_dir: str | None = None
@@ -229,7 +236,7 @@ def make_edit(config: TrainConfig, input_spec: dict) -> Callable[[np.ndarray, np
     h, w, c = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
     if h != w or c != 3:
         raise ValueError(f"copy edits need square RGB input (--channels 3); the input spec is {h}x{w}x{c}")
-    return BatchAugmenter(h, mirror=config.mirror)
+    return BatchAugmenter(h, mirror=config.mirror, trim=config.trim_borders)
 
 
 def make_eval_copies(config: TrainConfig, input_spec: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -240,7 +247,7 @@ def make_eval_copies(config: TrainConfig, input_spec: dict) -> Callable[[np.ndar
         return make_edit(config, input_spec)
     from trainer.copy_edits import PlantedBatch
     make_edit(config, input_spec)  # the same checks
-    return PlantedBatch(int(input_spec["height"]), mirror=config.mirror)
+    return PlantedBatch(int(input_spec["height"]), mirror=config.mirror, trim=config.trim_borders)
 
 
 def edit_source_spec(config: TrainConfig, input_spec: dict) -> dict | None:
@@ -327,7 +334,7 @@ def encoder_kwargs(config: TrainConfig) -> dict:
     """build_encoder keyword arguments of a config (also recorded in the model card)."""
     return {"embedding_dim": config.embedding_dim, "filters": tuple(_int_list(config.filters)),
             "dense_units": config.dense_units, "dropout": config.dropout, "batch_norm": config.batch_norm,
-            "padding": config.padding, "pooling": config.pooling, "input_norm": config.input_norm, "convs_per_stage": config.convs_per_stage, "backbone": config.backbone,
+            "padding": config.padding, "pooling": config.pooling, "input_norm": config.input_norm, "thumbnail": config.thumbnail, "convs_per_stage": config.convs_per_stage, "backbone": config.backbone,
             "weights": config.weights, "freeze_until": config.freeze_until, "alpha": config.alpha,
             "backbone_input_size": config.backbone_input_size}
 
@@ -359,8 +366,9 @@ def _input_spec(config: TrainConfig, images: np.ndarray | None = None) -> dict:
                 "channels": int(images.shape[3]) if images.ndim == 4 else 1, "dtype": "uint8",
                 "value_range": [0, 255]}
     side = int(config.image_size or 64)
-    return {"height": side, "width": side, "channels": int(config.channels or 3), "dtype": "uint8",
+    spec = {"height": side, "width": side, "channels": int(config.channels or 3), "dtype": "uint8",
             "value_range": [0, 255]}
+    return {**spec, "trim_borders": True} if config.trim_borders else spec
 
 
 def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
@@ -561,7 +569,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             emb = tf.cast(model(x, training=True), tf.float32)
             if instance_mode:
                 loss = instance_loss(ids, emb)
-                total = loss + config.koleo_weight * koleo_loss(emb) if config.koleo_weight > 0 else loss
+                total = loss + config.koleo_weight * koleo_loss(emb, ids) if config.koleo_weight > 0 else loss
             else:
                 loss = class_loss(y, emb)
                 total = loss + inst_weight * instance_loss(ids, emb) if use_instances else loss
@@ -650,7 +658,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
                 tf.summary.scalar("validation/mean_pairwise_cosine", mean_cos, step=epoch)
                 tf.summary.scalar("loss/epoch", epoch_loss, step=epoch)
             writer.flush()
-        if val_auc > best["auc"]:
+        if val_auc > best["auc"] or config.keep_epoch == "last":
             best = {"auc": val_auc, "epoch": epoch, "weights": [w.copy() for w in model.get_weights()]}
         elif epoch - best["epoch"] >= config.patience:
             _log(config, f"early stop: no better validation score for {config.patience} epochs")
@@ -835,8 +843,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--data", choices=SOURCES, default=dflt("data"),
                    help="fashion_mnist (IDX files); folder (one subfolder per class); pairs (two folders whose "
                         "same-named files are positive pairs); unlabelled (instance mode); npz (arrays 'images' "
-                        "[+ 'labels'])")
-    g.add_argument("--data_path", default=None, help="the folder / .npz file of --data (fashion_mnist: IDX dir)")
+                        "[+ 'labels']); photo_corpus (tiles of Debian's photo packages, instance mode)")
+    g.add_argument("--data_path", default=None, help="the folder / .npz file of --data (fashion_mnist: IDX dir; "
+                                                     "photo_corpus: its sources, comma-separated, default the "
+                                                     "training side of trainer.photo_corpus.DEFAULT_SPLIT)")
     g.add_argument("--data_dir", default=None,
                    help="directory of the Fashion-MNIST IDX .gz files (default $FASHION_MNIST_DIR or "
                         "/usr/share/datasets/fashion-mnist)")
@@ -871,6 +881,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--input_norm", choices=INPUT_NORMS, default=dflt("input_norm"),
                    help="small_cnn: standardize each image (brightness/contrast edits vanish), or take its "
                         "luminance and standardize it (grey and colour-shifted copies too)")
+    g.add_argument("--thumbnail", type=int, default=dflt("thumbnail"),
+                   help="small_cnn: > 0 adds a parameter-free branch, the input averaged down to this side, "
+                        "beside the conv features before the head (0: off)")
     g.add_argument("--batch_norm", action=argparse.BooleanOptionalAction, default=dflt("batch_norm"),
                    help="small_cnn: BatchNormalization after each conv")
     g.add_argument("--dense_units", type=int, default=dflt("dense_units"), help="hidden layer of the head (0: none)")
@@ -897,6 +910,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "contrast, JPEG-like blocking; for Fashion-MNIST) or copy (trainer.copy_edits: the edits "
                         "photo copies go through: crops, padding, borders, captions, text, grey, colour, blur, "
                         "JPEG, rotation, mirror, screenshots; RGB only)")
+    g.add_argument("--trim_borders", action=argparse.BooleanOptionalAction, default=dflt("trim_borders"),
+                   help="other sources: decoding cuts plain bands at the edges (letterbox bars, frames, caption "
+                        "bars) before the resize; recorded in the card's input spec, so embed does the same")
     g.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=dflt("mirror"),
                    help="copy edits: a left-right mirror counts as a copy (--no-mirror: it is another item)")
     g.add_argument("--edit_source_size", type=int, default=dflt("edit_source_size"),
@@ -927,6 +943,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "validate and export it instead of the last weights")
     g.add_argument("--validation_split", type=float, default=dflt("validation_split"),
                    help="fraction of the train split held out for early stopping and calibration")
+    g.add_argument("--keep_epoch", choices=KEEP_EPOCHS, default=dflt("keep_epoch"),
+                   help="export the best epoch by validation score, or the last epoch")
     g.add_argument("--patience", type=int, default=dflt("patience"),
                    help="stop after this many epochs without a better validation score")
     g.add_argument("--max_train_items", type=int, default=None,

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import cli
-from beam_pipeline.demo import write_catalogue
+from beam_pipeline.demo import write_catalogue, write_photo_catalogue
+from trainer.copy_edits import EDIT_FAMILIES, MIRROR
 from schemas import validate_report, validate_table
 
 
@@ -47,8 +48,8 @@ def test_planting_more_than_the_catalogue_is_refused(tmp_path):
 
 def test_demo_end_to_end_on_a_tiny_slice(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    cli.main(["demo", "--output", out, "--max_train_items", "600", "--epochs", "1", "--catalogue_size", "60",
-              "--planted", "6", "--threshold", "0.97"])
+    cli.main(["demo", "--output", out, "--parts", "fashion_mnist", "--max_train_items", "600", "--epochs", "1",
+              "--catalogue_size", "60", "--planted", "6", "--threshold", "0.97"])
     printed = capsys.readouterr().out
     with open(os.path.join(out, "demo_summary.json")) as f:
         summary = json.load(f)
@@ -68,3 +69,45 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, capsys):
     assert report["threshold"]["source"] == "given"
     assert report["evaluation"]["planted_pairs"] == summary["catalogue"]["planted_pairs"]
     assert "seed-protocol ROC AUC" in printed and "recall@1" in printed and "planted duplicates" in printed
+
+
+def test_photo_catalogue_records_one_edit_family_per_copy(tmp_path):
+    rng = np.random.default_rng(0)
+    photos = rng.integers(0, 256, size=(30, 48, 48, 3), dtype=np.uint8)
+    catalogue = write_photo_catalogue(photos, str(tmp_path), planted_fraction=0.5, max_copies=3, seed=2,
+                                      mirror=False)
+    with open(catalogue.manifest_csv) as f:
+        manifest = list(csv.DictReader(f))
+    copies = [row for row in manifest if int(row["copy_number"]) > 0]
+    assert len({row["source_index"] for row in copies}) == 15
+    assert {row["edit"] for row in copies} <= set(EDIT_FAMILIES) - {MIRROR}
+    assert all(row["edit"] == "" for row in manifest if row["copy_number"] == "0")
+    assert catalogue.items == 30 + len(copies) + 3 == len(os.listdir(tmp_path / "images"))
+    with open(catalogue.ground_truth_csv) as f:
+        pairs = list(csv.reader(f))[1:]
+    groups = {}
+    for row in manifest:
+        if not row["broken"]:
+            groups.setdefault(row["source_index"], []).append(row["item_id"])
+    assert len(pairs) == catalogue.planted_pairs == sum(len(g) * (len(g) - 1) // 2 for g in groups.values())
+
+
+def test_demo_photo_part_end_to_end_on_a_tiny_catalogue(tmp_path, capsys):
+    from trainer import photo_corpus
+    try:
+        photo_corpus.photo_files(photo_corpus.DEFAULT_SPLIT["heldout"])
+    except FileNotFoundError as err:
+        pytest.skip(f"the photo packages are not installed: {err}")
+    out = str(tmp_path / "demo")
+    cli.main(["demo", "--output", out, "--parts", "photos", "--photo_items", "60",
+              "--photo_train_args", "--epochs 2 --classes_per_batch 4 --per_class 8 --instance_test_items 30"])
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, "demo_summary.json")) as f:
+        photos = json.load(f)["photos"]
+    assert photos["match"]["threshold"]["source"] == "self_calibrated"
+    assert "chosen for expected false pairs" in printed and "planted duplicates, clusters" in printed
+    with open(os.path.join(out, "photos", "report.json")) as f:
+        report = validate_report(json.load(f))
+    assert report["threshold"]["self_calibration"]["catalogue_items"] == photos["embed"]["embedded"]
+    assert set(report["evaluation"]["families"]) <= set(EDIT_FAMILIES)
+    assert photos["embed"]["embedded"] + photos["embed"]["failed"] == photos["catalogue"]["items"]

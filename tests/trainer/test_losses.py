@@ -201,13 +201,24 @@ def test_info_nce_matches_a_loop_over_anchors():
     assert float(info_nce_loss(tf.constant(labels), tf.constant(tight), 0.1)) < got
 
 
+def _np_koleo(emb, labels=None):
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    d = np.linalg.norm(e[:, None] - e[None], axis=-1)
+    labels = np.arange(len(e)) if labels is None else np.asarray(labels)
+    d[labels[:, None] == labels[None, :]] = np.inf  # self, and with labels every positive
+    return -np.mean(np.log(d.min(axis=1)))
+
+
 def test_koleo_is_minus_mean_log_nearest_distance():
     from trainer.losses import koleo_loss
     rng = np.random.default_rng(5)
     emb = rng.standard_normal((7, 3)).astype(np.float32)
-    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    d = np.linalg.norm(e[:, None] - e[None], axis=-1) + np.diag(np.full(7, np.inf))
-    assert float(koleo_loss(tf.constant(emb))) == pytest.approx(-np.mean(np.log(d.min(axis=1))), rel=1e-4)
+    assert float(koleo_loss(tf.constant(emb))) == pytest.approx(_np_koleo(emb), rel=1e-4)
     crowded = emb.copy()
     crowded[1] = crowded[0] + 1e-3
     assert float(koleo_loss(tf.constant(crowded))) > float(koleo_loss(tf.constant(emb)))
+    # With labels, a positive (rows 0 and 1 share a label) is never the neighbour that counts.
+    labels = np.array([0, 0, 1, 2, 3, 4, 5])
+    got = float(koleo_loss(tf.constant(crowded), tf.constant(labels)))
+    assert got == pytest.approx(_np_koleo(crowded, labels), rel=1e-4)
+    assert got < float(koleo_loss(tf.constant(crowded)))
