@@ -37,13 +37,15 @@ MIN_ITEMS = 50                   # fewer items: too few pairs to estimate a tail
 DEFAULT_TARGET_PRECISION = 0.99  # expected false pairs <= 1% of the predicted pairs
 IMPOSTOR_SAMPLE_PAIRS = 2_000_000
 EXACT_COUNT_ITEMS = 20_000
-TAIL_QUANTILE = 0.99             # u: the fit starts at this quantile of the sampled pairs
+TAIL_QUANTILE = 0.995            # u: the fit starts at this quantile of the sampled pairs
 GENUINE_CUT_QUANTILE = 0.01      # c: the fit stops at this quantile of the synthetic copies
 MIN_BAND = 200                   # sampled pairs needed inside [u, c] for a fit
 MIN_BAND_SPAN = 0.25             # ... and [u, c] must span this share of [u, 1] (a shape to extrapolate)
 GRID_STEP = 5e-4                 # thresholds are searched on this grid of angular similarity
-BOOTSTRAP = 100
+STABLE_STEPS = 10                # the budget must hold over this many grid steps from the chosen one
+BOOTSTRAP = 50
 MAX_FIT_POINTS = 20_000          # the band is subsampled to this many points for the shape fit
+BOOTSTRAP_FIT_POINTS = 5_000     # ... and to this many in each bootstrap refit
 UNEXPLAINED_SLACK = (0.05, 10.0)  # (share of the predicted pairs, least pairs) the duplicates check tolerates
 SOURCE = "self_calibrated"
 
@@ -105,6 +107,8 @@ class TailModel:
     n_band: int
     n_sampled: int
     share_above_u: float
+    method: str = "truncated"          # "mixture" (with synthetic copies) or "truncated" (without)
+    duplicate_share: float | None = None  # mixture: share of all pairs that are duplicates above u
 
     def survival(self, t) -> np.ndarray:
         """Share of all pairs that are impostors with similarity >= t (t >= u)."""
@@ -113,7 +117,11 @@ class TailModel:
         return self.share_above_u * np.where(t >= self.u, tail, 1.0)
 
     def to_json(self) -> dict:
-        return {"family": "generalized Pareto, truncated to [u, c], maximum likelihood", "u": round(self.u, 6),
+        family = ("generalized Pareto above u, in a mixture with the synthetic copies' score densities "
+                  "(copy-original and copy-copy), maximum likelihood" if self.method == "mixture"
+                  else "generalized Pareto, truncated to [u, c], maximum likelihood")
+        return {"family": family, "method": self.method, "duplicate_share_of_pairs": self.duplicate_share,
+                "u": round(self.u, 6),
                 "c": round(self.c, 6), "xi": round(self.xi, 5), "sigma": round(self.sigma, 6),
                 "pairs_in_band": self.n_band, "pairs_sampled": self.n_sampled,
                 "share_of_pairs_above_u": self.share_above_u}
@@ -164,11 +172,83 @@ def _truncated_gpd_fit(x: np.ndarray, width: float, start: tuple[float, float] |
     return float(xi), float(math.exp(log_sigma))
 
 
-def fit_tail(scores: np.ndarray, genuine: np.ndarray | None) -> tuple[TailModel, list[str]]:
-    """Fit the impostor tail of sampled pair scores (angular). Returns the model and notes on how it was fit
-    (what was lowered or assumed)."""
+def _genuine_density(genuine: np.ndarray, u: float):
+    """The synthetic copies' score density restricted to [u, 1] (a Gaussian KDE, Scott's bandwidth), as a
+    function of scores; None if no copy scores at or above u."""
+    genuine = np.asarray(genuine, np.float64)
+    if np.ptp(genuine) < 1e-9:
+        genuine = genuine + np.linspace(-1e-4, 1e-4, len(genuine))
+    kde = stats.gaussian_kde(genuine)
+    mass = float(kde.integrate_box_1d(u, np.inf))
+    if mass <= 1e-9:
+        return None
+    return lambda x: kde(x) / mass
+
+
+def _mixture_fit(y: np.ndarray, u: float, g_u: list[np.ndarray], start=None) -> tuple[float, float, float, list]:
+    """(xi, sigma, impostor share pi, start for a refit) maximising sum log(pi GPD(y - u) + sum_k w_k g_k(y))
+    over scores y >= u, g_k the duplicate densities there (evaluated at y), pi + sum w_k = 1 (softmax)."""
+    x = y - u
+    mean = max(float(x.mean()), 1e-6)
+    parts = np.stack(g_u)  # (K, n)
+
+    def weights(logits):
+        z = np.concatenate([[0.0], logits])
+        e = np.exp(z - z.max())
+        return e / e.sum()  # [pi, w_1..w_K]
+
+    def nll(params):
+        xi, log_sigma, logits = params[0], params[1], np.asarray(params[2:])
+        w = weights(logits)
+        f = w[0] * np.exp(_gpd_logpdf(x, xi, math.exp(log_sigma))) + w[1:] @ parts
+        return float(-np.sum(np.log(f + 1e-300)))
+
+    k = len(g_u)
+    starts = [start] if start is not None else [[-0.2, math.log(mean)] + [-3.0] * k,
+                                                 [0.1, math.log(mean)] + [-1.0] * k]
+    best = None
+    for x0 in starts:
+        res = optimize.minimize(nll, x0=np.asarray(x0, float), method="Nelder-Mead",
+                                options={"xatol": 1e-4, "fatol": 1e-3, "maxiter": 600 * (2 + k)})
+        if best is None or res.fun < best.fun:
+            best = res
+    w = weights(best.x[2:])
+    return float(best.x[0]), float(math.exp(best.x[1])), float(w[0]), list(best.x)
+
+
+def fit_mixture_tail(scores: np.ndarray, genuine: list[np.ndarray], rng: np.random.Generator | None = None,
+                     start=None) -> tuple[TailModel, list] | None:
+    """The impostor tail as one part of a mixture of all sampled pairs above u (TAIL_QUANTILE): impostors
+    (a GPD) and duplicates (the synthetic copies' score densities: copy-original, and copy-copy when given).
+    Duplicates among the sampled pairs are thus explained, not mistaken for a heavy impostor tail, however far
+    the copies' scores spread. Returns (model, the fit's parameters, to start a refit), or None when the copies
+    give no density above u."""
+    scores = np.asarray(scores, np.float64)
+    u = float(np.quantile(scores, TAIL_QUANTILE))
+    y = scores[scores >= u]
+    densities = [d for d in (_genuine_density(g, u) for g in genuine if g is not None and len(g) >= 20)
+                 if d is not None]
+    if not densities or len(y) < MIN_BAND or float(np.ptp(y)) < 1e-6:
+        return None
+    fit_on = y if len(y) <= MAX_FIT_POINTS else (rng or np.random.default_rng(0)).choice(y, MAX_FIT_POINTS, False)
+    xi, sigma, pi, params = _mixture_fit(fit_on, u, [d(fit_on) for d in densities], start)
+    above = len(y) / len(scores)
+    return TailModel(u, 1.0, xi, sigma, int(len(y)), int(len(scores)), above * pi, "mixture",
+                     above * (1.0 - pi)), params
+
+
+def fit_tail(scores: np.ndarray, genuine: np.ndarray | None,
+             copy_copy: np.ndarray | None = None) -> tuple[TailModel, list[str]]:
+    """Fit the impostor tail of sampled pair scores (angular): the mixture fit when there are synthetic
+    copies, else a GPD truncated below the copies (or, without copies, below the 99.99th percentile). Returns
+    the model and notes on how it was fit (what was lowered or assumed)."""
     scores = np.asarray(scores, np.float64)
     notes = []
+    if genuine is not None and len(genuine) >= 20:
+        fitted = fit_mixture_tail(scores, [genuine, copy_copy])
+        if fitted is not None:
+            return fitted[0], notes
+        notes.append("the synthetic copies give no density above the fit's start: a truncated fit instead")
     c = float(np.quantile(genuine, GENUINE_CUT_QUANTILE)) if genuine is not None and len(genuine) else None
     if c is None:
         c = float(np.quantile(scores, 1 - 1e-4))
@@ -200,8 +280,25 @@ def fit_tail(scores: np.ndarray, genuine: np.ndarray | None) -> tuple[TailModel,
     return TailModel(u, c, xi, sigma, int(len(band)), int(len(scores)), float(share)), notes
 
 
-def _bootstrap_tails(model: TailModel, scores: np.ndarray, rng: np.random.Generator, rounds: int) -> list[TailModel]:
-    """Refits on resampled bands (count ~ Poisson(n_band), values resampled): the fit's uncertainty."""
+def _bootstrap_tails(model: TailModel, scores: np.ndarray, rng: np.random.Generator, rounds: int,
+                     genuine: list | None = None) -> list[TailModel]:
+    """Refits on resampled bands (count ~ Poisson(n_band), values resampled; for the mixture the copies are
+    resampled too): the fit's uncertainty."""
+    if model.method == "mixture":
+        y = scores[scores >= model.u]
+        parts = [g for g in genuine if g is not None and len(g) >= 20]
+        out = []
+        for _ in range(rounds):
+            k = max(MIN_BAND, int(rng.poisson(len(y))))
+            sample = rng.choice(y, min(k, BOOTSTRAP_FIT_POINTS), replace=True)
+            densities = [_genuine_density(rng.choice(g, len(g)), model.u) for g in parts]
+            if any(d is None for d in densities):
+                continue
+            xi, sigma, pi, _ = _mixture_fit(sample, model.u, [d(sample) for d in densities])
+            above = k / model.n_sampled
+            out.append(TailModel(model.u, 1.0, xi, sigma, k, model.n_sampled, above * pi, "mixture",
+                                 above * (1 - pi)))
+        return out
     band = scores[(scores >= model.u) & (scores <= model.c)]
     out = []
     for _ in range(rounds):
@@ -217,14 +314,15 @@ def _bootstrap_tails(model: TailModel, scores: np.ndarray, rng: np.random.Genera
 def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray, predicted: np.ndarray,
                      genuine: np.ndarray | None, *, target_precision: float | None = DEFAULT_TARGET_PRECISION,
                      max_false_pairs: float | None = None, exhaustive: bool = False, exact_counts: bool = True,
-                     seed: int = 0, bootstrap: int = BOOTSTRAP) -> dict:
+                     seed: int = 0, bootstrap: int = BOOTSTRAP, copy_copy: np.ndarray | None = None) -> dict:
     """The threshold for a false-pair budget, with its estimate and uncertainty.
 
     Args:
       impostor_scores: angular similarities of sampled pairs (sample_pair_scores).
       n_items: N; the catalogue has N(N-1)/2 pairs.
       grid, predicted: ascending thresholds and the catalogue's pairs at or above each (count_pairs_at_or_above).
-      genuine: angular similarities of synthetic copies to their originals (or None).
+      genuine: angular similarities of synthetic copies to their originals (or None); copy_copy: of pairs of
+        copies of one original by two edits (or None).
       target_precision: budget FP(t) <= (1 - target_precision) * P(t); or max_false_pairs: FP(t) <= it.
     Returns the THRESHOLD dict of match_run.json (angular_similarity, cosine, source "self_calibrated") with
     a "self_calibration" entry: the estimate, its 95% interval, the counts and the tail model behind it.
@@ -236,13 +334,15 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
     if max_false_pairs is not None and not max_false_pairs > 0:
         raise ValueError(f"max false pairs must be > 0, got {max_false_pairs}")
     total_pairs = n_items * (n_items - 1) // 2
-    model, notes = fit_tail(impostor_scores, genuine)
+    model, notes = fit_tail(impostor_scores, genuine, copy_copy)
     on_grid = grid >= model.u
     g, p = grid[on_grid], predicted[on_grid]
     fp = total_pairs * model.survival(g)
     budget = (1.0 - target_precision) * p if target_precision is not None else np.full(len(g), float(max_false_pairs))
     ok = (fp <= budget) | (p < 1) if target_precision is not None else fp <= budget
-    unexplained = unexplained_pairs(g, p, fp, genuine, np.random.default_rng(seed + 1))
+    # The truncated fit (no duplicates model) is checked against the copies' count; the mixture models them.
+    unexplained = None if model.method == "mixture" else unexplained_pairs(g, p, fp, genuine,
+                                                                             np.random.default_rng(seed + 1))
     if unexplained is not None:
         gated = ok & ~unexplained
         if np.any(ok & unexplained):
@@ -252,17 +352,21 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
                          "there (copies and distinct items overlap under this model), so those thresholds are "
                          "not used")
         ok = gated
-    # The smallest t from which the budget holds at every higher threshold.
-    bad = np.flatnonzero(~ok)
-    k = int(bad[-1]) + 1 if len(bad) else 0
-    if k >= len(g):
+    # The smallest t at which the budget holds there and at the next STABLE_STEPS grid points (one noisy
+    # point does not choose). Higher up, where few pairs remain, the ratio may exceed the budget again: the
+    # precision of a handful of pairs is not what a catalogue's threshold is chosen for.
+    steady = np.array([ok[i:i + STABLE_STEPS].all() for i in range(len(ok))])
+    hits = np.flatnonzero(steady & (p >= 1)) if target_precision is not None else np.flatnonzero(steady)
+    if len(hits):
+        k = int(hits[0])
+    else:
         k = len(g) - 1
         notes.append("no threshold on the grid meets the budget: the highest one is used")
     t = float(g[k])
     fp_t, p_t = float(fp[k]), float(p[k])
     rng = np.random.default_rng(seed)
-    boots = np.array([total_pairs * b.survival(t) for b in _bootstrap_tails(model, np.asarray(impostor_scores),
-                                                                               rng, bootstrap)])
+    boots = np.array([total_pairs * b.survival(t) for b in _bootstrap_tails(
+        model, np.asarray(impostor_scores), rng, bootstrap, [genuine, copy_copy])])
     boots = np.minimum(boots, total_pairs)
     lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975])) if len(boots) else (fp_t, fp_t)
     sampled_above = int(np.sum(np.asarray(impostor_scores) >= t))
@@ -275,7 +379,9 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
         hits = int(np.sum(genuine >= t))
         ci = stats.binomtest(hits, len(genuine)).proportion_ci(0.95, method="exact")
         recall = {"estimate": hits / len(genuine), "ci95": [float(ci.low), float(ci.high)],
-                  "synthetic_copies": int(len(genuine))}
+                  "synthetic_copies": int(len(genuine)),
+                  "copy_to_copy": (round(float(np.mean(copy_copy >= t)), 4)
+                                   if copy_copy is not None and len(copy_copy) else None)}
     budget_text = (f"expected false pairs <= {1 - target_precision:.3g} x predicted pairs (precision "
                    f">= {target_precision:g})" if target_precision is not None
                    else f"expected false pairs <= {max_false_pairs:g}")
@@ -352,7 +458,8 @@ def synthetic_copy_scores(model, input_spec: dict, items: list[tuple[str, np.nda
     (at most `max_side` px), edited by one family of trainer.copy_edits (cycled), saved as JPEG and decoded
     to the input spec as the embed stage does; "near_duplicate": decoded to the input spec and edited there by
     trainer.augment. Then embedded. Returns (scores (k,), families (k,), {reason: count} of items skipped
-    because their bytes do not decode)."""
+    because their bytes do not decode, copy-to-copy scores (m,): every other item's copy against a second
+    copy of it by another edit; empty for near_duplicate))."""
     if edits == "near_duplicate":
         return _near_duplicate_scores(model, input_spec, items, rng)
     import io
@@ -364,33 +471,57 @@ def synthetic_copy_scores(model, input_spec: dict, items: list[tuple[str, np.nda
 
     planter = CopyPlanter()
     families = choose_families(len(items), rng, mirror=mirror)
-    pixels, originals, used, skipped = [], [], [], {}
-    for (data, emb), family in zip(items, families):
+    second = choose_families(len(items), rng, mirror=mirror)
+    pixels, originals, used, skipped, pairs = [], [], [], {}, []
+
+    def copy_pixels(image, family):
+        buffer = io.BytesIO()
+        Image.fromarray(planter(image, family, rng)).save(buffer, format="JPEG", quality=92)
+        return decode_image(buffer.getvalue(), input_spec).pixels
+
+    for k, ((data, emb), family) in enumerate(zip(items, families)):
         try:
             image = Image.open(io.BytesIO(data))
             image.draft("RGB", (max_side, max_side))
-            image = image.convert("RGB")
-            image.thumbnail((max_side, max_side))
-            copy = planter(np.asarray(image), family, rng)
-            buffer = io.BytesIO()
-            Image.fromarray(copy).save(buffer, format="JPEG", quality=92)
-            pixels.append(decode_image(buffer.getvalue(), input_spec).pixels)
+            image = np.asarray(image.convert("RGB"))
+            if max(image.shape[:2]) > max_side:
+                pil = Image.fromarray(image)
+                pil.thumbnail((max_side, max_side))
+                image = np.asarray(pil)
+            first = copy_pixels(image, family)
+            # Every other item also gets a second copy by another edit: copies of one original are
+            # duplicates of each other too, and score lower than copy-original pairs.
+            other = copy_pixels(image, second[k] if second[k] != family else families[k - 1]) if k % 2 else None
         except (DecodeError, OSError, ValueError) as err:
             reason = type(err).__name__
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
+        pixels.append(first)
         originals.append(emb)
         used.append(family)
+        if other is not None:
+            pairs.append((len(pixels) - 1, other))
     if not pixels:
-        return np.zeros(0), [], skipped
-    return _scores(model, input_spec, pixels, originals), used, skipped
+        return np.zeros(0), [], skipped, np.zeros(0)
+    scores, copies = _scores(model, input_spec, pixels, originals)
+    copy_copy = np.zeros(0)
+    if pairs:
+        seconds = _embed(model, input_spec, [x for _, x in pairs])
+        cos = np.einsum("kd,kd->k", copies[[i for i, _ in pairs]], seconds)
+        copy_copy = angular_similarity(cos).astype(np.float64)
+    return scores, used, skipped, copy_copy
 
 
-def _scores(model, input_spec: dict, pixels: list, originals: list) -> np.ndarray:
+def _embed(model, input_spec: dict, pixels: list) -> np.ndarray:
     from beam_pipeline.inference import embed_batch
-    copies = np.concatenate([embed_batch(model, pixels[k:k + 256], input_spec) for k in range(0, len(pixels), 256)])
+    return np.concatenate([embed_batch(model, pixels[k:k + 256], input_spec) for k in range(0, len(pixels), 256)])
+
+
+def _scores(model, input_spec: dict, pixels: list, originals: list) -> tuple[np.ndarray, np.ndarray]:
+    """(angular similarities of the copies `pixels` to their originals' embeddings, the copies' embeddings)."""
+    copies = _embed(model, input_spec, pixels)
     cos = np.einsum("kd,kd->k", copies, np.asarray(originals, np.float32))
-    return angular_similarity(cos).astype(np.float64)
+    return angular_similarity(cos).astype(np.float64), copies
 
 
 def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.Generator):
@@ -407,8 +538,8 @@ def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.
         pixels.append(augment_image(decoded, rng))
         originals.append(emb)
     if not pixels:
-        return np.zeros(0), [], skipped
-    return _scores(model, input_spec, pixels, originals), ["near_duplicate"] * len(pixels), skipped
+        return np.zeros(0), [], skipped, np.zeros(0)
+    return _scores(model, input_spec, pixels, originals)[0], ["near_duplicate"] * len(pixels), skipped, np.zeros(0)
 
 
 def _read_bytes(uri: str, max_bytes: int) -> bytes:
@@ -452,7 +583,7 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
     grid = threshold_grid(max(0.0, float(np.quantile(impostor, 0.5))))
     predicted, exact = count_pairs_at_or_above(emb, grid, rng)
     uris = _source_uris(templates_glob)
-    genuine, families, skipped = np.zeros(0), [], {}
+    genuine, families, skipped, copy_copy = np.zeros(0), [], {}, np.zeros(0)
     model, card = None, None
     if copies > 0:
         model, card = load_encoder(model_dir)
@@ -468,14 +599,15 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
                 skipped[reason] = skipped.get(reason, 0) + 1
         training = (card or {}).get("training") or {}
         if items:
-            genuine, families, bad = synthetic_copy_scores(
+            genuine, families, bad, copy_copy = synthetic_copy_scores(
                 model, card["input_spec"], items, rng, edits=training.get("edits", "near_duplicate"),
                 mirror=bool(training.get("mirror", True)))
             for reason, count in bad.items():
                 skipped[reason] = skipped.get(reason, 0) + count
     result = choose_threshold(impostor, n, grid, predicted, genuine if len(genuine) else None,
                               target_precision=target_precision, max_false_pairs=max_false_pairs,
-                              exhaustive=exhaustive and len(rows) == n, exact_counts=exact, seed=seed)
+                              exhaustive=exhaustive and len(rows) == n, exact_counts=exact, seed=seed,
+                              copy_copy=copy_copy if len(copy_copy) else None)
     cal = result["self_calibration"]
     by_family = {}
     for f in sorted(set(families)):

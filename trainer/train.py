@@ -64,14 +64,15 @@ PRESETS = {
     # held-out test split, for catalogues it has never seen. Measured in BENCHMARKS.md "Copy detection".
     "catalogue": {"instance_only": True, "edits": "copy", "instance_loss": "info_nce", "koleo_weight": 0.1,
                   "image_size": 64, "channels": 3, "filters": "32,64,128,256", "padding": "same",
-                  "batch_norm": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 16,
+                  "batch_norm": True, "pooling": "avg_max", "input_norm": "grey_standardize", "trim_borders": True,
+                  "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 8,
                   "per_class": 8, "epochs": 40, "patience": 40, "keep_epoch": "last", "test_fraction": 0.0,
-                  "validation_split": 0.0,
-                  "learning_rate": 2e-3},
-    "copydetect": {"instance_only": True, "edits": "copy", "instance_loss": "info_nce", "koleo_weight": 0.1,
-                   "image_size": 64, "channels": 3, "filters": "32,64,128,256", "padding": "same",
-                   "batch_norm": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 16,
-                   "per_class": 8, "epochs": 30, "patience": 6, "test_fraction": 0.15, "learning_rate": 2e-3},
+                  "validation_split": 0.0, "learning_rate": 2e-3},
+    "copydetect": {"data": "photo_corpus", "instance_only": True, "edits": "copy", "instance_loss": "info_nce",
+                   "koleo_weight": 0.1, "image_size": 64, "channels": 3, "filters": "32,64,128,256",
+                   "padding": "same", "batch_norm": True, "pooling": "avg_max", "input_norm": "grey_standardize",
+                   "trim_borders": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 8,
+                   "per_class": 8, "epochs": 150, "patience": 150, "keep_epoch": "last", "test_fraction": 0.1, "learning_rate": 2e-3},
 }
 EDITS = ("near_duplicate", "copy")  # trainer.augment (Fashion-MNIST style) | trainer.copy_edits (photos)
 INSTANCE_LOSSES = ("triplet", "info_nce")
