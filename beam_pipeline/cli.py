@@ -11,7 +11,11 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+
+# Set (to anything but "" or "0") to see the traceback behind a one-line error.
+DEBUG_ENV = "SIAMESE_DEDUP_DEBUG"
 
 STAGES = {
     "train": ("trainer.train", "Train a triplet-loss encoder and export model.keras + model_card.json."),
@@ -47,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     module_name, _ = STAGES[args.stage]
     module = importlib.import_module(module_name)
-    summary = module.run(rest)
+    try:
+        summary = module.run(rest)
+    except (ValueError, FileNotFoundError) as err:  # a user's input or flags: one line, not a traceback
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"siamese-dedup {args.stage}: error: {err} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
     if summary is not None and args.stage != "demo":
         print(json.dumps(summary, indent=2, default=str))
     return 0

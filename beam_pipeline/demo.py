@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--planted", type=int, default=500, help="Fashion-MNIST: originals that get augmented copies (default 500).")
     parser.add_argument("--max_copies", type=int, default=2, help="Fashion-MNIST: copies per planted original: 1..N (default 2).")
     parser.add_argument("--photo_items", type=int, default=PHOTO_ITEMS,
-                        help=f"Photos: distinct originals in the catalogue (default {PHOTO_ITEMS}).")
+                        help="Photos: distinct originals in the catalogue (default 0: one tile of every photograph "
+                        "of the corpus's held-out packages).")
     parser.add_argument("--photo_model_dir", default=None,
                         help="Photos: use this encoder instead of training one on the catalogue (--preset catalogue).")
     parser.add_argument("--photo_train_args", default="",
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PARTS = ("fashion_mnist", "photos")
-PHOTO_ITEMS = 800
+PHOTO_ITEMS = 0  # 0: one tile of every photograph of the held-out packages (272 from endless-sky-data)
 
 
 def _timed(timings: dict, stage: str, fn, *args):
@@ -293,13 +294,21 @@ def _dedup_job(catalogue: Catalogue, model_dir: str, out: str, args, run_id: str
 
 def photo_tiles(n: int, seed: int = 0) -> np.ndarray:
     """`n` distinct photo tiles (uint8 (n, 256, 256, 3)) from the corpus's held-out packages
-    (trainer.photo_corpus.DEFAULT_SPLIT), chosen with the seed."""
+    (trainer.photo_corpus.DEFAULT_SPLIT), chosen with the seed: at most one tile per photograph and scale,
+    because two neighbouring tiles of one texture (gravel, sand, a dome's ribs) look like copies of each
+    other though the ground truth would call them distinct."""
     from trainer import photo_corpus
 
-    tiles, _ = photo_corpus.tile_photos(photo_corpus.photo_files(photo_corpus.DEFAULT_SPLIT["heldout"]))
-    if n > len(tiles):
-        raise ValueError(f"--photo_items {n}: the corpus's held-out packages give {len(tiles)} distinct tiles")
-    return tiles[np.sort(np.random.default_rng(seed).choice(len(tiles), n, replace=False))]
+    tiles, origins = photo_corpus.tile_photos(photo_corpus.photo_files(photo_corpus.DEFAULT_SPLIT["heldout"]))
+    rng = np.random.default_rng(seed)
+    by_photo_scale: dict = {}
+    for k in rng.permutation(len(tiles)):
+        by_photo_scale.setdefault((origins[k].file, origins[k].scale), int(k))
+    keep = np.array(sorted(by_photo_scale.values()), np.int64)
+    if n > len(keep):
+        raise ValueError(f"--photo_items {n}: the corpus's held-out packages give {len(keep)} tiles "
+                         "(one per photograph and scale)")
+    return tiles[keep] if n == 0 else tiles[np.sort(rng.choice(keep, n, replace=False))]
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -9,10 +9,13 @@ card calibrated on a few hundred pairs. At match time:
    trainer.copy_edits (one edit family each, as in training), decoded to the model's input exactly as the
    embed stage decodes, and embedded by the same model; their similarity to their own template is what a
    duplicate of this catalogue scores under this model.
-3. Tail model: the impostor tail is fitted above u (the 99th percentile of the sampled pairs) and below c
-   (the 1st percentile of the synthetic copies), a generalized Pareto distribution truncated to [u, c]
-   (peaks over threshold, maximum likelihood), so the duplicates above c do not pass for impostors. It gives
-   the expected number of false pairs at any t >= u: FP(t) = M * (n_band / n_sampled) * S(t - u) / F(c - u).
+3. Tail model (peaks over threshold): every sampled pair above u, the 99.5th percentile, is modelled as a
+   mixture of impostors, whose tail is a generalized Pareto distribution with shape xi >= 0 (no lighter
+   than exponential: conservative), and duplicates, whose score densities are those of the synthetic copies
+   (copy-original and copy-copy; Gaussian kernel estimates), fitted by maximum likelihood. So the catalogue's
+   own duplicates among the sampled pairs are explained, not mistaken for impostors. It gives the expected
+   false pairs at any t >= u: FP(t) = M * share_impostors_above_u * S(t - u). Without synthetic copies, a
+   GPD truncated below the 99.99th percentile is fitted instead (conservative), checked against the counts.
    Where t is above every sampled impostor score, only the model speaks, and the result says so.
 4. Predicted pairs P(t): counted exactly over all pairs (blocked matrix products; a seeded subsample of
    EXACT_COUNT_ITEMS items, scaled to M, when the catalogue is larger).
@@ -198,7 +201,9 @@ def _mixture_fit(y: np.ndarray, u: float, g_u: list[np.ndarray], start=None) -> 
         return e / e.sum()  # [pi, w_1..w_K]
 
     def nll(params):
-        xi, log_sigma, logits = params[0], params[1], np.asarray(params[2:])
+        # xi >= 0: the tail is taken to be no lighter than exponential. A bounded tail (xi < 0) would let
+        # the fit declare zero impostors above its end point and hand every pair there to the duplicates.
+        xi, log_sigma, logits = max(params[0], 0.0), params[1], np.asarray(params[2:])
         w = weights(logits)
         f = w[0] * np.exp(_gpd_logpdf(x, xi, math.exp(log_sigma))) + w[1:] @ parts
         return float(-np.sum(np.log(f + 1e-300)))
@@ -213,7 +218,7 @@ def _mixture_fit(y: np.ndarray, u: float, g_u: list[np.ndarray], start=None) -> 
         if best is None or res.fun < best.fun:
             best = res
     w = weights(best.x[2:])
-    return float(best.x[0]), float(math.exp(best.x[1])), float(w[0]), list(best.x)
+    return max(float(best.x[0]), 0.0), float(math.exp(best.x[1])), float(w[0]), list(best.x)
 
 
 def fit_mixture_tail(scores: np.ndarray, genuine: list[np.ndarray], rng: np.random.Generator | None = None,
@@ -445,7 +450,8 @@ def _curve(grid: np.ndarray, predicted: np.ndarray, fp: np.ndarray, points: int 
 
 def threshold_grid(low: float = 0.5) -> np.ndarray:
     """Ascending angular thresholds from `low` to 1 in GRID_STEP steps."""
-    return np.round(np.arange(low, 1.0 + GRID_STEP / 2, GRID_STEP), 6)
+    grid = np.round(np.arange(low, 1.0 + GRID_STEP / 2, GRID_STEP), 6)
+    return grid[grid <= 1.0]
 
 
 def synthetic_copy_scores(model, input_spec: dict, items: list[tuple[str, np.ndarray]], rng: np.random.Generator,

@@ -1,7 +1,7 @@
 """Near-duplicate detection on a photo catalogue with planted copies: our pipeline beside imagededup and fastdup.
 
     flock /tmp/heavy.lock .venv/bin/python bench/bench_neardup.py --catalogue CAT \\
-        (--project_model MODEL_DIR | --project_train [--train_args '--preset instance'] [--project_model OUT]) \\
+        (--project_model MODEL_DIR | --project_train [--train_args '--preset catalogue'] [--project_model OUT]) \\
         [--project_threshold T] [--work /tmp/bench_neardup] [--json results.json] [--peers phash,...,fastdup]
 
 Long runs (training, big catalogues) go behind `flock /tmp/heavy.lock` as above: the machine is shared.
@@ -490,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--project_train", action="store_true",
                    help="train an encoder on the catalogue itself: python -m trainer.train --data unlabelled "
                         "--data_path CAT/images --output M + --train_args")
-    g.add_argument("--train_args", default="--preset instance",
-                   help="trainer flags for --project_train (default '--preset instance')")
+    g.add_argument("--train_args", default="--preset catalogue",
+                   help="trainer flags for --project_train (default '--preset catalogue')")
     g.add_argument("--project_threshold", type=float, default=None,
                    help="match threshold (angular similarity); default: our match stage's own (model card)")
     g.add_argument("--match_args", default="", help="extra flags for our match stage's own-threshold run")

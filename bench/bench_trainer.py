@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_trainer.py
     .venv/bin/python bench/bench_trainer.py train --output /tmp/q --preset quality   # one training recipe
     .venv/bin/python bench/bench_trainer.py loss      # batch-all triplet loss: rows per positive pair vs cube
+    .venv/bin/python bench/bench_trainer.py copyfeed  # photo copy edits vs the catalogue preset's training step
 
 `markdown FILE...` turns the JSON lines of `train` runs into the table rows of BENCHMARKS.md.
 The `train` form runs trainer.train.run(ARGS) in this process and prints one JSON line with the summary's
@@ -116,6 +117,61 @@ def bench_triplet_rows(steps: int = 20, repeats: int = 3) -> None:
                 rows_images_per_s=round(best["rows"]), ratio=round(best["rows"] / best["cube"], 2))
 
 
+def bench_copy_feed(batches: int = 8, repeats: int = 3) -> None:
+    """Is the model or the input pipeline the bottleneck of photo training? trainer.copy_edits' training edits
+    (BatchAugmenter, one thread, as the trainer's prefetch thread runs them) against one training step of the
+    --preset catalogue encoder + InfoNCE/KoLeo loss, in images/s, best of `repeats`, on the same batch."""
+    import tensorflow as tf
+
+    from trainer.copy_edits import BatchAugmenter
+    from trainer.encoder import build_encoder
+    from trainer.losses import info_nce_loss, koleo_loss
+    from trainer.train import PRESETS, TrainConfig, encoder_kwargs
+    import dataclasses
+
+    cfg = dataclasses.replace(TrainConfig(), **{k: v for k, v in PRESETS["catalogue"].items()
+                                                if k in TrainConfig.__dataclass_fields__})
+    side = cfg.image_size
+    spec = {"height": side, "width": side, "channels": 3, "dtype": "uint8", "value_range": [0, 255]}
+    batch = cfg.classes_per_batch * cfg.per_class  # images per view
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:2 * side, 0:2 * side]
+    sources = np.stack([((np.sin(xx / (3 + k % 7)) + np.cos(yy / (2 + k % 5))) * 60 + 128 + rng.normal(0, 10, xx.shape))
+                        .clip(0, 255).astype(np.uint8)[..., None].repeat(3, -1) for k in range(batch)])
+    aug = BatchAugmenter(side, mirror=True, trim=cfg.trim_borders)
+    feed = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(batches):
+            aug(sources, rng)
+        feed.append(batches * batch / (time.perf_counter() - t))
+    model = build_encoder(spec, **encoder_kwargs(cfg))
+    opt = tf.keras.optimizers.Adam(1e-3)
+    x = tf.constant(np.concatenate([aug(sources, rng), aug(sources, rng)]).astype(np.float32))
+    ids = tf.constant(np.tile(np.arange(batch), 2))
+
+    @tf.function(reduce_retracing=True)
+    def step(x, ids):
+        with tf.GradientTape() as tape:
+            emb = model(x, training=True)
+            loss = info_nce_loss(ids, emb, cfg.temperature) + cfg.koleo_weight * koleo_loss(emb, ids)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    step(x, ids)
+    train = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(batches):
+            step(x, ids)
+        train.append(batches * 2 * batch / (time.perf_counter() - t))
+    # A training step consumes 2 x batch views, of which 1.5 x batch are edited (the first view half the time).
+    _report("copy_feed", edit_images_per_s=round(max(feed)), train_step_images_per_s=round(max(train)),
+            edits_needed_per_trained_image=0.75,
+            headroom=round(max(feed) / (0.75 * max(train)), 2), batch=f"2 x {batch}", side=side)
+
+
 def bench_recall(n: int = 10000, dim: int = 64) -> None:
     from trainer.distances import l2_normalize
     from trainer.evaluate import recall_at_k
@@ -172,6 +228,9 @@ if __name__ == "__main__":
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "markdown":
         markdown_rows(sys.argv[2:])
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "copyfeed":
+        bench_copy_feed()
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "loss":
         bench_triplet_rows()

@@ -66,13 +66,14 @@ PRESETS = {
                   "image_size": 64, "channels": 3, "filters": "32,64,128,256", "padding": "same",
                   "batch_norm": True, "pooling": "avg_max", "input_norm": "grey_standardize", "trim_borders": True,
                   "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 8,
-                  "per_class": 8, "epochs": 40, "patience": 40, "keep_epoch": "last", "test_fraction": 0.0,
+                  "per_class": 8, "epochs": 40, "epoch_items": 1536, "patience": 40, "keep_epoch": "last",
+                  "test_fraction": 0.0,
                   "validation_split": 0.0, "learning_rate": 2e-3},
     "copydetect": {"data": "photo_corpus", "instance_only": True, "edits": "copy", "instance_loss": "info_nce",
                    "koleo_weight": 0.1, "image_size": 64, "channels": 3, "filters": "32,64,128,256",
                    "padding": "same", "batch_norm": True, "pooling": "avg_max", "input_norm": "grey_standardize",
                    "trim_borders": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 8,
-                   "per_class": 8, "epochs": 150, "patience": 150, "keep_epoch": "last", "test_fraction": 0.1, "learning_rate": 2e-3},
+                   "per_class": 8, "epochs": 60, "epoch_items": 1536, "patience": 60, "keep_epoch": "last", "test_fraction": 0.1, "learning_rate": 2e-3},
 }
 EDITS = ("near_duplicate", "copy")  # trainer.augment (Fashion-MNIST style) | trainer.copy_edits (photos)
 INSTANCE_LOSSES = ("triplet", "info_nce")
@@ -95,7 +96,7 @@ class TrainConfig:
     a second, edited copy (trainer.augment), and an instance triplet loss (weight `instance_weight`, margin
     `instance_margin`) asks that copy to be closer than any other image, same class included: that is
     what makes near-duplicates stand out from mere look-alikes. The first view is edited with probability
-    `augment_prob`. An epoch is len(train) embeddings of work (so with views=2 half the images, twice each).
+    `augment_prob`. An epoch is len(train) (or `epoch_items`) embeddings of work (so with views=2 half the images, twice each).
     Instance mode (`--data unlabelled`, an npz without labels, or `instance_only`) drops the class loss and
     draws batches of P*K distinct images. With `proxy_weight` > 0 (labelled classes only) a normalized-softmax
     loss against one learnt proxy vector per class is added to the triplet loss; the proxies belong to the
@@ -111,6 +112,7 @@ class TrainConfig:
     test_fraction: float = 0.2        # other sources: held out as the test split
     embedding_dim: int = 64
     epochs: int = 3
+    epoch_items: int | None = None   # embeddings of work per epoch (default: the training set's size)
     classes_per_batch: int = 10
     per_class: int = 8
     loss: str = "triplet"            # "triplet" | "contrastive"
@@ -521,12 +523,13 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     if instance_mode:
         batch = config.classes_per_batch * config.per_class
         sampler = InstanceSampler(len(y_train), min(batch, len(y_train)),
-                                  max(1, len(y_train) // (views * batch)))
+                                  max(1, (config.epoch_items or len(y_train)) // (views * batch)))
         shape = f"{views} x {sampler.batch_size} images"
     else:
         p = min(config.classes_per_batch, n_classes)
         k = 2 if kind == "pair" else config.per_class
-        sampler = PKSampler(y_train, p=p, k=k, batches_per_epoch=max(1, len(y_train) // (views * p * k)))
+        sampler = PKSampler(y_train, p=p, k=k,
+                            batches_per_epoch=max(1, (config.epoch_items or len(y_train)) // (views * p * k)))
         shape = f"{views} x {p} x {k}"
     steps_per_epoch = len(sampler)
     input_spec = _input_spec(config, images)
@@ -892,6 +895,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--embedding_dim", type=int, default=dflt("embedding_dim"), help="length of the embeddings")
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=dflt("epochs"), help="maximum number of epochs")
+    g.add_argument("--epoch_items", type=int, default=dflt("epoch_items"),
+                   help="embeddings of work per epoch (default: the training set's size); fixes the training "
+                        "time whatever the catalogue's size")
     g.add_argument("--loss", choices=("triplet", "contrastive"), default=dflt("loss"), help="in-batch loss")
     g.add_argument("--margin", type=float, default=dflt("margin"),
                    help="triplet margin (contrastive: the negative margin), in units of --distance")

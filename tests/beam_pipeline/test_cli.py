@@ -127,3 +127,15 @@ def test_stages_end_to_end_match_an_independent_reference(tiny_model_dir, tmp_pa
     same_cluster = {(a, b) for a, b in planted if by_item[a]["cluster_id"] == by_item[b]["cluster_id"]}
     assert report["evaluation"]["recall"] == pytest.approx(len(same_cluster) / len(planted))
     assert os.path.getsize(os.path.join(work, "report.html")) > 1000
+
+
+def test_a_user_mistake_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    code = cli.main(["match", "--templates", str(tmp_path / "none" / "*.parquet"), "--output", str(tmp_path),
+                     "--threshold", "0.9", "--target_fmr", "1e-4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: give at most one of --threshold" in err and "Traceback" not in err
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="at most one"):
+        cli.main(["match", "--templates", "x", "--output", str(tmp_path), "--threshold", "0.9",
+                  "--target_fmr", "1e-4"])
