@@ -209,18 +209,28 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
 # are cut away before the resize, so a padded or framed copy reaches the encoder like its original.
 TRIM_TOLERANCE = 12      # a pixel belongs to the edge's colour within this many grey levels (max over channels)
 TRIM_SHARE = 0.75        # a line (row or column) is border when at least this share of it has the edge colour
+TRIM_TEXT_SHARE = 0.45   # a band runs on through lines with this share (text on a caption bar)
 TRIM_MAX_SIDE = 0.35     # at most this share of the height (width) is cut from one side
 TRIM_MIN_KEPT = 0.4      # and at least this share of each dimension is kept, else nothing is cut
 TRIM_ROUNDS = 3          # a title bar above a margin: each round strips one band of one colour per side
 TRIM_WORK_SIDE = 96      # the box is found on a copy at most this large
 
 
-def _edge_run(lines: np.ndarray) -> int:
-    """How many lines, from index 0 on, are border: lines (n, m, c) int16, line 0 at the edge."""
+def _edge_run(lines: np.ndarray, limit: int) -> int:
+    """How many lines, from index 0 on, are border: lines (n, m, c) int16, line 0 at the edge.
+
+    The band starts with a plain line (TRIM_SHARE of it in the edge's colour) and runs on through lines that
+    are at least TRIM_TEXT_SHARE that colour (a caption's text rows); it ends at its last plain line."""
+    if limit <= 0:
+        return 0
     edge = np.median(lines[0], axis=0)
-    close = (np.abs(lines - edge).max(axis=2) <= TRIM_TOLERANCE).mean(axis=1) >= TRIM_SHARE
-    run = int(np.argmin(close)) if not close.all() else len(close)
-    return min(run, int(len(lines) * TRIM_MAX_SIDE))
+    share = (np.abs(lines[:limit + 1] - edge).max(axis=2) <= TRIM_TOLERANCE).mean(axis=1)
+    if not len(share) or share[0] < TRIM_SHARE:
+        return 0
+    inside = share >= TRIM_TEXT_SHARE
+    end = int(np.argmin(inside)) if not inside.all() else len(inside)
+    plain = np.flatnonzero(share[:end] >= TRIM_SHARE)
+    return min(int(plain[-1]) + 1, limit)
 
 
 def border_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
@@ -231,13 +241,16 @@ def border_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
     h, w = a.shape[:2]
     step = max(1, int(np.ceil(max(h, w) / TRIM_WORK_SIDE)))
     small = a[::step, ::step].astype(np.int16)
-    top, bottom, left, right = 0, small.shape[0], 0, small.shape[1]
+    sh, sw = small.shape[:2]
+    top, bottom, left, right = 0, sh, 0, sw
+    max_rows, max_cols = int(sh * TRIM_MAX_SIDE), int(sw * TRIM_MAX_SIDE)  # per side, over all rounds
     for _ in range(TRIM_ROUNDS):
         box = small[top:bottom, left:right]
         if box.shape[0] < 4 or box.shape[1] < 4:
             break
-        cuts = (_edge_run(box), _edge_run(box[::-1]), _edge_run(box.transpose(1, 0, 2)),
-                _edge_run(box.transpose(1, 0, 2)[::-1]))
+        cols = box.transpose(1, 0, 2)
+        cuts = (_edge_run(box, max_rows - top), _edge_run(box[::-1], max_rows - (sh - bottom)),
+                _edge_run(cols, max_cols - left), _edge_run(cols[::-1], max_cols - (sw - right)))
         if not any(cuts):
             break
         top, bottom, left, right = top + cuts[0], bottom - cuts[1], left + cuts[2], right - cuts[3]

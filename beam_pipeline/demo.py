@@ -395,6 +395,7 @@ def _job_lines(job: dict) -> list[str]:
         lines.append(f"    chosen for {cal['budget']}: expected false pairs {cal['expected_false_pairs']:.2f} "
                      f"(95% {lo:.2f}-{hi:.2f}) of ~{cal['predicted_pairs']:.0f} predicted; synthetic copies "
                      f"found {_rate(recall)}")
+        lines += [f"    note: {note}" for note in cal.get("notes") or []]
     lines.append(f"  matched pairs {job['match']['pairs']}, clusters {job['dedup']['clusters_count']}, "
                  f"items to drop {job['dedup']['items_to_drop']}")
     evaluation = job["report"].get("evaluation") or {}

@@ -8,20 +8,21 @@ card calibrated on a few hundred pairs. At match time:
 2. Genuine: synthetic copies. Sampled catalogue items are read back from their files, edited by
    trainer.copy_edits (one edit family each, as in training), decoded to the model's input exactly as the
    embed stage decodes, and embedded by the same model; their similarity to their own template is what a
-   duplicate of this catalogue scores under this model.
+   duplicate of this catalogue scores under this model. Every other item also gets a second copy by
+   another edit: two copies of one original are duplicates too, and score lower.
 3. Tail model (peaks over threshold): every sampled pair above u, the 99.5th percentile, is modelled as a
    mixture of impostors, whose tail is a generalized Pareto distribution with shape xi >= 0 (no lighter
    than exponential: conservative), and duplicates, whose score densities are those of the synthetic copies
    (copy-original and copy-copy; Gaussian kernel estimates), fitted by maximum likelihood. So the catalogue's
    own duplicates among the sampled pairs are explained, not mistaken for impostors. It gives the expected
    false pairs at any t >= u: FP(t) = M * share_impostors_above_u * S(t - u). Without synthetic copies, a
-   GPD truncated below the 99.99th percentile is fitted instead (conservative), checked against the counts.
+   GPD truncated below the 99.99th percentile is fitted instead (conservative).
    Where t is above every sampled impostor score, only the model speaks, and the result says so.
 4. Predicted pairs P(t): counted exactly over all pairs (blocked matrix products; a seeded subsample of
    EXACT_COUNT_ITEMS items, scaled to M, when the catalogue is larger).
-5. The threshold: the smallest t with FP(t') <= (1 - target_precision) * P(t') at t and every higher t'
-   where pairs remain (default: expected precision 0.99), or FP(t) <= max_false_pairs. Its 95% interval
-   comes from a bootstrap of the tail fit.
+5. The threshold: the smallest t at which FP <= (1 - target_precision) * P holds there and over the next
+   STABLE_STEPS grid points (default: expected precision 0.99), or FP(t) <= max_false_pairs. Its 95%
+   interval comes from a bootstrap of the tail fit (sampled pairs and copies resampled).
 
 Everything here is numpy in, numpy out, apart from `synthetic_copy_scores`, which reads image files and runs
 the model. Similarities are angular (trainer.distances).
@@ -41,9 +42,11 @@ DEFAULT_TARGET_PRECISION = 0.99  # expected false pairs <= 1% of the predicted p
 IMPOSTOR_SAMPLE_PAIRS = 2_000_000
 EXACT_COUNT_ITEMS = 20_000
 TAIL_QUANTILE = 0.995            # u: the fit starts at this quantile of the sampled pairs
-GENUINE_CUT_QUANTILE = 0.01      # c: the fit stops at this quantile of the synthetic copies
-MIN_BAND = 200                   # sampled pairs needed inside [u, c] for a fit
-MIN_BAND_SPAN = 0.25             # ... and [u, c] must span this share of [u, 1] (a shape to extrapolate)
+MIN_BAND = 200                   # sampled pairs needed above u (and inside [u, c]) for a fit
+# The truncated fit (when the mixture cannot be fitted): it stops at c, this quantile of the copies' scores,
+# and [u, c] must span MIN_BAND_SPAN of [u, 1] (a shape to extrapolate).
+GENUINE_CUT_QUANTILE = 0.01
+MIN_BAND_SPAN = 0.25
 GRID_STEP = 5e-4                 # thresholds are searched on this grid of angular similarity
 STABLE_STEPS = 10                # the budget must hold over this many grid steps from the chosen one
 BOOTSTRAP = 50
@@ -343,6 +346,8 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
     on_grid = grid >= model.u
     g, p = grid[on_grid], predicted[on_grid]
     fp = total_pairs * model.survival(g)
+    if exact_counts:  # there cannot be more false pairs than pairs (the tail model can say so far out)
+        fp = np.minimum(fp, p)
     budget = (1.0 - target_precision) * p if target_precision is not None else np.full(len(g), float(max_false_pairs))
     ok = (fp <= budget) | (p < 1) if target_precision is not None else fp <= budget
     # The truncated fit (no duplicates model) is checked against the copies' count; the mixture models them.
@@ -372,7 +377,7 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
     rng = np.random.default_rng(seed)
     boots = np.array([total_pairs * b.survival(t) for b in _bootstrap_tails(
         model, np.asarray(impostor_scores), rng, bootstrap, [genuine, copy_copy])])
-    boots = np.minimum(boots, total_pairs)
+    boots = np.minimum(boots, p_t if exact_counts else total_pairs)
     lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975])) if len(boots) else (fp_t, fp_t)
     sampled_above = int(np.sum(np.asarray(impostor_scores) >= t))
     beyond = sampled_above < 10

@@ -258,3 +258,42 @@ def test_mpo_camera_jpeg_decodes_its_first_picture(encode):
     data = encode(_filled("RGB", (90, 90, 90)), "MPO", save_all=True, append_images=[_filled("RGB", (250, 250, 250))])
     assert Image.open(__import__("io").BytesIO(data)).format == "MPO"
     assert np.abs(_decode_l(data).astype(int) - 90).max() <= 2
+
+
+def _textured(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(40, 220, (h, w, 3), dtype=np.uint8)
+
+
+def test_border_box_cuts_bars_frames_and_caption_bars_but_not_a_photo():
+    from beam_pipeline.decode import border_box, trim_borders
+    photo = _textured(120, 160)
+    assert border_box(photo) == (0, 120, 0, 160)
+    letterbox = np.zeros((120, 260, 3), np.uint8)
+    letterbox[:, 50:210] = photo
+    top, bottom, left, right = border_box(letterbox)  # found on a copy at most TRIM_WORK_SIDE wide: +-3 px here
+    assert (top, bottom) == (0, 120) and 50 <= left <= 53 and 207 <= right <= 210
+    framed = np.full((140, 180, 3), 255, np.uint8)
+    framed[10:130, 10:170] = photo
+    assert abs(trim_borders(framed).shape[0] - 120) <= 4 and abs(trim_borders(framed).shape[1] - 160) <= 4
+    caption = np.full((150, 160, 3), 20, np.uint8)
+    caption[30:] = photo
+    text = np.random.default_rng(2).random((14, 110)) < 0.45  # a line of text: a third of those rows is not bar
+    caption[8:22, 10:120][text] = 255
+    top, bottom, left, right = border_box(caption)
+    assert 28 <= top <= 32 and (bottom, left, right) == (150, 0, 160)
+    tiny = np.zeros((100, 100, 3), np.uint8)
+    tiny[40:60, 40:60] = _textured(20, 20)  # cutting to it would keep under TRIM_MIN_KEPT: nothing is cut
+    assert border_box(tiny) == (0, 100, 0, 100)
+
+
+def test_decode_trims_only_when_the_spec_says_so(encode):
+    from beam_pipeline.decode import decode_image
+    letterbox = np.zeros((64, 128, 3), np.uint8)
+    letterbox[:, 32:96] = _textured(64, 64, 1)
+    spec = {"height": 16, "width": 16, "channels": 3, "dtype": "uint8", "value_range": [0, 255]}
+    plain = decode_image(encode(letterbox), spec).pixels
+    trimmed = decode_image(encode(letterbox), {**spec, "trim_borders": True}).pixels
+    direct = decode_image(encode(letterbox[:, 32:96]), spec).pixels
+    assert plain[:, 0].max() == 0 and trimmed[:, 0].max() > 0
+    assert np.abs(trimmed.astype(int) - direct).mean() < 2

@@ -138,3 +138,30 @@ def test_self_calibration_refuses_a_catalogue_too_small_and_mixed_threshold_flag
         match.run(base + ["--threshold", "0.9", "--target_fmr", "1e-4"])
     with pytest.raises(ValueError, match="needs --model_dir"):
         match.run(["--templates", f"{work}/templates/*.parquet", "--output", work])
+
+
+def test_mixture_explains_copy_to_copy_duplicates_and_the_estimate_holds_within_2x():
+    rng = np.random.default_rng(7)
+    n = 1200
+    m = n * (n - 1) // 2
+    impostor = 0.62 + rng.exponential(0.025, m - 900)
+    originals = np.clip(rng.normal(0.95, 0.02, 600), 0, 1)   # copy-original pairs
+    copies = np.clip(rng.normal(0.88, 0.03, 300), 0, 1)      # copy-copy pairs: lower
+    scores = np.concatenate([impostor, originals, copies])
+    synthetic = np.clip(rng.normal(0.95, 0.02, 400), 0, 1)
+    synthetic_cc = np.clip(rng.normal(0.88, 0.03, 200), 0, 1)
+    model, notes = sc.fit_tail(scores, synthetic, synthetic_cc)
+    assert model.method == "mixture" and not notes
+    assert model.duplicate_share * m == pytest.approx(900, rel=0.25)
+    for t in (0.8, 0.84):
+        truth = np.sum(impostor >= t)
+        assert truth / 2 <= m * model.survival(t) <= 2 * truth, t
+    without_cc, _ = sc.fit_tail(scores, synthetic)  # copy-copy pairs then pass for a heavier impostor tail
+    assert m * without_cc.survival(0.86) > m * model.survival(0.86)
+
+
+def test_without_copies_the_fit_is_truncated_and_says_so():
+    rng = np.random.default_rng(8)
+    impostor, duplicate, _ = _catalogue_scores(rng)
+    model, notes = sc.fit_tail(np.concatenate([impostor, duplicate]), None)
+    assert model.method == "truncated" and any("no synthetic copies" in x for x in notes)

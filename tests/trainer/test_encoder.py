@@ -112,3 +112,29 @@ def test_resnet50_and_bad_names():
     assert any(type(l).__name__ == "Functional" and l.name == "resnet50" for l in model.layers)
     with pytest.raises(ValueError, match="backbone"):
         build_encoder(backbone="vgg")
+
+
+def test_grey_standardized_input_makes_grey_and_contrast_copies_embed_like_the_original():
+    from trainer.encoder import build_encoder
+    spec = {"height": 32, "width": 32, "channels": 3, "dtype": "uint8", "value_range": [0, 255]}
+    model = build_encoder(spec, 16, filters=(8, 16), dense_units=0, dropout=0.0, padding="same",
+                          pooling="avg_max", input_norm="grey_standardize", thumbnail=8)
+    rng = np.random.default_rng(0)
+    image = rng.integers(30, 200, (1, 32, 32, 3)).astype(np.float32)
+    grey = np.repeat(image @ np.array([0.299, 0.587, 0.114], np.float32)[:, None], 3, axis=-1)
+    contrast = np.clip((image - image.mean()) * 1.2 + image.mean() + 10, 0, 255)
+    other = rng.integers(30, 200, (1, 32, 32, 3)).astype(np.float32)
+    e = [np.asarray(model(x, training=False))[0] for x in (image, grey, contrast, other)]
+    assert float(e[0] @ e[1]) > 0.9999 and float(e[0] @ e[2]) > 0.9999
+    assert float(e[0] @ e[3]) < 0.999
+
+
+def test_pooling_and_thumbnail_options_are_checked():
+    from trainer.encoder import build_encoder
+    spec = {"height": 30, "width": 30, "channels": 3, "dtype": "uint8", "value_range": [0, 255]}
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        build_encoder(spec, 8, pooling="median")
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        build_encoder(spec, 8, input_norm="sepia")
+    with pytest.raises(ValueError, match="must divide"):
+        build_encoder(spec, 8, thumbnail=8)
