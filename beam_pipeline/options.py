@@ -67,7 +67,7 @@ def _add_threshold(parser) -> None:
         type=float,
         default=None,
         help="Self-calibration: the smallest threshold at which the expected false pairs are at most "
-        "(1 - this) x the predicted pairs. Default 0.99 when no other threshold flag is given.",
+        "(1 - this) x the predicted pairs. Default 0.97 when no other threshold flag is given.",
     )
     _add(
         parser,

@@ -124,7 +124,7 @@ def test_match_without_threshold_flags_chooses_one_for_the_catalogue(tmp_path, t
     assert cal["predicted_pairs"] == doc["pairs"], "the counted pairs are the pairs the pipeline matched"
     sims = read_table_dir(work, "matches").column("angular_similarity").to_numpy()
     assert np.all(sims >= t["angular_similarity"] - 1e-6)
-    assert cal["expected_false_pairs"] <= 0.01 * max(cal["predicted_pairs"], 1) + 1e-9 or \
+    assert cal["expected_false_pairs"] <= (1 - sc.DEFAULT_TARGET_PRECISION) * max(cal["predicted_pairs"], 1) + 1e-9 or \
         cal["predicted_pairs"] == 0
 
 
