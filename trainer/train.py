@@ -73,7 +73,8 @@ PRESETS = {
                    "koleo_weight": 0.1, "image_size": 64, "channels": 3, "filters": "32,64,128,256",
                    "padding": "same", "batch_norm": True, "pooling": "avg_max", "input_norm": "grey_standardize",
                    "trim_borders": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 8,
-                   "per_class": 8, "epochs": 60, "epoch_items": 1536, "patience": 60, "keep_epoch": "last", "test_fraction": 0.1, "learning_rate": 2e-3},
+                   "per_class": 8, "epochs": 60, "epoch_items": 1536, "patience": 60, "keep_epoch": "last",
+                   "test_fraction": 0.1, "learning_rate": 2e-3},
 }
 EDITS = ("near_duplicate", "copy")  # trainer.augment (Fashion-MNIST style) | trainer.copy_edits (photos)
 INSTANCE_LOSSES = ("triplet", "info_nce")
@@ -96,7 +97,8 @@ class TrainConfig:
     a second, edited copy (trainer.augment), and an instance triplet loss (weight `instance_weight`, margin
     `instance_margin`) asks that copy to be closer than any other image, same class included: that is
     what makes near-duplicates stand out from mere look-alikes. The first view is edited with probability
-    `augment_prob`. An epoch is len(train) (or `epoch_items`) embeddings of work (so with views=2 half the images, twice each).
+    `augment_prob`. An epoch is len(train) (or `epoch_items`) embeddings of work (so with views=2 half the
+    images, twice each).
     Instance mode (`--data unlabelled`, an npz without labels, or `instance_only`) drops the class loss and
     draws batches of P*K distinct images. With `proxy_weight` > 0 (labelled classes only) a normalized-softmax
     loss against one learnt proxy vector per class is added to the triplet loss; the proxies belong to the
@@ -337,7 +339,8 @@ def encoder_kwargs(config: TrainConfig) -> dict:
     """build_encoder keyword arguments of a config (also recorded in the model card)."""
     return {"embedding_dim": config.embedding_dim, "filters": tuple(_int_list(config.filters)),
             "dense_units": config.dense_units, "dropout": config.dropout, "batch_norm": config.batch_norm,
-            "padding": config.padding, "pooling": config.pooling, "input_norm": config.input_norm, "thumbnail": config.thumbnail, "convs_per_stage": config.convs_per_stage, "backbone": config.backbone,
+            "padding": config.padding, "pooling": config.pooling, "input_norm": config.input_norm,
+            "thumbnail": config.thumbnail, "convs_per_stage": config.convs_per_stage, "backbone": config.backbone,
             "weights": config.weights, "freeze_until": config.freeze_until, "alpha": config.alpha,
             "backbone_input_size": config.backbone_input_size}
 
@@ -628,7 +631,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         t_epoch = time.perf_counter()
         losses, totals = [], []
         report_every = max(1, steps_per_epoch // 5)
-        for step, (x, y, ids) in enumerate(_prefetch(_batches(x_train, y_train, sampler, rng, cfg_views, edit, src_train)), 1):
+        batches = _batches(x_train, y_train, sampler, rng, cfg_views, edit, src_train)
+        for step, (x, y, ids) in enumerate(_prefetch(batches), 1):
             loss, total = train_step(x, y, ids)
             losses.append(float(loss))
             totals.append(float(total))
@@ -729,7 +733,8 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     cal_images, cal_labels = images[cal_idx], labels[cal_idx]
     cal_emb = embed(cal_images)
     same, different = ev.all_pair_scores(cal_emb, None if instance_mode else cal_labels)
-    by_instance = ev.calibrate_instance(embed, cal_images, copies=eval_copies(sources[cal_idx], np.random.default_rng(config.seed)),
+    cal_copies = eval_copies(sources[cal_idx], np.random.default_rng(config.seed))
+    by_instance = ev.calibrate_instance(embed, cal_images, copies=cal_copies,
                                         originals=cal_emb, impostor=np.concatenate([same, different]))
     thresholds = {"instance": by_instance["thresholds"], "class": []}
     aucs = {"test seed protocol": metrics.get("seed_protocol_auc"), "instance (calibration set)": by_instance["auc"],
@@ -827,7 +832,8 @@ def _example_copies(images, copies, inst) -> list:
 # --- command line -----------------------------------------------------------------------------------------
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
-    from trainer.encoder import INPUT_NORMS, POOLINGS  # imports Keras: here, not at module load (the JAX bench picks its backend first)
+    # Imports Keras: here, not at module load (the JAX bench picks its backend first).
+    from trainer.encoder import INPUT_NORMS, POOLINGS
     d = TrainConfig()
     defaults = PRESETS.get(preset, {}) if preset else {}
 
@@ -857,7 +863,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--image_size", type=int, default=dflt("image_size"),
                    help="other sources: images are decoded and resized to this square side (default 64; npz: "
                         "as stored)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=dflt("channels"), help="other sources: 1 grey or 3 RGB")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=dflt("channels"),
+                   help="other sources: 1 grey or 3 RGB")
     g.add_argument("--test_fraction", type=float, default=dflt("test_fraction"),
                    help="other sources: share held out as the test split (whole pairs / classes stratified)")
     g.add_argument("--train_classes", default=None,
