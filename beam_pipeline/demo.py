@@ -44,9 +44,10 @@ class Catalogue:
     broken_items: int
 
 
-def _png_bytes(pixels: np.ndarray) -> bytes:
+def _encoded(pixels: np.ndarray, fmt: str = "PNG", **save) -> bytes:
+    """The bytes of `pixels` saved as an image file of format `fmt` (PIL's save options in `save`)."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format=fmt, **save)
     return buffer.getvalue()
 
 
@@ -82,7 +83,7 @@ def write_catalogue(
         entries.extend((int(source), c) for c in range(1, int(count) + 1))
     broken_payloads = []
     if broken:
-        truncated = _png_bytes(images[0])[:40]
+        truncated = _encoded(images[0])[:40]
         broken_payloads = [("truncated_png", truncated), *BROKEN_FILES.items()]
     order = rng.permutation(len(entries) + len(broken_payloads))
     names = [f"item_{k:06d}.png" for k in order]
@@ -94,7 +95,7 @@ def write_catalogue(
     for (source, copy), name in zip(entries, names):
         pixels = images[source] if copy == 0 else augment_image(images[source], rng)
         with open(os.path.join(image_dir, name), "wb") as f:
-            f.write(_png_bytes(pixels))
+            f.write(_encoded(pixels))
         groups.setdefault(source, []).append(name)
         manifest_rows.append((name, source, int(labels[source]), copy, "", "near_duplicate" if copy else ""))
     for (kind, payload), name in zip(broken_payloads, names[len(entries):]):
@@ -127,12 +128,6 @@ def _write_truth(out_dir: str, groups: dict, manifest_rows: list, image_glob: st
         writer.writerows(sorted(manifest_rows))
     return Catalogue(image_glob=image_glob, ground_truth_csv=ground_truth_csv, manifest_csv=manifest_csv,
                      items=len(manifest_rows), planted_pairs=len(pairs), broken_items=broken)
-
-
-def _jpeg_bytes(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
-    return buffer.getvalue()
 
 
 def write_photo_catalogue(
@@ -171,7 +166,7 @@ def write_photo_catalogue(
         entries.extend((int(source), c, next(families)) for c in range(1, int(count) + 1))
     broken_payloads = []
     if broken:
-        broken_payloads = [("truncated_jpeg", _jpeg_bytes(photos[0], 90)[:300]), *BROKEN_FILES.items()]
+        broken_payloads = [("truncated_jpeg", _encoded(photos[0], "JPEG", quality=90)[:300]), *BROKEN_FILES.items()]
     order = rng.permutation(len(entries) + len(broken_payloads))
     names = [f"item_{k:06d}.jpg" for k in order]
     image_dir = os.path.join(out_dir, "images")
@@ -181,9 +176,9 @@ def write_photo_catalogue(
     manifest_rows = []
     for (source, copy, family), name in zip(entries, names):
         if copy == 0:
-            payload = _jpeg_bytes(photos[source], 92)
+            payload = _encoded(photos[source], "JPEG", quality=92)
         else:
-            payload = _jpeg_bytes(planter(photos[source], family, rng), 95)
+            payload = _encoded(planter(photos[source], family, rng), "JPEG", quality=95)
         with open(os.path.join(image_dir, name), "wb") as f:
             f.write(payload)
         groups.setdefault(source, []).append(name)

@@ -66,8 +66,8 @@ def sample_pair_scores(emb: np.ndarray, max_pairs: int, rng: np.random.Generator
     n = len(emb)
     total = n * (n - 1) // 2
     if total <= max_pairs:
-        scores = [angular_similarity(emb[i + 1:] @ emb[i]) for i in range(n - 1)]
-        return np.concatenate(scores).astype(np.float64), True
+        from trainer.evaluate import all_pair_scores
+        return all_pair_scores(emb)[1].astype(np.float64), True
     i = rng.integers(0, n, max_pairs)
     j = rng.integers(0, n - 1, max_pairs)
     j = j + (j >= i)  # uniform over j != i
@@ -592,7 +592,11 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
             "half of the catalogue's random pairs are at angular similarity >= 0.999: its items are (nearly) "
             "identical to this model, so copies cannot be told from distinct items. Pass --threshold")
     grid = threshold_grid(max(0.0, float(np.quantile(impostor, 0.5))))
-    predicted, exact = count_pairs_at_or_above(emb, grid, rng)
+    if exhaustive and len(rows) == n:  # the sample is every pair: count from it, not from a second pass
+        predicted = (len(impostor) - np.searchsorted(np.sort(impostor), grid, side="left")).astype(np.float64)
+        exact = True
+    else:
+        predicted, exact = count_pairs_at_or_above(emb, grid, rng)
     uris = _source_uris(templates_glob)
     genuine, families, skipped, copy_copy = np.zeros(0), [], {}, np.zeros(0)
     model, card = None, None

@@ -233,26 +233,33 @@ def make_edit(config: TrainConfig, input_spec: dict) -> Callable[[np.ndarray, np
     """The training edits of `config.edits`: (sources uint8 (n, S, S, C), rng) -> copies uint8 of the input
     spec's shape (n, H, W, C). near_duplicate edits the input-size images themselves (trainer.augment); copy
     edits photos at `edit_source_size` and resizes to the input like decode (trainer.copy_edits)."""
+    if _copy_side(config, input_spec) is None:
+        return augment_batch
+    from trainer.copy_edits import BatchAugmenter
+    return BatchAugmenter(_copy_side(config, input_spec), mirror=config.mirror, trim=config.trim_borders)
+
+
+def _copy_side(config: TrainConfig, input_spec: dict) -> int | None:
+    """The input side copy edits resize to (None for near_duplicate edits); refuses what they cannot edit."""
     if config.edits not in EDITS:
         raise ValueError(f"edits must be one of {EDITS}, got {config.edits!r}")
     if config.edits == "near_duplicate":
-        return augment_batch
-    from trainer.copy_edits import BatchAugmenter
+        return None
     h, w, c = int(input_spec["height"]), int(input_spec["width"]), int(input_spec["channels"])
     if h != w or c != 3:
         raise ValueError(f"copy edits need square RGB input (--channels 3); the input spec is {h}x{w}x{c}")
-    return BatchAugmenter(h, mirror=config.mirror, trim=config.trim_borders)
+    return h
 
 
 def make_eval_copies(config: TrainConfig, input_spec: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The copies validation, calibration and the test protocol judge: near_duplicate as in training; copy
     edits one planted family per image (trainer.copy_edits.PlantedBatch), as the demo catalogue plants them,
     not the heavier random compositions training uses."""
-    if config.edits != "copy":
+    side = _copy_side(config, input_spec)
+    if side is None:
         return make_edit(config, input_spec)
     from trainer.copy_edits import PlantedBatch
-    make_edit(config, input_spec)  # the same checks
-    return PlantedBatch(int(input_spec["height"]), mirror=config.mirror, trim=config.trim_borders)
+    return PlantedBatch(side, mirror=config.mirror, trim=config.trim_borders)
 
 
 def edit_source_spec(config: TrainConfig, input_spec: dict) -> dict | None:
@@ -280,7 +287,7 @@ def _batches(images: np.ndarray, labels: np.ndarray, sampler, rng: np.random.Gen
             edited[b:] = True
             edited = np.flatnonzero(edited)
             if len(edited):
-                x[edited] = edit(sources[idx[edited]], rng).reshape(x[edited].shape)
+                x[edited] = edit(sources[idx[edited]], rng).reshape((len(edited),) + x.shape[1:])
         if x.ndim == 3:
             x = x[..., None]
         yield x.astype(np.float32), labels[idx], idx
