@@ -7,6 +7,9 @@ import setuptools
 REQUIRED = [
     "tensorflow-cpu>=2.16,<2.21; platform_machine == 'x86_64'",
     "tensorflow>=2.16,<2.21; platform_machine != 'x86_64'",
+    # Keras 3.9 fixed safe_mode (CVE-2025-1550: a config naming functions of any module); the encoder is
+    # always loaded in safe mode (trainer.export.load_encoder).
+    "keras>=3.9",
     "apache-beam[gcp]>=2.60,<3",
     "numpy>=1.26,<3",
     "pyarrow>=14",

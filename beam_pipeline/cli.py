@@ -14,8 +14,11 @@ import logging
 import os
 import sys
 
-# Set (to anything but "" or "0") to see the traceback behind a one-line error.
+# Set (to anything but "" or "0"), or pass --debug, to see the traceback behind a one-line error.
 DEBUG_ENV = "SIAMESE_DEDUP_DEBUG"
+# Exit statuses: a user's mistake in flags or input (argparse's own status), and Ctrl-C (128 + SIGINT).
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 STAGES = {
     "train": ("trainer.train", "Train a triplet-loss encoder and export model.keras + model_card.json."),
@@ -34,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Run `siamese-dedup STAGE --help` for a stage's options.",
     )
     parser.add_argument("--log_level", default="INFO", help="Logging level (default INFO).")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"Show the traceback behind an error (or set {DEBUG_ENV}=1).")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (_, help_text) in STAGES.items():
         # add_help=False: the stage's own parser answers --help with its real options.
@@ -49,18 +54,33 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     module_name, _ = STAGES[args.stage]
     module = importlib.import_module(module_name)
     try:
         summary = module.run(rest)
-    except (ValueError, FileNotFoundError) as err:  # a user's input or flags: one line, not a traceback
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    except (ValueError, OSError) as err:
+        # A user's input or flags (a bad value, a missing or unreadable file, inputs that do not belong
+        # together: beam_pipeline.outputs.LineageError), or the machine's (a full disk, no permission):
+        # one line, not a traceback. Failures the pipelines catch per item go to the failures table.
+        if debug:
             raise
-        print(f"siamese-dedup {args.stage}: error: {err} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        return 2
+        print(f"siamese-dedup {args.stage}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"siamese-dedup {args.stage}: interrupted: nothing was published, the previous outputs are as they "
+              "were", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if summary is not None and args.stage != "demo":
         print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if text else type(err).__name__
 
 
 if __name__ == "__main__":

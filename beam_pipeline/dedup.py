@@ -3,9 +3,11 @@
     siamese-dedup dedup --templates 'D/templates/*.parquet' --matches 'D/matches/*.parquet' --output D
         [--keeper_policy first_id|largest_image|oldest|column] [--linkage complete|single]
 
-1. The driver reads only the id and model columns of both tables (no embeddings) and refuses, before any
-   work, matches of another model or naming items that are not among the templates. It takes the match
-   threshold from --threshold or D/match_run.json (beside the matches directory).
+1. The driver reads only the id, content and model columns of both tables (no embeddings) and refuses,
+   before any work, matches that were not made from these templates (their lineage records the
+   templates' fingerprint: beam_pipeline.outputs), matches of several match runs, of another model or
+   naming items that are not among the templates. It takes the threshold from --threshold (not below
+   the matches' own) or the matches' lineage.
 2. The pipeline reads the item columns it needs (item_id, width, height, embedded_at) and the matched
    pairs, and runs clustering.cluster_items on one worker: clustering is global, but the edges are only
    the pairs above the threshold (a small multiple of the duplicates, not N^2), so they fit one worker for
@@ -16,12 +18,12 @@
    member-to-member similarity and flag clusters held together only by a chain (is_chained).
    Every cluster records its weakest link and its smallest member-to-member similarity.
 3. Rows (every item: cluster_id = keeper's item_id, is_keeper, cluster_size, min_link_similarity,
-   min_member_similarity, is_chained) are written to D/clusters/clusters-*.parquet.
+   min_member_similarity, is_chained) are written to D/clusters/clusters-*.parquet, with their lineage
+   (templates fingerprint, match run), staged and published when the run has finished.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import apache_beam as beam
@@ -32,6 +34,7 @@ import pyarrow.compute as pc
 from beam_pipeline import blocks as bk
 from beam_pipeline import clustering
 from beam_pipeline import io as bio
+from beam_pipeline import outputs, runner
 from beam_pipeline.options import DedupOptions, new_run_id, parse_stage_options
 from schemas.tables import CLUSTERS_SCHEMA
 
@@ -73,16 +76,18 @@ def check_inputs(templates: pa.Table, matches: pa.Table) -> str:
     return next(iter(models)) if models else ""
 
 
-def match_threshold(matches_glob: str, given: float | None) -> float | None:
-    """The angular threshold the matches were made at: `given`, else match_run.json beside the matches
-    directory ('D/matches/*.parquet' -> 'D/match_run.json'), else None (the weakest pair is used)."""
+def match_threshold(matches_lineage: dict, given: float | None) -> float | None:
+    """The angular threshold for the clusters: `given` (at or above the one the matches were made at: the
+    matches hold no pair below theirs), else the matches' own (their lineage), else None (the weakest
+    pair is used)."""
+    made_at = matches_lineage.get("threshold")
     if given is not None:
+        if made_at is not None and given < made_at - 1e-9:
+            raise ValueError(f"--threshold {given} is below the {made_at:.6f} the matches were made at (match "
+                             f"run {matches_lineage['run_id']}): pairs between the two were never written; rerun "
+                             "match at the lower threshold")
         return float(given)
-    run_json = bio.FileSystems.join(os.path.dirname(os.path.dirname(matches_glob)), "match_run.json")
-    try:
-        return float(bio.read_json(run_json)["threshold"]["angular_similarity"])
-    except (FileNotFoundError, KeyError, TypeError, ValueError):
-        return None
+    return None if made_at is None else float(made_at)
 
 
 def read_keeper_values(path: str, column: str) -> dict:
@@ -175,19 +180,61 @@ def run(argv=None, test_pipeline=None) -> dict:
     run_id = opts.run_id or new_run_id()
     if opts.keeper_policy == "column" and not (opts.keeper_table and opts.keeper_column):
         raise ValueError("--keeper_policy column needs --keeper_table and --keeper_column")
-    if opts.chain_margin < 0 or opts.max_diameter_members < 2:
-        raise ValueError("--chain_margin must be >= 0 and --max_diameter_members >= 2")
+    templates_lineage = outputs.templates_fingerprint(opts.templates)
+    matches_lineage = outputs.single_run(opts.matches, "matches", "match")
+    outputs.check_matches(matches_lineage, templates_lineage, opts.matches, opts.templates)
     templates = _column_values(opts.templates, ["item_id", "model_id"], "templates")
     matches = _column_values(opts.matches, ["left_id", "right_id", "model_id"], "matches")
     model_id = check_inputs(templates, matches)
     n_items, n_pairs = templates.num_rows, matches.num_rows
     del templates, matches
-    threshold = match_threshold(opts.matches, opts.threshold)
+    threshold = match_threshold(matches_lineage, opts.threshold)
     keeper_values = read_keeper_values(opts.keeper_table, opts.keeper_column) if opts.keeper_policy == "column" \
         else None
+    lineage = {"stage": "dedup", "run_id": run_id, "model_id": model_id, "templates": templates_lineage,
+               "matches": {"run_id": matches_lineage["run_id"], "threshold": matches_lineage.get("threshold")},
+               "threshold": threshold, "linkage": opts.linkage, "keeper_policy": opts.keeper_policy}
 
-    bio.delete_table_shards(opts.output, "clusters")
-    p = test_pipeline or beam.Pipeline(options=pipeline_options)
+    staged = outputs.StagedRun(opts.output, "dedup", run_id)
+    with staged:
+        _cluster(opts, pipeline_options, test_pipeline, staged.dir, lineage, keeper_values, threshold)
+        written = _column_values(bio.table_glob(staged.dir, "clusters"), ["cluster_size", "is_keeper", "is_chained"],
+                                 "clusters")
+        if written.num_rows != n_items:
+            raise RuntimeError(f"{n_items} templates but {written.num_rows} clusters rows were written")
+        staged.publish()
+    clusters_glob = bio.table_glob(opts.output, "clusters")
+    summary = clustering.summarize(
+        {"cluster_size": written.column("cluster_size").to_numpy(),
+         "is_keeper": written.column("is_keeper").to_numpy(zero_copy_only=False),
+         "is_chained": written.column("is_chained").to_numpy(zero_copy_only=False)}
+    )
+    seconds = round(time.perf_counter() - started, 3)
+    LOG.info("dedup: %d items, %d pairs -> %d clusters (%d chained), %d items to drop", n_items, n_pairs,
+             summary["clusters_count"], summary["chained_clusters"], summary["items_to_drop"])
+    return {
+        "clusters": clusters_glob,
+        "clusters_count": summary["clusters_count"],
+        "items_to_drop": summary["items_to_drop"],
+        "items": n_items,
+        "pairs": n_pairs,
+        "largest_cluster": summary["largest_cluster"],
+        "chained_clusters": summary["chained_clusters"],
+        "keeper_policy": opts.keeper_policy,
+        "linkage": opts.linkage,
+        "threshold": threshold,
+        "model_id": model_id,
+        "run_id": run_id,
+        "matches_run_id": matches_lineage["run_id"],
+        "moved_aside": staged.moved_aside,
+        "seconds": seconds,
+    }
+
+
+def _cluster(opts, pipeline_options, test_pipeline, output_dir: str, lineage: dict, keeper_values,
+             threshold) -> None:
+    """Run the clustering pipeline, writing the clusters table under `output_dir`."""
+    p = runner.new_pipeline(pipeline_options, test_pipeline)
     items = (
         p
         | "ReadItems" >> beam.io.ReadFromParquetBatched(opts.templates, columns=ITEM_COLUMNS)
@@ -217,7 +264,7 @@ def run(argv=None, test_pipeline=None) -> dict:
             edges=beam.pvalue.AsSingleton(edges),
             embeddings=beam.pvalue.AsSingleton(embeddings),
             keeper_policy=opts.keeper_policy,
-            run_id=run_id,
+            run_id=lineage["run_id"],
             keeper_values=keeper_values,
             keeper_order=opts.keeper_order,
             threshold=threshold,
@@ -225,38 +272,10 @@ def run(argv=None, test_pipeline=None) -> dict:
             linkage=opts.linkage,
             max_diameter_members=opts.max_diameter_members,
         )
-        | "WriteClusters" >> bio.WriteTable(opts.output, "clusters", CLUSTERS_SCHEMA, num_shards=opts.num_shards)
+        | "WriteClusters" >> bio.WriteTable(output_dir, "clusters", outputs.with_lineage(CLUSTERS_SCHEMA, lineage),
+                                            num_shards=opts.num_shards)
     )
-    result = p.run()
-    result.wait_until_finish()
-
-    clusters_glob = bio.table_glob(opts.output, "clusters")
-    written = _column_values(clusters_glob, ["cluster_size", "is_keeper", "is_chained"], "clusters")
-    if written.num_rows != n_items:
-        raise RuntimeError(f"{n_items} templates but {written.num_rows} clusters rows were written")
-    summary = clustering.summarize(
-        {"cluster_size": written.column("cluster_size").to_numpy(),
-         "is_keeper": written.column("is_keeper").to_numpy(zero_copy_only=False),
-         "is_chained": written.column("is_chained").to_numpy(zero_copy_only=False)}
-    )
-    seconds = round(time.perf_counter() - started, 3)
-    LOG.info("dedup: %d items, %d pairs -> %d clusters (%d chained), %d items to drop", n_items, n_pairs,
-             summary["clusters_count"], summary["chained_clusters"], summary["items_to_drop"])
-    return {
-        "clusters": clusters_glob,
-        "clusters_count": summary["clusters_count"],
-        "items_to_drop": summary["items_to_drop"],
-        "items": n_items,
-        "pairs": n_pairs,
-        "largest_cluster": summary["largest_cluster"],
-        "chained_clusters": summary["chained_clusters"],
-        "keeper_policy": opts.keeper_policy,
-        "linkage": opts.linkage,
-        "threshold": threshold,
-        "model_id": model_id,
-        "run_id": run_id,
-        "seconds": seconds,
-    }
+    runner.wait(p.run())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ cost per element is larger than the cost of decoding a small image. The model ca
 channels, value range), the embedding dimension of the table and the `model_id` column: nothing is
 configured twice.
 
-Runs locally by default, on the DirectRunner's engine (see `_apply_local_defaults`, `LOCAL_RUNNING_MODE`);
+Runs locally by default, on the DirectRunner's engine (beam_pipeline.runner);
 `--runner DataflowRunner` with `--setup_file ./setup.py` (or a worker image, docs/gpu_worker.md) runs the
 same code on Dataflow.
 
@@ -42,11 +42,11 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import DebugOptions, TestOptions
 from apache_beam.transforms import window
 
 from beam_pipeline import io as bio
-from beam_pipeline import sources
+from beam_pipeline import outputs, runner, sources
 from beam_pipeline.decode import DecodeError, decode_image, spec_shape
 from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
@@ -63,13 +63,11 @@ CHUNK_ITEMS = 64
 FORMAT_SAMPLE = 1000
 # Same tolerance as schemas.validate_table: a row the reader would refuse goes to failures instead.
 UNIT_NORM_TOLERANCE = 1e-3
+# Workers log a progress line every this many templates, or this many seconds.
 PROGRESS_EVERY = 2000
 PROGRESS_SECONDS = 30.0
 COUNTERS = ("items_read", "read_failed", "decoded", "decode_failed", "inferences", "inferences_saved",
             "embedded", "failed")
-# Local runs: how the DirectRunner executes when --direct_running_mode is not given. Measured on the
-# 2-core reference machine (BENCHMARKS.md, "Embed pipeline"): see bench/bench_embed.py --modes.
-LOCAL_RUNNING_MODE = "in_memory"
 
 LABELS_SCHEMA = pa.schema([
     pa.field("item_id", pa.string(), nullable=False),
@@ -378,8 +376,11 @@ def resolve_input_format(opts: EmbedOptions, paths: list[str]) -> str:
 
 
 def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderChunkHandler, run_id: str,
-          input_format: str = "files") -> None:
-    """Add the embed transforms to `pipeline`: `opts.input` -> templates and failures under `opts.output`."""
+          input_format: str = "files", output_dir: str | None = None) -> None:
+    """Add the embed transforms to `pipeline`: `opts.input` -> templates and failures under `output_dir`
+    (default `opts.output`; `run` gives its staging directory), each shard carrying `lineage_of` the run."""
+    output_dir = output_dir or opts.output
+    lineage = lineage_of(opts, handler, run_id)
     keys = sources.RecordKeys(image=opts.image_key, id=opts.id_key, label=opts.label_key)
     records, read_failures = pipeline | "Read" >> sources.ReadCatalogue(
         opts.input, input_format, keys, opts.max_file_bytes)
@@ -407,66 +408,29 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderChunkHand
         failures.append(unique[FAILURES_TAG])
 
     _ = templates | "WriteTemplates" >> bio.WriteTable(
-        opts.output, "templates", templates_schema(handler.embedding_dim), num_shards=opts.num_shards,
-        row_group_rows=opts.row_group_rows)
+        output_dir, "templates", outputs.with_lineage(templates_schema(handler.embedding_dim), lineage),
+        num_shards=opts.num_shards, row_group_rows=opts.row_group_rows)
     # Written even when empty (one empty shard), so readers always find the table.
     _ = (tuple(failures) | "AllFailures" >> beam.Flatten()
-         | "WriteFailures" >> bio.WriteTable(opts.output, "failures", FAILURES_SCHEMA, num_shards=opts.num_shards))
+         | "WriteFailures" >> bio.WriteTable(output_dir, "failures", outputs.with_lineage(FAILURES_SCHEMA, lineage),
+                                             num_shards=opts.num_shards))
     if opts.label_key is not None:
         _ = (records
              | "Labelled" >> beam.Filter(lambda r: r.label is not None)
              | "LabelRows" >> beam.Map(lambda r, run: {"item_id": r.item_id, "source_uri": r.source_uri,
                                                        "label": r.label, "run_id": run}, run_id)
-             | "WriteLabels" >> bio.WriteTable(opts.output, "labels", LABELS_SCHEMA, num_shards=opts.num_shards))
+             | "WriteLabels" >> bio.WriteTable(output_dir, "labels", outputs.with_lineage(LABELS_SCHEMA, lineage),
+                                             num_shards=opts.num_shards))
 
 
 def _counters(result) -> dict:
     """The embed counters (COUNTERS) of a pipeline result ({} if the runner reports none)."""
-    try:
-        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
-    except Exception:  # some runners do not support metrics queries
-        return {}
-    counts = dict.fromkeys(COUNTERS, 0)
-    for counter in query["counters"]:
-        name = counter.key.metric.name
-        value = counter.committed if counter.committed is not None else counter.attempted
-        counts[name] = counts.get(name, 0) + int(value or 0)
-    return counts
+    return runner.counters(result, NAMESPACE, COUNTERS)
 
 
-def _progress_line(counts: dict) -> str:
-    return ", ".join(f"{k} {counts.get(k, 0)}" for k in ("items_read", "decoded", "embedded", "failed"))
-
-
-def _wait(result, poll_seconds: float = PROGRESS_SECONDS) -> None:
-    """Wait for the pipeline, logging a progress line of its counters while it runs (runners that return
-    before finishing: Dataflow; the DirectRunner has finished when run() returns)."""
-    state = result.state
-    while not beam.runners.runner.PipelineState.is_terminal(state):
-        state = result.wait_until_finish(duration=int(poll_seconds * 1000))
-        if not beam.runners.runner.PipelineState.is_terminal(state or result.state):
-            log.info("embed progress: %s", _progress_line(_counters(result)))
-        state = state or result.state
-    result.wait_until_finish()
-
-
-def _apply_local_defaults(pipeline_options) -> None:
-    """Local runs: pin Beam's FnApiRunner when no --runner is given, in LOCAL_RUNNING_MODE unless
-    --direct_running_mode is given.
-
-    The FnApiRunner is the engine the DirectRunner runs batch pipelines on. Named directly because
-    Beam 2.77's DirectRunner first tries the Prism runner, a binary it downloads from GitHub: offline
-    that fails and it falls back to the FnApiRunner, online the pipeline would run on another engine
-    that ignores --direct_running_mode. `--runner DirectRunner` still gets Beam's own choice.
-    """
-    standard = pipeline_options.view_as(StandardOptions)
-    if standard.runner is None:
-        standard.runner = "FnApiRunner"
-    if standard.runner not in ("FnApiRunner", "DirectRunner", "direct"):
-        return
-    explicit = pipeline_options.get_all_options(drop_default=True)
-    if "direct_running_mode" not in explicit:
-        pipeline_options.view_as(DirectOptions).direct_running_mode = LOCAL_RUNNING_MODE
+def _progress_line(result) -> str:
+    counts = _counters(result)
+    return "embed " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("items_read", "decoded", "embedded", "failed"))
 
 
 def describe_dataflow_job(job) -> dict:
@@ -512,15 +476,48 @@ def describe_dataflow_job(job) -> dict:
     return description
 
 
+def lineage_of(opts: EmbedOptions, handler: EncoderChunkHandler, run_id: str) -> dict:
+    """What every shard of this embed run records it was made from (beam_pipeline.outputs)."""
+    return {"stage": "embed", "run_id": run_id, "model_id": handler.model_id, "input": opts.input,
+            "input_spec": handler.input_spec}
+
+
+class AllItemsFailed(ValueError):
+    """Every item of the catalogue failed: nothing worth publishing (a user-facing refusal)."""
+
+
+def failures_digest(failures: pa.Table, examples: int = 3) -> str:
+    """'decode 10, read 3; e.g. a.png: DecodeError: ...': the stages and first reasons of a failures table."""
+    stages: dict[str, int] = {}
+    for stage in failures.column("stage").to_pylist():
+        stages[stage] = stages.get(stage, 0) + 1
+    rows = failures.select(["item_id", "error"]).slice(0, examples).to_pylist()
+    shown = "; ".join(f"{r['item_id']}: {r['error'][:160]}" for r in rows)
+    return ", ".join(f"{k} {v}" for k, v in sorted(stages.items())) + (f"; e.g. {shown}" if shown else "")
+
+
+def _check_model(model_dir: str) -> None:
+    """Load the encoder once in the driver (file hash, safe mode, dimension, model_id: trainer.export), so
+    a wrong or tampered model is one clear error before any output is touched, not a worker traceback."""
+    from trainer.export import load_encoder
+
+    load_encoder(model_dir)
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the embed pipeline; returns a summary of what was written.
 
     Returns {"templates": dir, "failures": dir, "items": n, "embedded": n, "failed": n,
     "inferences_saved": n, "seconds": s, "run_id": id, "model_id": id, "input_format": fmt,
-    "counters": {...}} (+ "labels": dir with --label_key). The counts are read back from the written
-    tables; inferences_saved = templates rows that share their content (and so their embedding) with an
-    earlier row. `counters` are the pipeline's Beam counters (COUNTERS). A Dataflow dry run (--dry_run)
-    writes --dataflow_job_file when given and returns the same keys with zero counts plus "job_file".
+    "counters": {...}, "moved_aside": [...]} (+ "labels": dir with --label_key). The tables are written
+    into a staging directory and published into --output only when the run succeeded
+    (beam_pipeline.outputs.StagedRun): a failed, refused or interrupted run leaves the previous outputs
+    as they were. A run in which every item failed publishes nothing and raises AllItemsFailed, unless
+    --allow_all_failed. Outputs of later stages made from other templates are moved aside
+    (`moved_aside`). The counts are read back from the written tables; inferences_saved = templates rows
+    that share their content (and so their embedding) with an earlier row. `counters` are the pipeline's
+    Beam counters (COUNTERS). A Dataflow dry run (--dry_run) writes --dataflow_job_file when given and
+    returns the same keys with zero counts plus "job_file".
     """
     pipeline_options, opts = parse_stage_options(
         argv, EmbedOptions, "Embed a catalogue of images into templates Parquet (Apache Beam).")
@@ -536,18 +533,11 @@ def run(argv=None, test_pipeline=None) -> dict:
     handler = EncoderChunkHandler(
         opts.model_dir, batch_size=opts.batch_size, share_across_processes=opts.share_model_across_processes)
     dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
+    if not dry_run:
+        _check_model(opts.model_dir)
     log.info("embed run %s: %s input %s with model %s (%s) -> %s", run_id, input_format, opts.input,
              handler.model_id, handler.input_spec, opts.output)
-    if not dry_run:
-        # Shards of an earlier run would match the tables' globs beside the new ones.
-        for name in ("templates", "failures", "labels"):
-            bio.delete_table_shards(opts.output, name)
 
-    if test_pipeline is None:
-        _apply_local_defaults(pipeline_options)
-    pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=pipeline_options)
-    build(pipeline, opts, handler, run_id, input_format)
-    result = pipeline.run()
     summary = {
         "templates": FileSystems.join(opts.output, "templates"),
         "failures": FileSystems.join(opts.output, "failures"),
@@ -555,27 +545,41 @@ def run(argv=None, test_pipeline=None) -> dict:
         "model_id": handler.model_id,
         "input_format": input_format,
     }
-    if dry_run:
-        job_file = pipeline_options.view_as(DebugOptions).dataflow_job_file
-        job = getattr(result, "job", None)
-        if job_file and job is not None:
-            bio.write_json(job_file, describe_dataflow_job(job))
-        summary.update(items=0, embedded=0, failed=0, inferences_saved=0,
-                       seconds=round(time.perf_counter() - started, 3), counters={}, job_file=job_file)
-        return summary
-    _wait(result)
-    counters = _counters(result)
+    with outputs.StagedRun(opts.output, "embed", run_id) as staged:
+        pipeline = runner.new_pipeline(pipeline_options, test_pipeline)
+        build(pipeline, opts, handler, run_id, input_format, output_dir=staged.dir)
+        result = pipeline.run()
+        if dry_run:
+            job_file = pipeline_options.view_as(DebugOptions).dataflow_job_file
+            job = getattr(result, "job", None)
+            if job_file and job is not None:
+                bio.write_json(job_file, describe_dataflow_job(job))
+            summary.update(items=0, embedded=0, failed=0, inferences_saved=0,
+                           seconds=round(time.perf_counter() - started, 3), counters={}, job_file=job_file)
+            return summary
+        runner.wait(result, _progress_line)
+        counters = _counters(result)
 
-    templates = bio.read_table_dir(opts.output, "templates", handler.embedding_dim)
-    failures = bio.read_table_dir(opts.output, "failures")
+        templates = bio.read_table_dir(staged.dir, "templates", handler.embedding_dim)
+        failures = bio.read_table_dir(staged.dir, "failures")
+        items = templates.num_rows + failures.num_rows
+        if templates.num_rows == 0 and not opts.allow_all_failed:
+            raise AllItemsFailed(
+                f"every one of the {items} items of {opts.input!r} failed ({failures_digest(failures)}); nothing "
+                f"was published and {opts.output} is as it was (--allow_all_failed publishes the failures)")
+        fingerprint = outputs.templates_fingerprint(bio.table_glob(staged.dir, "templates"))
+        staged.publish(outputs.downstream_of_templates(fingerprint["fingerprint"]))
+
     contents = len(set(templates.column("content_sha256").to_pylist()))
     summary.update(
-        items=templates.num_rows + failures.num_rows,
+        items=items,
         embedded=templates.num_rows,
         failed=failures.num_rows,
         inferences_saved=templates.num_rows - contents,
         seconds=round(time.perf_counter() - started, 3),
         counters=counters,
+        fingerprint=fingerprint["fingerprint"],
+        moved_aside=staged.moved_aside,
     )
     if opts.label_key is not None:
         summary["labels"] = FileSystems.join(opts.output, "labels")

@@ -26,10 +26,14 @@
    - pairs (1:1 verification): the given pairs, grouped by the blocks of their two items; every pair's
      similarity goes to D/verifications/, those at or above the threshold to the matches.
 3. Matches (left_id < right_id, cosine, angular_similarity, model_id, run_id) are written to
-   D/matches/matches-*.parquet; the driver then writes D/match_run.json and deletes the staged blocks.
+   D/matches/matches-*.parquet, each shard carrying its lineage (beam_pipeline.outputs: the templates'
+   fingerprint, the threshold); the driver writes D/match_run.json. Everything is written into the run's
+   staging area and published into D when the run has finished; clusters and reports in D made from
+   earlier matches are moved aside to D/stale/.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -41,6 +45,7 @@ import pyarrow.compute as pc
 from beam_pipeline import blocks as bk
 from beam_pipeline import candidates, matching, self_calibration
 from beam_pipeline import io as bio
+from beam_pipeline import outputs, runner
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
 from beam_pipeline.thresholds import load_card, resolve_threshold, threshold_method
 from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
@@ -448,16 +453,12 @@ def run(argv=None, test_pipeline=None) -> dict:
         raise ValueError(f"--mode must be one of {MODES}, got {opts.mode!r}")
     if opts.search not in SEARCHES:
         raise ValueError(f"--search must be one of {SEARCHES}, got {opts.search!r}")
-    if opts.block_size <= 0:
-        raise ValueError(f"--block_size must be positive, got {opts.block_size}")
     if opts.search == "approximate" and opts.mode != "all_pairs":
         raise ValueError("--search approximate is for --mode all_pairs; queries and pairs are matched exactly")
     if opts.mode == "queries" and not opts.queries:
         raise ValueError("--mode queries needs --queries (a glob of query templates)")
     if opts.mode == "pairs" and not opts.pairs:
         raise ValueError("--mode pairs needs --pairs (CSV or Parquet with left_id,right_id)")
-    if opts.max_assign < 1 or opts.recall_sample < 1:
-        raise ValueError("--max_assign and --recall_sample must be >= 1")
     run_id = opts.run_id or new_run_id()
     threads = opts.kernel_threads or matching.default_threads()
     card = load_card(opts.model_dir) if opts.model_dir else None
@@ -467,15 +468,19 @@ def run(argv=None, test_pipeline=None) -> dict:
     elif not opts.model_dir:
         raise ValueError("choosing the threshold for this catalogue (self-calibration) needs --model_dir (the "
                          "encoder makes the synthetic copies); or pass --threshold")
-    elif opts.calibration_copies < 0:
-        raise ValueError(f"--calibration_copies must be >= 0, got {opts.calibration_copies}")
 
-    stage_root = opts.staging_dir or bio.FileSystems.join(opts.output, "_staging", run_id)
+    staged_run = outputs.StagedRun(opts.output, "match", run_id)
+    # The blocks live in the run's staging area (removed with it), or under --staging_dir.
+    stage_root = opts.staging_dir or staged_run.dir
     stage_dir = bio.FileSystems.join(stage_root, "catalogue")
     t0 = time.perf_counter()
-    manifest = bk.stage_templates(opts.templates, stage_dir, opts.block_size)
-    staged = [stage_dir]
-    try:
+    staged = []  # block directories
+    with staged_run, contextlib.ExitStack() as cleanup:
+        if not opts.keep_staging:
+            cleanup.callback(lambda: [bk.delete_staging(d) for d in staged])
+        manifest = bk.stage_templates(opts.templates, stage_dir, opts.block_size)
+        staged.append(stage_dir)
+        templates_lineage = outputs.templates_fingerprint(opts.templates)
         model_id = _check_against_card(card, manifest.model_id, manifest.dim, manifest.n)
         if method == "self_calibrated":
             threshold = self_calibration.calibrate_catalogue(
@@ -503,10 +508,12 @@ def run(argv=None, test_pipeline=None) -> dict:
             pair_tasks = _pair_tasks(manifest, left, right)
         stage_seconds = time.perf_counter() - t0
 
-        bio.delete_table_shards(opts.output, "matches")
-        if opts.mode == "pairs":
-            bio.delete_table_shards(opts.output, "verifications")
-        p = test_pipeline or beam.Pipeline(options=pipeline_options)
+        lineage = {"stage": "match", "run_id": run_id, "model_id": model_id, "templates": templates_lineage,
+                   "threshold": threshold["angular_similarity"], "threshold_source": threshold["source"],
+                   "mode": opts.mode, "search": opts.search}
+        if query_manifest is not None:
+            lineage["queries"] = outputs.templates_fingerprint(opts.queries)
+        p = runner.new_pipeline(pipeline_options, test_pipeline)
         doc = manifest.to_json()
         nb = manifest.num_blocks
         extra: dict = {}
@@ -568,66 +575,58 @@ def run(argv=None, test_pipeline=None) -> dict:
             extra = {"given_pairs": int(sum(len(t[1][0]) for t in pair_tasks)), "tasks": len(pair_tasks)}
             verified = (p | "PairTasks" >> beam.Create(pair_tasks) | "Spread" >> beam.Reshuffle()
                         | "Verify" >> beam.ParDo(VerifyPairsFn(doc, cos_t, model_id, run_id, threads)))
-            _ = verified | "WriteVerifications" >> bio.WriteTable(opts.output, "verifications", VERIFICATIONS_SCHEMA,
-                                                                  num_shards=opts.num_shards)
+            _ = verified | "WriteVerifications" >> bio.WriteTable(
+                staged_run.dir, "verifications", outputs.with_lineage(VERIFICATIONS_SCHEMA, lineage),
+                num_shards=opts.num_shards)
             matches = (verified | "KeepMatches" >> beam.Map(
                 lambda t: t.filter(t.column("is_match")).select(MATCHES_SCHEMA.names))
                 | "Dedupe" >> beam.combiners.ToList()
                 | "DedupeTables" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id))
-        _ = matches | "WriteMatches" >> bio.WriteTable(opts.output, "matches", MATCHES_SCHEMA,
-                                                       num_shards=opts.num_shards)
+        _ = matches | "WriteMatches" >> bio.WriteTable(
+            staged_run.dir, "matches", outputs.with_lineage(MATCHES_SCHEMA, lineage), num_shards=opts.num_shards)
         t1 = time.perf_counter()
         result = p.run()
-        result.wait_until_finish()
+        runner.wait(result)
         pipeline_seconds = time.perf_counter() - t1
-        matches_glob = bio.table_glob(opts.output, "matches")
-        pairs = bio.count_parquet_rows(matches_glob)
+        staged_glob = bio.table_glob(staged_run.dir, "matches")
+        pairs = bio.count_parquet_rows(staged_glob)
         extra["products"] = _metric(result, "products")
         recall = None
         if exact_parts is not None:
             extra["capped_items"] = _metric(result, "capped_items")
             extra["assignments"] = _metric(result, "assignments")
             extra["partition_members"] = _metric(result, "partition_members", "distributions")
-            recall = _recall(manifest, bio.table_glob(stage_root, "recall_sample"), matches_glob, sample_ids)
-    finally:
-        if not opts.keep_staging:
-            for d in staged:
-                bk.delete_staging(d)
-            if not opts.staging_dir and bk.FileSystems.get_scheme(stage_root) is None:
-                import os
-
-                for d in (stage_root, os.path.dirname(stage_root)):  # OUTPUT/_staging/RUN_ID, then _staging
-                    try:
-                        os.rmdir(d)  # only if empty
-                    except OSError:
-                        pass
-    seconds = round(time.perf_counter() - started, 3)
-    run_doc = {
-        "run_id": run_id,
-        "model_id": model_id,
-        "threshold": threshold,
-        "mode": opts.mode,
-        "search": opts.search,
-        "items": manifest.n,
-        "pairs": pairs,
-        "recall": recall,
-        "block_size": opts.block_size,
-        "kernel_threads": threads,
-        **extra,
-        "templates": opts.templates,
-        "matches": matches_glob,
-        "stage_seconds": round(stage_seconds, 3),
-        "pipeline_seconds": round(pipeline_seconds, 3),
-        "seconds": seconds,
-    }
-    if opts.mode == "pairs":
-        run_doc["verifications"] = bio.table_glob(opts.output, "verifications")
-    bio.write_json(bio.FileSystems.join(opts.output, "match_run.json"), run_doc)
+            recall = _recall(manifest, bio.table_glob(stage_root, "recall_sample"), staged_glob, sample_ids)
+        seconds = round(time.perf_counter() - started, 3)
+        matches_glob = bio.table_glob(opts.output, "matches")
+        run_doc = {
+            "run_id": run_id,
+            "model_id": model_id,
+            "threshold": threshold,
+            "mode": opts.mode,
+            "search": opts.search,
+            "items": manifest.n,
+            "pairs": pairs,
+            "recall": recall,
+            "block_size": opts.block_size,
+            "kernel_threads": threads,
+            **extra,
+            "templates": opts.templates,
+            "templates_lineage": templates_lineage,
+            "matches": matches_glob,
+            "stage_seconds": round(stage_seconds, 3),
+            "pipeline_seconds": round(pipeline_seconds, 3),
+            "seconds": seconds,
+        }
+        if opts.mode == "pairs":
+            run_doc["verifications"] = bio.table_glob(opts.output, "verifications")
+        bio.write_json(staged_run.path("match_run.json"), run_doc)
+        staged_run.publish()
     LOG.info("match: %d items, %d pairs at angular similarity >= %.4f (%s, %s %s)", manifest.n, pairs,
              threshold["angular_similarity"], threshold["source"], opts.mode, opts.search)
     return {"matches": matches_glob, "pairs": pairs, "items": manifest.n, "threshold": threshold,
             "seconds": seconds, "run_id": run_id, "model_id": model_id, "mode": opts.mode, "search": opts.search,
-            "recall": recall}
+            "recall": recall, "moved_aside": staged_run.moved_aside}
 
 
 if __name__ == "__main__":

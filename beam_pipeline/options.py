@@ -5,10 +5,40 @@ region, temp_location, setup_file, ...) and travel to Dataflow workers.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
+import math
 import uuid
 
 from apache_beam.options.pipeline_options import PipelineOptions
+
+
+def bounded(cast, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
+    """An argparse `type`: `cast` the text, then refuse values outside [low, high] (open ends where asked),
+    so a bad value is refused where the flag is parsed, argparse-style (one line, exit status 2)."""
+    def check(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if cast is int else ' number'}")
+        if cast is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(x for x in (lo, hi) if x)}")
+        return value
+    check.__name__ = cast.__name__
+    return check
+
+
+UNIT_INTERVAL = bounded(float, 0.0, 1.0)
+OPEN_UNIT_INTERVAL = bounded(float, 0.0, 1.0, low_open=True, high_open=True)
+NON_NEGATIVE_INT = bounded(int, 0)
+POSITIVE_INT = bounded(int, 1)
+NON_NEGATIVE_FLOAT = bounded(float, 0.0)
 
 
 def new_run_id() -> str:
@@ -48,7 +78,7 @@ def _add_threshold(parser) -> None:
     _add(
         parser,
         "--threshold",
-        type=float,
+        type=UNIT_INTERVAL,
         default=None,
         help="Match threshold in angular similarity [0, 1]. Default: chosen for this catalogue by "
         "self-calibration (see --target_precision).",
@@ -56,7 +86,7 @@ def _add_threshold(parser) -> None:
     _add(
         parser,
         "--target_fmr",
-        type=float,
+        type=OPEN_UNIT_INTERVAL,
         default=None,
         help="Use the model card's threshold calibrated at this false match rate (an explicit choice: the "
         "card was calibrated on its own held-out pairs, not on this catalogue).",
@@ -64,7 +94,7 @@ def _add_threshold(parser) -> None:
     _add(
         parser,
         "--target_precision",
-        type=float,
+        type=OPEN_UNIT_INTERVAL,
         default=None,
         help="Self-calibration: the smallest threshold at which the expected false pairs are at most "
         "(1 - this) x the predicted pairs. Default 0.97 when no other threshold flag is given.",
@@ -72,14 +102,14 @@ def _add_threshold(parser) -> None:
     _add(
         parser,
         "--max_false_pairs",
-        type=float,
+        type=NON_NEGATIVE_FLOAT,
         default=None,
         help="Self-calibration: the smallest threshold at which at most this many false pairs are expected.",
     )
     _add(
         parser,
         "--calibration_copies",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=400,
         help="Self-calibration: synthetic copies (catalogue items edited by trainer.copy_edits, embedded by the "
         "model) that estimate what a duplicate scores. 0: none (the tail fit is then conservative). Default 400.",
@@ -141,31 +171,38 @@ class EmbedOptions(PipelineOptions):
         _add(
             parser,
             "--batch_size",
-            type=int,
+            type=POSITIVE_INT,
             default=256,
             help="Images per model call (default 256; the last of a bundle may be smaller).",
         )
         _add(
             parser,
             "--decode_threads",
-            type=int,
+            type=NON_NEGATIVE_INT,
             default=0,
             help="Threads each worker process decodes images with (default 0: its cores, at most 4).",
         )
         _add(
             parser,
             "--max_pixels",
-            type=int,
+            type=POSITIVE_INT,
             default=50_000_000,
             help="Refuse images whose declared width*height exceeds this (decompression bombs; default 5e7).",
         )
         _add(
             parser,
             "--max_file_bytes",
-            type=int,
+            type=NON_NEGATIVE_INT,
             default=200_000_000,
             help="Refuse (failures stage 'read') files, records or members larger than this many bytes "
             "(default 2e8; 0: no limit).",
+        )
+        _add(
+            parser,
+            "--allow_all_failed",
+            action="store_true",
+            help="Publish the outputs even when every item failed (default: such a run is an error, exit status "
+            "2, and the previous outputs stay).",
         )
         _add(
             parser,
@@ -173,11 +210,11 @@ class EmbedOptions(PipelineOptions):
             action="store_true",
             help="Load one encoder per machine shared by its SDK processes instead of one per process.",
         )
-        _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add(parser, "--num_shards", type=NON_NEGATIVE_INT, default=0, help="Output shards (0: let the runner choose).")
         _add(
             parser,
             "--row_group_rows",
-            type=int,
+            type=POSITIVE_INT,
             default=8192,
             help="Rows per Parquet row group of the templates (default 8192, the match stage's --block_size: "
             "it streams the templates a row group at a time into blocks of that many rows).",
@@ -215,33 +252,33 @@ class MatchOptions(PipelineOptions):
             "Default exact.",
         )
         _add(parser, "--queries", default=None, help="Glob of query templates Parquet files (--mode queries).")
-        _add(parser, "--top_k", type=int, default=10,
+        _add(parser, "--top_k", type=NON_NEGATIVE_INT, default=10,
              help="--mode queries: keep at most this many matches per query, best first (0: all at or above the "
              "threshold). Default 10.")
         _add(parser, "--pairs", default=None,
              help="--mode pairs: CSV (header left_id,right_id) or Parquet glob of the pairs to verify; every pair's "
              "score is written to verifications/.")
-        _add(parser, "--block_size", type=int, default=8192,
+        _add(parser, "--block_size", type=POSITIVE_INT, default=8192,
              help="Rows per block: a task holds two blocks (block_size x dim x 4 bytes each). Default 8192.")
-        _add(parser, "--kernel_threads", type=int, default=0,
+        _add(parser, "--kernel_threads", type=NON_NEGATIVE_INT, default=0,
              help="Threads of the similarity kernel per worker, each with single-threaded BLAS (0: the CPUs this "
              "process may use; set 1 when the runner already runs one worker process per core).")
-        _add(parser, "--partitions", type=int, default=0,
+        _add(parser, "--partitions", type=NON_NEGATIVE_INT, default=0,
              help="--search approximate: k-means partitions (0: one per ~2048 items).")
-        _add(parser, "--max_assign", type=int, default=3,
+        _add(parser, "--max_assign", type=POSITIVE_INT, default=3,
              help="--search approximate: most partitions an item is assigned to (its home plus guests within the "
              "angular margin that guarantees exactness; the cap is what trades recall for time). Default 3.")
-        _add(parser, "--kmeans_sample", type=int, default=50_000,
+        _add(parser, "--kmeans_sample", type=POSITIVE_INT, default=50_000,
              help="--search approximate: items the k-means centroids are learnt from. Default 50000.")
-        _add(parser, "--kmeans_iters", type=int, default=10, help="--search approximate: k-means iterations.")
-        _add(parser, "--recall_sample", type=int, default=1000,
+        _add(parser, "--kmeans_iters", type=POSITIVE_INT, default=10, help="--search approximate: k-means iterations.")
+        _add(parser, "--recall_sample", type=POSITIVE_INT, default=1000,
              help="--search approximate: items matched exactly against the whole catalogue to measure the recall "
              "(written to match_run.json and the report). Default 1000.")
         _add(parser, "--seed", type=int, default=0, help="Seed of the k-means and recall samples. Default 0.")
         _add(parser, "--staging_dir", default=None,
              help="Where the templates are staged in blocks (default OUTPUT/_staging/RUN_ID); deleted after the run.")
         _add(parser, "--keep_staging", action="store_true", help="Keep the staged blocks after the run.")
-        _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add(parser, "--num_shards", type=NON_NEGATIVE_INT, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
 
 
@@ -275,28 +312,47 @@ class DedupOptions(PipelineOptions):
              "pair (nothing is grouped through a chain); single: clusters are connected components of the "
              f"matches, chains flagged is_chained (they can join a whole catalogue). Default "
              f"{clustering.DEFAULT_LINKAGE}.")
-        _add(parser, "--chain_margin", type=float, default=0.05,
+        _add(parser, "--chain_margin", type=NON_NEGATIVE_FLOAT, default=0.05,
              help="--linkage single: a cluster is flagged is_chained when two of its members are more than this "
              "far (angular similarity) below the match threshold from each other. Default 0.05.")
-        _add(parser, "--threshold", type=float, default=None,
+        _add(parser, "--threshold", type=UNIT_INTERVAL, default=None,
              help="The match threshold (angular similarity): pairs below it do not count as matching for "
              "complete linkage, and the reference of the chain flags. Default: match_run.json beside the "
              "matches directory, else the weakest matched pair.")
-        _add(parser, "--max_diameter_members", type=int, default=20_000,
+        _add(parser, "--max_diameter_members", type=bounded(int, 2), default=20_000,
              help="--linkage single: clusters larger than this are measured on a deterministic sample of this "
              "many members (min_member_similarity is then an upper bound). Default 20000. (Complete linkage "
              "reads every cluster's weakest pair from the matches, exactly.)")
-        _add(parser, "--num_shards", type=int, default=0, help="Output shards (0: let the runner choose).")
+        _add(parser, "--num_shards", type=NON_NEGATIVE_INT, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)
+
+
+def _beam_parser():
+    """One parser of every PipelineOptions class (Beam's and the stages'), as Beam itself builds it."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def unknown_flags(argv: list[str]) -> list[str]:
+    """The flags in `argv` that no options class defines (Beam would drop them with a log warning, so a
+    misspelt --threshhold would silently run with the default)."""
+    _, unknown = _beam_parser().parse_known_args(argv)
+    return [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
 
 
 def parse_stage_options(argv, options_cls, description: str):
     """Parse `argv` into (PipelineOptions, the stage's options view).
 
     `--help` shows the stage's own flags (Beam's full list of runner flags would bury them), with a note
-    that Beam's flags are accepted as well.
+    that Beam's flags are accepted as well. Flags are checked here, argparse-style (a one-line message and
+    exit status 2): the stage's required flags, each value against its type and range, and flags that no
+    stage nor Beam knows.
     """
-    import argparse
+    import difflib
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -309,11 +365,20 @@ def parse_stage_options(argv, options_cls, description: str):
         )
         options_cls._add_argparse_args(parser)
         parser.parse_args(["--help"])
+    stage = options_cls.__name__.removesuffix("Options").lower()
+    parser = argparse.ArgumentParser(prog=f"siamese-dedup {stage}", description=description,
+                                     usage="%(prog)s [flags] (--help lists them)")
+    options_cls._add_argparse_args(parser)
+    parser.parse_known_args(argv)  # types and ranges of this stage's flags
+    unknown = unknown_flags(argv)
+    if unknown:
+        known = list(_beam_parser()._option_string_actions)
+        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, known, 1)) else u
+                 for u in unknown]
+        parser.error(f"unrecognized arguments: {', '.join(hints)}")
     pipeline_options = PipelineOptions(argv)
     view = pipeline_options.view_as(options_cls)
     # Required flags of this stage only (see _add); argparse's own message and exit status 2.
-    parser = argparse.ArgumentParser(description=description)
-    options_cls._add_argparse_args(parser)
     missing = [f for f in getattr(parser, "_stage_required", []) if getattr(view, f.lstrip("-")) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")

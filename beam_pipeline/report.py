@@ -29,7 +29,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import io as bio
-from beam_pipeline import clustering, report_figures, report_metrics
+from beam_pipeline import clustering, outputs, report_figures, report_metrics
+from beam_pipeline.options import new_run_id
 from beam_pipeline.thresholds import load_card
 from schemas.documents import validate_report
 from schemas.tables import FAILURE_STAGES, FAILURES_SCHEMA, SchemaError, embeddings_as_numpy
@@ -167,12 +168,29 @@ def _read_optional_failures(workdir: str, notes: list[str]) -> pa.Table:
         return FAILURES_SCHEMA.empty_table()
 
 
+def check_lineage(workdir: str, run_doc: dict) -> dict:
+    """Refuse a work directory whose tables do not belong together (beam_pipeline.outputs): matches not
+    made from these templates, clusters not made from these matches, a match_run.json of another run.
+    Returns {"templates": fingerprint, "match_run_id", "dedup_run_id"} for report.json."""
+    templates = outputs.templates_fingerprint(bio.table_glob(workdir, "templates"))
+    matches_glob, clusters_glob = bio.table_glob(workdir, "matches"), bio.table_glob(workdir, "clusters")
+    matches = outputs.single_run(matches_glob, "matches", "match")
+    outputs.check_matches(matches, templates, matches_glob, bio.table_glob(workdir, "templates"))
+    clusters = outputs.single_run(clusters_glob, "clusters", "dedup")
+    outputs.check_clusters(clusters, matches, templates, clusters_glob)
+    if run_doc.get("run_id") != matches["run_id"]:
+        raise outputs.LineageError(f"{FileSystems.join(workdir, 'match_run.json')} describes match run "
+                                   f"{run_doc.get('run_id')}, the matches are of run {matches['run_id']}")
+    return {"templates": templates, "match_run_id": matches["run_id"], "dedup_run_id": clusters["run_id"]}
+
+
 def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: str | None = None,
                  gallery_size: int = 8, gallery_members: int = 6, manifest: str | None = None,
                  linkage: str | None = None) -> tuple[dict, dict]:
     """Compute the report document and its figures -> (report dict (not yet with outputs), {name: png})."""
     notes: list[str] = []
     run_doc = bio.read_json(FileSystems.join(workdir, "match_run.json"))
+    lineage = check_lineage(workdir, run_doc)
     templates = bio.read_table_dir(workdir, "templates")
     failures = _read_optional_failures(workdir, notes)
     matches = bio.read_table_dir(workdir, "matches")
@@ -253,6 +271,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
             "thresholds": card.get("thresholds", {}),
         },
         "matching": matching_summary(run_doc),
+        "lineage": lineage,
         "notes": notes,
     }
     return report, figures
@@ -451,10 +470,12 @@ def run(argv=None) -> dict:
         validate_report(report)
     except SchemaError as err:
         raise SchemaError(f"the report does not follow its contract: {err}") from err
-    for name, data in figures.items():
-        _write_bytes(figure_paths[name], data, "image/png")
-    _write_bytes(report_html, render_html(report, figures).encode("utf-8"), "text/html")
-    bio.write_json(report_json, report)
+    with outputs.StagedRun(workdir, "report", new_run_id()) as staged:
+        for name, data in figures.items():
+            _write_bytes(staged.path(f"figures/{name}.png"), data, "image/png")
+        _write_bytes(staged.path("report.html"), render_html(report, figures).encode("utf-8"), "text/html")
+        bio.write_json(staged.path("report.json"), report)
+        staged.publish()
     evaluation = report.get("evaluation")
     LOG.info("report: %s", report_html)
     return {

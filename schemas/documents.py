@@ -29,7 +29,11 @@ MODEL_CARD_SCHEMA = {
     "type": "object",
     "required": ["model_id", "embedding_dim", "input_spec", "training", "data", "metrics", "thresholds"],
     "properties": {
+        # sha256 over the weights and the input spec (trainer.export.model_id_of), first 16 hex digits
         "model_id": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
+        # sha256 of model.keras, checked before the file is deserialized (card version 2 on)
+        "artifact_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "card_version": {"type": "integer", "minimum": 1},
         "embedding_dim": {"type": "integer", "minimum": 1},
         "input_spec": {
             "type": "object",
@@ -97,6 +101,8 @@ REPORT_SCHEMA = {
         # Present when ground truth exists: FMR/FNMR at several thresholds with the counts behind them.
         "evaluation": {"type": ["object", "null"]},
         "outputs": {"type": "object", "additionalProperties": {"type": "string"}},
+        # What the report was made from (beam_pipeline.report.check_lineage).
+        "lineage": {"type": "object", "required": ["templates", "match_run_id", "dedup_run_id"]},
     },
 }
 

@@ -1,8 +1,12 @@
 """The encoder artefact: `model.keras` (single tower) + `model_card.json`, in a local or gs:// directory.
 
-The model_id is a content hash of the weights (first 16 hex digits of sha256 over every weight array's
-bytes, in `model.get_weights()` order), so two artefacts with the same id compute the same embeddings and
-templates of different models are never matched against each other.
+The model_id hashes everything that decides an embedding: every weight array's bytes (in
+`model.get_weights()` order) and the input spec the pipelines decode to (size, channels, value range,
+border trimming), so two artefacts with the same id compute the same embeddings and templates of different
+models, or of one model fed differently, are never matched against each other. The card also records
+`artifact_sha256`, the hash of the model.keras file: `load_encoder` checks it before anything is
+deserialized (a file swapped or damaged after export is refused unopened), then recomputes the model_id
+from the loaded weights and the card's input spec (a card edited after export is refused).
 """
 from __future__ import annotations
 
@@ -17,18 +21,36 @@ from typing import Any
 import numpy as np
 
 from schemas.documents import validate_model_card
+from schemas.tables import SchemaError
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
-CARD_VERSION = 1
+# 2: model_id covers the input spec; artifact_sha256 is recorded.
+CARD_VERSION = 2
+_HASH_CHUNK = 1 << 20
 
 
-def model_id_of(model) -> str:
-    """First 16 hex digits of sha256 over the bytes of all weight arrays of `model`, in order."""
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def model_id_of(model, input_spec: dict) -> str:
+    """First 16 hex digits of sha256 over the bytes of all weight arrays of `model`, in order, then the
+    canonical JSON of `input_spec` (what the pipelines decode images to before the model sees them)."""
     digest = hashlib.sha256()
     for w in model.get_weights():
         digest.update(np.ascontiguousarray(w).tobytes())
+    digest.update(_canonical(input_spec))
     return digest.hexdigest()[:16]
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of the local file `path`, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
@@ -60,11 +82,12 @@ def export_encoder(model, out_dir: str, *, training: dict, data: dict, metrics: 
       input_spec: defaults to the model's input shape with uint8 pixels in [0, 255].
     Raises SchemaError if the card does not validate (nothing is written then).
     """
+    input_spec = dict(input_spec) if input_spec is not None else _input_spec_of(model)
     card = {
         "card_version": CARD_VERSION,
-        "model_id": model_id_of(model),
+        "model_id": model_id_of(model, input_spec),
         "embedding_dim": int(model.output_shape[-1]),
-        "input_spec": dict(input_spec) if input_spec is not None else _input_spec_of(model),
+        "input_spec": input_spec,
         "output": {"dtype": "float32", "normalised": "L2", "similarity": "angular = 1 - arccos(cos)/pi"},
         "training": training,
         "data": data,
@@ -75,21 +98,25 @@ def export_encoder(model, out_dir: str, *, training: dict, data: dict, metrics: 
     }
     # Round trip through JSON so numpy scalars become plain numbers before validation.
     card = json.loads(json.dumps(card, default=_jsonable))
-    validate_model_card(card)
+    validate_model_card({**card, "artifact_sha256": "0" * 64})  # nothing is written for a bad card
 
     if _is_remote(out_dir):
         with tempfile.TemporaryDirectory() as tmp:
-            _write_local(model, card, tmp)
+            card = _write_local(model, card, tmp)
             for name in (MODEL_FILE, CARD_FILE):
                 _copy_to_remote(os.path.join(tmp, name), _join(out_dir, name))
     else:
         os.makedirs(out_dir, exist_ok=True)
-        _write_local(model, card, out_dir)
+        card = _write_local(model, card, out_dir)
     return card
 
 
 def load_model_card(model_dir: str) -> dict:
-    """Read and validate `model_dir/model_card.json` (local or gs://). No TensorFlow needed."""
+    """Read and validate `model_dir/model_card.json` (local or gs://). No TensorFlow needed.
+
+    Raises FileNotFoundError when there is none, ValueError naming the file when it is not JSON, not a
+    card (SchemaError) or a card of an older export (no artifact_sha256).
+    """
     path = _join(model_dir, CARD_FILE)
     try:
         if _is_remote(model_dir):
@@ -101,37 +128,73 @@ def load_model_card(model_dir: str) -> dict:
                 text = f.read()
     except (OSError, IOError) as err:
         raise FileNotFoundError(f"no model card at {path}: {err}") from err
-    return validate_model_card(json.loads(text))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a model card (not UTF-8 text: {err})") from None
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a model card (invalid JSON: {err})") from None
+    try:
+        validate_model_card(card)
+    except SchemaError as err:
+        raise SchemaError(f"{path}: {err}") from None
+    if "artifact_sha256" not in card or card.get("card_version", 1) < CARD_VERSION:
+        raise ValueError(f"{path}: a card of an older export (version {card.get('card_version', 1)}, no "
+                         "artifact_sha256): its model_id does not cover the input spec; export the model again "
+                         "(siamese-dedup train)")
+    return card
+
+
+def _check_file(path: str, card: dict, model_dir: str) -> None:
+    """Refuse `path` (a local copy of model.keras) unless its sha256 is the card's artifact_sha256."""
+    got = file_sha256(path)
+    if got != card["artifact_sha256"]:
+        raise ValueError(f"{_join(model_dir, MODEL_FILE)}: the file's sha256 is {got[:16]}..., model_card.json "
+                         f"says {card['artifact_sha256'][:16]}...: the file was replaced or damaged after export, "
+                         "or the card belongs to another export; it was not opened")
+
+
+def _deserialize(path: str, model_dir: str):
+    import keras
+
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # Keras raises ValueError, TypeError, OSError, zipfile errors... for bad files
+        raise ValueError(f"{_join(model_dir, MODEL_FILE)}: not a loadable Keras model "
+                         f"({type(err).__name__}: {str(err)[:300]})") from err
 
 
 def load_encoder(model_dir: str):
     """Load the encoder artefact from `model_dir` (local or gs://) -> (keras.Model, card).
 
-    Loads with Keras safe mode, validates the card, and checks the model against it: output dimension equals
-    card["embedding_dim"] and the weights hash to card["model_id"] (so a card never describes other weights).
+    Order matters: the card is read and validated; the model file's sha256 is checked against the card
+    before it is deserialized; it is loaded in Keras safe mode (no Lambda layers, no arbitrary code); the
+    model is checked against the card: output dimension equals card["embedding_dim"] and weights + input
+    spec hash to card["model_id"] (so neither the weights nor the input spec changed since export).
     """
-    import keras
-
     card = load_model_card(model_dir)
     if _is_remote(model_dir):
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, MODEL_FILE)
             _copy_from_remote(_join(model_dir, MODEL_FILE), local)
-            model = keras.models.load_model(local, safe_mode=True, compile=False)
+            _check_file(local, card, model_dir)
+            model = _deserialize(local, model_dir)
     else:
         path = os.path.join(model_dir, MODEL_FILE)
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir}")
-        model = keras.models.load_model(path, safe_mode=True, compile=False)
+        _check_file(path, card, model_dir)
+        model = _deserialize(path, model_dir)
 
     dim = int(model.output_shape[-1])
     if dim != card["embedding_dim"]:
         raise ValueError(f"{model_dir}: model outputs {dim}-d embeddings but model_card.json says "
                          f"embedding_dim={card['embedding_dim']}")
-    got = model_id_of(model)
+    got = model_id_of(model, card["input_spec"])
     if got != card["model_id"]:
-        raise ValueError(f"{model_dir}: weights hash to model_id {got} but model_card.json says "
-                         f"{card['model_id']} (model.keras and the card come from different exports)")
+        raise ValueError(f"{model_dir}: weights and input spec hash to model_id {got} but model_card.json says "
+                         f"{card['model_id']}: the card's input_spec or model_id was edited after export, or the "
+                         "card belongs to another export")
     return model, card
 
 
@@ -142,16 +205,24 @@ def _keras_version() -> str:
     return keras.__version__
 
 
-def _write_local(model, card: dict, out_dir: str) -> None:
+def _write_local(model, card: dict, out_dir: str) -> dict:
+    """Save the model, record its file hash in `card`, validate and write the card; returns the card."""
     # Write to temporary names then rename, so a reader never sees a half-written artefact.
     model_tmp = os.path.join(out_dir, MODEL_FILE + ".tmp.keras")
     card_tmp = os.path.join(out_dir, CARD_FILE + ".tmp")
     model.save(model_tmp)
+    card = {**card, "artifact_sha256": file_sha256(model_tmp)}
+    try:
+        validate_model_card(card)
+    except Exception:
+        os.remove(model_tmp)
+        raise
     with open(card_tmp, "w", encoding="utf-8") as f:
         json.dump(card, f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(model_tmp, os.path.join(out_dir, MODEL_FILE))
     os.replace(card_tmp, os.path.join(out_dir, CARD_FILE))
+    return card
 
 
 def _is_remote(path: str) -> bool:

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing import test_pipeline
 
-from beam_pipeline import dedup
+from beam_pipeline import dedup, outputs
 from beam_pipeline.io import read_table_dir
 from schemas.tables import MATCHES_SCHEMA, templates_schema
 
@@ -32,13 +32,18 @@ def _write_templates(path, items, model_id=MODEL):
     pq.write_table(table, path)
 
 
-def _write_matches(path, pairs, model_id=MODEL):
+def _write_matches(path, pairs, model_id=MODEL, templates=None, run_id="m", threshold=None):
+    """A matches table with the lineage match would give it: made from the templates at `templates`
+    (a glob; default the templates directory beside the matches directory)."""
+    templates = templates or os.path.join(os.path.dirname(os.path.dirname(path)), "templates", "*.parquet")
+    lineage = {"stage": "match", "run_id": run_id, "model_id": model_id, "threshold": threshold,
+               "templates": outputs.templates_fingerprint(templates)}
     table = pa.table(
         {"left_id": [p[0] for p in pairs], "right_id": [p[1] for p in pairs],
          "cosine": pa.array([np.cos(np.pi * (1 - p[2])) for p in pairs], pa.float32()),
          "angular_similarity": pa.array([p[2] for p in pairs], pa.float32()),
-         "model_id": [model_id] * len(pairs), "run_id": ["m"] * len(pairs)},
-        schema=MATCHES_SCHEMA,
+         "model_id": [model_id] * len(pairs), "run_id": [run_id] * len(pairs)},
+        schema=outputs.with_lineage(MATCHES_SCHEMA, lineage),
     )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(table, path)
@@ -130,8 +135,8 @@ def chain_dir(tmp_path):
     os.makedirs(tmp_path / "templates")
     pq.write_table(table, tmp_path / "templates" / "templates-00000-of-00001.parquet")
     _write_matches(str(tmp_path / "matches" / "matches-00000-of-00001.parquet"),
-                   [("a", "b", 0.96), ("b", "c", 0.95), ("c", "d", 0.94), ("a", "c", 0.91), ("x", "y", 0.99)])
-    (tmp_path / "match_run.json").write_text('{"threshold": {"angular_similarity": 0.9}}')
+                   [("a", "b", 0.96), ("b", "c", 0.95), ("c", "d", 0.94), ("a", "c", 0.91), ("x", "y", 0.99)],
+                   threshold=0.9)
     (tmp_path / "scores.csv").write_text("item_id,score\na,1\nb,7\nc,3\nd,\nx,2\ny,2\n")
     return tmp_path
 
@@ -147,7 +152,7 @@ def test_chained_cluster_is_flagged_and_column_keeper(chain_dir):
                               "--keeper_table", str(chain_dir / "scores.csv"), "--keeper_column", "score"),
                         test_pipeline=test_pipeline.TestPipeline())
     clusters, chained, diameter = _chain_rows(chain_dir)
-    # threshold 0.9 read from match_run.json; a-d at 0.85 < 0.9 - 0.04. Keeper: highest score (b), x/y tie: x.
+    # threshold 0.9 read from the matches' lineage; a-d at 0.85 < 0.9 - 0.04. Keeper: highest score (b), x/y tie: x.
     assert clusters == ["b", "b", "b", "b", "x", "x"]
     assert chained == [True] * 4 + [False] * 2
     assert diameter == [0.85] * 4 + [0.99] * 2

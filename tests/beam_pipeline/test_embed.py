@@ -456,56 +456,6 @@ def _read_rows(glob: str) -> list[dict]:
     return rows
 
 
-def test_local_runner_defaults():
-    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-
-    def applied(argv):
-        options = PipelineOptions(argv)
-        embed._apply_local_defaults(options)
-        return options.view_as(StandardOptions).runner, options.view_as(DirectOptions).direct_running_mode
-
-    assert applied([]) == ("FnApiRunner", embed.LOCAL_RUNNING_MODE)
-    assert applied(["--direct_running_mode", "multi_processing"]) == ("FnApiRunner", "multi_processing")
-    assert applied(["--runner", "DirectRunner"]) == ("DirectRunner", embed.LOCAL_RUNNING_MODE)
-    assert applied(["--runner", "DataflowRunner"])[0] == "DataflowRunner"
-
-
-def test_wait_logs_progress_while_a_remote_job_runs(caplog):
-    """Runners whose run() returns at once (Dataflow): a progress line of the counters per poll."""
-    import logging
-    from types import SimpleNamespace
-
-    from apache_beam.runners.runner import PipelineState
-
-    class FakeResult:
-        def __init__(self):
-            self.states = [PipelineState.RUNNING, PipelineState.RUNNING, PipelineState.DONE]
-            self.state = PipelineState.RUNNING
-            self.polls = []
-
-        def wait_until_finish(self, duration=None):
-            self.polls.append(duration)
-            if duration is None:
-                return self.state
-            self.state = self.states.pop(0)
-            return self.state
-
-        def metrics(self):
-            done = len(self.polls)
-            counter = lambda name, v: SimpleNamespace(key=SimpleNamespace(metric=SimpleNamespace(name=name)),
-                                                      committed=v, attempted=v)
-            return SimpleNamespace(query=lambda _filter: {"counters": [counter("items_read", 100 * done),
-                                                                       counter("embedded", 90 * done)]})
-
-    result = FakeResult()
-    with caplog.at_level(logging.INFO, logger="beam_pipeline.embed"):
-        embed._wait(result, poll_seconds=0.01)
-    assert result.polls == [10, 10, 10, None]
-    lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
-    assert lines == ["embed progress: items_read 100, decoded 0, embedded 90, failed 0",
-                     "embed progress: items_read 200, decoded 0, embedded 180, failed 0"]
-
-
 def test_template_row_groups_default_to_the_match_block_size():
     from apache_beam.options.pipeline_options import PipelineOptions
 

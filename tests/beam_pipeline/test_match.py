@@ -66,7 +66,7 @@ def _run(argv):
 def _card(tmp_path, model_id=MODEL):
     entry = {"target_fmr": 1e-3, "angular_similarity": 0.75, "cosine": float(cosine_from_angular(0.75)),
              "impostor_pairs": 5000, "fmr": 4e-4, "fmr_upper_95": 9e-4, "fnmr": 0.02}
-    card = {"model_id": model_id, "embedding_dim": 3,
+    card = {"model_id": model_id, "embedding_dim": 3, "card_version": 2, "artifact_sha256": "0" * 64,
             "input_spec": {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "value_range": [0, 255]},
             "training": {}, "data": {}, "metrics": {}, "thresholds": {"instance": [entry]}}
     model_dir = tmp_path / "model"

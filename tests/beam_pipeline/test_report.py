@@ -130,7 +130,7 @@ def test_report_numbers_equal_hand_counts(workdir):
 
 
 def test_report_without_ground_truth_and_with_model_card(workdir, tmp_path):
-    card = {"model_id": MODEL, "embedding_dim": 3,
+    card = {"model_id": MODEL, "embedding_dim": 3, "card_version": 2, "artifact_sha256": "0" * 64,
             "input_spec": {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "value_range": [0, 255]},
             "training": {}, "data": {}, "metrics": {"recall_at_1": 0.91, "seed": {"auc": 0.97}},
             "thresholds": {"instance": []}}

@@ -25,6 +25,8 @@ def _card():
     return validate_model_card(
         {
             "model_id": "0123456789abcdef",
+            "card_version": 2,
+            "artifact_sha256": "0" * 64,  # a card alone: the model file is never opened here
             "embedding_dim": 4,
             "input_spec": {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "value_range": [0, 255]},
             "training": {},
