@@ -25,6 +25,8 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The largest declared width x height decoded (embed's --max_pixels default; the report's thumbnails).
+DEFAULT_MAX_PIXELS = 50_000_000
 # Reasons written to the failures table (stage "decode"), after "DecodeError: ".
 EMPTY = "empty"
 TRUNCATED = "truncated"
@@ -266,7 +268,19 @@ def trim_borders(pixels: np.ndarray) -> np.ndarray:
     return pixels[top:bottom, left:right]
 
 
-def decode_image(data: bytes, input_spec: dict, max_pixels: int = 50_000_000) -> DecodedImage:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] = (1, 1)) -> Image.Image:
+    """The first frame of image file `data`, decoded and turned by its EXIF orientation, under the same
+    allow-list (ACCEPTED_FORMATS) and decompression-bomb limit (`max_pixels`) as `decode_image`: for
+    every other place that opens a catalogue's images (the report's thumbnails). `draft`: the smallest
+    (width, height) wanted (JPEG may decode at a reduced scale above it). Raises DecodeError."""
+    image = _open_header(bytes(data), int(max_pixels))
+    image = _load_first_frame(image, draft)
+    if image.width * image.height > max_pixels:
+        raise DecodeError(TOO_LARGE, f"decoded frame {image.width}x{image.height} exceeds max_pixels={max_pixels}")
+    return _orient(image)
+
+
+def decode_image(data: bytes, input_spec: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode image file bytes into the encoder's input pixels.
 
     data: the whole file. input_spec: the model card's input spec ({"height", "width", "channels", ...}).

@@ -526,7 +526,7 @@ def run(argv=None, test_pipeline=None) -> dict:
 
     # A sample of the listing: enough to refuse an empty glob and tell the format; the pipeline lists it
     # all again, spread over workers.
-    paths = bio.match_paths(opts.input, limit=FORMAT_SAMPLE)
+    paths = [listed.path for listed in sources.list_catalogue(opts.input, limit=FORMAT_SAMPLE)]
     if not paths:
         raise FileNotFoundError(f"--input {opts.input!r} matches no files")
     input_format = resolve_input_format(opts, paths)

@@ -12,6 +12,8 @@ import uuid
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipeline import decode, sources
+
 
 def bounded(cast, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
     """An argparse `type`: `cast` the text, then refuse values outside [low, high] (open ends where asked),
@@ -186,14 +188,14 @@ class EmbedOptions(PipelineOptions):
             parser,
             "--max_pixels",
             type=POSITIVE_INT,
-            default=50_000_000,
+            default=decode.DEFAULT_MAX_PIXELS,
             help="Refuse images whose declared width*height exceeds this (decompression bombs; default 5e7).",
         )
         _add(
             parser,
             "--max_file_bytes",
             type=NON_NEGATIVE_INT,
-            default=200_000_000,
+            default=sources.DEFAULT_MAX_FILE_BYTES,
             help="Refuse (failures stage 'read') files, records or members larger than this many bytes "
             "(default 2e8; 0: no limit).",
         )

@@ -9,6 +9,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from beam_pipeline import decode, sources
+
 THUMB_PIXELS = 96
 
 
@@ -50,16 +52,19 @@ def similarity_histogram_png(histogram: dict, threshold: float, *, genuine_count
     return _png(fig)
 
 
-def read_thumbnail(uri: str, size: int = THUMB_PIXELS) -> np.ndarray | None:
+def read_thumbnail(uri: str, size: int = THUMB_PIXELS, max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+                   max_bytes: int = sources.DEFAULT_MAX_FILE_BYTES) -> np.ndarray | None:
     """The image at `uri` (local or gs://) as an RGB uint8 array fitting `size` x `size`; None if it
-    cannot be read or decoded."""
-    from apache_beam.io.filesystems import FileSystems
+    cannot be read or decoded, or breaks the embed stage's limits: more than `max_bytes` bytes, more than
+    `max_pixels` pixels, a format outside decode.ACCEPTED_FORMATS (the file may have changed since it
+    was embedded)."""
     from PIL import Image
 
+    record = sources.read_file(uri, uri, max_bytes)
+    if isinstance(record, sources.ReadFailure):
+        return None
     try:
-        with FileSystems.open(uri) as f:
-            data = f.read()
-        with Image.open(_io.BytesIO(data)) as img:
+        with decode.open_image(record.data, max_pixels, (size, size)) as img:
             img = img.convert("RGB")
             img.thumbnail((size, size), Image.Resampling.NEAREST if max(img.size) < size else Image.Resampling.LANCZOS)
             if max(img.size) < size:  # small images (28x28) are scaled up, pixel-sharp

@@ -35,7 +35,12 @@ no Beam pipeline and no TensorFlow; `ReadCatalogue` is the thin PTransform the e
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fnmatch
+import glob as glob_module
+import os
 import posixpath
+import stat
 import struct
 import tarfile
 import typing
@@ -53,6 +58,8 @@ METRICS_NAMESPACE = "embed"
 FAILURES_TAG = "failures"
 
 FORMATS = ("files", "tfrecord", "parquet", "tar")
+# The largest file, record or member read (embed's --max_file_bytes default; the report's thumbnails).
+DEFAULT_MAX_FILE_BYTES = 200_000_000
 # Image files travel to the readers in groups of this many (one shuffle element each).
 FILES_PER_READ = 16
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "dib", "gif", "tif", "tiff", "ppm",
@@ -509,7 +516,14 @@ def tar_shard_records(path: str, shard_id: str, keys: RecordKeys = RecordKeys(),
     try:
         with _open(path) as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_TarInfo) as archive:
             for member in archive:
-                if not member.isfile():
+                if member.isdir():
+                    continue
+                if not member.isfile():  # links, devices, pipes: nothing to read; an image name is an item
+                    if _is_image_member(member.name):
+                        count += 1
+                        seen[member.name] = seen.get(member.name, -1) + 1
+                        uri = f"{path}#{member.name}" + (f"@{seen[member.name]}" if seen[member.name] else "")
+                        pending.append((f"{shard_id}#{member.name}", uri, _tar_member_kind(member), member.size))
                     continue
                 key, extension = webdataset_key(member.name)
                 if key != pending_key:
@@ -540,12 +554,145 @@ def tar_shard_records(path: str, shard_id: str, keys: RecordKeys = RecordKeys(),
     yield from _tar_items(pending, label, max_bytes)
 
 
+def _tar_member_kind(member: tarfile.TarInfo) -> str:
+    """Why a tar member that is not a regular file cannot be an item."""
+    if member.issym():
+        return f"OSError: the tar member is a symbolic link (to {member.linkname!r}): links in shards are not followed"
+    if member.islnk():
+        return f"OSError: the tar member is a hard link (to {member.linkname!r}): links in shards are not followed"
+    kinds = ((member.ischr, "a character device"), (member.isblk, "a block device"), (member.isfifo, "a FIFO"))
+    kind = next((name for test, name in kinds if test()), f"of type {member.type!r}")
+    return f"OSError: the tar member is {kind}, not a file"
+
+
 def _tar_items(pending, label, max_bytes) -> Iterator[Union[Record, ReadFailure]]:
+    """Records of the pending image members; `data` None: over the size limit; a str: why it is not a file."""
     for item_id, uri, data, size in pending:
         if data is None:
             yield ReadFailure(item_id, uri, _too_big(size, max_bytes, "member"))
+        elif isinstance(data, str):
+            yield ReadFailure(item_id, uri, data)
         else:
             yield Record(item_id, uri, data, label)
+
+
+# -------------------------------------------------------------------------------------------- listing
+
+class Listed(NamedTuple):
+    """One entry of a catalogue's listing: a file to read (size in bytes, -1 unknown), or an entry that
+    cannot be an item, with why (`problem`): it becomes a failures row, never a silent gap."""
+
+    path: str
+    size: int
+    problem: Optional[str] = None
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _glob_parts(base: str, parts: list[str], seen: set) -> Iterator[tuple[str, Optional[str]]]:
+    """(path, problem) of the local entries under `base` matching glob `parts` (see `local_listing`)."""
+    if not parts:
+        if base not in seen:
+            seen.add(base)
+            yield base, None
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":  # any depth, none included; as the last part: every file below
+        if rest:
+            yield from _glob_parts(base, rest, seen)
+        for entry in _scan(base):
+            if entry.name.startswith("."):
+                continue
+            path = os.path.join(base, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                yield from _glob_parts(path, parts, seen)
+            elif entry.is_symlink() and os.path.isdir(path):
+                yield path, ("a symbolic link to a directory, not followed under '**' (a link can loop); "
+                             "its files are not listed: give a glob of its target")
+            elif not rest:
+                yield from _glob_parts(path, rest, seen)
+        return
+    if not glob_module.has_magic(part):
+        path = os.path.join(base, part)
+        if rest:
+            if os.path.isdir(path):
+                yield from _glob_parts(path, rest, seen)
+        elif os.path.lexists(path):
+            yield from _glob_parts(path, rest, seen)
+        return
+    for entry in _scan(base):
+        if entry.name.startswith(".") and not part.startswith("."):
+            continue  # hidden entries, as glob skips them
+        if not fnmatch.fnmatchcase(entry.name, part):
+            continue
+        if rest and not entry.is_dir():
+            continue
+        yield from _glob_parts(os.path.join(base, entry.name), rest, seen)
+
+
+def _scan(directory: str) -> list:
+    try:
+        with os.scandir(directory or ".") as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _classify(path: str) -> Optional[Listed]:
+    """The Listed entry of local `path`, or None for a directory (not an item)."""
+    try:
+        info = os.stat(path)  # follows links
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return Listed(path, -1, "a symbolic link loop (the link points back at itself)")
+        if os.path.islink(path):
+            return Listed(path, -1, f"a dangling symbolic link (to {os.readlink(path)!r}, which does not exist)")
+        return Listed(path, -1, _describe(err))
+    if stat.S_ISDIR(info.st_mode):
+        return None
+    for is_kind, kind in _FILE_KINDS:
+        if is_kind(info.st_mode):
+            return Listed(path, -1, f"not a regular file: {kind}")
+    return Listed(path, int(info.st_size))
+
+
+def local_listing(input_glob: str) -> Iterator[Listed]:
+    """Every entry a local glob matches, each as a Listed: files with their size, and whatever cannot be
+    read (dangling links, link loops, pipes, devices, links to directories under '**') with why.
+
+    Glob syntax as Python's `glob` (hidden names need a leading '.' in the pattern), with '**' matching
+    any depth including none ('cat/**/*.png' matches cat/a.png and cat/x/y/b.png), the same as a GCS
+    glob's '**' up to that; '**' does not descend into symbolic links to directories. Beam's local match
+    drops dangling links and loops without a word, which would lose items.
+    """
+    pattern = os.path.expanduser(input_glob)
+    absolute = os.path.isabs(pattern)
+    parts = [p for p in pattern.split(os.sep) if p]
+    base = os.sep if absolute else ""
+    for path, problem in _glob_parts(base, parts, set()):
+        path = path if absolute or not path.startswith("./") else path[2:]
+        if problem is not None:
+            yield Listed(path, -1, problem)
+            continue
+        listed = _classify(path)
+        if listed is not None:
+            yield listed
+
+
+def list_catalogue(input_glob: str, limit: Optional[int] = None) -> list[Listed]:
+    """The listing of `input_glob` (local: `local_listing`; gs:// and other filesystems: Beam's match),
+    in path order; at most `limit` entries (the first found) when given."""
+    if bio._is_local(input_glob):
+        found = []
+        for listed in local_listing(input_glob):
+            found.append(listed)
+            if limit is not None and len(found) >= limit:
+                break
+        return sorted(found)
+    result = FileSystems.match([input_glob], limits=None if limit is None else [limit])[0]
+    return sorted(Listed(*_listed(m)) for m in result.metadata_list if not _is_directory(m.path))
 
 
 # ------------------------------------------------------------------------------------------------- Beam
@@ -652,6 +799,23 @@ class _ReadRowGroupFn(_CountingFn):
             parquet_row_group_records(path, shard_id, row_group, first_row, self._keys, self._max_bytes))
 
 
+class _ListLocalFn(_CountingFn):
+    """A local glob -> (path, size) of every file it matches; entries that cannot be items (dangling
+    links, loops, pipes, devices) -> ReadFailures with the reason (`local_listing`)."""
+
+    def __init__(self, input_glob: str):
+        super().__init__()
+        self._input_glob = input_glob
+
+    def process(self, glob):
+        for listed in local_listing(glob):
+            if listed.problem is None:
+                yield listed.path, listed.size
+            else:
+                yield from self._emit([ReadFailure(bio.item_id_for(listed.path, self._input_glob), listed.path,
+                                                   f"OSError: {listed.problem}")])
+
+
 class ReadCatalogue(beam.PTransform):
     """Read the catalogue `input_glob` in `input_format` (one of FORMATS) -> (records, failures).
 
@@ -671,10 +835,23 @@ class ReadCatalogue(beam.PTransform):
         self._max_bytes = max_bytes
 
     def expand(self, pbegin):
-        # MatchFiles lists every path from one worker: spread them before anything is opened.
-        matched = (pbegin
-                   | "MatchFiles" >> fileio.MatchFiles(self._input_glob)
-                   | "Listed" >> beam.Map(_listed).with_output_types(typing.Tuple[str, int]))
+        # The listing runs on one worker: spread the paths before anything is opened.
+        if bio._is_local(self._input_glob):
+            # Our own listing: every entry, links and special files included, accounted for.
+            listing = (pbegin
+                       | "Glob" >> beam.Create([self._input_glob])
+                       | "ListLocal" >> beam.ParDo(_ListLocalFn(self._input_glob)).with_outputs(
+                           FAILURES_TAG, main="files"))
+            matched, unlisted = listing.files, listing[FAILURES_TAG]
+        else:
+            matched = (pbegin
+                       | "MatchFiles" >> fileio.MatchFiles(self._input_glob)
+                       | "Listed" >> beam.Map(_listed).with_output_types(typing.Tuple[str, int]))
+            unlisted = pbegin | "NothingUnlisted" >> beam.Create([])
+        records, failures = self._read(matched)
+        return records, (failures, unlisted) | "AllReadFailures" >> beam.Flatten()
+
+    def _read(self, matched):
         if self._format == "files":
             # Image files are small: spread them in groups, a fraction of the shuffle's per-element cost.
             read = (matched
