@@ -12,7 +12,7 @@ import uuid
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_pipeline import decode, sources
+from beam_pipeline import decode, sources, thresholds
 
 
 def bounded(cast, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
@@ -36,7 +36,7 @@ def bounded(cast, low=None, high=None, *, low_open: bool = False, high_open: boo
     return check
 
 
-UNIT_INTERVAL = bounded(float, 0.0, 1.0)
+THRESHOLD = bounded(float, 0.0, thresholds.MAX_THRESHOLD)  # angular similarity a float32 kernel resolves
 OPEN_UNIT_INTERVAL = bounded(float, 0.0, 1.0, low_open=True, high_open=True)
 NON_NEGATIVE_INT = bounded(int, 0)
 POSITIVE_INT = bounded(int, 1)
@@ -80,7 +80,7 @@ def _add_threshold(parser) -> None:
     _add(
         parser,
         "--threshold",
-        type=UNIT_INTERVAL,
+        type=THRESHOLD,
         default=None,
         help="Match threshold in angular similarity [0, 1]. Default: chosen for this catalogue by "
         "self-calibration (see --target_precision).",
@@ -317,7 +317,7 @@ class DedupOptions(PipelineOptions):
         _add(parser, "--chain_margin", type=NON_NEGATIVE_FLOAT, default=0.05,
              help="--linkage single: a cluster is flagged is_chained when two of its members are more than this "
              "far (angular similarity) below the match threshold from each other. Default 0.05.")
-        _add(parser, "--threshold", type=UNIT_INTERVAL, default=None,
+        _add(parser, "--threshold", type=THRESHOLD, default=None,
              help="The match threshold (angular similarity): pairs below it do not count as matching for "
              "complete linkage, and the reference of the chain flags. Default: match_run.json beside the "
              "matches directory, else the weakest matched pair.")

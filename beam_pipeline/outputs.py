@@ -301,40 +301,54 @@ class StagedRun:
 
         First the outputs of later stages are moved aside into OUTPUT/stale/ unless
         `downstream_valid(stage, path)` says they still hold (e.g. matches made from templates with the
-        same fingerprint as the new ones); None moves them all aside.
+        same fingerprint as the new ones); None moves them all aside. The previous outputs go into the
+        staging directory (deleted with it); if any move fails, the moves made are undone in reverse, so
+        OUTPUT is either all new or all as it was.
         """
-        self._move_aside_downstream(downstream_valid)
-        for name in STAGE_OUTPUTS[self.stage]:
-            staged, final = self.path(name), FileSystems.join(self.output_dir, name)
-            if not _exists(staged):
-                if _exists(final):  # an output this run did not write would be mistaken for its own
-                    self._set_aside(final, self.stage)
-                continue
-            for temp in _beam_temp_dirs(staged):
-                _delete(temp)
-            _move(staged, final)
-            self.published.append(final)
+        done: list[tuple[str, str]] = []  # (from, to) of every move made, to undo on failure
+
+        def move(src: str, dst: str) -> None:
+            _move(src, dst)
+            done.append((src, dst))
+
+        try:
+            for final, stage in self._downstream(downstream_valid):
+                move(final, self._aside(final))
+            for name in STAGE_OUTPUTS[self.stage]:
+                staged, final = self.path(name), FileSystems.join(self.output_dir, name)
+                if not _exists(staged):
+                    if _exists(final):  # an output this run did not write would be mistaken for its own
+                        move(final, self._aside(final))
+                    continue
+                for temp in _beam_temp_dirs(staged):
+                    _delete(temp)
+                if _exists(final):
+                    move(final, FileSystems.join(self.dir, "_replaced", name))
+                move(staged, final)
+        except BaseException:
+            for src, dst in reversed(done):
+                _move(dst, src)
+            raise
+        self.published = [dst for src, dst in done if src.startswith(self.dir) and "/_replaced/" not in src]
+        self.moved_aside = [dst for _, dst in done if f"/{STALE_DIR}/" in dst]
+        for target in self.moved_aside:
+            log.warning("moved %s aside: it was made from outputs this %s run replaced", target, self.stage)
         log.info("%s run %s published %s", self.stage, self.run_id, ", ".join(self.published) or "nothing")
         return self.published
 
-    def _move_aside_downstream(self, downstream_valid) -> None:
-        later = STAGES[STAGES.index(self.stage) + 1:]
-        for stage in later:
+    def _downstream(self, downstream_valid) -> list[tuple[str, str]]:
+        """(path, stage) of the existing outputs of later stages that no longer hold."""
+        found = []
+        for stage in STAGES[STAGES.index(self.stage) + 1:]:
             for name in STAGE_OUTPUTS[stage]:
                 final = FileSystems.join(self.output_dir, name)
-                if not _exists(final):
-                    continue
-                if downstream_valid is not None and downstream_valid(stage, final):
-                    continue
-                self._set_aside(final, stage)
+                if _exists(final) and not (downstream_valid is not None and downstream_valid(stage, final)):
+                    found.append((final, stage))
+        return found
 
-    def _set_aside(self, final: str, stage: str) -> None:
+    def _aside(self, final: str) -> str:
         name = final.rstrip("/").rsplit("/", 1)[-1]
-        target = FileSystems.join(self.output_dir, STALE_DIR, f"{self.stage}-{self.run_id}", name)
-        _move(final, target)
-        self.moved_aside.append(target)
-        log.warning("moved %s aside to %s: it was made by an earlier %s run from outputs this %s run replaced",
-                    final, target, stage, self.stage)
+        return FileSystems.join(self.output_dir, STALE_DIR, f"{self.stage}-{self.run_id}", name)
 
 
 def downstream_of_templates(fingerprint: str):

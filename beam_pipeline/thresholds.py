@@ -11,6 +11,10 @@ import math
 
 from trainer.distances import cosine_from_angular
 
+# The highest threshold a run may use. Embeddings are float32: a cosine near 1 is resolved to ~6e-8, so an
+# angular similarity above this cannot be told apart from 1 (cos(pi * 1e-4) = 1 - 4.9e-8 rounds to 1.0,
+# and two items of identical content, whose dot product is 1 - 1e-7, would not match each other).
+MAX_THRESHOLD = 0.999
 # Two FMR targets are the same if they agree to this relative tolerance (1e-4 written as 0.0001 etc.).
 _FMR_RTOL = 1e-6
 
@@ -62,8 +66,9 @@ def resolve_threshold(
     """
     if threshold is not None:
         sim = float(threshold)
-        if not (0.0 <= sim <= 1.0) or math.isnan(sim):
-            raise ValueError(f"--threshold is an angular similarity in [0, 1], got {threshold}")
+        if not (0.0 <= sim <= MAX_THRESHOLD) or math.isnan(sim):
+            raise ValueError(f"--threshold is an angular similarity in [0, {MAX_THRESHOLD}] (float32 embeddings "
+                             f"cannot resolve more), got {threshold}")
         return {
             "angular_similarity": sim,
             "cosine": float(cosine_from_angular(sim)),

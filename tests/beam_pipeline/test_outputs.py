@@ -176,3 +176,29 @@ def test_publish_on_gcs(gcs_bucket):
     with FileSystems.open(f"{out}/matches/matches-00000-of-00001.parquet") as f:
         assert f.read() == b"new"
     assert bio.match_paths(f"{out}/_staging/**") == []
+
+
+def test_a_fault_while_publishing_undoes_the_moves_made(tmp_path, monkeypatch):
+    """A move that fails half-way through publishing (a full disk, a lost connection): OUTPUT is either
+    all new or all as it was, never templates of one run beside failures of another."""
+    out = str(tmp_path)
+    _table(out, "templates", "old", stage="embed")
+    _table(out, "failures", "old", stage="embed")
+    _table(out, "matches", "m-old", templates={"fingerprint": "A"})
+    before = _tree(out)
+    real, calls = outputs._move, []
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == 4:  # matches aside, old templates out, new templates in, then old failures out
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(outputs, "_move", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        with outputs.StagedRun(out, "embed", "new") as staged:
+            _table(staged.dir, "templates", "new", stage="embed")
+            _table(staged.dir, "failures", "new", stage="embed")
+            staged.publish(outputs.downstream_of_templates("B"))
+    assert _tree(out) == before
+    assert [d["run_id"] for d in outputs.table_lineage(f"{out}/templates/*.parquet", "templates")] == ["old"]
