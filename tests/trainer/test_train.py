@@ -61,7 +61,7 @@ def test_tiny_training_run_writes_a_loadable_artefact(tmp_path):
     card = json.loads((out / "model_card.json").read_text())
     validate_model_card(card)
     model, loaded = load_encoder(str(out))
-    assert loaded["model_id"] == summary["model_id"] == model_id_of(model)
+    assert loaded["model_id"] == summary["model_id"] == model_id_of(model, card["input_spec"])
     assert model.output_shape == (None, 16) and card["embedding_dim"] == 16
     assert summary["model_dir"] == str(out)
     assert 0.5 <= summary["seed_auc"] <= 1.0 and 0.0 <= summary["recall_at_1"] <= 1.0
