@@ -4,8 +4,8 @@ catalogue that changes between runs, with random faults and random user mistakes
     flock /tmp/heavy.lock .venv/bin/python bench/fuzz_stages.py [--runs 220] [--seed 0] [--work_dir DIR]
 
 Each step first may change the catalogue (add, remove or replace an image, add a byte-identical copy, a
-broken file or a dangling link), then runs one stage through `beam_pipeline.cli.main`, in-process, in one
-of four ways:
+broken file or a dangling link), then runs one stage through `beam_pipeline.cli.main`, in-process (half
+the time the stage after the last one that succeeded, else any), in one of four ways:
 - clean: the stage as a user would run it; it must succeed (exit 0) or refuse with one clear line
   (exit 2) when its inputs are missing (e.g. dedup before any match);
 - mistake: a random user error (a flag out of range, a misspelt flag, a glob that matches nothing, a
@@ -326,12 +326,16 @@ def main(argv=None) -> int:
     cat = Catalogue(os.path.join(args.work_dir, "catalogue"), rng)
     work = os.path.join(args.work_dir, "work")
     embedded_entries = None  # the catalogue's entries when the last published embed listed them
+    last_ok = None
     outcomes = collections.Counter()
     findings = []
     started = time.perf_counter()
     for step in range(args.runs):
         change = cat.change()
-        stage = rng.choice(STAGES)
+        # Half the time the stage after the last one that succeeded, so the sequence often gets as far as
+        # a report; otherwise any stage, in any order.
+        stage = STAGES[(STAGES.index(last_ok) + 1) % len(STAGES)] if last_ok and rng.random() < 0.5 \
+            else rng.choice(STAGES)
         mode = rng.choice(MODES)
         argv = stage_argv(stage, cat.root, model, work)
         if mode == "mistake":
@@ -359,6 +363,8 @@ def main(argv=None) -> int:
         if fired and code == 0:
             problems.append("an injected fault went unnoticed")
         problems += check_workdir(work, embedded_entries)
+        if code == 0:
+            last_ok = stage
         outcome = f"{stage}/{mode}/{code}"
         outcomes[outcome] += 1
         print(f"{step:4d} {change:<28s} {stage:<6s} {mode:<9s} -> {code!s:<18s} "
