@@ -315,3 +315,52 @@ def test_dedup_and_match_pin_the_local_runner(catalogue, tiny_model_dir, tmp_pat
     _match(work)
     _dedup(work)
     assert runners == ["FnApiRunner"] * 3
+
+
+def _random_templates(work, n, dim=8, seed=0):
+    """A templates table of `n` random unit embeddings (enough work that a stage runs for seconds)."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas.tables import templates_schema
+
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"i{k:06d}" for k in range(n)]
+    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    table = pa.table({"item_id": ids, "source_uri": ids, "content_sha256": [f"{k:064d}" for k in range(n)],
+                      "embedding": list(x), "model_id": ["0123456789abcdef"] * n, "width": [1] * n,
+                      "height": [1] * n, "embedded_at": [now] * n, "run_id": ["e"] * n},
+                     schema=templates_schema(dim))
+    os.makedirs(work / "templates")
+    pq.write_table(table, work / "templates" / "templates-00000-of-00001.parquet")
+
+
+@pytest.mark.parametrize("stage", ["match", "dedup"])
+def test_ctrl_c_in_match_and_dedup_leaves_the_last_outputs_whole(tmp_path, stage):
+    work = tmp_path / "work"
+    _random_templates(work, 60_000)
+    match_argv = ["match", "--templates", f"{work}/templates/*.parquet", "--output", str(work),
+                  "--threshold", "0.93", "--block_size", "2048"]
+    dedup_argv = ["dedup", "--templates", f"{work}/templates/*.parquet", "--matches", f"{work}/matches/*.parquet",
+                  "--output", str(work)]
+    assert cli.main(match_argv) == 0
+    assert cli.main(dedup_argv) == 0
+    before = {p: (work / p).read_bytes() for p in _files(work)}
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "beam_pipeline.cli",
+                             *(match_argv if stage == "match" else dedup_argv)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (work / "_staging").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    time.sleep(0.3)  # into the run
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err[-2000:]
+    assert {p: (work / p).read_bytes() for p in _files(work)} == before  # whole; no _staging left
