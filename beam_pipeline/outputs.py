@@ -245,8 +245,8 @@ class StagedRun:
     """The staging area of one run of `stage` writing into `output_dir`; a context manager.
 
         with StagedRun(output, "embed", run_id) as staged:
-            ... write tables under staged.dir ...
-            staged.publish(lineage_of_new_templates)
+            ... write tables under staged.dir (documents at staged.path(name)) ...
+            staged.publish(downstream_of_templates(fingerprint))  # or publish(): later outputs all aside
 
     Leaving the block without `publish` (an error, a refusal, KeyboardInterrupt) deletes the staging
     directory and leaves OUTPUT as it was. Entering it removes the staging directories that earlier runs

@@ -74,7 +74,7 @@ def test_missing_protocol_and_missing_everything():
         thresholds.resolve_threshold(None, card, 1e-2, "instance")
     with pytest.raises(ValueError, match="pass --threshold"):
         thresholds.resolve_threshold(None, None, 1e-2, "instance")
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 0.999\] \(float32"):
         thresholds.resolve_threshold(1.5, None, 1e-2, "instance")
 
 
