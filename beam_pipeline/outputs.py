@@ -4,6 +4,7 @@ Atomic runs. A stage writes everything into `OUTPUT/_staging/<stage>-<run_id>/` 
 when it has finished and checked its outputs does it publish them into OUTPUT, replacing the previous
 ones. A run that fails, is refused or is interrupted (Ctrl-C) deletes its staging directory and leaves the
 last good outputs whole; the staging directory of a run killed outright is removed by the stage's next run.
+A run killed outright while publishing (between two moves) is repaired by the next run of the stage.
 Local directories are swapped by rename. On gs://, where there are no directories, the new objects are
 copied over the old and the leftovers deleted; a reader that lands in that window sees a table directory
 holding shards of two runs, which `table_lineage` refuses (a table directory holds one run's shards).
@@ -250,7 +251,8 @@ class StagedRun:
 
     Leaving the block without `publish` (an error, a refusal, KeyboardInterrupt) deletes the staging
     directory and leaves OUTPUT as it was. Entering it removes the staging directories that earlier runs
-    of the same stage left when they were killed outright.
+    of the same stage left when they were killed outright, first putting back any output such a run had
+    moved out of OUTPUT while publishing and not yet replaced.
     """
 
     def __init__(self, output_dir: str, stage: str, run_id: str):
@@ -292,8 +294,19 @@ class StagedRun:
             old = sorted({p[: p.index("/", len(self.root) + 1)] for p in _remote_files(self.root)
                           if p[len(self.root) + 1:].startswith(prefix) and "/" in p[len(self.root) + 1:]})
         for d in old:
+            self._restore_replaced(d)
             log.warning("removing %s, left by a %s run that was killed before it finished", d, self.stage)
             _delete(d)
+
+    def _restore_replaced(self, killed_dir: str) -> None:
+        """Put back the outputs a run killed while publishing had moved out of OUTPUT and not yet
+        replaced (its `_replaced/`), so a kill between two moves loses nothing."""
+        for name in STAGE_OUTPUTS[self.stage]:
+            replaced = FileSystems.join(killed_dir, "_replaced", name)
+            final = FileSystems.join(self.output_dir, name)
+            if _exists(replaced) and not _exists(final):
+                log.warning("restoring %s from %s: a run was killed while publishing", final, replaced)
+                _move(replaced, final)
 
     def publish(self, downstream_valid=None) -> list[str]:
         """Move every staged output of this stage into OUTPUT, replacing the previous ones; returns the

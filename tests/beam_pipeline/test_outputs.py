@@ -202,3 +202,16 @@ def test_a_fault_while_publishing_undoes_the_moves_made(tmp_path, monkeypatch):
             staged.publish(outputs.downstream_of_templates("B"))
     assert _tree(out) == before
     assert [d["run_id"] for d in outputs.table_lineage(f"{out}/templates/*.parquet", "templates")] == ["old"]
+
+
+def test_a_run_killed_while_publishing_is_repaired_by_the_next(tmp_path):
+    """SIGKILL between moving the old templates out and the new ones in: the next run puts them back."""
+    out = str(tmp_path)
+    _table(out, "templates", "old", stage="embed")
+    killed = tmp_path / "_staging" / "embed-killed"
+    (killed / "_replaced").mkdir(parents=True)
+    os.replace(tmp_path / "templates", killed / "_replaced" / "templates")  # where the kill left it
+    _table(str(killed), "templates", "new", stage="embed")  # staged, never published
+    with outputs.StagedRun(out, "embed", "next"):
+        assert [d["run_id"] for d in outputs.table_lineage(f"{out}/templates/*.parquet", "templates")] == ["old"]
+    assert not (tmp_path / "_staging").exists()
