@@ -8,11 +8,14 @@ their subcommand runs: `--help` does not wait for TensorFlow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 # Set (to anything but "" or "0"), or pass --debug, to see the traceback behind a one-line error.
 DEBUG_ENV = "SIAMESE_DEDUP_DEBUG"
@@ -57,25 +60,48 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     module_name, _ = STAGES[args.stage]
     module = importlib.import_module(module_name)
+    interrupted: list[bool] = []
     try:
-        summary = module.run(rest)
-    except (ValueError, OSError) as err:
+        with _noting_interrupts(interrupted):
+            summary = module.run(rest)
+    except BaseException as err:
+        if debug or isinstance(err, SystemExit):
+            raise
+        if interrupted or isinstance(err, KeyboardInterrupt):
+            # Ctrl-C, however it surfaced: Beam re-raises a KeyboardInterrupt inside a transform as a
+            # RuntimeError, and the stage's staging area was removed on the way out either way.
+            print(f"siamese-dedup {args.stage}: interrupted: nothing was published, the previous outputs are as "
+                  "they were", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if not isinstance(err, (ValueError, OSError)):
+            raise
         # A user's input or flags (a bad value, a missing or unreadable file, inputs that do not belong
         # together: beam_pipeline.outputs.LineageError), or the machine's (a full disk, no permission):
         # one line, not a traceback. Failures the pipelines catch per item go to the failures table.
-        if debug:
-            raise
         print(f"siamese-dedup {args.stage}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"siamese-dedup {args.stage}: interrupted: nothing was published, the previous outputs are as they "
-              "were", file=sys.stderr)
-        return EXIT_INTERRUPTED
     if summary is not None and args.stage != "demo":
         print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+@contextlib.contextmanager
+def _noting_interrupts(interrupted: list):
+    """Append to `interrupted` on SIGINT (then raise KeyboardInterrupt as usual), so an interruption is
+    recognised whatever exception it turns into on its way out. Main thread only (signal's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        interrupted.append(True)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _one_line(err: BaseException) -> str:
