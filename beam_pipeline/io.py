@@ -277,11 +277,3 @@ def count_parquet_rows(glob: str) -> int:
                 total += pq.read_metadata(pa.BufferReader(f.read())).num_rows
     return total
 
-
-def delete_table_shards(output_dir: str, name: str) -> int:
-    """Delete the shards of table `name` left under `output_dir` by an earlier run (see `table_glob`), so
-    a rerun with a different shard count does not leave stale files matching the glob. Returns how many."""
-    paths = match_paths(table_glob(output_dir, name))
-    if paths:
-        FileSystems.delete(paths)
-    return len(paths)

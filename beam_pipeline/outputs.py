@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from typing import Optional
 
 import pyarrow as pa
@@ -208,17 +207,12 @@ def _delete(path: str) -> None:
 
 
 def _move(src: str, dst: str) -> None:
-    """Move file or directory `src` to `dst` (replacing what is there). Local: renames (a directory swap
-    is two renames); gs://: copies the objects, then deletes the sources and what `dst` held beyond them."""
+    """Move file or directory `src` to `dst`, where nothing is (publish moves what was there aside
+    first). Local: one rename; gs://: copies the objects, then deletes the sources and any objects
+    `dst` held beyond them."""
     if _is_local(src):
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, trash)
-            os.replace(src, dst)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(src, dst)
+        os.replace(src, dst)
         return
     sources = _remote_files(src)
     old = set(_remote_files(dst))
