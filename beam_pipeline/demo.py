@@ -315,6 +315,8 @@ def run(argv: list[str] | None = None) -> dict:
     from trainer.data import load_fashion_mnist
 
     args = build_parser().parse_args(argv)
+    # Before any stage starts TensorFlow, so both trainings are reproducible whichever parts run.
+    train.pin_op_threads(True)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:

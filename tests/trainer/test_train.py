@@ -184,3 +184,52 @@ def test_pairs_unlabelled_and_unseen_class_runs(tmp_path):
     assert card["metrics"]["unseen_classes"]["classes"] == [5, 6, 7, 8, 9]
     assert card["data"]["train_classes"] == [0, 1, 2, 3, 4] and card["data"]["classes"] == 5
     assert summary["unseen_classes"]["seed_protocol_auc"] == card["metrics"]["unseen_classes"]["seed_protocol_auc"]
+
+
+def _photo_tiles(folder, n: int = 96) -> None:
+    """`n` distinct 256 px tiles of scikit-image's sample photographs as JPEG files in `folder`."""
+    from PIL import Image
+
+    from trainer import photo_corpus
+    tiles, _ = photo_corpus.tile_photos(photo_corpus.photo_files(["skimage"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, tile in enumerate(tiles[:n]):
+        Image.fromarray(tile).save(folder / f"p{i:03d}.jpg", quality=90)
+
+
+def test_a_seed_gives_the_same_photo_encoder_in_two_processes_running_at_once(tmp_path):
+    """The catalogue recipe trained twice at the same time (each a fresh process, competing for the cores,
+    which is when thread timing varies most): the same model, and the card says the run was deterministic.
+    Before --deterministic made TensorFlow run one op at a time, such runs drifted apart within a few steps."""
+    import subprocess
+    import sys
+    _photo_tiles(tmp_path / "photos")
+    argv = ["--data", "unlabelled", "--data_path", str(tmp_path / "photos"), "--preset", "catalogue",
+            "--epochs", "3", "--epoch_items", "1024", "--quiet"]
+    code = "import sys; from trainer.train import run; run(sys.argv[1:])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, *argv, "--output", str(tmp_path / f"m{k}")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    cards = [_card(tmp_path / f"m{k}") for k in (0, 1)]
+    assert cards[0]["training"]["deterministic"] is True
+    assert cards[0]["model_id"] == cards[1]["model_id"]
+    assert [h["loss"] for h in cards[0]["training"]["history"]] == [h["loss"] for h in cards[1]["training"]["history"]]
+
+
+def test_a_process_whose_tensorflow_already_runs_ops_side_by_side_trains_and_says_it_is_not_deterministic(
+        tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from trainer import train as train_module
+    monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 0)
+
+    def started(_n):
+        raise RuntimeError("Inter op parallelism cannot be modified after initialization.")
+    monkeypatch.setattr(tf.config.threading, "set_inter_op_parallelism_threads", started)
+    assert train_module.pin_op_threads(True) is False
+    assert train_module.pin_op_threads(False) is False
+    _photo_tiles(tmp_path / "photos", n=40)
+    run(["--data", "unlabelled", "--data_path", str(tmp_path / "photos"), "--preset", "catalogue", "--epochs", "1",
+         "--epoch_items", "128", "--image_size", "32", "--quiet", "--output", str(tmp_path / "m")])
+    assert _card(tmp_path / "m")["training"]["deterministic"] is False
