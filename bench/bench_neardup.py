@@ -405,6 +405,66 @@ def train_model(cat: str, model_dir: str, train_args: str, log_path: str) -> flo
     return time.perf_counter() - started
 
 
+def false_pairs_along_curve(curve: list[dict], scored: dict, truth: set, floor: float) -> list[dict]:
+    """Self-calibration's stated false pairs at each point of its curve (match_run.json's
+    threshold.self_calibration.curve: [{"angular_similarity", "predicted_pairs", "expected_false_pairs"}])
+    beside the false pairs the ground truth shows there: the scored pairs `scored` ({pair: angular
+    similarity}, every pair >= `floor`) at or above the point that are not in `truth`. Points below `floor`
+    are left out (the sweep does not see them). Rows: {"threshold", "stated", "true", "ratio" (stated / true,
+    None when true is 0)}, ascending threshold."""
+    rows = []
+    for point in curve:
+        t = float(point["angular_similarity"])
+        if t < floor:
+            continue
+        true = sum(1 for pair, sim in scored.items() if sim >= t and pair not in truth)
+        stated = float(point["expected_false_pairs"])
+        rows.append({"threshold": round(t, 6), "stated": round(stated, 3), "true": true,
+                     "ratio": round(stated / true, 3) if true else None})
+    return rows
+
+
+def curve_summary(rows: list[dict], least_true: int = 10) -> dict:
+    """The spread of stated / true false pairs over the points where the truth shows >= `least_true` false
+    pairs (fewer are Poisson noise: 2 true pairs could as well have been 0 or 5)."""
+    ratios = [r["ratio"] for r in rows if r["true"] >= least_true]
+    return {"least_true_false_pairs": least_true, "points": len(ratios),
+            "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
+            "within_factor_2": all(0.5 <= x <= 2.0 for x in ratios) if ratios else None}
+
+
+LINKAGE_MAX_ITEMS = 5_000  # scipy's agglomerative linkage over every pair: O(n^2) memory and time
+
+
+def linkage_rows(templates_glob: str, c: dict, threshold: float, meta: dict) -> list[dict]:
+    """Clusters of every scored template cut at `threshold` by agglomerative linkage over all pairs
+    (scipy.cluster.hierarchy on angular distance 1 - similarity; "complete" equals the dedup stage's default,
+    "average" and "weighted" are the candidates for a rule that forgives one weak link of a true group):
+    one score row each. Empty above LINKAGE_MAX_ITEMS items."""
+    import numpy as np
+    from scipy.cluster import hierarchy
+
+    from trainer.distances import angular_similarity
+
+    t = _read_parquet(templates_glob, ["item_id", "embedding"])
+    keep = [k for k, item in enumerate(t["item_id"]) if item in c["universe"]]
+    if len(keep) < 2 or len(keep) > LINKAGE_MAX_ITEMS:
+        return []
+    ids = [t["item_id"][k] for k in keep]
+    emb = np.asarray([t["embedding"][k] for k in keep], np.float64)
+    sim = angular_similarity(np.clip(emb @ emb.T, -1.0, 1.0))
+    distance = np.clip(1.0 - sim[np.triu_indices(len(ids), 1)], 0.0, None)  # scipy's condensed order
+    rows = []
+    for method in ("complete", "average", "weighted"):
+        labels = hierarchy.fcluster(hierarchy.linkage(distance, method=method), 1.0 - threshold,
+                                    criterion="distance")
+        rows.append(score_row(f"ours: {method} linkage over all pairs @{threshold:.4f}", f"linkage_{method}",
+                              pairs_from_clusters(ids, labels.tolist()), c, threshold=threshold,
+                              threshold_rule=f"scipy {method} linkage cut at angular distance 1 - threshold",
+                              **meta))
+    return rows
+
+
 def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[dict], dict]:
     """Our stages in this process; (rows, details)."""
     sys.path.insert(0, ROOT)
@@ -471,6 +531,9 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
             "within_factor_2": (true_false / 2 <= stated <= 2 * true_false) if true_false else stated <= 2.0,
             "stated_copy_recall": (cal.get("expected_copy_recall") or {}).get("estimate"),
             "true_recall": round(len(scored & c["truth"]) / len(c["truth"]), 4) if c["truth"] else None}
+        along = false_pairs_along_curve(cal.get("curve") or [], kept, c["truth"], floor)
+        details["self_calibration_curve"] = {"points": along, "summary": curve_summary(along)}
+    rows += linkage_rows(templates, c, own, meta)
     return rows, details
 
 
@@ -597,6 +660,11 @@ def main(argv=None) -> dict:
               f"ground truth shows {check['true_false_pairs']} of {check['matched_pairs']} matched pairs "
               f"({'within' if check['within_factor_2'] else 'NOT within'} a factor of 2); stated copy recall "
               f"{_fmt(check['stated_copy_recall'])}, true pair recall {_fmt(check['true_recall'])}")
+    along = (doc.get("ours") or {}).get("self_calibration_curve")
+    if along and along["summary"]["points"]:
+        a = along["summary"]
+        print(f"self-calibration along its curve: stated / true false pairs {a['ratio_min']:.2f}-{a['ratio_max']:.2f} "
+              f"over the {a['points']} thresholds where the truth shows >= {a['least_true_false_pairs']} false pairs")
     for r in rows:
         if r.get("best_at_cap") or r.get("best_at_floor"):
             print(f"note: {r['method']}: the best threshold is at the edge of the sweep; widen it "

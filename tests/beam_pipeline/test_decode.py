@@ -287,6 +287,29 @@ def test_border_box_cuts_bars_frames_and_caption_bars_but_not_a_photo():
     assert border_box(tiny) == (0, 100, 0, 100)
 
 
+def _sky_over_ground(h=160, w=160, seed=3):
+    """A photo whose top third is sky: a smooth gradient with a little noise, no edge anywhere in it."""
+    rng = np.random.default_rng(seed)
+    photo = _textured(h, w, seed)
+    rows = h // 3
+    ramp = np.linspace(235, 150, rows)[:, None, None] * np.array([0.75, 0.85, 1.0])
+    photo[:rows] = np.clip(ramp + rng.normal(0, 2, (rows, w, 3)), 0, 255).astype(np.uint8)
+    return photo
+
+
+def test_border_box_leaves_a_band_of_the_photo_that_fades_out_and_cuts_a_bar_above_it():
+    """Sky, haze or dark space at a photo's edge is plain too, but it fades into the picture: no edge ends it,
+    so it is the photo, not a border. A caption bar above that sky ends at an edge: the bar alone is cut."""
+    from beam_pipeline.decode import border_box
+    sky = _sky_over_ground()
+    assert border_box(sky) == (0, 160, 0, 160)
+    captioned = np.full((190, 160, 3), 255, np.uint8)
+    captioned[30:] = sky
+    captioned[8:22, 10:120][np.random.default_rng(4).random((14, 110)) < 0.4] = 0
+    top, bottom, left, right = border_box(captioned)
+    assert 28 <= top <= 32 and (bottom, left, right) == (190, 0, 160)
+
+
 def test_decode_trims_only_when_the_spec_says_so(encode):
     from beam_pipeline.decode import decode_image
     letterbox = np.zeros((64, 128, 3), np.uint8)

@@ -126,3 +126,57 @@ def test_read_catalogue(bench, tmp_path):
     s = bench.catalogue_summary(str(tmp_path), c)
     assert (s["copies"], s["originals"], s["planted_pairs"]) == (2, 2, 3)
     assert s["families"]["grey"] == {"copies": 1, "planted_pairs": 2}
+
+
+def test_false_pairs_along_curve_counts_the_truth_at_each_point(bench):
+    truth = {("a", "b")}
+    scored = {("a", "b"): 0.95, ("a", "c"): 0.9, ("b", "c"): 0.85, ("c", "d"): 0.7}
+    curve = [{"angular_similarity": 0.6, "expected_false_pairs": 9.0},
+             {"angular_similarity": 0.8, "expected_false_pairs": 3.0},
+             {"angular_similarity": 0.88, "expected_false_pairs": 2.0},
+             {"angular_similarity": 0.93, "expected_false_pairs": 0.5}]
+    rows = bench.false_pairs_along_curve(curve, scored, truth, floor=0.65)
+    assert [r["threshold"] for r in rows] == [0.8, 0.88, 0.93]  # 0.6 is below the sweep's floor
+    assert [r["true"] for r in rows] == [2, 1, 0]
+    assert [r["ratio"] for r in rows] == [1.5, 2.0, None]
+    summary = bench.curve_summary(rows, least_true=1)
+    assert (summary["points"], summary["ratio_min"], summary["ratio_max"]) == (2, 1.5, 2.0)
+    assert summary["within_factor_2"] is True
+    assert bench.curve_summary(rows, least_true=3) == {"least_true_false_pairs": 3, "points": 0, "ratio_min": None,
+                                                       "ratio_max": None, "within_factor_2": None}
+    rows[0]["ratio"] = 2.5
+    assert bench.curve_summary(rows, least_true=1)["within_factor_2"] is False
+
+
+def test_linkage_rows_forgive_one_weak_link_where_complete_linkage_splits(bench, tmp_path):
+    """An original o with two copies c1, c2 (each close to o, the copies a little further apart) and an
+    unrelated x: complete linkage at a threshold above sim(c1, c2) splits the group; average linkage keeps it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def unit(deg):
+        return [float(np.cos(np.radians(deg))), float(np.sin(np.radians(deg))), 0.0]
+    # angular similarity = 1 - angle/180: o-c1 and o-c2 0.9444 (10 deg), c1-c2 0.8889 (20 deg); x far away.
+    rows = {"item_id": ["o", "c1", "c2", "x"], "embedding": [unit(0), unit(10), unit(-10), [0.0, 0.0, 1.0]]}
+    pq.write_table(pa.table(rows), tmp_path / "t.parquet")
+    cat = {"universe": {"o", "c1", "c2", "x"}, "truth": {("c1", "o"), ("c2", "o"), ("c1", "c2")},
+           "edit_of": {"o": "", "c1": "crop", "c2": "grey", "x": ""}, "families": ["crop", "grey"]}
+    got = {r["kind"]: r for r in bench.linkage_rows(str(tmp_path / "*.parquet"), cat, 0.9, {"tool": "ours"})}
+    assert got["linkage_complete"]["f1"] == pytest.approx(2 * 1 / (1 + 3))  # one pair of the three
+    assert got["linkage_average"]["f1"] == 1.0 and got["linkage_average"]["tool"] == "ours"
+    assert bench.linkage_rows(str(tmp_path / "none-*.parquet"), cat, 0.9, {}) == []
+
+
+def test_bench_trim_judges_each_family_by_what_its_edit_adds():
+    spec = importlib.util.spec_from_file_location(
+        "bench_trim", os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_trim.py"))
+    trim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trim)
+    assert trim.judge("original", (256, 256), (0, 256, 0, 256)) is True
+    assert trim.judge("crop", (200, 180), (0, 190, 0, 180)) is False  # a crop adds no band: nothing to cut
+    assert trim.judge("caption", (300, 256), (44, 300, 0, 256)) is True
+    assert trim.judge("caption", (300, 256), (100, 300, 0, 256)) is False  # cut into the photo
+    assert trim.judge("screenshot", (250, 230), (0, 250, 0, 230)) is False  # the chrome was left on
+    assert trim.judge("screenshot", (250, 230), (36, 240, 12, 216)) is True
+    assert trim.judge("jpeg", (256, 256), (0, 10, 0, 10)) is None
