@@ -436,6 +436,21 @@ def curve_summary(rows: list[dict], least_true: int = 10) -> dict:
 LINKAGE_MAX_ITEMS = 5_000  # scipy's agglomerative linkage over every pair: O(n^2) memory and time
 
 
+def template_similarities(templates_glob: str, c: dict):
+    """(item ids, angular similarity matrix float64 (n, n)) of the scored templates; None when there are
+    fewer than 2 or more than LINKAGE_MAX_ITEMS of them (every pair is held in memory)."""
+    import numpy as np
+
+    from trainer.distances import angular_similarity
+
+    t = _read_parquet(templates_glob, ["item_id", "embedding"])
+    keep = [k for k, item in enumerate(t["item_id"]) if item in c["universe"]]
+    if len(keep) < 2 or len(keep) > LINKAGE_MAX_ITEMS:
+        return None
+    emb = np.asarray([t["embedding"][k] for k in keep], np.float64)
+    return [t["item_id"][k] for k in keep], angular_similarity(np.clip(emb @ emb.T, -1.0, 1.0))
+
+
 def linkage_rows(templates_glob: str, c: dict, threshold: float, meta: dict) -> list[dict]:
     """Clusters of every scored template cut at `threshold` by agglomerative linkage over all pairs
     (scipy.cluster.hierarchy on angular distance 1 - similarity; "complete" equals the dedup stage's default,
@@ -444,15 +459,10 @@ def linkage_rows(templates_glob: str, c: dict, threshold: float, meta: dict) -> 
     import numpy as np
     from scipy.cluster import hierarchy
 
-    from trainer.distances import angular_similarity
-
-    t = _read_parquet(templates_glob, ["item_id", "embedding"])
-    keep = [k for k, item in enumerate(t["item_id"]) if item in c["universe"]]
-    if len(keep) < 2 or len(keep) > LINKAGE_MAX_ITEMS:
+    found = template_similarities(templates_glob, c)
+    if found is None:
         return []
-    ids = [t["item_id"][k] for k in keep]
-    emb = np.asarray([t["embedding"][k] for k in keep], np.float64)
-    sim = angular_similarity(np.clip(emb @ emb.T, -1.0, 1.0))
+    ids, sim = found
     distance = np.clip(1.0 - sim[np.triu_indices(len(ids), 1)], 0.0, None)  # scipy's condensed order
     rows = []
     for method in ("complete", "average", "weighted"):
@@ -462,6 +472,45 @@ def linkage_rows(templates_glob: str, c: dict, threshold: float, meta: dict) -> 
                               pairs_from_clusters(ids, labels.tolist()), c, threshold=threshold,
                               threshold_rule=f"scipy {method} linkage cut at angular distance 1 - threshold",
                               **meta))
+    return rows
+
+
+def knn_normalised(sim, k: int, beta: float):
+    """ISC2021's score normalisation: s'(i, j) = s(i, j) - beta * (b_i + b_j) / 2, where b_i is item i's
+    similarity to its k-th nearest other item (dense regions, where distinct items score high, are pulled
+    down). sim: angular similarities (n, n); returns the normalised matrix."""
+    import numpy as np
+
+    others = sim.copy()
+    np.fill_diagonal(others, -np.inf)
+    kth = -np.partition(-others, k - 1, axis=1)[:, k - 1]
+    return sim - beta * (kth[:, None] + kth[None, :]) / 2.0
+
+
+def knn_rows(templates_glob: str, c: dict, floor: float, meta: dict, k: int = 10,
+             betas: tuple = (0.5, 1.0)) -> list[dict]:
+    """Oracle rows: the best-F1 threshold over every pair whose raw similarity is >= `floor`, for the raw
+    scores and for knn_normalised scores at each beta (k-th neighbour, k < n). Both are oracles, so the
+    rows compare what each score can separate at its best, not what a chosen threshold gives."""
+    import numpy as np
+
+    found = template_similarities(templates_glob, c)
+    if found is None or len(found[0]) <= k:
+        return []
+    ids, sim = found
+    iu, ju = np.triu_indices(len(ids), 1)
+    near = sim[iu, ju] >= floor
+    iu, ju = iu[near], ju[near]
+    rows = []
+    for name, matrix in [("raw", sim)] + [(f"kNN-normalised k={k} beta={b:g}", knn_normalised(sim, k, b))
+                                           for b in betas]:
+        scored = {canonical_pair(ids[a], ids[b]): float(matrix[a, b]) for a, b in zip(iu.tolist(), ju.tolist())}
+        best = best_threshold(scored, c["truth"], True)
+        if best is not None:
+            rows.append(score_row(f"ours: {name} scores @{best['threshold']:.4f} (best, oracle)",
+                                  "knn_best" if name != "raw" else "raw_best",
+                                  threshold_pairs(scored, best["threshold"], True), c,
+                                  threshold=best["threshold"], threshold_rule=f"{name} score >=", **meta))
     return rows
 
 
@@ -534,6 +583,7 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
         along = false_pairs_along_curve(cal.get("curve") or [], kept, c["truth"], floor)
         details["self_calibration_curve"] = {"points": along, "summary": curve_summary(along)}
     rows += linkage_rows(templates, c, own, meta)
+    rows += knn_rows(templates, c, floor, meta)
     return rows, details
 
 

@@ -180,3 +180,19 @@ def test_bench_trim_judges_each_family_by_what_its_edit_adds():
     assert trim.judge("screenshot", (250, 230), (0, 250, 0, 230)) is False  # the chrome was left on
     assert trim.judge("screenshot", (250, 230), (36, 240, 12, 216)) is True
     assert trim.judge("jpeg", (256, 256), (0, 10, 0, 10)) is None
+
+
+def test_knn_normalisation_pulls_down_pairs_in_a_dense_region(bench):
+    import numpy as np
+    # Items 0-3 crowd together (distinct look-alikes), 4 and 5 are a copy pair in a sparse region.
+    sim = np.array([[1.0, 0.9, 0.9, 0.9, 0.1, 0.1],
+                    [0.9, 1.0, 0.9, 0.9, 0.1, 0.1],
+                    [0.9, 0.9, 1.0, 0.9, 0.1, 0.1],
+                    [0.9, 0.9, 0.9, 1.0, 0.1, 0.1],
+                    [0.1, 0.1, 0.1, 0.1, 1.0, 0.8],
+                    [0.1, 0.1, 0.1, 0.1, 0.8, 1.0]])
+    out = bench.knn_normalised(sim, k=2, beta=1.0)
+    # 2nd neighbour: 0.9 for items 0-3, 0.1 for items 4 and 5.
+    assert out[0, 1] == pytest.approx(0.9 - 0.9) and out[4, 5] == pytest.approx(0.8 - 0.1)
+    assert out[4, 5] > out[0, 1]  # raw scores ranked them the other way
+    assert np.allclose(bench.knn_normalised(sim, k=2, beta=0.0), sim)
