@@ -17,6 +17,10 @@ Methods, each scored on pairs of items:
   match run at --sweep_floor (angular similarity) gives every pair for the threshold sweep.
   The model: --project_model DIR, or --project_train to train one on the catalogue itself
   (`python -m trainer.train --data unlabelled --data_path CAT/images --output M` + --train_args).
+  Beside them (catalogues up to LINKAGE_MAX_ITEMS templates): clusters by complete, average and weighted
+  linkage over all pairs at our threshold (linkage_rows), and the raw and kNN-normalised scores at their
+  oracle thresholds (knn_rows). Self-calibration is checked at its threshold and along its whole curve
+  (false_pairs_along_curve: stated against true false pairs).
 - imagededup PHash, DHash, WHash, AHash (bench/peers.py): Hamming distances of all pairs within --hash_cap
   from one hashing pass; at imagededup's default distance 10 and at the best distance 0..cap.
 - fastdup (bench/peers.py): at its defaults (k=2 nearest neighbours, similarity >= 0.9; and its connected
