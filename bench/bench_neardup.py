@@ -416,15 +416,15 @@ def false_pairs_along_curve(curve: list[dict], scored: dict, truth: set, floor: 
     similarity}, every pair >= `floor`) at or above the point that are not in `truth`. Points below `floor`
     are left out (the sweep does not see them). Rows: {"threshold", "stated", "true", "ratio" (stated / true,
     None when true is 0)}, ascending threshold."""
+    points = [p for p in curve if float(p["angular_similarity"]) >= floor]
+    at = {row["threshold"]: row["fp"] for row in sweep(scored, truth, True,
+                                                       [float(p["angular_similarity"]) for p in points])}
     rows = []
-    for point in curve:
+    for point in sorted(points, key=lambda p: float(p["angular_similarity"])):
         t = float(point["angular_similarity"])
-        if t < floor:
-            continue
-        true = sum(1 for pair, sim in scored.items() if sim >= t and pair not in truth)
         stated = float(point["expected_false_pairs"])
-        rows.append({"threshold": round(t, 6), "stated": round(stated, 3), "true": true,
-                     "ratio": round(stated / true, 3) if true else None})
+        rows.append({"threshold": round(t, 6), "stated": round(stated, 3), "true": at[t],
+                     "ratio": round(stated / at[t], 3) if at[t] else None})
     return rows
 
 
@@ -455,18 +455,14 @@ def template_similarities(templates_glob: str, c: dict):
     return [t["item_id"][k] for k in keep], angular_similarity(np.clip(emb @ emb.T, -1.0, 1.0))
 
 
-def linkage_rows(templates_glob: str, c: dict, threshold: float, meta: dict) -> list[dict]:
-    """Clusters of every scored template cut at `threshold` by agglomerative linkage over all pairs
-    (scipy.cluster.hierarchy on angular distance 1 - similarity; "complete" equals the dedup stage's default,
-    "average" and "weighted" are the candidates for a rule that forgives one weak link of a true group):
-    one score row each. Empty above LINKAGE_MAX_ITEMS items."""
+def linkage_rows(ids: list[str], sim, c: dict, threshold: float, meta: dict) -> list[dict]:
+    """Clusters of the templates `ids` (similarities `sim`, from template_similarities) cut at `threshold` by
+    agglomerative linkage over all pairs (scipy.cluster.hierarchy on angular distance 1 - similarity;
+    "complete" equals the dedup stage's default, "average" and "weighted" are the candidates for a rule that
+    forgives one weak link of a true group): one score row each."""
     import numpy as np
     from scipy.cluster import hierarchy
 
-    found = template_similarities(templates_glob, c)
-    if found is None:
-        return []
-    ids, sim = found
     distance = np.clip(1.0 - sim[np.triu_indices(len(ids), 1)], 0.0, None)  # scipy's condensed order
     rows = []
     for method in ("complete", "average", "weighted"):
@@ -491,17 +487,16 @@ def knn_normalised(sim, k: int, beta: float):
     return sim - beta * (kth[:, None] + kth[None, :]) / 2.0
 
 
-def knn_rows(templates_glob: str, c: dict, floor: float, meta: dict, k: int = 10,
+def knn_rows(ids: list[str], sim, c: dict, floor: float, meta: dict, k: int = 10,
              betas: tuple = (0.5, 1.0)) -> list[dict]:
     """Oracle rows: the best-F1 threshold over every pair whose raw similarity is >= `floor`, for the raw
-    scores and for knn_normalised scores at each beta (k-th neighbour, k < n). Both are oracles, so the
-    rows compare what each score can separate at its best, not what a chosen threshold gives."""
+    scores and for knn_normalised scores at each beta (k-th neighbour; none when there are k items or
+    fewer). Both are oracles, so the rows compare what each score can separate at its best, not what a
+    chosen threshold gives. ids, sim: from template_similarities."""
     import numpy as np
 
-    found = template_similarities(templates_glob, c)
-    if found is None or len(found[0]) <= k:
+    if len(ids) <= k:
         return []
-    ids, sim = found
     iu, ju = np.triu_indices(len(ids), 1)
     near = sim[iu, ju] >= floor
     iu, ju = iu[near], ju[near]
@@ -586,8 +581,10 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
             "true_recall": round(len(scored & c["truth"]) / len(c["truth"]), 4) if c["truth"] else None}
         along = false_pairs_along_curve(cal.get("curve") or [], kept, c["truth"], floor)
         details["self_calibration_curve"] = {"points": along, "summary": curve_summary(along)}
-    rows += linkage_rows(templates, c, own, meta)
-    rows += knn_rows(templates, c, floor, meta)
+    found = template_similarities(templates, c)  # one n x n matrix serves both comparisons
+    if found is not None:
+        rows += linkage_rows(*found, c, own, meta)
+        rows += knn_rows(*found, c, floor, meta)
     return rows, details
 
 

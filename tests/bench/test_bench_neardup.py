@@ -162,10 +162,11 @@ def test_linkage_rows_forgive_one_weak_link_where_complete_linkage_splits(bench,
     pq.write_table(pa.table(rows), tmp_path / "t.parquet")
     cat = {"universe": {"o", "c1", "c2", "x"}, "truth": {("c1", "o"), ("c2", "o"), ("c1", "c2")},
            "edit_of": {"o": "", "c1": "crop", "c2": "grey", "x": ""}, "families": ["crop", "grey"]}
-    got = {r["kind"]: r for r in bench.linkage_rows(str(tmp_path / "*.parquet"), cat, 0.9, {"tool": "ours"})}
+    ids, sim = bench.template_similarities(str(tmp_path / "*.parquet"), cat)
+    got = {r["kind"]: r for r in bench.linkage_rows(ids, sim, cat, 0.9, {"tool": "ours"})}
     assert got["linkage_complete"]["f1"] == pytest.approx(2 * 1 / (1 + 3))  # one pair of the three
     assert got["linkage_average"]["f1"] == 1.0 and got["linkage_average"]["tool"] == "ours"
-    assert bench.linkage_rows(str(tmp_path / "none-*.parquet"), cat, 0.9, {}) == []
+    assert bench.template_similarities(str(tmp_path / "none-*.parquet"), cat) is None
 
 
 def test_bench_trim_judges_each_family_by_what_its_edit_adds():
