@@ -40,7 +40,9 @@ from schemas.tables import CLUSTERS_SCHEMA
 
 LOG = logging.getLogger(__name__)
 ITEM_COLUMNS = ["item_id", "width", "height", "embedded_at", "model_id"]
-EDGE_COLUMNS = ["left_id", "right_id", "angular_similarity", "model_id"]
+# An edge's weight is the matches' score: what match's threshold cut (the angular similarity, or the
+# kNN-normalised score), so the clusters' threshold and links are in the threshold's own units.
+EDGE_COLUMNS = ["left_id", "right_id", "score", "model_id"]
 ROWS_PER_TABLE = 100_000
 
 
@@ -152,7 +154,7 @@ def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: 
     if edges_t is not None and edges_t.num_rows:
         left = edges_t.column("left_id").to_pylist()
         right = edges_t.column("right_id").to_pylist()
-        sim = edges_t.column("angular_similarity").to_numpy().astype(np.float32)
+        sim = edges_t.column("score").to_numpy().astype(np.float32)
     else:
         left, right, sim = [], [], np.zeros(0, np.float32)
     column = (lambda name: items_t.column(name).to_numpy(zero_copy_only=False)) if items_t is not None else (
@@ -188,6 +190,10 @@ def run(argv=None, test_pipeline=None) -> dict:
     model_id = check_inputs(templates, matches)
     n_items, n_pairs = templates.num_rows, matches.num_rows
     del templates, matches
+    if matches_lineage.get("score") == "knn_normalised" and opts.linkage == "single":
+        raise ValueError("these matches cut kNN-normalised scores: single linkage's chain check compares members' "
+                         "angular similarities with the threshold, which is a normalised score here; use "
+                         "--linkage complete (the default)")
     threshold = match_threshold(matches_lineage, opts.threshold)
     keeper_values = read_keeper_values(opts.keeper_table, opts.keeper_column) if opts.keeper_policy == "column" \
         else None

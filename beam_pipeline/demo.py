@@ -383,7 +383,7 @@ def _job_lines(job: dict) -> list[str]:
         f"  catalogue {job['catalogue']['items']} files, {job['catalogue']['planted_pairs']} planted "
         f"duplicate pairs, {job['catalogue']['broken_items']} broken files",
         f"  embedded {job['embed']['embedded']}, failures {job['embed']['failed']}",
-        f"  threshold {threshold['angular_similarity']:.4f} angular ({threshold['source']})",
+        f"  threshold {threshold['value']:.4f} {threshold['score'].replace('_', ' ')} ({threshold['source']})",
     ]
     cal = threshold.get("self_calibration")
     if cal:

@@ -43,13 +43,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from beam_pipeline import blocks as bk
-from beam_pipeline import candidates, matching, self_calibration
+from beam_pipeline import candidates, knn_norm, matching, self_calibration
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
-from beam_pipeline.thresholds import load_card, resolve_threshold, threshold_method
+from beam_pipeline.thresholds import load_card, resolve_threshold, threshold_method, knn_cut
 from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
-from trainer.distances import angular_similarity
+from trainer.distances import KNN_BETA, KNN_K, angular_similarity
 
 LOG = logging.getLogger(__name__)
 MODES = ("all_pairs", "queries", "pairs")
@@ -62,10 +62,12 @@ SEARCHES = ("exact", "approximate")
 
 # ------------------------------------------------------------------------------------------- tables
 
-def matches_table(left_ids, right_ids, cos: np.ndarray, model_id: str, run_id: str) -> pa.Table:
+def matches_table(left_ids, right_ids, cos: np.ndarray, model_id: str, run_id: str,
+                  score: np.ndarray | None = None) -> pa.Table:
     """Matches rows (MATCHES_SCHEMA) for pairs of item ids, oriented left_id < right_id.
 
-    `left_ids` / `right_ids` are string arrays (pyarrow or sequences) of equal length.
+    `left_ids` / `right_ids` are string arrays (pyarrow or sequences) of equal length; `score` what the
+    threshold cut (default: the angular similarity itself).
     """
     a = pa.array(left_ids, pa.string()) if not isinstance(left_ids, pa.Array) else left_ids
     b = pa.array(right_ids, pa.string()) if not isinstance(right_ids, pa.Array) else right_ids
@@ -77,12 +79,14 @@ def matches_table(left_ids, right_ids, cos: np.ndarray, model_id: str, run_id: s
         left, right = a, b
     # Dot products of unit float32 vectors can overshoot +-1 by an ulp; store the cosine in range.
     cos = np.clip(np.asarray(cos, np.float32), np.float32(-1), np.float32(1))
+    angular = angular_similarity(cos).reshape(k)
     return pa.table(
         {
             "left_id": left,
             "right_id": right,
             "cosine": pa.array(cos, pa.float32()),
-            "angular_similarity": pa.array(angular_similarity(cos).reshape(k), pa.float32()),
+            "angular_similarity": pa.array(angular, pa.float32()),
+            "score": pa.array(angular if score is None else np.asarray(score, np.float32).reshape(k), pa.float32()),
             "model_id": pa.array([model_id] * k, pa.string()),
             "run_id": pa.array([run_id] * k, pa.string()),
         },
@@ -126,26 +130,45 @@ class _BlockDoFn(beam.DoFn):
 
 
 class ExactStripFn(_BlockDoFn):
-    """(i, j0, j1) -> one matches Table of the pairs above threshold between block i and blocks j0..j1-1."""
+    """(i, j0, j1) -> one matches Table of the pairs above threshold between block i and blocks j0..j1-1.
+
+    With `knn` = (b of every row, beta, threshold on the normalised score), pairs are cut on that score
+    (knn_norm.pairs_above_score) instead of on the cosine."""
+
+    def __init__(self, manifest, cos_threshold, model_id, run_id, threads, knn=None):
+        super().__init__(manifest, cos_threshold, model_id, run_id, threads)
+        self._knn = knn
+
+    def _block_pairs(self, bi, bj, emb_i, emb_j, same):
+        if self._knn is None:
+            i, j, cos = matching.pairs_above_threshold(emb_i, emb_i if same else emb_j, self._cos,
+                                                       same_block=same, threads=self._threads, check=False)
+            return i, j, cos, None
+        b, beta, threshold = self._knn
+        size = self._cache.manifest.block_size
+        b_i, b_j = b[bi * size:bi * size + len(emb_i)], b[bj * size:bj * size + len(emb_j)]
+        return knn_norm.pairs_above_score(emb_i, emb_i if same else emb_j, b_i, b_j, threshold, beta,
+                                          same_block=same, threads=self._threads)
 
     def process(self, task):
         bi, j0, j1 = task
         ids_i, emb_i = self._cache.get(bi)
-        lefts, rights, coss = [], [], []
+        lefts, rights, coss, scores = [], [], [], []
         for bj in range(j0, j1):
             ids_j, emb_j = (ids_i, emb_i) if bj == bi else self._cache.get(bj)
             same = bi == bj
-            i, j, cos = matching.pairs_above_threshold(emb_i, emb_i if same else emb_j, self._cos,
-                                                       same_block=same, threads=self._threads, check=False)
+            i, j, cos, score = self._block_pairs(bi, bj, emb_i, emb_j, same)
             n_i, n_j = len(emb_i), len(emb_j)
             self._products.inc(n_i * (n_i - 1) // 2 if same else n_i * n_j)
             if len(i):
                 lefts.append(_take(ids_i, i))
                 rights.append(_take(ids_j, j))
                 coss.append(cos)
+                scores.append(score)
         if lefts:
             table = matches_table(pa.concat_arrays(lefts), pa.concat_arrays(rights), np.concatenate(coss),
-                                  self._model_id, self._run_id)
+                                  self._model_id, self._run_id,
+                                  None if self._knn is None else np.concatenate(scores))
             self._pairs.inc(table.num_rows)
             yield table
 
@@ -228,6 +251,16 @@ def _dedupe_tables(tables, model_id: str, run_id: str):
                         t.column("cosine").to_numpy(), model_id, run_id)
 
 
+def _verified_matches(table: pa.Table) -> pa.Table:
+    """The matched rows of a verifications table, as matches (their score is the angular similarity)."""
+    t = table.filter(table.column("is_match"))
+    return t.select(VERIFICATIONS_SCHEMA.names[:4]).append_column(
+        pa.field("score", pa.float32(), nullable=False), t.column("angular_similarity")).select(
+        [n for n in MATCHES_SCHEMA.names if n not in ("model_id", "run_id")]).append_column(
+        MATCHES_SCHEMA.field("model_id"), t.column("model_id")).append_column(
+        MATCHES_SCHEMA.field("run_id"), t.column("run_id"))
+
+
 class VerifyPairsFn(_BlockDoFn):
     """((block a, block b), (row a, row b) arrays) -> verification Table of those pairs."""
 
@@ -236,7 +269,7 @@ class VerifyPairsFn(_BlockDoFn):
         ids_a, emb_a = self._cache.get(ba)
         ids_b, emb_b = self._cache.get(bb)
         cos = np.clip(matching.pair_cosines(emb_a[ra], emb_b[rb]), np.float32(-1), np.float32(1))
-        t = matches_table(_take(ids_a, ra), _take(ids_b, rb), cos, self._model_id, self._run_id)
+        t = matches_table(_take(ids_a, ra), _take(ids_b, rb), cos, self._model_id, self._run_id).drop(["score"])
         threshold = matching.float32_threshold(self._cos)
         yield t.append_column(pa.field("is_match", pa.bool_(), nullable=False), pa.array(cos >= threshold))
 
@@ -441,6 +474,41 @@ def _recall(manifest, sample_glob: str, matches_glob: str, sample_ids: list[str]
                           "catalogue; recall = those the approximate search wrote to the matches"}
 
 
+def score_norm(opts, card: dict | None, method: str, n_items: int) -> tuple[str, str | None]:
+    """(what the threshold cuts: "none" or "knn", a note when the card's choice was not followed).
+
+    --score_norm given: that, refused where it cannot apply. Not given: the card's training.score_norm
+    (the general copy-detection recipe asks for knn) for a self-calibrated all-pairs exact run of at most
+    knn_norm.MAX_ITEMS items; otherwise none, and the note says why."""
+    if opts.score_norm == "knn":
+        if opts.mode != "all_pairs" or opts.search != "exact":
+            raise ValueError("--score_norm knn is for --mode all_pairs --search exact (each item's k-th neighbour "
+                             "comes from the whole catalogue); pass --score_norm none")
+        if method == "model_card":
+            raise ValueError("--target_fmr takes the card's angular thresholds, which kNN-normalised scores do "
+                             "not share; let match self-calibrate, give --threshold, or pass --score_norm none")
+        if n_items > knn_norm.MAX_ITEMS:
+            raise ValueError(f"--score_norm knn computes each item's k-th neighbour in the driver, for at most "
+                             f"{knn_norm.MAX_ITEMS:,} items; the catalogue has {n_items:,}. Pass --score_norm none")
+        return "knn", None
+    if opts.score_norm == "none":
+        return "none", None
+    asked = ((card or {}).get("training") or {}).get("score_norm", "none")
+    if asked != "knn":
+        return "none", None
+    reason = None
+    if opts.mode != "all_pairs" or opts.search != "exact":
+        reason = f"--mode {opts.mode} --search {opts.search}"
+    elif method != "self_calibrated":
+        reason = "a given or card threshold is an angular similarity"
+    elif n_items > knn_norm.MAX_ITEMS:
+        reason = f"{n_items:,} items (more than {knn_norm.MAX_ITEMS:,})"
+    if reason is None:
+        return "knn", None
+    return "none", (f"the model card asks for kNN-normalised scores, but this run cuts the angular similarity: "
+                    f"{reason}; pass --score_norm knn to insist where it applies")
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the match pipeline; returns {"matches", "pairs", "items", "threshold", "seconds", "run_id",
     "model_id", ...}."""
@@ -482,15 +550,27 @@ def run(argv=None, test_pipeline=None) -> dict:
         staged.append(stage_dir)
         templates_lineage = outputs.templates_fingerprint(opts.templates)
         model_id = _check_against_card(card, manifest.model_id, manifest.dim, manifest.n)
+        norm, norm_note = score_norm(opts, card, method, manifest.n)
+        knn = None
+        if norm == "knn":
+            t_knn = time.perf_counter()
+            knn = knn_norm.KnnScores(opts.knn_k, opts.knn_beta, knn_norm.catalogue_b(manifest, opts.knn_k),
+                                     manifest)
+            LOG.info("kNN score normalisation: b of %d items (k=%d) in %.1fs", manifest.n, opts.knn_k,
+                     time.perf_counter() - t_knn)
         if method == "self_calibrated":
             threshold = self_calibration.calibrate_catalogue(
                 manifest, opts.templates, opts.model_dir,
                 target_precision=None if opts.max_false_pairs is not None
                 else (opts.target_precision or self_calibration.DEFAULT_TARGET_PRECISION),
                 max_false_pairs=opts.max_false_pairs, copies=opts.calibration_copies, seed=opts.seed,
-                log=LOG.info)
+                log=LOG.info, knn=knn)
+        elif knn is not None:
+            threshold = {**knn_cut(opts.threshold, knn.k, knn.beta), "source": "given", "target_fmr": None,
+                         "impostor_pairs": None}
         else:
             threshold = resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
+        threshold["score_norm"] = {"method": norm, "note": norm_note, **(knn.to_json() if knn else {})}
         cos_t = threshold["cosine"]
         query_manifest = None
         if opts.mode == "queries":
@@ -509,7 +589,8 @@ def run(argv=None, test_pipeline=None) -> dict:
         stage_seconds = time.perf_counter() - t0
 
         lineage = {"stage": "match", "run_id": run_id, "model_id": model_id, "templates": templates_lineage,
-                   "threshold": threshold["angular_similarity"], "threshold_source": threshold["source"],
+                   "threshold": threshold["value"], "score": threshold["score"],
+                   "threshold_source": threshold["source"],
                    "mode": opts.mode, "search": opts.search}
         if query_manifest is not None:
             lineage["queries"] = outputs.templates_fingerprint(opts.queries)
@@ -524,7 +605,9 @@ def run(argv=None, test_pipeline=None) -> dict:
             tasks = exact_strips(nb, strip)
             extra = {"block_pairs": nb * (nb + 1) // 2, "tasks": len(tasks), "blocks_per_strip": strip}
             matches = (p | "Tasks" >> beam.Create(tasks) | "Spread" >> beam.Reshuffle()
-                       | "MatchStrips" >> beam.ParDo(ExactStripFn(doc, cos_t, model_id, run_id, threads)))
+                       | "MatchStrips" >> beam.ParDo(ExactStripFn(
+                           doc, cos_t, model_id, run_id, threads,
+                           None if knn is None else (knn.b, knn.beta, threshold["value"]))))
         elif opts.mode == "all_pairs":
             rng = np.random.default_rng(opts.seed)
             k = opts.partitions or candidates.default_partitions(manifest.n)
@@ -578,8 +661,7 @@ def run(argv=None, test_pipeline=None) -> dict:
             _ = verified | "WriteVerifications" >> bio.WriteTable(
                 staged_run.dir, "verifications", outputs.with_lineage(VERIFICATIONS_SCHEMA, lineage),
                 num_shards=opts.num_shards)
-            matches = (verified | "KeepMatches" >> beam.Map(
-                lambda t: t.filter(t.column("is_match")).select(MATCHES_SCHEMA.names))
+            matches = (verified | "KeepMatches" >> beam.Map(_verified_matches)
                 | "Dedupe" >> beam.combiners.ToList()
                 | "DedupeTables" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id))
         _ = matches | "WriteMatches" >> bio.WriteTable(
@@ -622,8 +704,8 @@ def run(argv=None, test_pipeline=None) -> dict:
             run_doc["verifications"] = bio.table_glob(opts.output, "verifications")
         bio.write_json(staged_run.path("match_run.json"), run_doc)
         staged_run.publish()
-    LOG.info("match: %d items, %d pairs at angular similarity >= %.4f (%s, %s %s)", manifest.n, pairs,
-             threshold["angular_similarity"], threshold["source"], opts.mode, opts.search)
+    LOG.info("match: %d items, %d pairs at %s >= %.4f (%s, %s %s)", manifest.n, pairs, threshold["score"],
+             threshold["value"], threshold["source"], opts.mode, opts.search)
     return {"matches": matches_glob, "pairs": pairs, "items": manifest.n, "threshold": threshold,
             "seconds": seconds, "run_id": run_id, "model_id": model_id, "mode": opts.mode, "search": opts.search,
             "recall": recall, "moved_aside": staged_run.moved_aside}

@@ -13,6 +13,7 @@ import uuid
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipeline import decode, sources, thresholds
+from trainer.distances import KNN_BETA, KNN_K, SCORE_NORMS
 
 
 def bounded(cast, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
@@ -253,6 +254,22 @@ class MatchOptions(PipelineOptions):
             "partitions with multi-assignment, recall measured against exact search on --recall_sample items. "
             "Default exact.",
         )
+        _add(
+            parser,
+            "--score_norm",
+            default=None,
+            choices=list(SCORE_NORMS),
+            help="What the threshold cuts. none: the angular similarity; knn: the angular similarity less "
+            "--knn_beta x the mean of the two items' similarities to their --knn_k-th nearest other item "
+            "(trainer.distances.knn_normalised; --mode all_pairs --search exact; --threshold is then a "
+            "normalised score). Default: the model card's training.score_norm for a self-calibrated all-pairs "
+            "exact run, else none.",
+        )
+        _add(parser, "--knn_k", type=POSITIVE_INT, default=KNN_K,
+             help=f"--score_norm knn: the neighbour whose similarity normalises an item's pairs (above the size "
+             f"of a duplicate group). Default {KNN_K}.")
+        _add(parser, "--knn_beta", type=NON_NEGATIVE_FLOAT, default=KNN_BETA,
+             help=f"--score_norm knn: weight of the neighbours' similarity. Default {KNN_BETA}.")
         _add(parser, "--queries", default=None, help="Glob of query templates Parquet files (--mode queries).")
         _add(parser, "--top_k", type=NON_NEGATIVE_INT, default=10,
              help="--mode queries: keep at most this many matches per query, best first (0: all at or above the "

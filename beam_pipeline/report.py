@@ -214,8 +214,9 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
             raise ValueError(f"--model_dir holds model {card['model_id']}, the run used model {model_id}")
 
     threshold = dict(run_doc["threshold"])
-    sim = matches.column("angular_similarity").to_numpy().astype(np.float32)
-    histogram = report_metrics.similarity_histogram(sim, threshold["angular_similarity"], HISTOGRAM_BINS)
+    # The matches' score is what the threshold cut: the angular similarity, or the kNN-normalised score.
+    sim = matches.column("score").to_numpy().astype(np.float32)
+    histogram = report_metrics.similarity_histogram(sim, threshold["value"], HISTOGRAM_BINS)
     sizes = clusters.column("cluster_size").to_numpy()
     keepers = clusters.column("is_keeper").to_numpy(zero_copy_only=False)
     counts = {
@@ -235,7 +236,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
         evaluation = report_metrics.evaluate(
             clusters.column("item_id").to_pylist(), clusters.column("cluster_id").to_pylist(),
             matches.column("left_id").to_pylist(), matches.column("right_id").to_pylist(), sim, planted,
-            threshold["angular_similarity"], families=families,
+            threshold["value"], families=families,
             sweep_linkage=linkage or clustering.DEFAULT_LINKAGE,
         )
         evaluation["ground_truth"] = ground_truth
@@ -244,14 +245,14 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
         gen = truth.same_group([index[x] for x in matches.column("left_id").to_pylist()],
                                [index[x] for x in matches.column("right_id").to_pylist()])
         genuine_counts = report_metrics.similarity_histogram(
-            sim[gen], threshold["angular_similarity"], HISTOGRAM_BINS)["counts"]
+            sim[gen], threshold["value"], HISTOGRAM_BINS)["counts"]
         histogram["genuine_counts"] = genuine_counts
 
     summaries = cluster_summaries(clusters)
     selection = gallery_selection(summaries, gallery_size)
     figures = {
         "similarity_hist": report_figures.similarity_histogram_png(
-            histogram, threshold["angular_similarity"], genuine_counts=genuine_counts,
+            histogram, threshold["value"], genuine_counts=genuine_counts,
             threshold_label=threshold.get("source", "")),
         "duplicates_gallery": report_figures.gallery_png(
             gallery_rows(selection, templates, gallery_members), max_members=gallery_members),
@@ -259,7 +260,8 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     report = {
         "model_id": model_id,
         "run_id": run_doc.get("run_id", ""),
-        "threshold": {k: threshold.get(k) for k in ("angular_similarity", "cosine", "source", "target_fmr",
+        "threshold": {k: threshold.get(k) for k in ("value", "score", "knn", "score_norm", "angular_similarity",
+                                                     "cosine", "source", "target_fmr",
                                                      "impostor_pairs", "self_calibration") if k in threshold},
         "counts": counts,
         "similarity_histogram": histogram,
@@ -363,8 +365,12 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
         "<h1>siamese-dedup report</h1>",
         f"<p>model <code>{html.escape(report['model_id'])}</code>, run <code>{html.escape(report['run_id'])}</code></p>",
         "<h2>Threshold</h2>",
-        f"<p>Pairs with angular similarity &ge; <b>{t['angular_similarity']:.6f}</b> "
-        f"(cosine &ge; {t['cosine']:.6f}) are duplicates. Source: <code>{html.escape(str(t['source']))}</code>"
+        (f"<p>Pairs with angular similarity &ge; <b>{t['angular_similarity']:.6f}</b> "
+         f"(cosine &ge; {t['cosine']:.6f}) are duplicates. Source:" if t.get("score", "angular_similarity")
+         == "angular_similarity" else
+         f"<p>Pairs whose kNN-normalised score (angular similarity less {t['knn']['beta']:g} x the mean of the "
+         f"two items' similarities to their {t['knn']['k']}th nearest other item) is &ge; <b>{t['value']:.6f}</b> "
+         "are duplicates. Source:") + f" <code>{html.escape(str(t['source']))}</code>"
         + (f": calibrated at false match rate {t['target_fmr']:g} on {t['impostor_pairs']} impostor pairs"
            if t.get("target_fmr") is not None else "" if t.get("self_calibration") else
            ": given on the command line") + ".</p>",

@@ -35,7 +35,8 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
-from trainer.distances import angular_similarity, cosine_from_angular
+from beam_pipeline.thresholds import angular_cut, knn_cut
+from trainer.distances import angular_similarity, knn_normalised
 
 MIN_ITEMS = 50                   # fewer items: too few pairs to estimate a tail (1,225 pairs at 50)
 DEFAULT_TARGET_PRECISION = 0.97  # expected false pairs <= 3% of the predicted pairs
@@ -60,35 +61,49 @@ class CalibrationError(ValueError):
     """The catalogue cannot be self-calibrated (too small, degenerate): pass a threshold instead."""
 
 
-def sample_pair_scores(emb: np.ndarray, max_pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
-    """Angular similarities of random distinct pairs (i < j) of unit rows `emb` (n, d): every pair when
-    n(n-1)/2 <= max_pairs (then the bool is True), else max_pairs pairs drawn uniformly with replacement."""
+def sample_pair_scores(emb: np.ndarray, max_pairs: int, rng: np.random.Generator, b: np.ndarray | None = None,
+                       beta: float = 0.0) -> tuple[np.ndarray, bool]:
+    """Scores of random distinct pairs (i < j) of unit rows `emb` (n, d): every pair when n(n-1)/2 <=
+    max_pairs (then the bool is True), else max_pairs pairs drawn uniformly with replacement. The score is
+    the angular similarity, kNN-normalised (trainer.distances.knn_normalised) when the rows' b is given."""
     n = len(emb)
     total = n * (n - 1) // 2
     if total <= max_pairs:
-        from trainer.evaluate import all_pair_scores
-        return all_pair_scores(emb)[1].astype(np.float64), True
-    i = rng.integers(0, n, max_pairs)
-    j = rng.integers(0, n - 1, max_pairs)
-    j = j + (j >= i)  # uniform over j != i
-    cos = np.einsum("kd,kd->k", emb[i], emb[j])
-    return angular_similarity(cos).astype(np.float64), False
+        if b is None:
+            from trainer.evaluate import all_pair_scores
+            return all_pair_scores(emb)[1].astype(np.float64), True
+        i, j = np.triu_indices(n, 1)
+    else:
+        i = rng.integers(0, n, max_pairs)
+        j = rng.integers(0, n - 1, max_pairs)
+        j = j + (j >= i)  # uniform over j != i
+    scores = np.empty(len(i), np.float64)
+    for a in range(0, len(i), 1 << 20):  # a million pairs at a time: the gathered rows stay small
+        part = slice(a, a + (1 << 20))
+        angular = angular_similarity(np.einsum("kd,kd->k", emb[i[part]], emb[j[part]]))
+        scores[part] = angular if b is None else knn_normalised(angular, b[i[part]], b[j[part]], beta)
+    return scores, total <= max_pairs
 
 
 def count_pairs_at_or_above(emb: np.ndarray, grid: np.ndarray, rng: np.random.Generator,
-                            max_items: int = EXACT_COUNT_ITEMS, block: int = 2048) -> tuple[np.ndarray, bool]:
-    """Pairs of the catalogue with angular similarity >= each grid value (ascending grid): float (len(grid),).
-    Exact over all pairs when n <= max_items (bool True); otherwise counted on a seeded subsample of
-    max_items items and scaled by M / M_sub."""
+                            max_items: int = EXACT_COUNT_ITEMS, block: int = 2048, b: np.ndarray | None = None,
+                            beta: float = 0.0) -> tuple[np.ndarray, bool]:
+    """Pairs of the catalogue scoring >= each grid value (ascending grid): float (len(grid),). The score is
+    the angular similarity, kNN-normalised when the rows' b is given. Exact over all pairs when n <=
+    max_items (bool True); otherwise counted on a seeded subsample of max_items items and scaled by M / M_sub."""
     n = len(emb)
     scale = 1.0
     if n > max_items:
         rows = np.sort(rng.choice(n, max_items, replace=False))
         emb, scale = emb[rows], (n * (n - 1)) / (max_items * (max_items - 1))
+        b = None if b is None else b[rows]
     lo = float(grid[0])
     hist = np.zeros(len(grid), np.int64)
     for a in range(0, len(emb), block):
-        sims = angular_similarity(emb[a:a + block] @ emb[a:].T).astype(np.float64)
+        sims = angular_similarity(emb[a:a + block] @ emb[a:].T)
+        if b is not None:
+            sims = knn_normalised(sims, b[a:a + block, None], b[None, a:], beta)
+        sims = sims.astype(np.float64)
         # Keep the strict upper triangle of the diagonal block (each pair once, no self-pairs).
         mask = np.ones(sims.shape, bool)
         k = min(block, len(emb) - a)
@@ -322,7 +337,8 @@ def _bootstrap_tails(model: TailModel, scores: np.ndarray, rng: np.random.Genera
 def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray, predicted: np.ndarray,
                      genuine: np.ndarray | None, *, target_precision: float | None = DEFAULT_TARGET_PRECISION,
                      max_false_pairs: float | None = None, exhaustive: bool = False, exact_counts: bool = True,
-                     seed: int = 0, bootstrap: int = BOOTSTRAP, copy_copy: np.ndarray | None = None) -> dict:
+                     seed: int = 0, bootstrap: int = BOOTSTRAP, copy_copy: np.ndarray | None = None,
+                     knn: tuple[int, float] | None = None) -> dict:
     """The threshold for a false-pair budget, with its estimate and uncertainty.
 
     Args:
@@ -332,6 +348,7 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
       genuine: angular similarities of synthetic copies to their originals (or None); copy_copy: of pairs of
         copies of one original by two edits (or None).
       target_precision: budget FP(t) <= (1 - target_precision) * P(t); or max_false_pairs: FP(t) <= it.
+      knn: (k, beta) when every score above is kNN-normalised (the threshold is then a normalised score).
     Returns the THRESHOLD dict of match_run.json (angular_similarity, cosine, source "self_calibrated") with
     a "self_calibration" entry: the estimate, its 95% interval, the counts and the tail model behind it.
     """
@@ -415,8 +432,9 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
         "notes": notes,
         "curve": _curve(g, p, fp),
     }
-    return {"angular_similarity": t, "cosine": float(cosine_from_angular(t)), "source": SOURCE,
-            "target_fmr": None, "impostor_pairs": int(len(impostor_scores)), "self_calibration": calibration}
+    cut = angular_cut(t) if knn is None else knn_cut(t, *knn)
+    return {**cut, "source": SOURCE, "target_fmr": None, "impostor_pairs": int(len(impostor_scores)),
+            "self_calibration": calibration}
 
 
 def unexplained_pairs(grid: np.ndarray, predicted: np.ndarray, fp: np.ndarray, genuine: np.ndarray | None,
@@ -449,7 +467,7 @@ def unexplained_pairs(grid: np.ndarray, predicted: np.ndarray, fp: np.ndarray, g
 def _curve(grid: np.ndarray, predicted: np.ndarray, fp: np.ndarray, points: int = 60) -> list[dict]:
     """A thinned copy of the sweep behind the choice (for the report's plot)."""
     idx = np.unique(np.linspace(0, len(grid) - 1, min(points, len(grid))).astype(int))
-    return [{"angular_similarity": round(float(grid[i]), 6), "predicted_pairs": float(predicted[i]),
+    return [{"threshold": round(float(grid[i]), 6), "predicted_pairs": float(predicted[i]),
              "expected_false_pairs": float(fp[i])} for i in idx]
 
 
@@ -459,20 +477,21 @@ def threshold_grid(low: float = 0.5) -> np.ndarray:
     return grid[grid <= 1.0]
 
 
-def synthetic_copy_scores(model, input_spec: dict, items: list[tuple[str, np.ndarray]], rng: np.random.Generator,
-                          *, edits: str = "copy", mirror: bool = True,
-                          max_side: int = 512) -> tuple[np.ndarray, list[str], dict]:
-    """Similarities (angular) of synthetic copies to their own templates, made by the edits the model was
-    trained with (its card's training.edits).
+def synthetic_copy_scores(model, input_spec: dict, items: list[tuple], rng: np.random.Generator,
+                          *, edits: str = "copy", mirror: bool = True, max_side: int = 512,
+                          knn=None) -> tuple[np.ndarray, list[str], dict]:
+    """Scores of synthetic copies against their own templates, made by the edits the model was trained
+    with (its card's training.edits): angular similarities, or kNN-normalised scores with `knn`
+    (beam_pipeline.knn_norm.KnnScores: a copy's b is its k-th neighbour among the catalogue's items).
 
-    items: (image bytes, template embedding (d,)) of sampled catalogue items. edits "copy": each is decoded
+    items: (image bytes, template embedding (d,), the item's b or None) of sampled catalogue items. edits "copy": each is decoded
     (at most `max_side` px), edited by one family of trainer.copy_edits (cycled), saved as JPEG and decoded
     to the input spec as the embed stage does; "near_duplicate": decoded to the input spec and edited there by
     trainer.augment. Then embedded. Returns (scores (k,), families (k,), {reason: count} of items skipped
     because their bytes do not decode, copy-to-copy scores (m,): every other item's copy against a second
     copy of it by another edit; empty for near_duplicate))."""
     if edits == "near_duplicate":
-        return _near_duplicate_scores(model, input_spec, items, rng)
+        return _near_duplicate_scores(model, input_spec, items, rng, knn)
     import io
 
     from PIL import Image
@@ -483,14 +502,14 @@ def synthetic_copy_scores(model, input_spec: dict, items: list[tuple[str, np.nda
     planter = CopyPlanter()
     families = choose_families(len(items), rng, mirror=mirror)
     second = choose_families(len(items), rng, mirror=mirror)
-    pixels, originals, used, skipped, pairs = [], [], [], {}, []
+    pixels, originals, originals_b, used, skipped, pairs = [], [], [], [], {}, []
 
     def copy_pixels(image, family):
         buffer = io.BytesIO()
         Image.fromarray(planter(image, family, rng)).save(buffer, format="JPEG", quality=92)
         return decode_image(buffer.getvalue(), input_spec).pixels
 
-    for k, ((data, emb), family) in enumerate(zip(items, families)):
+    for k, ((data, emb, b), family) in enumerate(zip(items, families)):
         try:
             image = Image.open(io.BytesIO(data))
             image.draft("RGB", (max_side, max_side))
@@ -509,17 +528,23 @@ def synthetic_copy_scores(model, input_spec: dict, items: list[tuple[str, np.nda
             continue
         pixels.append(first)
         originals.append(emb)
+        originals_b.append(b)
         used.append(family)
         if other is not None:
             pairs.append((len(pixels) - 1, other))
     if not pixels:
         return np.zeros(0), [], skipped, np.zeros(0)
     scores, copies = _scores(model, input_spec, pixels, originals)
+    copies_b = None if knn is None else knn.b_of(copies)
+    if knn is not None:
+        scores = knn_normalised(scores, np.asarray(originals_b, np.float32), copies_b, knn.beta).astype(np.float64)
     copy_copy = np.zeros(0)
     if pairs:
+        firsts = [i for i, _ in pairs]
         seconds = _embed(model, input_spec, [x for _, x in pairs])
-        cos = np.einsum("kd,kd->k", copies[[i for i, _ in pairs]], seconds)
-        copy_copy = angular_similarity(cos).astype(np.float64)
+        copy_copy = angular_similarity(np.einsum("kd,kd->k", copies[firsts], seconds)).astype(np.float64)
+        if knn is not None:
+            copy_copy = knn_normalised(copy_copy, copies_b[firsts], knn.b_of(seconds), knn.beta).astype(np.float64)
     return scores, used, skipped, copy_copy
 
 
@@ -535,12 +560,12 @@ def _scores(model, input_spec: dict, pixels: list, originals: list) -> tuple[np.
     return angular_similarity(cos).astype(np.float64), copies
 
 
-def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.Generator):
+def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.Generator, knn=None):
     """synthetic_copy_scores for encoders trained with trainer.augment (e.g. Fashion-MNIST)."""
     from beam_pipeline.decode import DecodeError, decode_image
     from trainer.augment import augment_image
-    pixels, originals, skipped = [], [], {}
-    for data, emb in items:
+    pixels, originals, originals_b, skipped = [], [], [], {}
+    for data, emb, b in items:
         try:
             decoded = decode_image(data, input_spec).pixels
         except DecodeError as err:
@@ -548,9 +573,13 @@ def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.
             continue
         pixels.append(augment_image(decoded, rng))
         originals.append(emb)
+        originals_b.append(b)
     if not pixels:
         return np.zeros(0), [], skipped, np.zeros(0)
-    return _scores(model, input_spec, pixels, originals)[0], ["near_duplicate"] * len(pixels), skipped, np.zeros(0)
+    scores, copies = _scores(model, input_spec, pixels, originals)
+    if knn is not None:
+        scores = knn_normalised(scores, np.asarray(originals_b, np.float32), knn.b_of(copies), knn.beta)
+    return scores.astype(np.float64), ["near_duplicate"] * len(pixels), skipped, np.zeros(0)
 
 
 def _read_bytes(uri: str, max_bytes: int) -> bytes:
@@ -567,12 +596,14 @@ def _read_bytes(uri: str, max_bytes: int) -> bytes:
 
 def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target_precision: float | None,
                         max_false_pairs: float | None, copies: int = 400, max_pairs: int = IMPOSTOR_SAMPLE_PAIRS,
-                        seed: int = 0, max_file_bytes: int = 64 << 20, log=None) -> dict:
+                        seed: int = 0, max_file_bytes: int = 64 << 20, log=None, knn=None) -> dict:
     """Self-calibrate the staged catalogue `manifest` (beam_pipeline.blocks) for a false-pair budget.
 
     Reads a seeded subsample of at most EXACT_COUNT_ITEMS templates, samples pairs of them, makes `copies`
     synthetic copies of sampled items from their source files with the model at `model_dir`, counts the
-    catalogue's pairs per threshold and calls `choose_threshold`. Raises CalibrationError (with what to do
+    catalogue's pairs per threshold and calls `choose_threshold`. With `knn` (beam_pipeline.knn_norm.KnnScores
+    of this manifest) every score is kNN-normalised: sampled pairs, counts and copies alike, so the threshold
+    is a normalised score. Raises CalibrationError (with what to do
     instead) when the catalogue is too small or degenerate."""
     from beam_pipeline import blocks as bk
     from trainer.export import load_encoder
@@ -586,17 +617,23 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
     rng = np.random.default_rng(seed)
     rows = np.arange(n) if n <= EXACT_COUNT_ITEMS else np.sort(rng.choice(n, EXACT_COUNT_ITEMS, replace=False))
     ids, emb = bk.read_rows(manifest, rows)
+    b = None if knn is None else knn.b[rows]
+    beta = 0.0 if knn is None else knn.beta
+    state = rng.bit_generator.state  # the normalised sample below draws the same pairs
     impostor, exhaustive = sample_pair_scores(emb, max_pairs, rng)
     if float(np.quantile(impostor, 0.5)) >= 0.999:
         raise CalibrationError(
             "half of the catalogue's random pairs are at angular similarity >= 0.999: its items are (nearly) "
             "identical to this model, so copies cannot be told from distinct items. Pass --threshold")
+    if knn is not None:
+        rng.bit_generator.state = state
+        impostor, exhaustive = sample_pair_scores(emb, max_pairs, rng, b, beta)
     grid = threshold_grid(max(0.0, float(np.quantile(impostor, 0.5))))
     if exhaustive and len(rows) == n:  # the sample is every pair: count from it, not from a second pass
         predicted = (len(impostor) - np.searchsorted(np.sort(impostor), grid, side="left")).astype(np.float64)
         exact = True
     else:
-        predicted, exact = count_pairs_at_or_above(emb, grid, rng)
+        predicted, exact = count_pairs_at_or_above(emb, grid, rng, b=b, beta=beta)
     uris = _source_uris(templates_glob)
     genuine, families, skipped, copy_copy = np.zeros(0), [], {}, np.zeros(0)
     model, card = None, None
@@ -608,7 +645,7 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
             if len(items) >= copies:
                 break
             try:
-                items.append((_read_bytes(uris[ids[k]], max_file_bytes), emb[k]))
+                items.append((_read_bytes(uris[ids[k]], max_file_bytes), emb[k], None if b is None else b[k]))
             except (OSError, KeyError) as err:
                 reason = f"unreadable ({type(err).__name__})"
                 skipped[reason] = skipped.get(reason, 0) + 1
@@ -616,18 +653,19 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
         if items:
             genuine, families, bad, copy_copy = synthetic_copy_scores(
                 model, card["input_spec"], items, rng, edits=training.get("edits", "near_duplicate"),
-                mirror=bool(training.get("mirror", True)))
+                mirror=bool(training.get("mirror", True)), knn=knn)
             for reason, count in bad.items():
                 skipped[reason] = skipped.get(reason, 0) + count
     result = choose_threshold(impostor, n, grid, predicted, genuine if len(genuine) else None,
                               target_precision=target_precision, max_false_pairs=max_false_pairs,
                               exhaustive=exhaustive and len(rows) == n, exact_counts=exact, seed=seed,
-                              copy_copy=copy_copy if len(copy_copy) else None)
+                              copy_copy=copy_copy if len(copy_copy) else None,
+                              knn=None if knn is None else (knn.k, knn.beta))
     cal = result["self_calibration"]
     by_family = {}
     for f in sorted(set(families)):
         sel = np.asarray([x == f for x in families])
-        by_family[f] = round(float(np.mean(genuine[sel] >= result["angular_similarity"])), 4)
+        by_family[f] = round(float(np.mean(genuine[sel] >= result["value"])), 4)
     cal["synthetic_copies"] = {"made": int(len(genuine)), "skipped": skipped, "recall_by_family": by_family,
                                "median_similarity": float(np.median(genuine)) if len(genuine) else None}
     if len(genuine) == 0:
@@ -635,7 +673,7 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
                             "expected copy recall is unknown")
     if log is not None:
         lo, hi = cal["expected_false_pairs_ci95"]
-        log(f"self-calibrated threshold {result['angular_similarity']:.4f} angular: {cal['budget']}; "
+        log(f"self-calibrated threshold {result['value']:.4f} ({result['score']}): {cal['budget']}; "
             f"~{cal['predicted_pairs']:.0f} predicted pairs, expected false pairs {cal['expected_false_pairs']:.2f} "
             f"(95% {lo:.2f}-{hi:.2f}) of {cal['catalogue_pairs']} pairs; copy recall "
             f"{(cal['expected_copy_recall'] or {}).get('estimate')}")

@@ -48,6 +48,24 @@ def threshold_method(threshold=None, target_fmr=None, target_precision=None, max
     return METHODS[next(iter(given))] if given else "self_calibrated"
 
 
+# What a threshold cuts (the matches' `score` column): the angular similarity, or the kNN-normalised score.
+SCORES = ("angular_similarity", "knn_normalised")
+
+
+def angular_cut(similarity: float) -> dict:
+    """The threshold keys of a cut on angular similarity: value (what the matches' score is compared with),
+    score, and the angular similarity with the cosine the kernel compares."""
+    return {"value": float(similarity), "score": "angular_similarity", "angular_similarity": float(similarity),
+            "cosine": float(cosine_from_angular(similarity))}
+
+
+def knn_cut(value: float, k: int, beta: float) -> dict:
+    """The threshold keys of a cut on kNN-normalised scores (trainer.distances.knn_normalised): it is no
+    angular similarity, so those keys are None; k and beta say how the score was made."""
+    return {"value": float(value), "score": "knn_normalised", "knn": {"k": int(k), "beta": float(beta)},
+            "angular_similarity": None, "cosine": None}
+
+
 def _fmr_text(x: float) -> str:
     return f"{x:g}"
 
@@ -55,7 +73,8 @@ def _fmr_text(x: float) -> str:
 def resolve_threshold(
     threshold: float | None, model_card: dict | None, target_fmr: float, protocol: str
 ) -> dict:
-    """The threshold of a run: {"angular_similarity", "cosine", "source", "target_fmr", "impostor_pairs"}.
+    """The threshold of a run: {"value", "score", "angular_similarity", "cosine", "source", "target_fmr",
+    "impostor_pairs"} (angular_cut).
 
     - `threshold` given (angular similarity in [0, 1]): source "given"; target_fmr and impostor_pairs
       are None (nothing calibrated it).
@@ -70,8 +89,7 @@ def resolve_threshold(
             raise ValueError(f"--threshold is an angular similarity in [0, {MAX_THRESHOLD}] (float32 embeddings "
                              f"cannot resolve more), got {threshold}")
         return {
-            "angular_similarity": sim,
-            "cosine": float(cosine_from_angular(sim)),
+            **angular_cut(sim),
             "source": "given",
             "target_fmr": None,
             "impostor_pairs": None,
@@ -93,8 +111,7 @@ def resolve_threshold(
     for entry in entries:
         if math.isclose(float(entry["target_fmr"]), float(target_fmr), rel_tol=_FMR_RTOL):
             return {
-                "angular_similarity": float(entry["angular_similarity"]),
-                "cosine": float(entry["cosine"]),
+                **angular_cut(float(entry["angular_similarity"])),
                 "source": f"model_card:{protocol}@fmr={_fmr_text(float(target_fmr))}",
                 "target_fmr": float(entry["target_fmr"]),
                 "impostor_pairs": int(entry["impostor_pairs"]),

@@ -68,6 +68,7 @@ PEER_METHODS = HASH_METHODS + ("fastdup",)
 IMAGEDEDUP_DEFAULT_DISTANCE = 10
 FASTDUP_DEFAULT_THRESHOLD = 0.9
 TARGET_RATIO = 0.5
+KNN_SWEEP_SPAN = 0.3  # the sweep of a kNN-normalised run starts this far below its own threshold
 FAMILY_DEFINITION = (
     "truth_f = planted pairs with at least one item whose edit is f; predicted_f = predicted pairs with at "
     "least one item whose edit is f; precision/recall/F1 of predicted_f against truth_f")
@@ -389,9 +390,10 @@ def _read_parquet(pattern: str, columns: list[str]) -> dict:
 
 
 def matched_pairs(pattern: str) -> dict:
-    """{(left_id, right_id): angular_similarity} of matches Parquet files."""
-    t = _read_parquet(pattern, ["left_id", "right_id", "angular_similarity"])
-    return {canonical_pair(a, b): float(s) for a, b, s in zip(t["left_id"], t["right_id"], t["angular_similarity"])}
+    """{(left_id, right_id): score} of matches Parquet files (the score match cut: angular similarity, or
+    kNN-normalised)."""
+    t = _read_parquet(pattern, ["left_id", "right_id", "score"])
+    return {canonical_pair(a, b): float(s) for a, b, s in zip(t["left_id"], t["right_id"], t["score"])}
 
 
 def train_model(cat: str, model_dir: str, train_args: str, log_path: str) -> float:
@@ -411,17 +413,17 @@ def train_model(cat: str, model_dir: str, train_args: str, log_path: str) -> flo
 
 def false_pairs_along_curve(curve: list[dict], scored: dict, truth: set, floor: float) -> list[dict]:
     """Self-calibration's stated false pairs at each point of its curve (match_run.json's
-    threshold.self_calibration.curve: [{"angular_similarity", "predicted_pairs", "expected_false_pairs"}])
-    beside the false pairs the ground truth shows there: the scored pairs `scored` ({pair: angular
-    similarity}, every pair >= `floor`) at or above the point that are not in `truth`. Points below `floor`
+    threshold.self_calibration.curve: [{"threshold", "predicted_pairs", "expected_false_pairs"}]) beside
+    the false pairs the ground truth shows there: the scored pairs `scored` ({pair: score}, in the curve's
+    score, every pair >= `floor`) at or above the point that are not in `truth`. Points below `floor`
     are left out (the sweep does not see them). Rows: {"threshold", "stated", "true", "ratio" (stated / true,
     None when true is 0)}, ascending threshold."""
-    points = [p for p in curve if float(p["angular_similarity"]) >= floor]
+    points = [p for p in curve if float(p["threshold"]) >= floor]
     at = {row["threshold"]: row["fp"] for row in sweep(scored, truth, True,
-                                                       [float(p["angular_similarity"]) for p in points])}
+                                                       [float(p["threshold"]) for p in points])}
     rows = []
-    for point in sorted(points, key=lambda p: float(p["angular_similarity"])):
-        t = float(point["angular_similarity"])
+    for point in sorted(points, key=lambda p: float(p["threshold"])):
+        t = float(point["threshold"])
         stated = float(point["expected_false_pairs"])
         rows.append({"threshold": round(t, 6), "stated": round(stated, 3), "true": at[t],
                      "ratio": round(stated / at[t], 3) if at[t] else None})
@@ -532,10 +534,13 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
     t2 = time.perf_counter()
     d = dedup.run(["--templates", templates, "--matches", os.path.join(w, "matches", "*.parquet"), "--output", w])
     t3 = time.perf_counter()
-    own = float(m["threshold"]["angular_similarity"])
-    floor = min(args.sweep_floor, own)
+    own = float(m["threshold"]["value"])
+    norm = (m["threshold"].get("score_norm") or {}).get("method", "none")
+    # The sweep cuts the same score as the own run; kNN-normalised scores sit about beta x b lower.
+    floor = min(args.sweep_floor, own) if norm == "none" else max(0.0, own - KNN_SWEEP_SPAN)
     ws = os.path.join(work, "ours_sweep")
-    ms = match.run(["--templates", templates, "--model_dir", model_dir, "--output", ws, "--threshold", str(floor)])
+    ms = match.run(["--templates", templates, "--model_dir", model_dir, "--output", ws, "--threshold", str(floor),
+                    "--score_norm", norm])
     t4 = time.perf_counter()
 
     clusters = _read_parquet(os.path.join(w, "clusters", "*.parquet"), ["item_id", "cluster_id"])

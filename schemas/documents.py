@@ -69,10 +69,14 @@ REPORT_SCHEMA = {
         "run_id": {"type": "string"},
         "threshold": {
             "type": "object",
-            "required": ["angular_similarity", "cosine", "source"],
+            "required": ["value", "score", "angular_similarity", "cosine", "source"],
             "properties": {
-                "angular_similarity": {"type": "number", "minimum": 0, "maximum": 1},
-                "cosine": {"type": "number", "minimum": -1, "maximum": 1},
+                # The cut on the matches' score column; score names it (beam_pipeline.thresholds.SCORES).
+                "value": {"type": "number"},
+                "score": {"enum": ["angular_similarity", "knn_normalised"]},
+                # null when the score is kNN-normalised (no angular similarity is cut then)
+                "angular_similarity": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "cosine": {"type": ["number", "null"], "minimum": -1, "maximum": 1},
                 # "given" or "model_card:<protocol>@fmr=<x>"
                 "source": {"type": "string"},
                 "target_fmr": _NUMBER_OR_NULL,

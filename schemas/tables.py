@@ -53,6 +53,9 @@ MATCHES_SCHEMA = pa.schema(
         pa.field("right_id", pa.string(), nullable=False),
         pa.field("cosine", pa.float32(), nullable=False),
         pa.field("angular_similarity", pa.float32(), nullable=False),
+        # What the threshold was applied to: the angular similarity itself, or the kNN-normalised score
+        # (trainer.distances.knn_normalised) when match_run.json's threshold says "score": "knn_normalised".
+        pa.field("score", pa.float32(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ]

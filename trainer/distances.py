@@ -51,3 +51,43 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def pair_angular_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Angular similarity between matching rows of unit vectors `a` and `b` (n, d) -> (n,)."""
     return angular_similarity(cosine_similarity(a, b))
+
+
+# --- score normalisation against each item's k-th neighbour (ISC2021) ------------------------------------
+# On a catalogue the encoder never saw, dense regions (many similar landscapes) crowd distinct pairs up to
+# where copies score, and sparse regions hold copies that score lower. Normalising each pair by how close
+# its two items' k-th neighbours are lets one threshold serve both (BENCHMARKS.md "Copy detection": the
+# general recipe's F1 at its own threshold 0.75 -> 0.91). k exceeds the size of a typical duplicate group,
+# so an item's own copies do not set its b.
+SCORE_NORMS = ("none", "knn")
+KNN_K = 10
+KNN_BETA = 0.5
+
+
+def kth_neighbour_similarity(queries: np.ndarray, references: np.ndarray, k: int = KNN_K, *,
+                             same_set: bool = False, block: int = 2048) -> np.ndarray:
+    """b: the angular similarity of each query row (n, d) to its k-th most similar row of `references`
+    (m, d), float32 (n,). With `same_set` (queries are references[0:n] in order) an item is not its own
+    neighbour. Computed in blocks of `block` queries (memory O(block x m))."""
+    queries, references = np.asarray(queries, np.float32), np.asarray(references, np.float32)
+    available = len(references) - (1 if same_set else 0)
+    if not 1 <= k <= available:
+        raise ValueError(f"the k-th neighbour needs 1 <= k <= {available} other items, got k={k}")
+    out = np.empty(len(queries), np.float32)
+    for a in range(0, len(queries), block):
+        cos = queries[a:a + block] @ references.T
+        if same_set:
+            rows = np.arange(len(cos))
+            cos[rows, rows + a] = -np.inf
+        out[a:a + block] = -np.partition(-cos, k - 1, axis=1)[:, k - 1]
+    return angular_similarity(out)
+
+
+def knn_normalised(angular: np.ndarray, b_left: np.ndarray, b_right: np.ndarray,
+                   beta: float = KNN_BETA) -> np.ndarray:
+    """The normalised score of pairs: angular - beta * (b_left + b_right) / 2 (arrays of one shape, or
+    broadcastable: (n, 1) and (1, m) give a matrix), float32. Higher is more alike, as before; it is no
+    longer an angular similarity (it can be negative), so thresholds on it are stated as scores."""
+    return (np.asarray(angular, np.float32)
+            - np.float32(beta) * (np.asarray(b_left, np.float32) + np.asarray(b_right, np.float32)) / 2
+            ).astype(np.float32)

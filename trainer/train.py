@@ -38,6 +38,7 @@ import numpy as np
 from trainer import evaluate as ev
 from trainer.augment import augment_batch
 from trainer.data import SOURCES, load_fashion_mnist, load_source
+from trainer.distances import SCORE_NORMS
 from trainer.samplers import InstanceSampler, PKSampler
 
 COLLAPSE_MEAN_COSINE = 0.98
@@ -74,7 +75,7 @@ PRESETS = {
                    "padding": "same", "batch_norm": True, "pooling": "avg_max", "input_norm": "grey_standardize",
                    "trim_borders": True, "dense_units": 512, "embedding_dim": 128, "classes_per_batch": 8,
                    "per_class": 8, "epochs": 60, "epoch_items": 1536, "patience": 60, "keep_epoch": "last",
-                   "test_fraction": 0.1, "learning_rate": 2e-3},
+                   "test_fraction": 0.1, "learning_rate": 2e-3, "score_norm": "knn"},
 }
 EDITS = ("near_duplicate", "copy")  # trainer.augment (Fashion-MNIST style) | trainer.copy_edits (photos)
 INSTANCE_LOSSES = ("triplet", "info_nce")
@@ -168,6 +169,9 @@ class TrainConfig:
     mixed_precision: str = "auto"    # "auto" (on when a GPU is present) | "on" | "off"
     deterministic: bool = True       # one TF op at a time (pin_op_threads): the same seed gives the same model
     preset: str | None = None
+    # How match scores this model's pairs when its --score_norm is not given (trainer.distances.knn_normalised):
+    # "knn" for the general recipe, whose catalogues are unseen, so their dense regions crowd distinct pairs up.
+    score_norm: str = "none"
     stop_after_epoch: int | None = None  # end the run after this epoch (as if interrupted; for --resume tests)
     verbose: bool = True
 
@@ -956,6 +960,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "contrast, JPEG-like blocking; for Fashion-MNIST) or copy (trainer.copy_edits: the edits "
                         "photo copies go through: crops, padding, borders, captions, text, grey, colour, blur, "
                         "JPEG, rotation, mirror, screenshots; RGB only)")
+    g.add_argument("--score_norm", choices=SCORE_NORMS, default=dflt("score_norm"),
+                   help="recorded in the card: how the match stage scores this model's pairs by default (none: "
+                        "angular similarity; knn: less each item's similarity to its k-th neighbour, "
+                        "trainer.distances.knn_normalised)")
     g.add_argument("--trim_borders", action=argparse.BooleanOptionalAction, default=dflt("trim_borders"),
                    help="other sources: decoding cuts plain bands at the edges (letterbox bars, frames, caption "
                         "bars) before the resize; recorded in the card's input spec, so embed does the same")

@@ -42,6 +42,7 @@ def _write_matches(path, pairs, model_id=MODEL, templates=None, run_id="m", thre
         {"left_id": [p[0] for p in pairs], "right_id": [p[1] for p in pairs],
          "cosine": pa.array([np.cos(np.pi * (1 - p[2])) for p in pairs], pa.float32()),
          "angular_similarity": pa.array([p[2] for p in pairs], pa.float32()),
+         "score": pa.array([p[2] for p in pairs], pa.float32()),
          "model_id": [model_id] * len(pairs), "run_id": [run_id] * len(pairs)},
         schema=outputs.with_lineage(MATCHES_SCHEMA, lineage),
     )

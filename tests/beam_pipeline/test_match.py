@@ -242,3 +242,60 @@ def test_approximate_is_exact_without_a_cap_and_measures_its_recall(tmp_path):
     assert s["recall"]["recall"] == pytest.approx(len(approx) / len(exact))
     assert s["recall"]["recall_lower_95"] < s["recall"]["recall"]
     assert not os.path.exists(tmp_path / "a1" / "_staging")
+
+
+def test_knn_normalised_scores_cut_the_threshold_and_dedup_keeps_to_complete_linkage(tmp_path):
+    from beam_pipeline import dedup
+    from trainer.distances import knn_normalised
+
+    x = _clustered(60, 8, seed=4)
+    ids = [f"i{k:03d}" for k in range(len(x))]
+    write_templates(str(tmp_path / "t" / "templates-00000-of-00001.parquet"), dict(zip(ids, x)))
+    templates, out = str(tmp_path / "t" / "*.parquet"), str(tmp_path / "out")
+    summary = _run(["--templates", templates, "--output", out, "--threshold", "0.45", "--score_norm", "knn",
+                    "--knn_k", "5", "--knn_beta", "0.5", "--block_size", "16", "--run_id", "k1"])
+    sims = angular_similarity(x @ x.T).astype(np.float64)
+    others = sims.copy()
+    np.fill_diagonal(others, -np.inf)
+    b = np.sort(others, axis=1)[:, ::-1][:, 4]
+    score = knn_normalised(sims, b[:, None], b[None, :], 0.5)
+    expected = {(ids[i], ids[j]) for i in range(len(x)) for j in range(i + 1, len(x)) if score[i, j] >= 0.45}
+    assert _pairs(out) == expected and 20 < len(expected) < 200
+    table = read_table_dir(out, "matches")
+    rows = [(ids.index(a), ids.index(c)) for a, c in zip(table.column("left_id").to_pylist(),
+                                                         table.column("right_id").to_pylist())]
+    np.testing.assert_allclose(table.column("score").to_numpy(), [score[i, j] for i, j in rows], atol=1e-5)
+    np.testing.assert_allclose(table.column("angular_similarity").to_numpy(), [sims[i, j] for i, j in rows],
+                               atol=1e-6)
+    t = read_json(os.path.join(out, "match_run.json"))["threshold"]
+    assert t == summary["threshold"]
+    assert (t["value"], t["score"], t["angular_similarity"], t["cosine"]) == (0.45, "knn_normalised", None, None)
+    assert t["knn"] == {"k": 5, "beta": 0.5} and t["score_norm"]["method"] == "knn"
+    with pytest.raises(ValueError, match="single linkage.*normalised"):
+        dedup.run(["--templates", templates, "--matches", f"{out}/matches/*.parquet", "--output", out,
+                   "--linkage", "single"])
+    clusters = dedup.run(["--templates", templates, "--matches", f"{out}/matches/*.parquet", "--output", out])
+    assert clusters["threshold"] == 0.45
+
+
+def test_knn_scores_where_they_cannot_apply(catalogue, tmp_path):
+    out = str(tmp_path / "out")
+    _refused(["--templates", catalogue, "--output", out, "--threshold", "0.7", "--score_norm", "knn",
+              "--mode", "queries", "--queries", catalogue], "all_pairs --search exact")
+    _refused(["--templates", catalogue, "--output", out, "--model_dir", _card(tmp_path), "--target_fmr", "1e-3",
+              "--score_norm", "knn"], "angular thresholds")
+    _refused(["--templates", catalogue, "--output", out, "--threshold", "0.7", "--score_norm", "knn",
+              "--knn_k", "5"], "more than k=5 items")
+
+
+def test_a_card_asking_for_knn_scores_is_followed_only_where_they_apply(catalogue, tmp_path):
+    model_dir = _card(tmp_path)
+    path = os.path.join(model_dir, "model_card.json")
+    card = json.loads(open(path).read())
+    card["training"] = {"score_norm": "knn"}
+    open(path, "w").write(json.dumps(card))
+    out = str(tmp_path / "out")
+    summary = _run(["--templates", catalogue, "--output", out, "--model_dir", model_dir, "--threshold", "0.75"])
+    t = summary["threshold"]
+    assert t["score"] == "angular_similarity" and t["score_norm"]["method"] == "none"
+    assert "given or card threshold is an angular similarity" in t["score_norm"]["note"]

@@ -165,3 +165,26 @@ def test_without_copies_the_fit_is_truncated_and_says_so():
     impostor, duplicate, _ = _catalogue_scores(rng)
     model, notes = sc.fit_tail(np.concatenate([impostor, duplicate]), None)
     assert model.method == "truncated" and any("no synthetic copies" in x for x in notes)
+
+
+def test_self_calibration_on_knn_normalised_scores(tmp_path, tiny_rgb_model_dir):
+    """Every score self-calibration sees is normalised like the matches: sampled pairs, counts and copies."""
+    from apache_beam.testing import test_pipeline
+
+    from beam_pipeline import match
+    from beam_pipeline.io import read_json, read_table_dir
+    cat, work = _embed_catalogue(tmp_path, tiny_rgb_model_dir, 90)
+    out = match.run(["--templates", f"{work}/templates/*.parquet", "--model_dir", tiny_rgb_model_dir,
+                     "--output", work, "--calibration_copies", "40", "--score_norm", "knn", "--run_id", "m"],
+                    test_pipeline=test_pipeline.TestPipeline())
+    t = read_json(f"{work}/match_run.json")["threshold"]
+    cal = t["self_calibration"]
+    assert t["source"] == sc.SOURCE and t["score"] == "knn_normalised" and t["angular_similarity"] is None
+    assert t["knn"] == {"k": 10, "beta": 0.5} and out["threshold"]["value"] == t["value"]
+    assert cal["predicted_pairs"] == out["pairs"], "the counted pairs are the pairs the pipeline matched"
+    matches = read_table_dir(work, "matches")
+    assert np.all(matches.column("score").to_numpy() >= t["value"] - 1e-6)
+    # A normalised score is the angular similarity less beta x the pair's mean b (b in [0, 1]).
+    gap = matches.column("angular_similarity").to_numpy() - matches.column("score").to_numpy()
+    assert np.all((gap >= 0) & (gap <= 0.5 + 1e-6))
+    assert cal["synthetic_copies"]["made"] == 40

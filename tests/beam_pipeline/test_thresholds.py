@@ -43,6 +43,8 @@ def _card():
 def test_given_threshold():
     t = thresholds.resolve_threshold(0.75, _card(), 1e-3, "instance")
     assert t == {
+        "value": 0.75,
+        "score": "angular_similarity",
         "angular_similarity": 0.75,
         "cosine": float(np.cos(np.pi * 0.25)),
         "source": "given",

@@ -131,10 +131,10 @@ def test_read_catalogue(bench, tmp_path):
 def test_false_pairs_along_curve_counts_the_truth_at_each_point(bench):
     truth = {("a", "b")}
     scored = {("a", "b"): 0.95, ("a", "c"): 0.9, ("b", "c"): 0.85, ("c", "d"): 0.7}
-    curve = [{"angular_similarity": 0.6, "expected_false_pairs": 9.0},
-             {"angular_similarity": 0.8, "expected_false_pairs": 3.0},
-             {"angular_similarity": 0.88, "expected_false_pairs": 2.0},
-             {"angular_similarity": 0.93, "expected_false_pairs": 0.5}]
+    curve = [{"threshold": 0.6, "expected_false_pairs": 9.0},
+             {"threshold": 0.8, "expected_false_pairs": 3.0},
+             {"threshold": 0.88, "expected_false_pairs": 2.0},
+             {"threshold": 0.93, "expected_false_pairs": 0.5}]
     rows = bench.false_pairs_along_curve(curve, scored, truth, floor=0.65)
     assert [r["threshold"] for r in rows] == [0.8, 0.88, 0.93]  # 0.6 is below the sweep's floor
     assert [r["true"] for r in rows] == [2, 1, 0]

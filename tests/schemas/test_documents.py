@@ -35,7 +35,8 @@ def test_model_card_validates_and_names_the_bad_field():
 def test_report_requires_counts():
     report = {
         "model_id": "m", "run_id": "r",
-        "threshold": {"angular_similarity": 0.9, "cosine": 0.95, "source": "given"},
+        "threshold": {"value": 0.9, "score": "angular_similarity", "angular_similarity": 0.9, "cosine": 0.95,
+                      "source": "given"},
         "counts": {"items": 3, "failures": 0, "pairs": 1, "clusters": 1, "items_to_drop": 1},
         "similarity_histogram": {"bin_edges": [0.9, 1.0], "counts": [1], "of": "matched pairs"},
         "outputs": {"report_html": "report.html"},

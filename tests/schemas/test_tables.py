@@ -79,7 +79,8 @@ def test_matches_need_ordered_ids_and_similarity_in_range():
     def matches(left, right, sim):
         return pa.table(
             {"left_id": [left], "right_id": [right], "cosine": pa.array([0.9], pa.float32()),
-             "angular_similarity": pa.array([sim], pa.float32()), "model_id": ["m"], "run_id": ["r"]},
+             "angular_similarity": pa.array([sim], pa.float32()), "score": pa.array([sim], pa.float32()),
+             "model_id": ["m"], "run_id": ["r"]},
             schema=MATCHES_SCHEMA,
         )
 

@@ -44,3 +44,30 @@ def test_float32_self_similarity_is_exactly_one():
     # the tolerance is float32 rounding (about 1e-3 rad): a few milliradians apart still score below 1
     y = l2_normalize(x + 3e-3 * l2_normalize(rng.normal(size=(1000, 64))))
     assert (pair_angular_similarity(x, y) < 1).all()
+
+
+def test_kth_neighbour_similarity_equals_brute_force():
+    from trainer.distances import kth_neighbour_similarity
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((37, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = angular_similarity(x @ x.T).astype(np.float64)
+    others = sims.copy()
+    np.fill_diagonal(others, -np.inf)
+    for k in (1, 3, 10):
+        expected = np.sort(others, axis=1)[:, ::-1][:, k - 1]
+        np.testing.assert_allclose(kth_neighbour_similarity(x, x, k, same_set=True, block=5), expected, atol=1e-6)
+        # Queries that are not in the set: an item's own row counts (it is then its own nearest neighbour).
+        np.testing.assert_allclose(kth_neighbour_similarity(x[:4], x, k, block=3),
+                                   np.sort(sims[:4], axis=1)[:, ::-1][:, k - 1], atol=1e-6)
+    with pytest.raises(ValueError, match="1 <= k <= 36"):
+        kth_neighbour_similarity(x, x, 37, same_set=True)
+
+
+def test_knn_normalised_pulls_dense_items_down():
+    from trainer.distances import knn_normalised
+    # Two pairs of equal similarity: the one whose items sit in a dense region (high b) scores lower.
+    scores = knn_normalised(np.array([0.9, 0.9]), np.array([0.85, 0.6]), np.array([0.85, 0.6]), beta=0.5)
+    np.testing.assert_allclose(scores, [0.9 - 0.425, 0.9 - 0.3], atol=1e-6)
+    matrix = knn_normalised(np.full((2, 3), 0.8), np.array([[0.2], [0.4]]), np.array([[0.0, 0.2, 0.4]]), 1.0)
+    np.testing.assert_allclose(matrix, [[0.7, 0.6, 0.5], [0.6, 0.5, 0.4]], atol=1e-6)
