@@ -216,7 +216,8 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     threshold = dict(run_doc["threshold"])
     # The matches' score is what the threshold cut: the angular similarity, or the kNN-normalised score.
     sim = matches.column("score").to_numpy().astype(np.float32)
-    histogram = report_metrics.similarity_histogram(sim, threshold["value"], HISTOGRAM_BINS)
+    score_name = threshold.get("score", "angular_similarity").replace("_", " ")
+    histogram = report_metrics.similarity_histogram(sim, threshold["value"], HISTOGRAM_BINS, score_name)
     sizes = clusters.column("cluster_size").to_numpy()
     keepers = clusters.column("is_keeper").to_numpy(zero_copy_only=False)
     counts = {
@@ -252,7 +253,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     selection = gallery_selection(summaries, gallery_size)
     figures = {
         "similarity_hist": report_figures.similarity_histogram_png(
-            histogram, threshold["value"], genuine_counts=genuine_counts,
+            histogram, threshold["value"], genuine_counts=genuine_counts, score=score_name,
             threshold_label=threshold.get("source", "")),
         "duplicates_gallery": report_figures.gallery_png(
             gallery_rows(selection, templates, gallery_members), max_members=gallery_members),

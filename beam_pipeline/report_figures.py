@@ -22,8 +22,9 @@ def _png(fig: Figure, dpi: int = 100) -> bytes:
 
 
 def similarity_histogram_png(histogram: dict, threshold: float, *, genuine_counts: Sequence[int] | None = None,
-                             threshold_label: str = "") -> bytes:
-    """Bar chart of `histogram` (report.json's similarity_histogram) with the threshold marked.
+                             threshold_label: str = "", score: str = "angular similarity") -> bytes:
+    """Bar chart of `histogram` (report.json's similarity_histogram) with the threshold marked; `score`
+    names the x axis (what the threshold cut).
 
     With `genuine_counts` (per bin, from ground truth) the bars are split into planted duplicates and
     other matched pairs.
@@ -44,7 +45,7 @@ def similarity_histogram_png(histogram: dict, threshold: float, *, genuine_count
                label="matched pairs")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1,
                label=f"threshold {threshold:.4f}" + (f" ({threshold_label})" if threshold_label else ""))
-    ax.set_xlabel("angular similarity")
+    ax.set_xlabel(score)
     ax.set_ylabel("pairs")
     ax.set_title(f"{histogram['of']}: {int(counts.sum())}")
     ax.set_xlim(edges[0] - 0.02 * (edges[-1] - edges[0]), 1.0)

@@ -38,8 +38,10 @@ import numpy as np
 from beam_pipeline.clustering import LINKAGES, complete_linkage_labels, connected_components
 
 
-def similarity_histogram(similarity: np.ndarray, low: float, bins: int = 20) -> dict:
-    """Histogram of angular similarities over [low, 1] in `bins` equal bins (last bin closed).
+def similarity_histogram(similarity: np.ndarray, low: float, bins: int = 20,
+                         score: str = "angular similarity") -> dict:
+    """Histogram of the matches' scores (`score` names them) over [low, 1] in `bins` equal bins (last bin
+    closed).
 
     Returns {"bin_edges": list (bins+1), "counts": list[int] (bins), "of": "matched pairs..."}; values
     below `low` are not expected (the matches hold pairs at or above the threshold) and are refused.
@@ -56,7 +58,7 @@ def similarity_histogram(similarity: np.ndarray, low: float, bins: int = 20) -> 
     return {
         "bin_edges": [float(e) for e in edges],
         "counts": [int(c) for c in counts],
-        "of": "matched pairs (angular similarity)",
+        "of": f"matched pairs ({score})",
     }
 
 

@@ -250,8 +250,8 @@ def test_knn_normalised_scores_cut_the_threshold_and_dedup_keeps_to_complete_lin
 
     x = _clustered(60, 8, seed=4)
     ids = [f"i{k:03d}" for k in range(len(x))]
-    write_templates(str(tmp_path / "t" / "templates-00000-of-00001.parquet"), dict(zip(ids, x)))
-    templates, out = str(tmp_path / "t" / "*.parquet"), str(tmp_path / "out")
+    write_templates(str(tmp_path / "out" / "templates" / "templates-00000-of-00001.parquet"), dict(zip(ids, x)))
+    templates, out = str(tmp_path / "out" / "templates" / "*.parquet"), str(tmp_path / "out")
     summary = _run(["--templates", templates, "--output", out, "--threshold", "0.45", "--score_norm", "knn",
                     "--knn_k", "5", "--knn_beta", "0.5", "--block_size", "16", "--run_id", "k1"])
     sims = angular_similarity(x @ x.T).astype(np.float64)
@@ -276,6 +276,11 @@ def test_knn_normalised_scores_cut_the_threshold_and_dedup_keeps_to_complete_lin
                    "--linkage", "single"])
     clusters = dedup.run(["--templates", templates, "--matches", f"{out}/matches/*.parquet", "--output", out])
     assert clusters["threshold"] == 0.45
+    from beam_pipeline import report
+    written = read_json(report.run(["--workdir", out])["report_json"])
+    assert written["threshold"]["score"] == "knn_normalised" and written["threshold"]["value"] == 0.45
+    assert written["similarity_histogram"]["of"] == "matched pairs (knn normalised)"
+    assert "kNN-normalised score" in open(os.path.join(out, "report.html")).read()
 
 
 def test_knn_scores_where_they_cannot_apply(catalogue, tmp_path):
