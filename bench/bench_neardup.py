@@ -458,8 +458,8 @@ def template_similarities(templates_glob: str, c: dict):
 
 
 def linkage_rows(ids: list[str], sim, c: dict, threshold: float, meta: dict) -> list[dict]:
-    """Clusters of the templates `ids` (similarities `sim`, from template_similarities) cut at `threshold` by
-    agglomerative linkage over all pairs (scipy.cluster.hierarchy on angular distance 1 - similarity;
+    """Clusters of the templates `ids` (similarities `sim`, from template_similarities, or their kNN-normalised
+    scores) cut at `threshold` by agglomerative linkage over all pairs (scipy.cluster.hierarchy on 1 - score;
     "complete" equals the dedup stage's default, "average" and "weighted" are the candidates for a rule that
     forgives one weak link of a true group): one score row each."""
     import numpy as np
@@ -588,8 +588,11 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
         details["self_calibration_curve"] = {"points": along, "summary": curve_summary(along)}
     found = template_similarities(templates, c)  # one n x n matrix serves both comparisons
     if found is not None:
-        rows += linkage_rows(*found, c, own, meta)
-        rows += knn_rows(*found, c, floor, meta)
+        ids, sim = found
+        knn = m["threshold"].get("knn")
+        # The linkage rules cut the score the own threshold is in; the kNN rows compare raw and normalised.
+        rows += linkage_rows(ids, sim if knn is None else knn_normalised(sim, knn["k"], knn["beta"]), c, own, meta)
+        rows += knn_rows(ids, sim, c, min(args.sweep_floor, own) if knn is None else args.sweep_floor, meta)
     return rows, details
 
 
