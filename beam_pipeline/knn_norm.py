@@ -7,7 +7,7 @@ self-calibration scores its synthetic copies the same way (`KnnScores.b_of`: a c
 the catalogue's items).
 
 b is computed in the driver, block by block over the staged blocks: n^2 d multiply-adds, the work of one
-exact all-pairs match on one machine (about a minute for 100,000 items of dimension 128 on 2 cores).
+exact all-pairs match on one machine (2.0 s for 10,748 items of dimension 64 on 2 cores; it grows as n^2).
 numpy in, numpy out; blocks are read with beam_pipeline.blocks.
 """
 from __future__ import annotations

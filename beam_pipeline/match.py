@@ -11,7 +11,9 @@
    of another model. It resolves the threshold: by default chosen for this catalogue by self-calibration
    (beam_pipeline.self_calibration: the impostor tail from random pairs of the catalogue, synthetic copies
    of its items, a false-pair budget, the estimate with its uncertainty in match_run.json); or given in
-   angular similarity, or the card's calibration at --target_fmr. The cosine is stored beside it.
+   angular similarity, or the card's calibration at --target_fmr. The cosine is stored beside it. With
+   kNN score normalisation (--score_norm knn, or the card's choice; beam_pipeline.knn_norm) it first finds
+   every item's k-th neighbour, and the threshold cuts the normalised score instead.
 2. The pipeline spreads tasks over the workers; each loads only the blocks it needs (a few MiB):
    - all_pairs, exact: strips of block pairs (i, j >= i); each a tiled matrix product keeping only pairs
      with cosine >= threshold (matching.pairs_above_threshold). No N x N matrix exists anywhere.
@@ -47,9 +49,9 @@ from beam_pipeline import candidates, knn_norm, matching, self_calibration
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
-from beam_pipeline.thresholds import load_card, resolve_threshold, threshold_method, knn_cut
+from beam_pipeline.thresholds import knn_cut, load_card, resolve_threshold, threshold_method
 from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
-from trainer.distances import KNN_BETA, KNN_K, angular_similarity
+from trainer.distances import angular_similarity
 
 LOG = logging.getLogger(__name__)
 MODES = ("all_pairs", "queries", "pairs")
@@ -254,11 +256,8 @@ def _dedupe_tables(tables, model_id: str, run_id: str):
 def _verified_matches(table: pa.Table) -> pa.Table:
     """The matched rows of a verifications table, as matches (their score is the angular similarity)."""
     t = table.filter(table.column("is_match"))
-    return t.select(VERIFICATIONS_SCHEMA.names[:4]).append_column(
-        pa.field("score", pa.float32(), nullable=False), t.column("angular_similarity")).select(
-        [n for n in MATCHES_SCHEMA.names if n not in ("model_id", "run_id")]).append_column(
-        MATCHES_SCHEMA.field("model_id"), t.column("model_id")).append_column(
-        MATCHES_SCHEMA.field("run_id"), t.column("run_id"))
+    return pa.table({name: t.column("angular_similarity" if name == "score" else name)
+                     for name in MATCHES_SCHEMA.names}, schema=MATCHES_SCHEMA)
 
 
 class VerifyPairsFn(_BlockDoFn):
@@ -503,6 +502,8 @@ def score_norm(opts, card: dict | None, method: str, n_items: int) -> tuple[str,
         reason = "a given or card threshold is an angular similarity"
     elif n_items > knn_norm.MAX_ITEMS:
         reason = f"{n_items:,} items (more than {knn_norm.MAX_ITEMS:,})"
+    elif n_items <= opts.knn_k:
+        reason = f"{n_items} items, no {opts.knn_k}th neighbour"
     if reason is None:
         return "knn", None
     return "none", (f"the model card asks for kNN-normalised scores, but this run cuts the angular similarity: "

@@ -83,8 +83,8 @@ def _add_threshold(parser) -> None:
         "--threshold",
         type=THRESHOLD,
         default=None,
-        help="Match threshold in angular similarity [0, 1]. Default: chosen for this catalogue by "
-        "self-calibration (see --target_precision).",
+        help="Match threshold in angular similarity [0, 1] (with --score_norm knn: a normalised score in the same "
+        "range). Default: chosen for this catalogue by self-calibration (see --target_precision).",
     )
     _add(
         parser,

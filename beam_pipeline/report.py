@@ -217,7 +217,9 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     # The matches' score is what the threshold cut: the angular similarity, or the kNN-normalised score.
     sim = matches.column("score").to_numpy().astype(np.float32)
     score_name = threshold.get("score", "angular_similarity").replace("_", " ")
-    histogram = report_metrics.similarity_histogram(sim, threshold["value"], HISTOGRAM_BINS, score_name)
+    # Angular similarities run up to 1; kNN-normalised scores stay well below it.
+    top = 1.0 if score_name == "angular similarity" or not len(sim) else float(sim.max())
+    histogram = report_metrics.similarity_histogram(sim, threshold["value"], HISTOGRAM_BINS, score_name, top)
     sizes = clusters.column("cluster_size").to_numpy()
     keepers = clusters.column("is_keeper").to_numpy(zero_copy_only=False)
     counts = {
@@ -239,14 +241,16 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
             matches.column("left_id").to_pylist(), matches.column("right_id").to_pylist(), sim, planted,
             threshold["value"], families=families,
             sweep_linkage=linkage or clustering.DEFAULT_LINKAGE,
+            sweep_high=top,
         )
         evaluation["ground_truth"] = ground_truth
+        evaluation["score"] = score_name
         truth = report_metrics.GroundTruth(clusters.column("item_id").to_pylist(), planted)
         index = {x: k for k, x in enumerate(truth.item_ids)}
         gen = truth.same_group([index[x] for x in matches.column("left_id").to_pylist()],
                                [index[x] for x in matches.column("right_id").to_pylist()])
         genuine_counts = report_metrics.similarity_histogram(
-            sim[gen], threshold["value"], HISTOGRAM_BINS)["counts"]
+            sim[gen], threshold["value"], HISTOGRAM_BINS, score_name, top)["counts"]
         histogram["genuine_counts"] = genuine_counts
 
     summaries = cluster_summaries(clusters)
@@ -407,19 +411,19 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
                                x["clusters"]["f1"]] for f, x in sorted(ev["families"].items())])]
         parts += [
             "<h3>Threshold sweep (from the matched pairs)</h3>",
-            _table(["angular similarity", "matched pairs", "true matches", "false matches", "FNMR", "FMR",
-                    "FMR upper 95%", "impostor pairs", "cluster precision", "cluster recall"],
-                   [[s["angular_similarity"], s["matched_pairs"], s["true_matches"], s["false_matches"], s["fnmr"],
+            _table([ev.get("score", "angular similarity"), "matched pairs", "true matches", "false matches", "FNMR",
+                    "FMR", "FMR upper 95%", "impostor pairs", "cluster precision", "cluster recall"],
+                   [[s["threshold"], s["matched_pairs"], s["true_matches"], s["false_matches"], s["fnmr"],
                      s["fmr"], s["fmr_upper_95"], s["impostor_pairs"], s["cluster_precision"],
                      s["cluster_recall"]] for s in ev["sweep"]]),
         ]
     parts += [
-        "<h2>Similarity of matched pairs</h2>",
+        f"<h2>Histogram of the {html.escape(report['similarity_histogram']['of'])}</h2>",
         f"<img alt='similarity histogram' src='{img['similarity_hist']}'>",
         "<h2>Duplicate clusters</h2>",
         "<p>The largest and the weakest-linked clusters. Each row starts with the keeper (green frame); the "
-        "others show their angular similarity to it. The weakest link is the smallest similarity that holds "
-        "the cluster together (the minimum edge of its maximum spanning tree).</p>",
+        "others show their angular similarity to it. The weakest link is the smallest score (what the "
+        "threshold cut) that holds the cluster together (the minimum edge of its maximum spanning tree).</p>",
         f"<img alt='duplicates gallery' src='{img['duplicates_gallery']}'>",
         "<p>Smallest member similarity: the least similar two members of the cluster. A cluster whose members "
         "lie far below the threshold from each other is held together only by a chain of links: it is flagged "

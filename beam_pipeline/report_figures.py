@@ -48,7 +48,7 @@ def similarity_histogram_png(histogram: dict, threshold: float, *, genuine_count
     ax.set_xlabel(score)
     ax.set_ylabel("pairs")
     ax.set_title(f"{histogram['of']}: {int(counts.sum())}")
-    ax.set_xlim(edges[0] - 0.02 * (edges[-1] - edges[0]), 1.0)
+    ax.set_xlim(edges[0] - 0.02 * (edges[-1] - edges[0]), edges[-1])
     ax.legend(loc="upper right", fontsize=8)
     return _png(fig)
 

@@ -39,22 +39,22 @@ from beam_pipeline.clustering import LINKAGES, complete_linkage_labels, connecte
 
 
 def similarity_histogram(similarity: np.ndarray, low: float, bins: int = 20,
-                         score: str = "angular similarity") -> dict:
-    """Histogram of the matches' scores (`score` names them) over [low, 1] in `bins` equal bins (last bin
-    closed).
+                         score: str = "angular similarity", high: float = 1.0) -> dict:
+    """Histogram of the matches' scores (`score` names them) over [low, high] in `bins` equal bins (last bin
+    closed; high 1 for angular similarity, the highest score for kNN-normalised ones).
 
     Returns {"bin_edges": list (bins+1), "counts": list[int] (bins), "of": "matched pairs..."}; values
     below `low` are not expected (the matches hold pairs at or above the threshold) and are refused.
     """
     s = np.asarray(similarity, np.float64)
-    low = float(low)
-    if low >= 1.0:
-        low = 1.0 - 1e-6
-    edges = np.linspace(low, 1.0, int(bins) + 1)
+    low, high = float(low), float(high)
+    if low >= high:
+        low = high - 1e-6
+    edges = np.linspace(low, high, int(bins) + 1)
     # float32 storage can put a pair a hair under its threshold after arccos; clamp within 1e-6.
     if (s < low - 1e-6).any():
         raise ValueError(f"matched pair with angular similarity {s.min():.6f} below the histogram low {low:.6f}")
-    counts, _ = np.histogram(np.clip(s, low, 1.0), bins=edges)
+    counts, _ = np.histogram(np.clip(s, low, high), bins=edges)
     return {
         "bin_edges": [float(e) for e in edges],
         "counts": [int(c) for c in counts],
@@ -241,10 +241,11 @@ def read_families(text: str, family_column: str = "edit") -> dict:
     return out
 
 
-def sweep_thresholds(low: float, steps: int = 10) -> list[float]:
-    """The run threshold and `steps - 1` higher ones, evenly spaced below 1."""
+def sweep_thresholds(low: float, steps: int = 10, high: float = 1.0) -> list[float]:
+    """The run threshold and `steps - 1` higher ones, evenly spaced below `high` (1 for angular similarity;
+    the highest matched score for kNN-normalised scores, which stay well below 1)."""
     low = float(low)
-    return [round(low + (1.0 - low) * k / steps, 6) for k in range(steps)]
+    return [round(low + (float(high) - low) * k / steps, 6) for k in range(steps)]
 
 
 def evaluate(
@@ -258,6 +259,7 @@ def evaluate(
     steps: int = 10,
     families: dict | None = None,
     sweep_linkage: str = "single",
+    sweep_high: float = 1.0,
 ) -> dict:
     """Scores of a run against planted pairs (see the module docstring for the definitions).
 
@@ -265,7 +267,8 @@ def evaluate(
     matched pairs with their angular similarity; `threshold` the run's angular threshold; `families`
     (optional) {item_id: edit family} of the copies (`read_families`); `sweep_linkage` how the sweep
     re-clusters the matches at each threshold: "single" (connected components, the default) or
-    "complete" (clustering.complete_linkage_labels; pass the run's --linkage to match its clusters).
+    "complete" (clustering.complete_linkage_labels; pass the run's --linkage to match its clusters), up to
+    `sweep_high`. Similarities and thresholds are in the run's score (angular, or kNN-normalised).
     Returns {"precision", "recall", "f1" (cluster level, as "clusters"), counts...,
     "clusters": {predicted_pairs, found_pairs, planted_pairs, precision, recall, f1},
     "pairs": the same for the matched pairs, "families": {family: {"items", "pairs", "clusters"}} or
@@ -288,7 +291,7 @@ def evaluate(
     genuine = truth.same_group(i, j)
     n = len(truth.item_ids)
     sweep = []
-    for t in sweep_thresholds(threshold, steps):
+    for t in sweep_thresholds(threshold, steps, sweep_high):
         keep = sim >= np.float32(t) if t > threshold else np.ones(len(sim), np.bool_)
         if sweep_linkage == "complete":
             labels = complete_linkage_labels(n, i[keep], j[keep], sim[keep], t)
@@ -300,7 +303,7 @@ def evaluate(
         kept_pairs = pair_scores(i[keep], j[keep], truth)
         sweep.append(
             {
-                "angular_similarity": t,
+                "threshold": t,
                 "linkage": sweep_linkage,
                 "matched_pairs": int(keep.sum()),
                 "true_matches": true_matches,

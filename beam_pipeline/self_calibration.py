@@ -18,6 +18,8 @@ card calibrated on a few hundred pairs. At match time:
    false pairs at any t >= u: FP(t) = M * share_impostors_above_u * S(t - u). Without synthetic copies, a
    GPD truncated below the 99.99th percentile is fitted instead (conservative).
    Where t is above every sampled impostor score, only the model speaks, and the result says so.
+   With kNN score normalisation (beam_pipeline.knn_norm) every score here, sampled pairs, copies and counts
+   alike, is the normalised one, so the threshold is a normalised score.
 4. Predicted pairs P(t): counted exactly over all pairs (blocked matrix products; a seeded subsample of
    EXACT_COUNT_ITEMS items, scaled to M, when the catalogue is larger).
 5. The threshold: the smallest t at which FP <= (1 - target_precision) * P holds there and over the next
@@ -484,10 +486,10 @@ def synthetic_copy_scores(model, input_spec: dict, items: list[tuple], rng: np.r
     with (its card's training.edits): angular similarities, or kNN-normalised scores with `knn`
     (beam_pipeline.knn_norm.KnnScores: a copy's b is its k-th neighbour among the catalogue's items).
 
-    items: (image bytes, template embedding (d,), the item's b or None) of sampled catalogue items. edits "copy": each is decoded
-    (at most `max_side` px), edited by one family of trainer.copy_edits (cycled), saved as JPEG and decoded
-    to the input spec as the embed stage does; "near_duplicate": decoded to the input spec and edited there by
-    trainer.augment. Then embedded. Returns (scores (k,), families (k,), {reason: count} of items skipped
+    items: (image bytes, template embedding (d,), the item's b or None) of sampled catalogue items. edits
+    "copy": each is decoded (at most `max_side` px), edited by one family of trainer.copy_edits (cycled),
+    saved as JPEG and decoded to the input spec as the embed stage does; "near_duplicate": decoded to the
+    input spec and edited there by trainer.augment. Then embedded. Returns (scores (k,), families (k,), {reason: count} of items skipped
     because their bytes do not decode, copy-to-copy scores (m,): every other item's copy against a second
     copy of it by another edit; empty for near_duplicate))."""
     if edits == "near_duplicate":
@@ -667,7 +669,7 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
         sel = np.asarray([x == f for x in families])
         by_family[f] = round(float(np.mean(genuine[sel] >= result["value"])), 4)
     cal["synthetic_copies"] = {"made": int(len(genuine)), "skipped": skipped, "recall_by_family": by_family,
-                               "median_similarity": float(np.median(genuine)) if len(genuine) else None}
+                               "median_score": float(np.median(genuine)) if len(genuine) else None}
     if len(genuine) == 0:
         cal["notes"].append("no synthetic copies could be made (source files unreadable or copies off): the "
                             "expected copy recall is unknown")

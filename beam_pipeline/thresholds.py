@@ -48,8 +48,8 @@ def threshold_method(threshold=None, target_fmr=None, target_precision=None, max
     return METHODS[next(iter(given))] if given else "self_calibrated"
 
 
-# What a threshold cuts (the matches' `score` column): the angular similarity, or the kNN-normalised score.
-SCORES = ("angular_similarity", "knn_normalised")
+# A threshold says what it cuts (the matches' `score` column): "angular_similarity", or "knn_normalised"
+# (report.json's schema lists the same two).
 
 
 def angular_cut(similarity: float) -> dict:

@@ -539,8 +539,10 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
     # The sweep cuts the same score as the own run; kNN-normalised scores sit about beta x b lower.
     floor = min(args.sweep_floor, own) if norm == "none" else max(0.0, own - KNN_SWEEP_SPAN)
     ws = os.path.join(work, "ours_sweep")
+    knn = m["threshold"].get("knn")
+    same_score = ["--score_norm", norm] + (["--knn_k", str(knn["k"]), "--knn_beta", str(knn["beta"])] if knn else [])
     ms = match.run(["--templates", templates, "--model_dir", model_dir, "--output", ws, "--threshold", str(floor),
-                    "--score_norm", norm])
+                    *same_score])
     t4 = time.perf_counter()
 
     clusters = _read_parquet(os.path.join(w, "clusters", "*.parquet"), ["item_id", "cluster_id"])
@@ -589,7 +591,6 @@ def run_ours(cat: str, model_dir: str, work: str, c: dict, args) -> tuple[list[d
     found = template_similarities(templates, c)  # one n x n matrix serves both comparisons
     if found is not None:
         ids, sim = found
-        knn = m["threshold"].get("knn")
         # The linkage rules cut the score the own threshold is in; the kNN rows compare raw and normalised.
         rows += linkage_rows(ids, sim if knn is None else knn_normalised(sim, knn["k"], knn["beta"]), c, own, meta)
         rows += knn_rows(ids, sim, c, min(args.sweep_floor, own) if knn is None else args.sweep_floor, meta)

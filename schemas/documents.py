@@ -71,7 +71,7 @@ REPORT_SCHEMA = {
             "type": "object",
             "required": ["value", "score", "angular_similarity", "cosine", "source"],
             "properties": {
-                # The cut on the matches' score column; score names it (beam_pipeline.thresholds.SCORES).
+                # The cut on the matches' score column; score names what it cuts (beam_pipeline.thresholds).
                 "value": {"type": "number"},
                 "score": {"enum": ["angular_similarity", "knn_normalised"]},
                 # null when the score is kNN-normalised (no angular similarity is cut then)

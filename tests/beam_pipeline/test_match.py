@@ -304,3 +304,8 @@ def test_a_card_asking_for_knn_scores_is_followed_only_where_they_apply(catalogu
     t = summary["threshold"]
     assert t["score"] == "angular_similarity" and t["score_norm"]["method"] == "none"
     assert "given or card threshold is an angular similarity" in t["score_norm"]["note"]
+    # A self-calibrated run follows the card, unless the catalogue has no k-th neighbour to normalise by.
+    opts = match.MatchOptions(["--templates", "t", "--output", "o"])
+    assert match.score_norm(opts, card, "self_calibrated", 500) == ("knn", None)
+    norm, note = match.score_norm(opts, card, "self_calibrated", 5)
+    assert norm == "none" and "no 10th neighbour" in note

@@ -86,13 +86,13 @@ def test_report_numbers_equal_hand_counts(workdir):
     assert ev["precision"] == 0.75 and ev["recall"] == pytest.approx(3 / 7)
     assert (ev["matched_pairs_genuine"], ev["matched_pairs_impostor"]) == (2, 1)
     s0 = ev["sweep"][0]
-    assert s0["angular_similarity"] == 0.75
+    assert s0["threshold"] == 0.75
     # 4 evaluable genuine pairs, C(6,2) - 4 = 11 impostor pairs; matched: a-c, b-c genuine, d-e impostor.
     assert (s0["true_matches"], s0["false_matches"], s0["genuine_pairs"], s0["impostor_pairs"]) == (2, 1, 4, 11)
     assert s0["fnmr"] == 0.5 and s0["fmr"] == pytest.approx(1 / 11)
     assert s0["cluster_precision"] == 0.75 and s0["cluster_recall"] == pytest.approx(3 / 7)
     s2 = ev["sweep"][2]  # 0.8: only b-c (0.910) survives
-    assert s2["angular_similarity"] == 0.8
+    assert s2["threshold"] == 0.8
     assert (s2["matched_pairs"], s2["true_matches"], s2["false_matches"]) == (1, 1, 0)
     assert s2["fnmr"] == 0.75 and s2["fmr"] == 0.0 and s2["cluster_precision"] == 1.0
     assert s2["fmr_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 11))
