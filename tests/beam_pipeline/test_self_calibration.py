@@ -188,3 +188,9 @@ def test_self_calibration_on_knn_normalised_scores(tmp_path, tiny_rgb_model_dir)
     gap = matches.column("angular_similarity").to_numpy() - matches.column("score").to_numpy()
     assert np.all((gap >= 0) & (gap <= 0.5 + 1e-6))
     assert cal["synthetic_copies"]["made"] == 40
+    # The copies are scored the same way: their scores sit below the same copies' angular similarities.
+    plain = match.run(["--templates", f"{work}/templates/*.parquet", "--model_dir", tiny_rgb_model_dir,
+                       "--output", str(tmp_path / "plain"), "--calibration_copies", "40", "--run_id", "p"],
+                      test_pipeline=test_pipeline.TestPipeline())["threshold"]
+    assert plain["score"] == "angular_similarity"
+    assert cal["synthetic_copies"]["median_score"] < plain["self_calibration"]["synthetic_copies"]["median_score"] - 0.05
