@@ -19,7 +19,8 @@ After every step the work directory is checked (`check_workdir`):
   failures exactly once;
 - silently wrong outputs: matches, clusters, match_run.json and report.json present in the work directory
   must have been made from the templates there (their lineage), matches must be exactly the pairs at or
-  above their threshold (recomputed from the embeddings), clusters must cover exactly the template items;
+  above their threshold (recomputed from the embeddings; a quarter of the match runs that are not mistakes
+  cut kNN-normalised scores, recomputed likewise), clusters must cover exactly the template items;
 - debris: no `_staging` directory, no `beam-temp-*` directory.
 Prints a line per step, a table of outcomes and a JSON summary; exits 1 on any lost item, silently wrong
 output, traceback for a user error, or debris.
@@ -47,6 +48,10 @@ import numpy as np  # noqa: E402
 STAGES = ("embed", "match", "dedup", "report")
 MODES = ("clean", "clean", "clean", "mistake", "fault", "interrupt")  # clean runs most often
 THRESHOLD = 0.999  # the untrained encoder puts noise images close together: mostly copies match
+# A share of the clean and faulty match runs cut kNN-normalised scores (match --score_norm knn) instead;
+# the noise images' 10th neighbours sit near 0.998, so their scores sit near 0.5.
+KNN_SHARE = 0.25
+KNN_THRESHOLD = 0.5004
 # Angular similarity near 1 from float32 embeddings is resolved to about 1e-4.
 TOLERANCE = 2e-4
 MISTAKES = {
@@ -148,7 +153,7 @@ def check_workdir(work: str, embedded_entries: set | None) -> list[str]:
     from beam_pipeline import outputs
     from beam_pipeline.io import read_json, read_table_dir, table_glob
     from schemas.tables import embeddings_as_numpy
-    from trainer.distances import angular_similarity
+    from trainer.distances import angular_similarity, knn_normalised
 
     problems = []
     for directory, dirs, _ in os.walk(work):
@@ -178,8 +183,14 @@ def check_workdir(work: str, embedded_entries: set | None) -> list[str]:
             matches = read_table_dir(work, "matches")
             emb = embeddings_as_numpy(templates)
             tids = templates.column("item_id").to_pylist()
-            sim = angular_similarity(emb @ emb.T)
+            sim = angular_similarity(emb @ emb.T).astype(np.float64)
             cut = lineage["threshold"]
+            if lineage.get("score") == "knn_normalised":
+                knn = read_json(os.path.join(work, "match_run.json"))["threshold"]["knn"]
+                others = sim.copy()
+                np.fill_diagonal(others, -np.inf)
+                b = np.sort(others, axis=1)[:, ::-1][:, knn["k"] - 1]
+                sim = knn_normalised(sim, b[:, None], b[None, :], knn["beta"]).astype(np.float64)
             want = {(a, b) for i, a in enumerate(tids) for j, b in enumerate(tids)
                     if i != j and a < b and sim[i, j] >= cut + TOLERANCE}
             maybe = {(a, b) for i, a in enumerate(tids) for j, b in enumerate(tids)
@@ -329,6 +340,7 @@ def main(argv=None) -> int:
     last_ok = None
     outcomes = collections.Counter()
     findings = []
+    knn_pairs = []  # pairs of each published kNN-normalised match run
     started = time.perf_counter()
     for step in range(args.runs):
         change = cat.change()
@@ -340,6 +352,9 @@ def main(argv=None) -> int:
         argv = stage_argv(stage, cat.root, model, work)
         if mode == "mistake":
             argv = apply_mistake(argv, rng.choice(MISTAKES[stage]), args.work_dir)
+        knn = mode != "mistake" and stage == "match" and rng.random() < KNN_SHARE
+        if knn:
+            argv = argv[:argv.index("--threshold")] + ["--threshold", str(KNN_THRESHOLD), "--score_norm", "knn"]
         before = snapshot(work) if os.path.isdir(work) else {}
         entries_now = set(cat.entries())
         code, err, fired = run_step(stage, mode, argv, rng)
@@ -365,9 +380,11 @@ def main(argv=None) -> int:
         problems += check_workdir(work, embedded_entries)
         if code == 0:
             last_ok = stage
-        outcome = f"{stage}/{mode}/{code}"
-        outcomes[outcome] += 1
-        print(f"{step:4d} {change:<28s} {stage:<6s} {mode:<9s} -> {code!s:<18s} "
+            if knn:  # kNN runs that matched something: the check above had pairs to recompute
+                knn_pairs.append(json.load(open(os.path.join(work, "match_run.json")))["pairs"])
+        label = f"{stage}{'(knn)' if knn else ''}"
+        outcomes[f"{label}/{mode}/{code}"] += 1
+        print(f"{step:4d} {change:<28s} {label:<10s} {mode:<9s} -> {code!s:<18s} "
               f"{'OK' if not problems else 'PROBLEM: ' + '; '.join(problems)}", flush=True)
         findings += [{"step": step, "stage": stage, "mode": mode, "problem": p} for p in problems]
 
@@ -380,6 +397,7 @@ def main(argv=None) -> int:
                                           or "not one line" in p["problem"]),
         "debris": sum(1 for p in findings if p["problem"].startswith("debris")),
         "other_problems": sum(kinds.values()),
+        "knn_match_runs": len(knn_pairs), "knn_match_runs_with_pairs": sum(1 for k in knn_pairs if k),
         "outcomes": dict(sorted(outcomes.items())),
         "findings": findings[:50],
     }
