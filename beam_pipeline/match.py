@@ -148,7 +148,7 @@ class ExactStripFn(_BlockDoFn):
             return i, j, cos, None
         b, beta, threshold = self._knn
         size = self._cache.manifest.block_size
-        b_i, b_j = b[bi * size:bi * size + len(emb_i)], b[bj * size:bj * size + len(emb_j)]
+        b_i, b_j = (b[slice(*matching.block_bounds(block, len(b), size))] for block in (bi, bj))
         return knn_norm.pairs_above_score(emb_i, emb_i if same else emb_j, b_i, b_j, threshold, beta,
                                           same_block=same, threads=self._threads)
 

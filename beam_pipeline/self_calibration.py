@@ -63,28 +63,24 @@ class CalibrationError(ValueError):
     """The catalogue cannot be self-calibrated (too small, degenerate): pass a threshold instead."""
 
 
-def sample_pair_scores(emb: np.ndarray, max_pairs: int, rng: np.random.Generator, b: np.ndarray | None = None,
-                       beta: float = 0.0) -> tuple[np.ndarray, bool]:
-    """Scores of random distinct pairs (i < j) of unit rows `emb` (n, d): every pair when n(n-1)/2 <=
-    max_pairs (then the bool is True), else max_pairs pairs drawn uniformly with replacement. The score is
-    the angular similarity, kNN-normalised (trainer.distances.knn_normalised) when the rows' b is given."""
+def sample_pair_scores(emb: np.ndarray, max_pairs: int, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, bool, tuple[np.ndarray, np.ndarray]]:
+    """Angular similarities of random distinct pairs (i < j) of unit rows `emb` (n, d): every pair when
+    n(n-1)/2 <= max_pairs (then the bool is True), else max_pairs pairs drawn uniformly with replacement.
+    Returns (scores, exhaustive, (i, j): the rows of each pair, so the same pairs can be normalised)."""
     n = len(emb)
     total = n * (n - 1) // 2
     if total <= max_pairs:
-        if b is None:
-            from trainer.evaluate import all_pair_scores
-            return all_pair_scores(emb)[1].astype(np.float64), True
-        i, j = np.triu_indices(n, 1)
-    else:
-        i = rng.integers(0, n, max_pairs)
-        j = rng.integers(0, n - 1, max_pairs)
-        j = j + (j >= i)  # uniform over j != i
-    scores = np.empty(len(i), np.float64)
-    for a in range(0, len(i), 1 << 20):  # a million pairs at a time: the gathered rows stay small
+        from trainer.evaluate import all_pair_scores
+        return all_pair_scores(emb)[1].astype(np.float64), True, np.triu_indices(n, 1)  # its order: row-major
+    i = rng.integers(0, n, max_pairs)
+    j = rng.integers(0, n - 1, max_pairs)
+    j = j + (j >= i)  # uniform over j != i
+    scores = np.empty(max_pairs, np.float64)
+    for a in range(0, max_pairs, 1 << 20):  # a million pairs at a time: the gathered rows stay small
         part = slice(a, a + (1 << 20))
-        angular = angular_similarity(np.einsum("kd,kd->k", emb[i[part]], emb[j[part]]))
-        scores[part] = angular if b is None else knn_normalised(angular, b[i[part]], b[j[part]], beta)
-    return scores, total <= max_pairs
+        scores[part] = angular_similarity(np.einsum("kd,kd->k", emb[i[part]], emb[j[part]]))
+    return scores, False, (i, j)
 
 
 def count_pairs_at_or_above(emb: np.ndarray, grid: np.ndarray, rng: np.random.Generator,
@@ -536,10 +532,7 @@ def synthetic_copy_scores(model, input_spec: dict, items: list[tuple], rng: np.r
             pairs.append((len(pixels) - 1, other))
     if not pixels:
         return np.zeros(0), [], skipped, np.zeros(0)
-    scores, copies = _scores(model, input_spec, pixels, originals)
-    copies_b = None if knn is None else knn.b_of(copies)
-    if knn is not None:
-        scores = knn_normalised(scores, np.asarray(originals_b, np.float32), copies_b, knn.beta).astype(np.float64)
+    scores, copies, copies_b = _scores(model, input_spec, pixels, originals, originals_b, knn)
     copy_copy = np.zeros(0)
     if pairs:
         firsts = [i for i, _ in pairs]
@@ -555,11 +548,18 @@ def _embed(model, input_spec: dict, pixels: list) -> np.ndarray:
     return np.concatenate([embed_batch(model, pixels[k:k + 256], input_spec) for k in range(0, len(pixels), 256)])
 
 
-def _scores(model, input_spec: dict, pixels: list, originals: list) -> tuple[np.ndarray, np.ndarray]:
-    """(angular similarities of the copies `pixels` to their originals' embeddings, the copies' embeddings)."""
+def _scores(model, input_spec: dict, pixels: list, originals: list, originals_b: list,
+            knn=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(scores of the copies `pixels` against their originals' embeddings, the copies' embeddings, their b):
+    angular similarities, or with `knn` (knn_norm.KnnScores) kNN-normalised by the originals' b
+    (`originals_b`) and the copies' own (None without knn)."""
     copies = _embed(model, input_spec, pixels)
-    cos = np.einsum("kd,kd->k", copies, np.asarray(originals, np.float32))
-    return angular_similarity(cos).astype(np.float64), copies
+    scores = angular_similarity(np.einsum("kd,kd->k", copies, np.asarray(originals, np.float32)))
+    if knn is None:
+        return scores.astype(np.float64), copies, None
+    copies_b = knn.b_of(copies)
+    scores = knn_normalised(scores, np.asarray(originals_b, np.float32), copies_b, knn.beta)
+    return scores.astype(np.float64), copies, copies_b
 
 
 def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.Generator, knn=None):
@@ -578,10 +578,8 @@ def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.
         originals_b.append(b)
     if not pixels:
         return np.zeros(0), [], skipped, np.zeros(0)
-    scores, copies = _scores(model, input_spec, pixels, originals)
-    if knn is not None:
-        scores = knn_normalised(scores, np.asarray(originals_b, np.float32), knn.b_of(copies), knn.beta)
-    return scores.astype(np.float64), ["near_duplicate"] * len(pixels), skipped, np.zeros(0)
+    scores = _scores(model, input_spec, pixels, originals, originals_b, knn)[0]
+    return scores, ["near_duplicate"] * len(pixels), skipped, np.zeros(0)
 
 
 def _read_bytes(uri: str, max_bytes: int) -> bytes:
@@ -621,15 +619,13 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
     ids, emb = bk.read_rows(manifest, rows)
     b = None if knn is None else knn.b[rows]
     beta = 0.0 if knn is None else knn.beta
-    state = rng.bit_generator.state  # the normalised sample below draws the same pairs
-    impostor, exhaustive = sample_pair_scores(emb, max_pairs, rng)
+    impostor, exhaustive, (left, right) = sample_pair_scores(emb, max_pairs, rng)
     if float(np.quantile(impostor, 0.5)) >= 0.999:
         raise CalibrationError(
             "half of the catalogue's random pairs are at angular similarity >= 0.999: its items are (nearly) "
             "identical to this model, so copies cannot be told from distinct items. Pass --threshold")
-    if knn is not None:
-        rng.bit_generator.state = state
-        impostor, exhaustive = sample_pair_scores(emb, max_pairs, rng, b, beta)
+    if knn is not None:  # the same pairs, scored as the matches will be
+        impostor = knn_normalised(impostor, b[left], b[right], beta).astype(np.float64)
     grid = threshold_grid(max(0.0, float(np.quantile(impostor, 0.5))))
     if exhaustive and len(rows) == n:  # the sample is every pair: count from it, not from a second pass
         predicted = (len(impostor) - np.searchsorted(np.sort(impostor), grid, side="left")).astype(np.float64)

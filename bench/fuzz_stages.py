@@ -153,7 +153,7 @@ def check_workdir(work: str, embedded_entries: set | None) -> list[str]:
     from beam_pipeline import outputs
     from beam_pipeline.io import read_json, read_table_dir, table_glob
     from schemas.tables import embeddings_as_numpy
-    from trainer.distances import angular_similarity, knn_normalised
+    from trainer.distances import angular_similarity, knn_normalised, kth_neighbour_similarity
 
     problems = []
     for directory, dirs, _ in os.walk(work):
@@ -187,9 +187,7 @@ def check_workdir(work: str, embedded_entries: set | None) -> list[str]:
             cut = lineage["threshold"]
             if lineage.get("score") == "knn_normalised":
                 knn = read_json(os.path.join(work, "match_run.json"))["threshold"]["knn"]
-                others = sim.copy()
-                np.fill_diagonal(others, -np.inf)
-                b = np.sort(others, axis=1)[:, ::-1][:, knn["k"] - 1]
+                b = kth_neighbour_similarity(emb, emb, knn["k"], same_set=True)
                 sim = knn_normalised(sim, b[:, None], b[None, :], knn["beta"]).astype(np.float64)
             want = {(a, b) for i, a in enumerate(tids) for j, b in enumerate(tids)
                     if i != j and a < b and sim[i, j] >= cut + TOLERANCE}

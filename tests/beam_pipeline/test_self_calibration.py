@@ -14,11 +14,13 @@ def _unit(rng, n, d=16):
 def test_sample_pair_scores_is_every_pair_when_small_and_uniform_when_not():
     rng = np.random.default_rng(0)
     emb = _unit(rng, 40)
-    scores, exhaustive = sc.sample_pair_scores(emb, 10_000, rng)
+    scores, exhaustive, pairs = sc.sample_pair_scores(emb, 10_000, rng)
     iu = np.triu_indices(40, 1)
     assert exhaustive and np.allclose(np.sort(scores), np.sort(angular_similarity((emb @ emb.T)[iu])))
-    sampled, exhaustive = sc.sample_pair_scores(emb, 500, rng)
+    np.testing.assert_allclose(scores, angular_similarity((emb @ emb.T)[pairs]), atol=1e-6)  # the pairs named
+    sampled, exhaustive, (i, j) = sc.sample_pair_scores(emb, 500, rng)
     assert not exhaustive and len(sampled) == 500
+    np.testing.assert_allclose(sampled, angular_similarity(np.einsum("kd,kd->k", emb[i], emb[j])), atol=1e-6)
     assert np.all(sampled < 1.0), "a pair is never an item with itself"
 
 
