@@ -4,3 +4,5 @@ Pure logic (decode, similarity blocks, clustering, report building) lives in pla
 modules (`embed`, `match`, `dedup`, `report`) are thin PTransforms around it with `run(argv=None)` entry
 points.
 """
+
+import trainer  # noqa: F401,E402  (first: it sets TensorFlow's CPU kernels before any stage imports TensorFlow)
