@@ -29,6 +29,8 @@ STAGES = {
     "match": ("beam_pipeline.match", "Match all pairs of templates above a threshold (Beam)."),
     "dedup": ("beam_pipeline.dedup", "Group matches into clusters and pick a keeper per cluster (Beam)."),
     "report": ("beam_pipeline.report", "Write report.json and report.html (figures, galleries, evaluation)."),
+    "review": ("beam_pipeline.review", "Export the pairs near the threshold for labelling; import the labels to "
+               "recalibrate the threshold and write hard negatives."),
     "demo": ("beam_pipeline.demo", "Run the whole job end to end on Fashion-MNIST with planted duplicates."),
 }
 

@@ -45,11 +45,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from beam_pipeline import blocks as bk
-from beam_pipeline import candidates, knn_norm, matching, self_calibration
+from beam_pipeline import candidates, knn_norm, matching, review, self_calibration
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
-from beam_pipeline.thresholds import knn_cut, load_card, resolve_threshold, threshold_method
+from beam_pipeline.thresholds import angular_cut, knn_cut, load_card, resolve_threshold, threshold_method
 from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
 from trainer.distances import angular_similarity
 
@@ -473,22 +473,36 @@ def _recall(manifest, sample_glob: str, matches_glob: str, sample_ids: list[str]
                           "catalogue; recall = those the approximate search wrote to the matches"}
 
 
-def score_norm(opts, card: dict | None, method: str, n_items: int) -> tuple[str, str | None]:
+def _check_knn_applies(opts, n_items: int, why: str = "--score_norm knn") -> None:
+    if opts.mode != "all_pairs" or opts.search != "exact":
+        raise ValueError(f"{why} is for --mode all_pairs --search exact (each item's k-th neighbour comes from the "
+                         "whole catalogue)")
+    if n_items > knn_norm.MAX_ITEMS:
+        raise ValueError(f"{why}: kNN normalisation computes each item's k-th neighbour in the driver, for at most "
+                         f"{knn_norm.MAX_ITEMS:,} items; the catalogue has {n_items:,}")
+
+
+def score_norm(opts, card: dict | None, method: str, n_items: int, review_doc: dict | None = None
+               ) -> tuple[str, str | None]:
     """(what the threshold cuts: "none" or "knn", a note when the card's choice was not followed).
 
-    --score_norm given: that, refused where it cannot apply. Not given: the card's training.score_norm
-    (the general copy-detection recipe asks for knn) for a self-calibrated all-pairs exact run of at most
+    --review_threshold: the reviewed run's score (a contradicting --score_norm is refused). --score_norm
+    given: that, refused where it cannot apply. Not given: the card's training.score_norm (the general
+    copy-detection recipe asks for knn) for a self-calibrated all-pairs exact run of at most
     knn_norm.MAX_ITEMS items; otherwise none, and the note says why."""
+    if method == "review":
+        wanted = "knn" if review_doc["score"] == "knn_normalised" else "none"
+        if opts.score_norm not in (None, wanted):
+            raise ValueError(f"--review_threshold cuts {review_doc['score'].replace('_', ' ')} scores; "
+                             f"--score_norm {opts.score_norm} contradicts it")
+        if wanted == "knn":
+            _check_knn_applies(opts, n_items, "--review_threshold of kNN-normalised scores")
+        return wanted, None
     if opts.score_norm == "knn":
-        if opts.mode != "all_pairs" or opts.search != "exact":
-            raise ValueError("--score_norm knn is for --mode all_pairs --search exact (each item's k-th neighbour "
-                             "comes from the whole catalogue); pass --score_norm none")
         if method == "model_card":
             raise ValueError("--target_fmr takes the card's angular thresholds, which kNN-normalised scores do "
                              "not share; let match self-calibrate, give --threshold, or pass --score_norm none")
-        if n_items > knn_norm.MAX_ITEMS:
-            raise ValueError(f"--score_norm knn computes each item's k-th neighbour in the driver, for at most "
-                             f"{knn_norm.MAX_ITEMS:,} items; the catalogue has {n_items:,}. Pass --score_norm none")
+        _check_knn_applies(opts, n_items)
         return "knn", None
     if opts.score_norm == "none":
         return "none", None
@@ -531,8 +545,12 @@ def run(argv=None, test_pipeline=None) -> dict:
     run_id = opts.run_id or new_run_id()
     threads = opts.kernel_threads or matching.default_threads()
     card = load_card(opts.model_dir) if opts.model_dir else None
-    method = threshold_method(opts.threshold, opts.target_fmr, opts.target_precision, opts.max_false_pairs)
-    if method != "self_calibrated":  # a bad given threshold is refused before reading anything
+    method = threshold_method(opts.threshold, opts.target_fmr, opts.target_precision, opts.max_false_pairs,
+                              opts.review_threshold)
+    review_doc = None
+    if method == "review":  # read (and checked against the templates' model below) before any work
+        review_doc = review.load_review_threshold(opts.review_threshold, "")
+    elif method != "self_calibrated":  # a bad given threshold is refused before reading anything
         resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
     elif not opts.model_dir:
         raise ValueError("choosing the threshold for this catalogue (self-calibration) needs --model_dir (the "
@@ -551,12 +569,15 @@ def run(argv=None, test_pipeline=None) -> dict:
         staged.append(stage_dir)
         templates_lineage = outputs.templates_fingerprint(opts.templates)
         model_id = _check_against_card(card, manifest.model_id, manifest.dim, manifest.n)
-        norm, norm_note = score_norm(opts, card, method, manifest.n)
+        if review_doc is not None:
+            review.load_review_threshold(opts.review_threshold, model_id)
+        norm, norm_note = score_norm(opts, card, method, manifest.n, review_doc)
         knn = None
         if norm == "knn":
             t_knn = time.perf_counter()
-            knn = knn_norm.KnnScores(opts.knn_k, opts.knn_beta, knn_norm.catalogue_b(manifest, opts.knn_k),
-                                     manifest)
+            k, beta = (opts.knn_k, opts.knn_beta) if review_doc is None else \
+                (int(review_doc["knn"]["k"]), float(review_doc["knn"]["beta"]))
+            knn = knn_norm.KnnScores(k, beta, knn_norm.catalogue_b(manifest, k), manifest)
             LOG.info("kNN score normalisation: b of %d items (k=%d) in %.1fs", manifest.n, opts.knn_k,
                      time.perf_counter() - t_knn)
         if method == "self_calibrated":
@@ -566,6 +587,10 @@ def run(argv=None, test_pipeline=None) -> dict:
                 else (opts.target_precision or self_calibration.DEFAULT_TARGET_PRECISION),
                 max_false_pairs=opts.max_false_pairs, copies=opts.calibration_copies, seed=opts.seed,
                 log=LOG.info, knn=knn)
+        elif method == "review":
+            cut = knn_cut(review_doc["value"], knn.k, knn.beta) if knn else angular_cut(review_doc["value"])
+            threshold = {**cut, "source": "review", "target_fmr": None, "impostor_pairs": None,
+                         "review": {k: review_doc.get(k) for k in review.STATED}}
         elif knn is not None:
             threshold = {**knn_cut(opts.threshold, knn.k, knn.beta), "source": "given", "target_fmr": None,
                          "impostor_pairs": None}

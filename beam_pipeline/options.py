@@ -76,7 +76,8 @@ def _add_run_id(parser) -> None:
 
 
 def _add_threshold(parser) -> None:
-    """The match threshold: at most one of --threshold, --target_fmr, --target_precision, --max_false_pairs;
+    """The match threshold: at most one of --threshold, --target_fmr, --target_precision, --max_false_pairs,
+    --review_threshold;
     none means self-calibration at the default precision (beam_pipeline.self_calibration)."""
     _add(
         parser,
@@ -108,6 +109,13 @@ def _add_threshold(parser) -> None:
         type=NON_NEGATIVE_FLOAT,
         default=None,
         help="Self-calibration: the smallest threshold at which at most this many false pairs are expected.",
+    )
+    _add(
+        parser,
+        "--review_threshold",
+        default=None,
+        help="Use the threshold a person's labels chose: the review_threshold.json written by `siamese-dedup "
+        "review import` (same model; its score, angular or kNN-normalised, is the run's).",
     )
     _add(
         parser,

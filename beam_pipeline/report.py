@@ -29,12 +29,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import io as bio
-from beam_pipeline import clustering, outputs, report_figures, report_metrics
+from beam_pipeline import clustering, match_stats, outputs, report_figures, report_metrics, score_distribution
 from beam_pipeline.options import new_run_id
 from beam_pipeline.thresholds import load_card
 from schemas.documents import validate_report
 from schemas.tables import FAILURE_STAGES, FAILURES_SCHEMA, SchemaError, embeddings_as_numpy
-from trainer.distances import pair_angular_similarity
+from trainer.distances import kth_neighbour_similarity, pair_angular_similarity
 
 LOG = logging.getLogger(__name__)
 HISTOGRAM_BINS = 20
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gallery_size", type=int, default=8, help="Clusters shown in the gallery: half the "
                         "largest, half the weakest-linked (default 8).")
     parser.add_argument("--gallery_members", type=int, default=6, help="Thumbnails per gallery row (default 6).")
+    parser.add_argument("--target_fmr", type=float, action="append", default=[],
+                        help="With --ground_truth: also state the threshold at this false match rate (repeatable; "
+                        "1e-2 ... 1e-6 are always stated).")
     return parser
 
 
@@ -117,12 +120,21 @@ def matching_summary(run_doc: dict) -> dict:
     return out
 
 
+MAX_CHAINED_SHOWN = 24  # chained clusters are all shown, up to this many (the table lists them all)
+
+
 def gallery_selection(summaries: list[dict], gallery_size: int) -> list[tuple[str, dict]]:
-    """Half the largest clusters, then the weakest-linked ones not already chosen: [(why, cluster)]."""
+    """Half the largest clusters, every chained cluster (up to MAX_CHAINED_SHOWN, largest first), then the
+    weakest-linked ones not already chosen up to `gallery_size`: [(why, cluster)]."""
+    if gallery_size == 0:
+        return []
     chosen, seen = [], set()
     largest = (gallery_size + 1) // 2
     for c in summaries[:largest]:
-        chosen.append(("largest", c))
+        chosen.append(("largest, chained" if c.get("is_chained") else "largest", c))
+        seen.add(c["cluster_id"])
+    for c in [c for c in summaries if c.get("is_chained") and c["cluster_id"] not in seen][:MAX_CHAINED_SHOWN]:
+        chosen.append(("chained", c))
         seen.add(c["cluster_id"])
     for c in sorted(summaries, key=lambda c: (c["min_link_similarity"], c["cluster_id"])):
         if len(chosen) >= gallery_size:
@@ -156,6 +168,120 @@ def gallery_rows(selection, templates: pa.Table, max_members: int) -> list[dict]
     return rows
 
 
+NEAR_PAIRS = 12          # pairs shown just above and just below the threshold
+NEAR_PAIRS_PER_ROW = 3
+
+
+def _near_pairs(i, j, score, item_ids, uris, groups) -> list[dict]:
+    return [{"left_id": item_ids[a], "right_id": item_ids[b], "score": float(v), "left_uri": uris[a],
+             "right_uri": uris[b], "planted": None if groups is None else bool(groups[a] == groups[b])}
+            for a, b, v in zip(i, j, score)]
+
+
+def threshold_choice(run_doc: dict, threshold: dict, templates: pa.Table, matches: pa.Table, sim: np.ndarray,
+                     groups: np.ndarray | None, linkage: str, score_name: str, notes: list[str],
+                     weakest: list | None = None, target_fmrs=score_distribution.TARGET_FMRS
+                     ) -> tuple[dict | None, dict]:
+    """The numbers and figures a person chooses a threshold by (beam_pipeline.score_distribution): the
+    scores of all pairs of the catalogue, what each threshold would give, the error curves when the truth's
+    `groups` (per template, in templates order) are known, and the pairs just above (`weakest`: [(score,
+    left_id, right_id)] from match_stats; else from `sim`) and just below it.
+    Returns ({"all_pairs", "threshold_sweep", "curves", "near_threshold"} or None, {figure: png})."""
+    if (run_doc.get("mode") or "all_pairs") != "all_pairs":
+        notes.append(f"a {run_doc.get('mode')} run compares two sets: the all-pairs distribution, sweep and error "
+                     "curves describe one catalogue's pairs and are left out")
+        return None, {}
+    value = float(threshold["value"])
+    emb = embeddings_as_numpy(templates)
+    if len(emb) < 2:
+        return None, {}
+    b, beta = None, 0.0
+    if threshold.get("score") == "knn_normalised":
+        k, beta = int(threshold["knn"]["k"]), float(threshold["knn"]["beta"])
+        b = kth_neighbour_similarity(emb, emb, k, same_set=True)  # as match computed it (knn_norm.catalogue_b)
+    dist = score_distribution.pair_score_distribution(emb, value, score=threshold.get("score", "angular_similarity"),
+                                                      b=b, beta=beta, groups=groups)
+    all_pairs = dist.to_json()
+    item_ids = templates.column("item_id").to_pylist()
+    uris = templates.column("source_uri").to_pylist()
+    index = {x: n for n, x in enumerate(item_ids)}
+    mi = np.fromiter((index[x] for x in matches.column("left_id").to_pylist()), np.int64, matches.num_rows)
+    mj = np.fromiter((index[x] for x in matches.column("right_id").to_pylist()), np.int64, matches.num_rows)
+
+    curves = None
+    if groups is not None and dist.genuine is not None and dist.genuine.sum():
+        curves = score_distribution.curves(dist, target_fmrs)
+        impostors_above = np.append(dist.at_or_above(dist.impostor), 0)
+
+        def expected_false(grid):
+            at = np.clip(np.searchsorted(dist.edges, grid, side="left"), 0, len(impostors_above) - 1)
+            return impostors_above[at] * dist.scale
+    else:
+        expected_false = _self_calibration_curve(threshold.get("self_calibration"))
+    top = float(sim.max()) if len(sim) else value
+    low = max(float(dist.edges[0]), value - max(top - value, 0.05))
+    sweep = report_metrics.threshold_sweep(
+        value, len(item_ids), mi, mj, sim, linkage=linkage,
+        predicted=lambda grid: score_distribution.predicted_pairs(dist, grid),
+        expected_false=expected_false, low=low, high=max(top, value))
+
+    if weakest is None:
+        order = np.argsort(sim, kind="stable")[:NEAR_PAIRS]
+        weakest = [(float(sim[k]), item_ids[mi[k]], item_ids[mj[k]]) for k in order]
+    weakest = weakest[:NEAR_PAIRS]  # the lowest-scoring matches (match_stats)
+    below = dist.borderline[:NEAR_PAIRS]
+    near = {
+        "above": _near_pairs([index[a] for _, a, _ in weakest], [index[b] for _, _, b in weakest],
+                             [v for v, _, _ in weakest], item_ids, uris, groups),
+        "below": _near_pairs([x[0] for x in below], [x[1] for x in below], [x[2] for x in below], item_ids, uris,
+                             groups),
+        "below_of": "every pair of the catalogue" if dist.exhaustive else
+                    f"the pairs of a random subset of {dist.items_scored} items",
+    }
+    label = threshold.get("source", "")
+    figures = {
+        "all_pairs_hist": report_figures.all_pairs_histogram_png(all_pairs, value, score=score_name,
+                                                                 threshold_label=label),
+        "threshold_sweep": report_figures.sweep_png(sweep, value, score=score_name, threshold_label=label),
+    }
+    if curves:
+        figures.update(report_figures.error_curves_png(curves, value))
+    return {"all_pairs": all_pairs, "threshold_sweep": sweep, "curves": curves, "near_threshold": near}, figures
+
+
+def _self_calibration_curve(cal: dict | None):
+    """Expected false pairs at any threshold inside the self-calibration's curve (linear in log), else None."""
+    points = (cal or {}).get("curve") or []
+    if len(points) < 2:
+        return None
+    t = np.asarray([p["threshold"] for p in points], np.float64)
+    fp = np.log(np.maximum([p["expected_false_pairs"] for p in points], 1e-12))
+
+    def expected_false(grid):
+        grid = np.asarray(grid, np.float64)
+        out = np.exp(np.interp(grid, t, fp))
+        return np.where((grid >= t.min()) & (grid <= t.max()), out, np.nan)
+    return lambda grid: [None if np.isnan(v) else float(v) for v in expected_false(grid)]
+
+
+def near_threshold_rows(near: dict, per_row: int) -> list[dict]:
+    """Gallery rows of the pairs just above and just below the threshold, `per_row` pairs to a row."""
+    rows = []
+    for side, title in (("above", "just above the threshold (weakest matches)"),
+                        ("below", "just below the threshold (strongest non-matches)")):
+        pairs = near[side]
+        for start in range(0, len(pairs), per_row):
+            members = []
+            for n, p in enumerate(pairs[start:start + per_row], start + 1):
+                mark = "" if p["planted"] is None else (" planted" if p["planted"] else " not planted")
+                members += [{"item_id": p["left_id"], "source_uri": p["left_uri"],
+                             "caption": f"#{n} {p['score']:.4f}{mark}\n{_short(p['left_id'])}"},
+                            {"item_id": p["right_id"], "source_uri": p["right_uri"],
+                             "caption": f"#{n}\n{_short(p['right_id'])}"}]
+            rows.append({"title": title if start == 0 else "", "members": members, "keeper": False})
+    return rows
+
+
 def _short(item_id: str, width: int = 18) -> str:
     return item_id if len(item_id) <= width else "…" + item_id[-(width - 1):]
 
@@ -186,7 +312,7 @@ def check_lineage(workdir: str, run_doc: dict) -> dict:
 
 def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: str | None = None,
                  gallery_size: int = 8, gallery_members: int = 6, manifest: str | None = None,
-                 linkage: str | None = None) -> tuple[dict, dict]:
+                 linkage: str | None = None, target_fmrs=score_distribution.TARGET_FMRS) -> tuple[dict, dict]:
     """Compute the report document and its figures -> (report dict (not yet with outputs), {name: png})."""
     notes: list[str] = []
     run_doc = bio.read_json(FileSystems.join(workdir, "match_run.json"))
@@ -217,24 +343,38 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     # The matches' score is what the threshold cut: the angular similarity, or the kNN-normalised score.
     sim = matches.column("score").to_numpy().astype(np.float32)
     score_name = threshold.get("score", "angular_similarity").replace("_", " ")
+    planted, truth_groups = None, None
+    if ground_truth:
+        planted = report_metrics.read_ground_truth(_read_text(ground_truth))
+        # The truth's group of every template, in the templates' order.
+        truth_groups = report_metrics.GroundTruth(templates.column("item_id").to_pylist(), planted).labels
+    # The matched pairs' histogram and weakest pairs: a Beam combiner over the matches in bounded memory.
+    stats = match_stats.compute(
+        bio.table_glob(workdir, "matches"), score=threshold.get("score", "angular_similarity"),
+        groups=None if truth_groups is None else dict(zip(templates.column("item_id").to_pylist(),
+                                                          truth_groups.tolist())))
     # Angular similarities run up to 1; kNN-normalised scores stay well below it.
-    top = 1.0 if score_name == "angular similarity" or not len(sim) else float(sim.max())
-    histogram = report_metrics.similarity_histogram(sim, threshold["value"], HISTOGRAM_BINS, score_name, top)
+    top = 1.0 if score_name == "angular similarity" or not stats["pairs"] else float(stats["high"])
+    histogram = match_stats.display_histogram(stats, threshold["value"], top, HISTOGRAM_BINS,
+                                              f"matched pairs ({score_name})")
+    genuine_counts = histogram.pop("genuine_counts")
+    if ground_truth:
+        histogram["genuine_counts"] = genuine_counts
+    else:
+        genuine_counts = None
     sizes = clusters.column("cluster_size").to_numpy()
     keepers = clusters.column("is_keeper").to_numpy(zero_copy_only=False)
     counts = {
         "items": int(templates.num_rows),
         "failures": int(failures.num_rows),
-        "pairs": int(matches.num_rows),
+        "pairs": int(stats["pairs"]),
         "clusters": int(((sizes > 1) & keepers).sum()),
         "items_to_drop": int((~keepers).sum()),
         "chained_clusters": int((clusters.column("is_chained").to_numpy(zero_copy_only=False) & keepers
                                  & (sizes > 1)).sum()),
     }
     evaluation = None
-    genuine_counts = None
     if ground_truth:
-        planted = report_metrics.read_ground_truth(_read_text(ground_truth))
         families = report_metrics.read_families(_read_text(manifest)) if manifest else None
         evaluation = report_metrics.evaluate(
             clusters.column("item_id").to_pylist(), clusters.column("cluster_id").to_pylist(),
@@ -245,14 +385,10 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
         )
         evaluation["ground_truth"] = ground_truth
         evaluation["score"] = score_name
-        truth = report_metrics.GroundTruth(clusters.column("item_id").to_pylist(), planted)
-        index = {x: k for k, x in enumerate(truth.item_ids)}
-        gen = truth.same_group([index[x] for x in matches.column("left_id").to_pylist()],
-                               [index[x] for x in matches.column("right_id").to_pylist()])
-        genuine_counts = report_metrics.similarity_histogram(
-            sim[gen], threshold["value"], HISTOGRAM_BINS, score_name, top)["counts"]
-        histogram["genuine_counts"] = genuine_counts
 
+    choosing, choosing_figures = threshold_choice(run_doc, threshold, templates, matches, sim, truth_groups,
+                                                  linkage or clustering.DEFAULT_LINKAGE, score_name, notes,
+                                                  weakest=stats["weakest"], target_fmrs=target_fmrs)
     summaries = cluster_summaries(clusters)
     selection = gallery_selection(summaries, gallery_size)
     figures = {
@@ -261,13 +397,18 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
             threshold_label=threshold.get("source", "")),
         "duplicates_gallery": report_figures.gallery_png(
             gallery_rows(selection, templates, gallery_members), max_members=gallery_members),
+        **choosing_figures,
     }
+    if choosing:
+        figures["near_threshold"] = report_figures.gallery_png(
+            near_threshold_rows(choosing["near_threshold"], per_row=NEAR_PAIRS_PER_ROW), max_members=2 * NEAR_PAIRS_PER_ROW,
+            empty="no pairs near the threshold")
     report = {
         "model_id": model_id,
         "run_id": run_doc.get("run_id", ""),
         "threshold": {k: threshold.get(k) for k in ("value", "score", "knn", "score_norm", "angular_similarity",
                                                      "cosine", "source", "target_fmr",
-                                                     "impostor_pairs", "self_calibration") if k in threshold},
+                                                     "impostor_pairs", "self_calibration", "review") if k in threshold},
         "counts": counts,
         "similarity_histogram": histogram,
         "failures_by_stage": failures_by_stage(failures),
@@ -278,6 +419,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
             "thresholds": card.get("thresholds", {}),
         },
         "matching": matching_summary(run_doc),
+        **(choosing or {}),
         "lineage": lineage,
         "notes": notes,
     }
@@ -289,7 +431,8 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wrapped so a wide table scrolls inside itself on a phone instead of widening the page.
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _fmt(v) -> str:
@@ -331,6 +474,22 @@ def _matching_html(m: dict) -> str:
     return "<h2>Matching</h2>" + how
 
 
+def _review_html(review: dict | None) -> str:
+    """A threshold recalibrated on a person's labels (siamese-dedup review import), with what it rests on."""
+    if not review:
+        return ""
+    prev = review["previous"]
+    text = (f"<p>Recalibrated on a person's labels: {review['labelled_pairs']} pairs near the previous threshold "
+            f"{prev['value']:.6f} (<code>{html.escape(str(prev['source']))}</code>) were judged, "
+            f"{review['duplicates']} duplicates and {review['distinct']} distinct; at this threshold "
+            f"{review['errors']} of them disagree with their label. Rule: {html.escape(review['rule'])}.")
+    if review.get("precision_labelled_95"):
+        lo, hi = review["precision_labelled_95"]
+        text += (f" Labelled pairs at or above it are duplicates {review['precision_labelled']:.1%} of the time "
+                 f"(95% {lo:.1%} to {hi:.1%}).")
+    return text + f" Labels: <code>{html.escape(str(review['labels']))}</code>.</p>"
+
+
 def _self_calibration_html(cal: dict | None) -> str:
     """How a self-calibrated threshold was chosen, in a person's words, with the figures behind it."""
     if not cal:
@@ -356,13 +515,64 @@ def _self_calibration_html(cal: dict | None) -> str:
     return text
 
 
+def _choosing_html(report: dict, img: dict) -> str:
+    """Choosing the threshold: all pairs, the sweep, the error curves (with labels), the pairs near it."""
+    if not report.get("all_pairs"):
+        return ""
+    a, t = report["all_pairs"], report["threshold"]
+    scored = (f"all {a['items']:,} items' pairs" if a["exhaustive"] else
+              f"the pairs of a random subset of {a['items_scored']:,} of the {a['items']:,} items (counts scale by "
+              f"{a['scale']:.1f} to the whole catalogue)")
+    parts = ["<h2>Choosing the threshold</h2>",
+             f"<p>Every pair's score, from {scored}; the matches hold only the pairs at or above the threshold.</p>",
+             f"<img alt='histogram of all pairs' src='{img['all_pairs_hist']}'>",
+             "<h3>What each threshold would give</h3>",
+             "<p>Pairs at or above each threshold (estimated from the scores above), the expected false pairs "
+             "among them (" + ("from the planted duplicates" if report.get("curves") else
+                               "from the self-calibration, where it has an estimate") + "), and at or above the "
+             "run's threshold the clusters and items to drop that dedup would give (re-clustered from the "
+             "matches with the run's linkage; below it the matches do not hold the pairs). The knee, where pairs "
+             "start to grow faster than duplicates can, is where a threshold belongs.</p>",
+             f"<img alt='threshold sweep' src='{img['threshold_sweep']}'>",
+             _table([t.get("score", "score").replace("_", " "), "pairs", "expected false pairs", "clusters",
+                     "items to drop"],
+                    [[("▶ " if r["is_run_threshold"] else "") + f"{r['threshold']:.4f}",
+                      int(r["pairs"]) if a["exhaustive"] else round(r["pairs"], 1),
+                      r["expected_false_pairs"], r["clusters"], r["items_to_drop"]]
+                     for r in report["threshold_sweep"]])]
+    c = report.get("curves")
+    if c:
+        parts += ["<h3>Error curves against the planted duplicates</h3>",
+                  f"<p>{c['genuine_pairs']:,} planted pairs and {c['impostor_pairs']:,} other pairs scored. "
+                  f"<b>AUC {c['auc']:.4f}</b>; equal error rate {c['eer']['rate']:.4f} at {c['eer']['threshold']:.4f}. "
+                  f"Thresholds on a grid of {c['resolution']:.1e}.</p>",
+                  "<div class='figs'>" + "".join(f"<img alt='{k}' src='{img[k]}'>" for k in ("roc", "det", "precision_recall")
+                                                 if k in img) + "</div>",
+                  _table(["target FMR", "threshold", "false matches", "impostor pairs", "FMR", "FMR 95% (exact)",
+                          "TMR", "why not"],
+                         [[r["target_fmr"], r.get("threshold"), r.get("false_matches"), r["impostor_pairs"],
+                           r.get("fmr"), None if not r.get("fmr_95") else
+                           f"{r['fmr_95'][0]:.2g} to {r['fmr_95'][1]:.2g}", r.get("tmr"), r.get("why")]
+                          for r in c["at_fmr"]])]
+    near = report["near_threshold"]
+    parts += ["<h3>Near the threshold</h3>",
+              f"<p>The weakest matches and the strongest pairs left out (of {html.escape(near['below_of'])}), "
+              "where an eye is needed: pairs side by side with their score. <code>siamese-dedup review export</code> "
+              "writes such pairs for labelling.</p>",
+              f"<img alt='pairs near the threshold' src='{img['near_threshold']}'>"]
+    return "\n".join(parts)
+
+
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """report.html: self-contained (figures as base64 data URIs)."""
     t, c = report["threshold"], report["counts"]
     img = {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii") for k, v in figures.items()}
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>siamese-dedup report</title><style>",
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'><title>siamese-dedup report</title><style>",
+        "body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 0.8em;color:#222}"
+        ".scroll{overflow-x:auto}.figs{display:flex;flex-wrap:wrap;gap:0.5em}.figs img{max-width:min(100%,460px)}"
+        "code{word-break:break-all}"
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right;font-size:13px}th{background:#f3f3f3}td:first-child{text-align:left}"
         "img{max-width:100%}.note{color:#a33}code{background:#f3f3f3;padding:1px 3px}",
@@ -377,9 +587,11 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
          f"two items' similarities to their {t['knn']['k']}th nearest other item) is &ge; <b>{t['value']:.6f}</b> "
          "are duplicates. Source:") + f" <code>{html.escape(str(t['source']))}</code>"
         + (f": calibrated at false match rate {t['target_fmr']:g} on {t['impostor_pairs']} impostor pairs"
-           if t.get("target_fmr") is not None else "" if t.get("self_calibration") else
+           if t.get("target_fmr") is not None else "" if t.get("self_calibration") or t.get("review") else
            ": given on the command line") + ".</p>",
+        _review_html(t.get("review")),
         _self_calibration_html(t.get("self_calibration")),
+        _choosing_html(report, img),
         _matching_html(report.get("matching") or {}),
         "<h2>Counts</h2>",
         _table(["items (templates)", "failures", "matched pairs", "duplicate clusters", "items to drop",
@@ -459,9 +671,14 @@ def run(argv=None) -> dict:
     workdir = args.workdir
     if args.linkage is not None and args.linkage not in clustering.LINKAGES:
         raise ValueError(f"--linkage must be one of {clustering.LINKAGES}, got {args.linkage!r}")
+    bad = [x for x in args.target_fmr if not 0 < x < 1]
+    if bad:
+        raise ValueError(f"--target_fmr must lie in (0, 1), got {bad}")
     report, figures = build_report(workdir, model_dir=args.model_dir, ground_truth=args.ground_truth,
                                    gallery_size=args.gallery_size, gallery_members=args.gallery_members,
-                                   manifest=args.manifest, linkage=args.linkage)
+                                   manifest=args.manifest, linkage=args.linkage,
+                                   target_fmrs=tuple(sorted(set(score_distribution.TARGET_FMRS) | set(args.target_fmr),
+                                                            reverse=True)))
     join = FileSystems.join
     figure_paths = {name: join(workdir, "figures", f"{name}.png") for name in figures}
     report_json, report_html = join(workdir, "report.json"), join(workdir, "report.html")

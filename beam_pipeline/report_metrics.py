@@ -351,3 +351,43 @@ def evaluate(
         ),
         "sweep": sweep,
     }
+
+
+SWEEP_POINTS = 25
+
+
+def threshold_sweep(threshold: float, n_items: int, i: np.ndarray, j: np.ndarray, score: np.ndarray, *,
+                    linkage: str, predicted: "callable", expected_false: "callable | None",
+                    low: float, high: float, points: int = SWEEP_POINTS) -> list[dict]:
+    """What each threshold would give, without labels, so the knee is visible (report "Choosing the
+    threshold").
+
+    `points` thresholds from `low` to `high` plus the run's own. At each: `pairs`, the catalogue's pairs at
+    or above it (`predicted(thresholds)`: from the all-pairs distribution, estimated where it was sampled);
+    `expected_false_pairs` (`expected_false(thresholds)`: the self-calibration's estimate, or the truth's
+    impostors when labels exist; None where unknown); and at or above the run's threshold, where the
+    matches hold every pair, the dedup result re-clustered from the matched pairs (i, j, score) with the
+    run's `linkage`: `clusters` (of two or more items) and `items_to_drop`. Below the run's threshold those
+    are None: the matches do not hold the pairs they would need.
+    """
+    grid = np.unique(np.append(np.linspace(low, high, points), threshold))
+    grid = grid[(grid >= low) & (grid <= high)] if high > low else np.array([threshold])
+    pairs = predicted(grid)
+    false = None if expected_false is None else expected_false(grid)
+    i, j, score = np.asarray(i, np.int64), np.asarray(j, np.int64), np.asarray(score, np.float32)
+    out = []
+    for k, t in enumerate(grid):
+        row = {"threshold": round(float(t), 6), "is_run_threshold": bool(np.isclose(t, threshold)),
+               "pairs": float(pairs[k]), "expected_false_pairs": None if false is None or false[k] is None else float(false[k]),
+               "clusters": None, "items_to_drop": None}
+        if t >= threshold - 1e-9:
+            keep = score >= np.float32(max(t, threshold))
+            if linkage == "complete":
+                labels = complete_linkage_labels(n_items, i[keep], j[keep], score[keep], float(t))
+            else:
+                labels, _ = connected_components(n_items, i[keep], j[keep])
+            sizes = np.bincount(np.unique(labels, return_inverse=True)[1].ravel())
+            row.update(clusters=int((sizes > 1).sum()), items_to_drop=int((sizes - 1).sum()),
+                       matched_pairs=int(keep.sum()))
+        out.append(row)
+    return out

@@ -33,17 +33,19 @@ def load_card(model_dir: str) -> dict:
 
 # How a run's threshold is chosen, by the flag that asks for it (at most one is given; none: self-calibrated).
 METHODS = {"threshold": "given", "target_fmr": "model_card", "target_precision": "self_calibrated",
-           "max_false_pairs": "self_calibrated"}
+           "max_false_pairs": "self_calibrated", "review_threshold": "review"}
 
 
-def threshold_method(threshold=None, target_fmr=None, target_precision=None, max_false_pairs=None) -> str:
-    """"given", "model_card" or "self_calibrated" (the default), from the threshold flags of a run. Raises
-    ValueError when more than one flag is given (one would silently override the others)."""
+def threshold_method(threshold=None, target_fmr=None, target_precision=None, max_false_pairs=None,
+                     review_threshold=None) -> str:
+    """"given", "model_card", "review" or "self_calibrated" (the default), from the threshold flags of a run.
+    Raises ValueError when more than one flag is given (one would silently override the others)."""
     given = {k: v for k, v in (("threshold", threshold), ("target_fmr", target_fmr),
-                               ("target_precision", target_precision), ("max_false_pairs", max_false_pairs))
+                               ("target_precision", target_precision), ("max_false_pairs", max_false_pairs),
+                               ("review_threshold", review_threshold))
              if v is not None}
     if len(given) > 1:
-        raise ValueError(f"give at most one of --threshold, --target_fmr, --target_precision, --max_false_pairs; "
+        raise ValueError(f"give at most one of {', '.join('--' + k for k in METHODS)}; "
                          f"got {', '.join('--' + k for k in given)}")
     return METHODS[next(iter(given))] if given else "self_calibrated"
 

@@ -105,10 +105,100 @@ REPORT_SCHEMA = {
         # Present when ground truth exists: FMR/FNMR at several thresholds with the counts behind them.
         "evaluation": {"type": ["object", "null"]},
         "outputs": {"type": "object", "additionalProperties": {"type": "string"}},
+        # Choosing the threshold (beam_pipeline.report.threshold_choice; absent for queries/pairs runs).
+        # all_pairs: every pair's score (or a random subset's: scale estimates the catalogue's counts).
+        "all_pairs": {
+            "type": "object",
+            "required": ["of", "score", "bin_edges", "impostor_counts", "genuine_counts", "items", "items_scored",
+                         "exhaustive", "scale"],
+            "properties": {
+                "bin_edges": {"type": "array", "items": {"type": "number"}},
+                "impostor_counts": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "genuine_counts": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}},
+                "exhaustive": {"type": "boolean"},
+                "scale": {"type": "number", "minimum": 1},
+            },
+        },
+        # What each threshold would give; clusters/items_to_drop are null below the run's threshold.
+        "threshold_sweep": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["threshold", "is_run_threshold", "pairs", "expected_false_pairs", "clusters",
+                             "items_to_drop"],
+                "properties": {
+                    "pairs": {"type": "number", "minimum": 0},
+                    "expected_false_pairs": _NUMBER_OR_NULL,
+                    "clusters": {"type": ["integer", "null"], "minimum": 0},
+                    "items_to_drop": {"type": ["integer", "null"], "minimum": 0},
+                },
+            },
+        },
+        # With ground truth: ROC/DET/PR points, AUC, EER and the threshold at each target FMR with the
+        # impostor pairs behind it and an exact 95% interval of the FMR it reaches.
+        "curves": {
+            "type": ["object", "null"],
+            "required": ["genuine_pairs", "impostor_pairs", "auc", "eer", "at_fmr", "points", "resolution"],
+            "properties": {
+                "auc": {"type": "number", "minimum": 0, "maximum": 1},
+                "at_fmr": {
+                    "type": "array",
+                    "items": {"type": "object", "required": ["target_fmr", "impostor_pairs", "reached", "threshold"]},
+                },
+                "points": {
+                    "type": "array",
+                    "items": {"type": "object", "required": ["threshold", "fmr", "tmr", "precision"]},
+                },
+            },
+        },
+        # The weakest matches and the strongest pairs left out, with image URIs (planted: null without truth).
+        "near_threshold": {
+            "type": "object",
+            "required": ["above", "below", "below_of"],
+            "properties": {
+                side: {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["left_id", "right_id", "score", "left_uri", "right_uri", "planted"]}}
+                for side in ("above", "below")
+            },
+        },
         # What the report was made from (beam_pipeline.report.check_lineage).
         "lineage": {"type": "object", "required": ["templates", "match_run_id", "dedup_run_id"]},
     },
 }
+
+
+# review/review_threshold.json (siamese-dedup review import; read by match --review_threshold): a threshold
+# recalibrated on a person's labels of the pairs near the previous one, in that run's score.
+REVIEW_THRESHOLD_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "review_threshold.json",
+    "type": "object",
+    "required": ["model_id", "value", "score", "labels", "previous", "labelled_pairs", "duplicates", "distinct",
+                 "errors", "rule"],
+    "properties": {
+        "model_id": {"type": "string"},
+        "value": {"type": "number"},
+        "score": {"enum": ["angular_similarity", "knn_normalised"]},
+        "knn": {"type": ["object", "null"], "required": ["k", "beta"]},
+        "labels": {"type": "string"},
+        "previous": {"type": "object", "required": ["value", "source"]},
+        "labelled_pairs": {"type": "integer", "minimum": 1},
+        "duplicates": {"type": "integer", "minimum": 0},
+        "distinct": {"type": "integer", "minimum": 0},
+        "errors": {"type": "integer", "minimum": 0},
+        "precision_labelled_95": {"type": ["array", "null"], "items": {"type": "number"}},
+        "rule": {"type": "string"},
+    },
+    # kNN-normalised thresholds say how the score was made
+    "if": {"properties": {"score": {"const": "knn_normalised"}}},
+    "then": {"properties": {"knn": {"type": "object"}}, "required": ["knn"]},
+}
+
+
+def validate_review_threshold(document: Any) -> dict:
+    """Check a review_threshold.json document; raises SchemaError naming the field."""
+    return _validate(document, REVIEW_THRESHOLD_SCHEMA, "review_threshold.json")
 
 
 def _validate(document: Any, schema: dict, what: str) -> dict:

@@ -93,7 +93,24 @@ CLUSTERS_SCHEMA = pa.schema(
     ]
 )
 
-TABLE_NAMES = ("templates", "failures", "matches", "clusters", "verifications")
+# Pairs near the threshold for a person to label (siamese-dedup review export / import): the weakest
+# matches ("above") and the strongest pairs left out ("below"), left_id < right_id, score in the run's
+# score (match_run.json's threshold.score); label: "duplicate", "distinct" or blank (not judged).
+REVIEW_PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("left_id", pa.string(), nullable=False),
+        pa.field("right_id", pa.string(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("left_uri", pa.string(), nullable=False),
+        pa.field("right_uri", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),
+    ]
+)
+
+TABLE_NAMES = ("templates", "failures", "matches", "clusters", "verifications", "review_pairs")
 
 
 def schema_for(name: str, dim: int | None = None) -> pa.Schema:
@@ -103,7 +120,7 @@ def schema_for(name: str, dim: int | None = None) -> pa.Schema:
             raise ValueError("the templates schema needs the embedding dimension")
         return templates_schema(dim)
     schemas = {"failures": FAILURES_SCHEMA, "matches": MATCHES_SCHEMA, "clusters": CLUSTERS_SCHEMA,
-               "verifications": VERIFICATIONS_SCHEMA}
+               "verifications": VERIFICATIONS_SCHEMA, "review_pairs": REVIEW_PAIRS_SCHEMA}
     if name not in schemas:
         raise ValueError(f"unknown table {name!r}; expected one of {TABLE_NAMES}")
     return schemas[name]
@@ -173,6 +190,12 @@ def _check_rows(table: pa.Table, name: str) -> None:
         sim = table.column("angular_similarity").to_numpy()
         if (sim < 0).any() or (sim > 1).any():
             raise SchemaError(f"{name}: column 'angular_similarity' must lie in [0, 1]")
+    if name == "review_pairs":
+        if not pc.all(pc.less(table.column("left_id"), table.column("right_id"))).as_py():
+            raise SchemaError("review_pairs: every row needs left_id < right_id")
+        sides = set(table.column("side").to_pylist()) - {"above", "below"}
+        if sides:
+            raise SchemaError(f"review_pairs: column 'side' must be 'above' or 'below'; found {sorted(sides)}")
     if name == "clusters":
         keepers = table.filter(table.column("is_keeper"))
         if pc.count_distinct(keepers.column("cluster_id")).as_py() != keepers.num_rows or (

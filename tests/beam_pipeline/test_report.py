@@ -61,7 +61,8 @@ def workdir(tmp_path_factory):
 
 def test_report_numbers_equal_hand_counts(workdir):
     summary = report.run(["--workdir", str(workdir), "--ground_truth", str(workdir / "planted.csv"),
-                         "--linkage", "single"])  # the fixture's dedup ran single linkage
+                         "--linkage", "single",  # the fixture's dedup ran single linkage
+                          "--target_fmr", "0.3"])
     doc = json.loads((workdir / "report.json").read_text())
     validate_report(doc)
     assert doc["model_id"] == MODEL and doc["run_id"] == "r"
@@ -118,11 +119,42 @@ def test_report_numbers_equal_hand_counts(workdir):
     assert doc["largest_clusters"][0]["is_chained"] is False
     assert doc["largest_clusters"][0]["min_link_similarity"] == pytest.approx(ANG_08, abs=1e-6)
 
+    # Choosing the threshold: all 15 pairs scored; truth groups {a,b,c} and {d,f} give 4 genuine pairs
+    # (a-b 0.7048, a-c 0.7952, b-c 0.9097, d-f 0.5), 11 others.
+    a = doc["all_pairs"]
+    assert a["exhaustive"] and a["items"] == 6 and a["scale"] == 1.0
+    assert sum(a["genuine_counts"]) == 4 and sum(a["impostor_counts"]) == 11
+    c = doc["curves"]
+    assert (c["genuine_pairs"], c["impostor_pairs"]) == (4, 11)
+    gen = np.array([0.7048, ANG_08, 0.9097, 0.5])
+    imp = np.array([ANG_08, 0.659, 0.617, 0.5, 0.5, 0.5, 0.5, 0.205, 0.295, 0.295, 0.5])
+    from trainer.evaluate import rank_auc
+    assert c["auc"] == pytest.approx(rank_auc(gen, imp), abs=0.02)
+    given = [r for r in c["at_fmr"] if r["target_fmr"] == 0.3]
+    assert len(given) == 1 and given[0]["reached"]  # 3 false matches allowed: just above the four at 0.5
+    assert given[0]["false_matches"] == 3 and 0.5 < given[0]["threshold"] <= 0.5 + c["resolution"]
+    assert given[0]["fmr_95"][0] < 3 / 11 < given[0]["fmr_95"][1]
+    # 11 impostor pairs are too few for the standard targets 1e-2 ... 1e-6
+    assert all(not r["reached"] and "rule of three" in r["why"] for r in c["at_fmr"] if r["target_fmr"] < 0.3)
+    at_run = [r for r in doc["threshold_sweep"] if r["is_run_threshold"]]
+    assert len(at_run) == 1 and at_run[0]["threshold"] == 0.75
+    assert (at_run[0]["pairs"], at_run[0]["expected_false_pairs"], at_run[0]["clusters"], at_run[0]["items_to_drop"]) \
+        == (3, 1, 2, 3)  # a-c, b-c, d-e of which d-e is not planted; clusters {a,b,c}, {d,e}
+    below_run = [r for r in doc["threshold_sweep"] if r["threshold"] < 0.75]
+    assert below_run and all(r["clusters"] is None and r["pairs"] >= 3 for r in below_run)
+    near = doc["near_threshold"]
+    assert [(p["left_id"], p["right_id"], p["planted"]) for p in near["below"][:3]] == \
+        [("a", "b", True), ("b", "e", False), ("c", "e", False)]
+    assert near["below"][0]["score"] == pytest.approx(1 - np.arccos(0.6) / np.pi, abs=1e-5)
+    assert {(p["left_id"], p["right_id"]) for p in near["above"][:2]} == {("a", "c"), ("d", "e")}
+    assert near["above"][-1]["score"] == pytest.approx(1 - np.arccos(0.96) / np.pi, abs=1e-5)
+
     for path in summary["figures"]:
         with Image.open(path) as img:
             assert img.format == "PNG" and img.size[0] > 100
     page = (workdir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "src='/" not in page
+    assert page.count("data:image/png;base64,") == len(summary["figures"]) == 8 and "src='/" not in page
+    assert "name='viewport'" in page  # readable on a phone
     assert "Source: <code>given</code>" in page and "0.750000" in page
     b64 = page.split("data:image/png;base64,")[1].split("'")[0]
     assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,3 +45,29 @@ def test_report_requires_counts():
     report["counts"]["items"] = -1
     with pytest.raises(SchemaError, match="at counts/items"):
         validate_report(report)
+    report["counts"]["items"] = 3
+    report["curves"] = {"genuine_pairs": 1, "impostor_pairs": 2, "auc": 1.2, "eer": {}, "at_fmr": [], "points": [],
+                        "resolution": 1e-3}
+    with pytest.raises(SchemaError, match="at curves/auc"):
+        validate_report(report)
+    report["curves"]["auc"] = 0.9
+    validate_report(report)
+    report["near_threshold"] = {"above": [{"left_id": "a", "right_id": "b", "score": 0.9}], "below": [],
+                                "below_of": "all"}
+    with pytest.raises(SchemaError, match="at near_threshold/above/0"):
+        validate_report(report)
+
+
+def test_review_threshold_needs_knn_for_normalised_scores():
+    from schemas.documents import validate_review_threshold
+
+    doc = {"model_id": "m", "value": 0.4, "score": "knn_normalised", "knn": {"k": 10, "beta": 0.5},
+           "labels": "pairs.csv", "previous": {"value": 0.5, "source": "given"}, "labelled_pairs": 4,
+           "duplicates": 2, "distinct": 2, "errors": 0, "rule": "fewest disagreements"}
+    validate_review_threshold(doc)
+    del doc["knn"]
+    with pytest.raises(SchemaError, match="knn"):
+        validate_review_threshold(doc)
+    doc.update(score="angular_similarity", labelled_pairs=0)
+    with pytest.raises(SchemaError, match="labelled_pairs"):
+        validate_review_threshold(doc)
