@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PARTS = ("fashion_mnist", "photos")
+REVIEW_PAIRS = 48  # pairs near the threshold written for review, half above and half below
 PHOTO_ITEMS = 0  # 0: one tile of every photograph of the held-out packages (272 from endless-sky-data)
 
 
@@ -251,7 +252,7 @@ def _timed(timings: dict, stage: str, fn, *args):
 def _dedup_job(catalogue: Catalogue, model_dir: str, out: str, args, run_id: str, timings: dict,
                prefix: str = "") -> dict:
     """embed -> match -> dedup -> report of one catalogue into `out`; the stage summaries."""
-    from beam_pipeline import dedup, embed, match, report
+    from beam_pipeline import dedup, embed, match, report, review
 
     common = ["--run_id", run_id]
     embed_summary = _timed(
@@ -278,13 +279,15 @@ def _dedup_job(catalogue: Catalogue, model_dir: str, out: str, args, run_id: str
         ["--workdir", out, "--model_dir", model_dir, "--ground_truth", catalogue.ground_truth_csv,
          "--manifest", catalogue.manifest_csv, "--linkage", args.linkage],
     )
+    # The pairs a person would label to recalibrate the threshold (siamese-dedup review import).
+    review_summary = _timed(timings, prefix + "review export", review.export, out, REVIEW_PAIRS)
     accounted = embed_summary["embedded"] + embed_summary["failed"]
     if accounted != catalogue.items:
         raise RuntimeError(
             f"{catalogue.items} catalogue files but {accounted} templates + failures: items were lost"
         )
     return {"model_dir": model_dir, "catalogue": dataclasses.asdict(catalogue), "embed": embed_summary,
-            "match": match_summary, "dedup": dedup_summary, "report": report_summary}
+            "match": match_summary, "dedup": dedup_summary, "report": report_summary, "review": review_summary}
 
 
 def photo_tiles(n: int, seed: int = 0) -> np.ndarray:
@@ -432,6 +435,7 @@ def format_summary(summary: dict, out: str) -> str:
             f"{tag}clusters": job["dedup"]["clusters"],
             f"{tag}report.json": job["report"]["report_json"],
             f"{tag}report.html": job["report"]["report_html"],
+            f"{tag}review pairs": job["review"]["html"],
         })
     paths["summary"] = os.path.join(out, "demo_summary.json")
     lines.append("  wall time (s): " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))

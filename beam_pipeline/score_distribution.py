@@ -126,6 +126,9 @@ def pair_score_distribution(emb: np.ndarray, threshold: float, *, score: str = "
         genuine_sub += np.bincount(_bin(s[upper & same], edges), minlength=bins)
         below = upper & (s < threshold)
         if borderline and below.any():
+            values = s[below]
+            if len(values) > borderline:  # only the block's `borderline` best can enter the overall best
+                below &= s >= np.partition(values, len(values) - borderline)[len(values) - borderline]
             r, c = np.nonzero(below)
             vals = s[r, c]
             top = np.argpartition(-vals, min(borderline, len(vals)) - 1)[:borderline]

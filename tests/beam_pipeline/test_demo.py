@@ -55,10 +55,11 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, capsys):
         summary = json.load(f)
     # every output named in the summary exists and is named in what was printed
     for path in (summary["model_dir"], summary["report"]["report_json"], summary["report"]["report_html"],
-                 summary["catalogue"]["ground_truth_csv"], summary["embed"]["templates"]):
+                 summary["catalogue"]["ground_truth_csv"], summary["embed"]["templates"], summary["review"]["html"]):
         assert os.path.exists(path), path
         assert path in printed
-    for stage in ("train", "catalogue", "embed", "match", "dedup", "report", "total"):
+    assert summary["review"]["pairs"] == summary["review"]["above"] + summary["review"]["below"] > 0
+    for stage in ("train", "catalogue", "embed", "match", "dedup", "report", "review export", "total"):
         assert summary["seconds"][stage] > 0
     templates = validate_table(pq.read_table(os.path.join(out, "templates")), "templates")
     failures = validate_table(pq.read_table(os.path.join(out, "failures")), "failures")
