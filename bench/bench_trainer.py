@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_trainer.py train --output /tmp/q --preset quality   # one training recipe
     .venv/bin/python bench/bench_trainer.py loss      # batch-all triplet loss: rows per positive pair vs cube
     .venv/bin/python bench/bench_trainer.py copyfeed  # photo copy edits vs the catalogue preset's training step
+    .venv/bin/python bench/bench_trainer.py onednn    # that training step with TensorFlow's oneDNN kernels off / on
 
 `markdown FILE...` turns the JSON lines of `train` runs into the table rows of BENCHMARKS.md.
 The `train` form runs trainer.train.run(ARGS) in this process and prints one JSON line with the summary's
@@ -117,6 +118,23 @@ def bench_triplet_rows(steps: int = 20, repeats: int = 3) -> None:
                 rows_images_per_s=round(best["rows"]), ratio=round(best["rows"] / best["cube"], 2))
 
 
+def bench_onednn(rounds: int = 2) -> None:
+    """The photo encoder's training step (the copyfeed bench) with TensorFlow's oneDNN kernels off and on,
+    each in a fresh process (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it starts), alternating, best
+    of `rounds`: the ratio is what trainer/__init__.py's default buys on this machine."""
+    import subprocess
+
+    best = {"0": 0.0, "1": 0.0}
+    for _ in range(rounds):
+        for flag in ("0", "1"):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "copyfeed"], capture_output=True, text=True,
+                                 env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": flag}, check=True).stdout
+            step = json.loads(out.strip().splitlines()[-1])["train_step_images_per_s"]
+            best[flag] = max(best[flag], step)
+    _report("onednn", step_images_per_s_off=best["0"], step_images_per_s_on=best["1"],
+            speedup=round(best["1"] / best["0"], 2))
+
+
 def bench_copy_feed(batches: int = 8, repeats: int = 3) -> None:
     """Is the model or the input pipeline the bottleneck of photo training? trainer.copy_edits' training edits
     (BatchAugmenter, one thread, as the trainer's prefetch thread runs them) against one training step of the
@@ -228,6 +246,9 @@ if __name__ == "__main__":
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "markdown":
         markdown_rows(sys.argv[2:])
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "onednn":
+        bench_onednn()
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "copyfeed":
         bench_copy_feed()
