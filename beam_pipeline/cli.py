@@ -31,6 +31,8 @@ STAGES = {
     "report": ("beam_pipeline.report", "Write report.json and report.html (figures, galleries, evaluation)."),
     "review": ("beam_pipeline.review", "Export the pairs near the threshold for labelling; import the labels to "
                "recalibrate the threshold and write hard negatives."),
+    "nightly": ("beam_pipeline.nightly", "Nightly incremental dedup: embed and match only what changed since the "
+                "last run, keep the state (local or gs://)."),
     "demo": ("beam_pipeline.demo", "Run the whole job end to end on Fashion-MNIST with planted duplicates."),
 }
 

@@ -383,7 +383,7 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderChunkHand
     lineage = lineage_of(opts, handler, run_id)
     keys = sources.RecordKeys(image=opts.image_key, id=opts.id_key, label=opts.label_key)
     records, read_failures = pipeline | "Read" >> sources.ReadCatalogue(
-        opts.input, input_format, keys, opts.max_file_bytes)
+        opts.input, input_format, keys, opts.max_file_bytes, paths=read_input_list(opts.input_list, opts.input))
     decode = DecodeFn(handler.input_spec, opts.max_pixels, run_id, threads=decode_threads(opts.decode_threads))
     decoded = records | "Decode" >> beam.ParDo(decode).with_outputs(FAILURES_TAG, CONTENTS_TAG, main="chunks")
     # Contents that several items share (usually few): a side input, so the images travel in chunks.
@@ -504,6 +504,18 @@ def _check_model(model_dir: str) -> None:
     load_encoder(model_dir)
 
 
+def read_input_list(path: str | None, input_glob: str) -> list[str] | None:
+    """The paths of --input_list (one per line, blank lines skipped), each checked to lie under --input's
+    prefix (its item id is relative to it); None without the flag."""
+    if path is None:
+        return None
+    with FileSystems.open(path) as f:
+        paths = [line.strip() for line in f.read().decode("utf-8").splitlines() if line.strip()]
+    for p in paths:
+        bio.item_id_for(p, input_glob)  # raises ValueError naming the path when it is outside the prefix
+    return paths
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the embed pipeline; returns a summary of what was written.
 
@@ -526,10 +538,15 @@ def run(argv=None, test_pipeline=None) -> dict:
 
     # A sample of the listing: enough to refuse an empty glob and tell the format; the pipeline lists it
     # all again, spread over workers.
-    paths = [listed.path for listed in sources.list_catalogue(opts.input, limit=FORMAT_SAMPLE)]
+    given = read_input_list(opts.input_list, opts.input)
+    paths = given[:FORMAT_SAMPLE] if given is not None else \
+        [listed.path for listed in sources.list_catalogue(opts.input, limit=FORMAT_SAMPLE)]
     if not paths:
-        raise FileNotFoundError(f"--input {opts.input!r} matches no files")
+        raise FileNotFoundError(f"--input {opts.input!r} matches no files" if given is None else
+                                f"--input_list {opts.input_list} names no files")
     input_format = resolve_input_format(opts, paths)
+    if given is not None and input_format != "files":
+        raise ValueError(f"--input_list names image files; --input {opts.input!r} holds {input_format}")
     handler = EncoderChunkHandler(
         opts.model_dir, batch_size=opts.batch_size, share_across_processes=opts.share_model_across_processes)
     dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)

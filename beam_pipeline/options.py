@@ -149,6 +149,9 @@ class EmbedOptions(PipelineOptions):
         )
         _add(parser, "--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
         _add(parser, "--output", required=True, help="Output directory; writes templates/ and failures/ under it.")
+        _add(parser, "--input_list", default=None,
+             help="Embed only these image files: a text file (local or gs://) of paths under --input's prefix, one "
+             "per line (item ids are still relative to --input's prefix; the nightly run embeds what changed).")
         _add(
             parser,
             "--input_format",

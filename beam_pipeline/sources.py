@@ -825,16 +825,24 @@ class ReadCatalogue(beam.PTransform):
     FILES_PER_READ); Parquet files are split further into row groups.
     """
 
-    def __init__(self, input_glob: str, input_format: str, keys: RecordKeys = RecordKeys(), max_bytes: int = 0):
+    def __init__(self, input_glob: str, input_format: str, keys: RecordKeys = RecordKeys(), max_bytes: int = 0,
+                 paths: Optional[Sequence[str]] = None):
         super().__init__()
         if input_format not in FORMATS:
             raise ValueError(f"input_format must be one of {FORMATS}, got {input_format!r}")
+        if paths is not None and input_format != "files":
+            raise ValueError("a list of paths is for image files (input_format files)")
         self._input_glob = input_glob
         self._format = input_format
         self._keys = keys
         self._max_bytes = max_bytes
+        self._paths = None if paths is None else sorted(paths)
 
     def expand(self, pbegin):
+        if self._paths is not None:  # given paths (embed --input_list): no listing; the reader sizes them
+            matched = pbegin | "GivenPaths" >> beam.Create([(p, -1) for p in self._paths])
+            records, failures = self._read(matched)
+            return records, failures
         # The listing runs on one worker: spread the paths before anything is opened.
         if bio._is_local(self._input_glob):
             # Our own listing: every entry, links and special files included, accounted for.

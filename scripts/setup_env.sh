@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a fresh Debian machine for siamese-dedup: the Fashion-MNIST data (apt) and .venv (pip).
+# Set up a fresh Debian machine for siamese-dedup: the Fashion-MNIST data, photos and chromium (apt) and .venv (pip).
 # Safe to run again: it does only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,20 @@ if [ -n "$missing" ]; then
       -o DPkg::Lock::Timeout=600 $missing >/dev/null
   else
     echo "warning: photo packages missing ($missing) and no apt-get; trainer/photo_corpus.py needs them" >&2
+  fi
+fi
+
+# A browser for tests/browser.py: the report test opens report.html in headless Chromium (Debian's chromium).
+if ! command -v chromium >/dev/null 2>&1 \
+    && [ "$(dpkg-query -W -f='${Status}' chromium 2>/dev/null)" != "install ok installed" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "==> installing chromium for the report's browser test (tests/beam_pipeline/test_report_browser.py)"
+    $SUDO apt-get update -qq -o DPkg::Lock::Timeout=600
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      -o DPkg::Lock::Timeout=600 chromium >/dev/null
+  else
+    echo "warning: chromium missing and no apt-get; the report's browser test is skipped without it" >&2
   fi
 fi
 

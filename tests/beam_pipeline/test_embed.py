@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -463,3 +464,24 @@ def test_template_row_groups_default_to_the_match_block_size():
 
     options = PipelineOptions([])
     assert options.view_as(EmbedOptions).row_group_rows == options.view_as(MatchOptions).block_size
+
+
+def test_input_list_embeds_only_the_listed_files(tmp_path, tiny_model_dir):
+    from PIL import Image
+
+    os.makedirs(tmp_path / "cat" / "sub")
+    names = ["a.png", "b.png", "sub/c.png"]
+    for k, name in enumerate(names):
+        Image.fromarray(np.full((28, 28), 30 * k, np.uint8)).save(tmp_path / "cat" / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'cat' / 'b.png'}\n\n{tmp_path / 'cat' / 'sub' / 'c.png'}\n")
+    out = tmp_path / "out"
+    summary = embed.run(["--input", str(tmp_path / "cat" / "**" / "*.png"), "--input_list", str(listing),
+                         "--model_dir", tiny_model_dir, "--output", str(out)])
+    assert (summary["embedded"], summary["failed"]) == (2, 0)
+    ids = sorted(pq.read_table(out / "templates").column("item_id").to_pylist())
+    assert ids == ["b.png", "sub/c.png"]  # ids relative to --input's prefix, as a full run gives them
+    listing.write_text(f"{tmp_path / 'elsewhere.png'}\n")
+    with pytest.raises(ValueError, match="does not lie under the prefix"):
+        embed.run(["--input", str(tmp_path / "cat" / "*.png"), "--input_list", str(listing),
+                   "--model_dir", tiny_model_dir, "--output", str(out)])

@@ -1,0 +1,397 @@
+"""The nightly catalogue dedup: only what changed since the last run is embedded and matched.
+
+    siamese-dedup nightly --catalogue 'gs://B/catalogue/**/*.jpg' --model_dir gs://B/model \
+        --state gs://B/dedup_state [--run_date 2026-12-03] [--threshold 0.9] [Beam runner flags]
+
+Each run, holding the state's lock (beam_pipeline.nightly_state):
+1. lists the catalogue and hashes every file's bytes (sha256): items added, changed (other bytes) and
+   removed since the committed generation;
+2. embeds the added and changed items only (the embed pipeline with --input_list); a new model_id, or no
+   state yet, embeds everything (a full run, stated in the manifest);
+3. matches the new templates against the whole catalogue, old and new (the match pipeline, --mode queries,
+   every pair at or above the threshold), and keeps the previous matches between unchanged items; a full
+   run matches all pairs and, unless --threshold is given, self-calibrates the threshold, which later runs
+   keep (so clusters stay those of a full recompute at that threshold; --recalibrate starts afresh);
+4. clusters all matches again (the dedup pipeline: complete linkage and the keeper policy, so a removed
+   keeper hands over to the next by the policy);
+5. writes the new generation, the date's outputs (STATE/runs/<run_date>/: manifest.json, clusters/, the
+   day's new matches) and commits by pointing CURRENT at the generation, last. A run killed at any step
+   leaves the state as it was; re-running a date replaces that date's outputs and starts again from the
+   state before it.
+Angular similarity only: a kNN-normalised score depends on every item's neighbours, which a night's
+changes move, so incremental matches would not equal a full recompute's.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline import io as bio
+from beam_pipeline import nightly_state as ns
+from beam_pipeline import outputs, sources
+from beam_pipeline.clustering import DEFAULT_LINKAGE, LINKAGES
+from beam_pipeline.options import new_run_id
+from beam_pipeline.thresholds import load_card
+from schemas.tables import MATCHES_SCHEMA
+
+LOG = logging.getLogger(__name__)
+ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("source_uri", pa.string()), ("size", pa.int64()),
+                          ("content_sha256", pa.string())])
+# Where a test can make a run fail (SIAMESE_DEDUP_NIGHTLY_FAULT=<step>): after each step's work.
+FAULT_ENV = "SIAMESE_DEDUP_NIGHTLY_FAULT"
+STEPS = ("list", "embed", "templates", "match", "dedup", "outputs", "commit")
+
+
+class InjectedFault(RuntimeError):
+    """Raised where FAULT_ENV asks (tests of recovery)."""
+
+
+def _fault(step: str) -> None:
+    if os.environ.get(FAULT_ENV) == step:
+        raise InjectedFault(f"injected fault after step {step!r} ({FAULT_ENV})")
+
+
+def _run_date(text: str) -> str:
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--run_date is a date YYYY-MM-DD, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siamese-dedup nightly",
+        description="Nightly incremental dedup of a catalogue: embed and match only what changed since the last "
+                    "run, cluster everything, commit a new generation of the state. Other flags go to the Beam "
+                    "stages (e.g. --runner DataflowRunner --project P --region R --temp_location gs://B/tmp).")
+    parser.add_argument("--catalogue", required=True, help="Glob of the catalogue's image files (local or gs://).")
+    parser.add_argument("--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
+    parser.add_argument("--state", required=True, help="Directory (local or gs://) holding the state between runs.")
+    parser.add_argument("--run_date", type=_run_date, default=None,
+                        help="The date this run stands for, YYYY-MM-DD (default: today, UTC). Re-running a date "
+                             "replaces that date's outputs.")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Angular similarity threshold for a full run (the first, a new model, --recalibrate); "
+                             "default: self-calibrated then. Later runs keep the state's threshold.")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="Recompute everything and choose the threshold afresh (a full run).")
+    parser.add_argument("--linkage", default=DEFAULT_LINKAGE, choices=LINKAGES, help="dedup --linkage.")
+    parser.add_argument("--keeper_policy", default="first_id", help="dedup --keeper_policy (default first_id).")
+    parser.add_argument("--break_lock", action="store_true",
+                        help="Remove a lock left by a killed run before starting (only when no other run is going).")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+def content_sha256(path: str) -> str | None:
+    """sha256 of the file's bytes, or None when it cannot be read (embed then records why)."""
+    digest = hashlib.sha256()
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except (OSError, IOError, ValueError):
+        return None
+    return digest.hexdigest()
+
+
+def list_items(catalogue: str) -> pa.Table:
+    """Every file of the catalogue (ITEMS_SCHEMA): its item id, path, size and content hash, by id."""
+    rows = []
+    for listed in sources.list_catalogue(catalogue):
+        rows.append({"item_id": bio.item_id_for(listed.path, catalogue), "source_uri": listed.path,
+                     "size": int(listed.size), "content_sha256": content_sha256(listed.path) or ""})
+    if not rows:
+        raise FileNotFoundError(f"--catalogue {catalogue!r} matches no files")
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["item_id"]), schema=ITEMS_SCHEMA)
+
+
+def diff_items(now: pa.Table, before: pa.Table | None) -> dict:
+    """{"added", "changed", "removed", "unchanged"}: sorted item ids. An unreadable file (no hash) counts
+    as changed every night, so it is tried again and stays in the failures."""
+    now_hash = dict(zip(now.column("item_id").to_pylist(), now.column("content_sha256").to_pylist()))
+    old_hash = {} if before is None else dict(zip(before.column("item_id").to_pylist(),
+                                                  before.column("content_sha256").to_pylist()))
+    added = sorted(set(now_hash) - set(old_hash))
+    removed = sorted(set(old_hash) - set(now_hash))
+    common = set(now_hash) & set(old_hash)
+    changed = sorted(i for i in common if now_hash[i] != old_hash[i] or not now_hash[i])
+    unchanged = sorted(common - set(changed))
+    return {"added": added, "changed": changed, "removed": removed, "unchanged": unchanged}
+
+
+def _write_table(table: pa.Table, directory: str, name: str, schema: pa.Schema) -> str:
+    """One shard DIR/<name>/<name>-00000-of-00001.parquet (what the stages' readers expect)."""
+    path = FileSystems.join(directory, name, f"{name}-00000-of-00001.parquet")
+    if bio._is_local(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        pq.write_table(table.cast(schema), f)
+    return path
+
+
+def _read_or_empty(directory: str, name: str, schema: pa.Schema | None = None) -> pa.Table | None:
+    glob = bio.table_glob(directory, name)
+    if not bio.match_paths(glob, limit=1):
+        return None if schema is None else schema.empty_table()
+    return bio.read_parquet_table(glob, name)
+
+
+def _keep(table: pa.Table | None, ids: set, columns=("item_id",)) -> pa.Table | None:
+    """Rows of `table` whose every id column is in `ids`."""
+    if table is None:
+        return None
+    mask = None
+    value_set = pa.array(sorted(ids), pa.string())
+    for c in columns:
+        m = pc.is_in(table.column(c), value_set=value_set)
+        mask = m if mask is None else pc.and_(mask, m)
+    return table.filter(mask)
+
+
+def merge_matches(kept: pa.Table | None, new: pa.Table, run_id: str) -> pa.Table:
+    """The previous matches between unchanged items and the night's matches (queries mode: each new item
+    against the catalogue, new items included) as one matches table: left_id < right_id, no pair with
+    itself, each pair once, this run's run_id."""
+    new = new.filter(pc.not_equal(new.column("left_id"), new.column("right_id")))
+    parts = [t.select(MATCHES_SCHEMA.names) for t in (kept, new) if t is not None and t.num_rows]
+    if not parts:
+        return MATCHES_SCHEMA.empty_table()
+    table = pa.concat_tables(parts)
+    left, right = table.column("left_id"), table.column("right_id")
+    swap = pc.greater(left, right)
+    table = table.set_column(0, "left_id", pc.if_else(swap, right, left))
+    table = table.set_column(1, "right_id", pc.if_else(swap, left, right))
+    table = table.set_column(table.schema.get_field_index("run_id"), "run_id",
+                             pa.array([run_id] * table.num_rows, pa.string()))
+    keys = [f"{a}\t{b}" for a, b in zip(table.column("left_id").to_pylist(), table.column("right_id").to_pylist())]
+    _, first = np.unique(np.asarray(keys, dtype=object), return_index=True)
+    table = table.take(pa.array(np.sort(first)))
+    return table.sort_by([("left_id", "ascending"), ("right_id", "ascending")])
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copy every file under `src` to the same place under `dst` (local or gs://)."""
+    files = [m.path for m in FileSystems.match([src.rstrip("/") + "/**"])[0].metadata_list]
+    for f in files:
+        rel = f[len(src.rstrip("/")) + 1:]
+        target = FileSystems.join(dst, rel)
+        if bio._is_local(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        FileSystems.copy([f], [target])
+
+
+def _delete_tree(path: str) -> None:
+    if bio._is_local(path):
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    files = [m.path for m in FileSystems.match([path.rstrip("/") + "/**"])[0].metadata_list]
+    if files:
+        FileSystems.delete(files)
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+def run(argv=None) -> dict:
+    """One nightly run; returns its manifest (also written to STATE/runs/<run_date>/manifest.json)."""
+    args, beam_args = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    run_date = args.run_date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    run_id = new_run_id()
+    state = args.state
+    card = load_card(args.model_dir)
+    if args.break_lock:
+        ns.release_lock(state)
+    ns.acquire_lock(state, run_id)
+    try:
+        return _run_locked(args, beam_args, run_date, run_id, card)
+    finally:
+        ns.release_lock(state, run_id)
+
+
+def _base_generation(state: str, run_date: str) -> tuple[dict | None, bool]:
+    """(the generation this run starts from, whether it re-runs the committed date)."""
+    cur = ns.current(state)
+    if cur is None:
+        return None, False
+    if cur["run_date"] > run_date:
+        raise ValueError(f"the state is at {cur['run_date']}, after --run_date {run_date}: runs go forward in time "
+                         "(re-run only the last date)")
+    if cur["run_date"] == run_date:
+        parent = cur.get("parent")
+        return (None if parent is None else ns.read_generation(state, parent)), True
+    return cur, False
+
+
+def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: dict) -> dict:
+    from beam_pipeline import dedup, embed, match
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    state = args.state
+    removed_dead = ns.remove_dead_generations(state)
+    base, rerun = _base_generation(state, run_date)
+    full_reason = None
+    if base is None:
+        full_reason = "no earlier state"
+    elif base["model_id"] != card["model_id"]:
+        full_reason = f"new model {card['model_id']} (the state's templates are of {base['model_id']}): full re-embed"
+    elif args.recalibrate:
+        full_reason = "--recalibrate"
+
+    t = time.perf_counter()
+    items = list_items(args.catalogue)
+    before = None if base is None else pq.read_table(_local_or_buffer(FileSystems.join(base["dir"], ns.ITEMS)))
+    diff = diff_items(items, None if full_reason else before)
+    timings["list"] = round(time.perf_counter() - t, 3)
+    _fault("list")
+
+    name = f"{run_date}-{run_id}"
+    gen = ns.generation_dir(state, name)
+    work = FileSystems.join(gen, "work")
+    to_embed = diff["added"] + diff["changed"]
+    uri = dict(zip(items.column("item_id").to_pylist(), items.column("source_uri").to_pylist()))
+    embedded = None
+    t = time.perf_counter()
+    if to_embed:
+        with tempfile.TemporaryDirectory() as tmp:
+            list_file = os.path.join(tmp, "input_list.txt")
+            with open(list_file, "w") as f:
+                f.write("\n".join(uri[i] for i in to_embed) + "\n")
+            embedded = embed.run(["--input", args.catalogue, "--input_list", list_file, "--model_dir",
+                                  args.model_dir, "--output", FileSystems.join(work, "embedded"), "--run_id", run_id,
+                                  "--allow_all_failed", *beam_args])
+    timings["embed"] = round(time.perf_counter() - t, 3)
+    _fault("embed")
+
+    # The generation's templates and failures: the unchanged items' rows carried over, then the night's.
+    t = time.perf_counter()
+    unchanged = set(diff["unchanged"])
+    new_templates = _read_or_empty(FileSystems.join(work, "embedded"), "templates") if to_embed else None
+    new_failures = _read_or_empty(FileSystems.join(work, "embedded"), "failures") if to_embed else None
+    kept_templates = None if full_reason else _keep(bio.read_table_dir(base["dir"], "templates"), unchanged)
+    kept_failures = None if full_reason else _keep(_read_or_empty(base["dir"], "failures"), unchanged)
+    templates = pa.concat_tables([x for x in (kept_templates, new_templates) if x is not None and x.num_rows]) \
+        if any(x is not None and x.num_rows for x in (kept_templates, new_templates)) else None
+    if templates is None:
+        raise ValueError(f"no item of {args.catalogue!r} could be embedded: nothing to deduplicate")
+    templates = templates.sort_by("item_id")
+    _write_table(templates, gen, "templates", templates.schema)
+    from schemas.tables import FAILURES_SCHEMA
+    failures = pa.concat_tables([x.select(FAILURES_SCHEMA.names) for x in (kept_failures, new_failures)
+                                 if x is not None]) if (kept_failures is not None or new_failures is not None) \
+        else FAILURES_SCHEMA.empty_table()
+    _write_table(failures, gen, "failures", FAILURES_SCHEMA)
+    timings["templates"] = round(time.perf_counter() - t, 3)
+    _fault("templates")
+
+    # Matches.
+    t = time.perf_counter()
+    templates_glob = bio.table_glob(gen, "templates")
+    match_out = FileSystems.join(work, "match")
+    if full_reason:
+        thr = [] if args.threshold is None else ["--threshold", str(args.threshold)]
+        match.run(["--templates", templates_glob, "--model_dir", args.model_dir, "--output", match_out,
+                   "--score_norm", "none", "--run_id", run_id, *thr, *beam_args])
+        run_doc = bio.read_json(FileSystems.join(match_out, "match_run.json"))
+        threshold = run_doc["threshold"]
+        matches = bio.read_table_dir(match_out, "matches")
+        night_matches = matches
+    else:
+        threshold = base["threshold"]
+        night_matches = MATCHES_SCHEMA.empty_table()
+        if new_templates is not None and new_templates.num_rows:
+            match.run(["--templates", templates_glob, "--mode", "queries", "--queries",
+                       bio.table_glob(FileSystems.join(work, "embedded"), "templates"), "--top_k", "0",
+                       "--threshold", repr(float(threshold["value"])), "--score_norm", "none",
+                       "--output", match_out, "--run_id", run_id, *beam_args])
+            night_matches = bio.read_table_dir(match_out, "matches")
+        kept_matches = _keep(bio.read_table_dir(base["dir"], "matches"), unchanged, ("left_id", "right_id"))
+        matches = merge_matches(kept_matches, night_matches, run_id)
+        night_matches = merge_matches(None, night_matches, run_id)
+    lineage = {"stage": "match", "run_id": run_id, "model_id": card["model_id"],
+               "templates": outputs.templates_fingerprint(templates_glob), "threshold": threshold["value"],
+               "score": "angular_similarity", "threshold_source": threshold["source"], "mode": "nightly",
+               "search": "exact"}
+    _write_table(merge_matches(matches, MATCHES_SCHEMA.empty_table(), run_id), gen, "matches",
+                 outputs.with_lineage(MATCHES_SCHEMA, lineage))
+    bio.write_json(FileSystems.join(gen, "match_run.json"), {
+        "run_id": run_id, "model_id": card["model_id"], "mode": "all_pairs", "search": "exact",
+        "items": templates.num_rows, "pairs": matches.num_rows, "threshold": threshold,
+        "nightly": {"run_date": run_date, "full": full_reason is not None}})
+    timings["match"] = round(time.perf_counter() - t, 3)
+    _fault("match")
+
+    # Clusters of everything.
+    t = time.perf_counter()
+    dedup_summary = dedup.run(["--templates", templates_glob, "--matches", bio.table_glob(gen, "matches"),
+                               "--output", gen, "--linkage", args.linkage, "--keeper_policy", args.keeper_policy,
+                               "--run_id", run_id, *beam_args])
+    timings["dedup"] = round(time.perf_counter() - t, 3)
+    _fault("dedup")
+
+    # The date's outputs, replaced whole when the date runs again.
+    t = time.perf_counter()
+    _delete_tree(work)
+    with FileSystems.create(FileSystems.join(gen, ns.ITEMS), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        pq.write_table(items, f)
+    day = ns.run_dir(state, run_date)
+    _delete_tree(day)
+    _copy_tree(FileSystems.join(gen, "clusters"), FileSystems.join(day, "clusters"))
+    _write_table(night_matches, day, "matches", MATCHES_SCHEMA)
+    manifest = {
+        "run_date": run_date, "run_id": run_id, "generation": name, "parent": None if base is None else base["generation"],
+        "replaced_date": rerun, "catalogue": args.catalogue, "model_dir": args.model_dir, "model_id": card["model_id"],
+        "full": full_reason is not None, "full_reason": full_reason,
+        "counts": {"items": items.num_rows, "added": len(diff["added"]), "changed": len(diff["changed"]),
+                   "removed": len(diff["removed"]), "unchanged": len(diff["unchanged"]),
+                   "embedded": 0 if embedded is None else embedded["embedded"],
+                   "failed": failures.num_rows, "templates": templates.num_rows, "matches": matches.num_rows,
+                   "new_matches": night_matches.num_rows, "clusters": dedup_summary.get("clusters_count"),
+                   "items_to_drop": dedup_summary.get("items_to_drop")},
+        "threshold": {k: threshold.get(k) for k in ("value", "score", "angular_similarity", "cosine", "source")},
+        "threshold_how": (f"chosen by this full run ({threshold['source']})" if full_reason else
+                          f"kept from the state: {base['threshold_how']}"),
+        "removed_dead_generations": removed_dead,
+        "seconds": timings,
+    }
+    bio.write_json(FileSystems.join(day, "manifest.json"), manifest)
+    bio.write_json(FileSystems.join(gen, ns.STATE_DOC), {
+        "generation": name, "parent": None if base is None else base["generation"], "run_date": run_date,
+        "run_id": run_id, "model_id": card["model_id"], "catalogue": args.catalogue, "threshold": threshold,
+        "threshold_how": manifest["threshold_how"], "counts": manifest["counts"]})
+    timings["outputs"] = round(time.perf_counter() - t, 3)
+    _fault("outputs")
+
+    ns.commit(state, name)
+    _fault("commit")
+    timings["total"] = round(time.perf_counter() - started, 3)
+    bio.write_json(FileSystems.join(day, "manifest.json"), manifest)
+    LOG.info("nightly %s: %s", run_date, manifest["counts"])
+    return manifest
+
+
+def _local_or_buffer(path: str):
+    if bio._is_local(path):
+        return path
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return pa.BufferReader(f.read())
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)
+    print(run())

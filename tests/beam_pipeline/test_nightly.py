@@ -1,0 +1,165 @@
+"""siamese-dedup nightly: after any sequence of runs the clusters equal a full recompute's; re-running a date
+replaces it; a run killed at any step leaves the state usable; a new model re-embeds everything; two runs
+cannot hold the state at once."""
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from beam_pipeline import dedup, embed, match, nightly
+from beam_pipeline import nightly_state as ns
+
+THRESHOLD = 0.98
+
+
+def _image(seed: int, noise: int = 0) -> np.ndarray:
+    """A 28x28 pattern of `seed`; with `noise` a near copy of it (another seed of noise)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (7, 7)).repeat(4, 0).repeat(4, 1).astype(np.int16)
+    if noise:
+        base = base + np.random.default_rng(1000 + noise).integers(-3, 4, base.shape)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def _write(cat, name, pixels):
+    Image.fromarray(pixels).save(os.path.join(cat, name))
+
+
+def _clusters(directory: str) -> tuple[set, dict]:
+    """(the clusters as frozensets of item ids, {cluster member: keeper}) of a clusters table."""
+    t = pq.read_table(os.path.join(directory, "clusters")).to_pylist()
+    groups: dict = {}
+    keeper = {}
+    for r in t:
+        groups.setdefault(r["cluster_id"], set()).add(r["item_id"])
+        if r["is_keeper"]:
+            keeper[r["cluster_id"]] = r["item_id"]
+    return {frozenset(g) for g in groups.values()}, {frozenset(g): keeper[c] for c, g in groups.items()}
+
+
+def _full_recompute(cat, model, out):
+    glob = os.path.join(cat, "*.png")
+    embed.run(["--input", glob, "--model_dir", model, "--output", out])
+    match.run(["--templates", os.path.join(out, "templates", "*.parquet"), "--output", out,
+               "--threshold", str(THRESHOLD), "--score_norm", "none"])
+    dedup.run(["--templates", os.path.join(out, "templates", "*.parquet"),
+               "--matches", os.path.join(out, "matches", "*.parquet"), "--output", out])
+    return _clusters(out)
+
+
+def _nightly(cat, model, state, date, *extra):
+    return nightly.run(["--catalogue", os.path.join(cat, "*.png"), "--model_dir", model, "--state", state,
+                        "--run_date", date, "--threshold", str(THRESHOLD), *extra])
+
+
+def _state_clusters(state):
+    return _clusters(ns.current(state)["dir"])
+
+
+def _mutate(cat, rng, step):
+    """A random night: add fresh images and near copies, change some files' bytes, remove some."""
+    names = sorted(os.listdir(cat))
+    for k in range(int(rng.integers(1, 4))):  # fresh items
+        _write(cat, f"n{step}_{k}.png", _image(int(rng.integers(10_000, 20_000))))
+    for k in range(int(rng.integers(1, 4))):  # near copies of existing items
+        source = names[int(rng.integers(len(names)))]
+        pixels = np.asarray(Image.open(os.path.join(cat, source)))
+        noisy = np.clip(pixels.astype(np.int16) + np.random.default_rng(step * 10 + k).integers(-3, 4, pixels.shape),
+                        0, 255).astype(np.uint8)
+        _write(cat, f"c{step}_{k}.png", noisy)
+    for name in rng.choice(names, size=min(2, len(names)), replace=False):  # changed bytes
+        _write(cat, name, _image(int(rng.integers(20_000, 30_000)), noise=int(rng.integers(1, 9))))
+    for name in rng.choice(sorted(os.listdir(cat)), size=2, replace=False):  # removed
+        os.remove(os.path.join(cat, name))
+
+
+def _catalogue(tmp_path, n_groups=8):
+    cat = str(tmp_path / "cat")
+    os.makedirs(cat)
+    for g in range(n_groups):
+        _write(cat, f"g{g}_0.png", _image(g))
+        if g % 2 == 0:
+            _write(cat, f"g{g}_1.png", _image(g, noise=g + 1))
+    return cat
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nightly_sequence_equals_full_recompute(tmp_path, tiny_model_dir, seed):
+    cat = _catalogue(tmp_path)
+    state = str(tmp_path / "state")
+    rng = np.random.default_rng(seed)
+    first = _nightly(cat, tiny_model_dir, state, "2026-12-01")
+    assert first["full"] and first["counts"]["added"] == first["counts"]["items"]
+    assert first["counts"]["clusters"] >= 3  # the near copies cluster
+    for day, date in enumerate(["2026-12-02", "2026-12-03", "2026-12-04"], 1):
+        _mutate(cat, rng, day)
+        manifest = _nightly(cat, tiny_model_dir, state, date)
+        assert not manifest["full"]
+        c = manifest["counts"]
+        assert c["embedded"] == c["added"] + c["changed"] and c["templates"] == c["items"]
+        assert manifest["threshold"]["value"] == THRESHOLD and "kept from the state" in manifest["threshold_how"]
+    got, got_keepers = _state_clusters(state)
+    want, want_keepers = _full_recompute(cat, tiny_model_dir, str(tmp_path / "full"))
+    assert got == want and got_keepers == want_keepers
+    assert any(len(g) > 1 for g in want)
+    on_disk = json.load(open(os.path.join(state, "runs", "2026-12-04", "manifest.json")))
+    assert on_disk["generation"] == ns.current_name(state)
+
+
+def test_rerun_of_a_date_replaces_it_and_a_killed_run_leaves_the_state(tmp_path, tiny_model_dir, monkeypatch):
+    cat = _catalogue(tmp_path, n_groups=6)
+    state = str(tmp_path / "state")
+    _nightly(cat, tiny_model_dir, state, "2026-12-01")
+    _write(cat, "late.png", _image(3, noise=5))  # a copy of g3_0
+    day2 = _nightly(cat, tiny_model_dir, state, "2026-12-02")
+    assert day2["counts"]["added"] == 1
+    # The date again, after another file arrived: starts from 12-01's state, replaces 12-02's outputs.
+    _write(cat, "later.png", _image(40))
+    again = _nightly(cat, tiny_model_dir, state, "2026-12-02")
+    assert again["replaced_date"] and again["counts"]["added"] == 2 and again["parent"] == day2["parent"]
+    assert json.load(open(os.path.join(state, "runs", "2026-12-02", "manifest.json")))["run_id"] == again["run_id"]
+    assert _state_clusters(state)[0] == _full_recompute(cat, tiny_model_dir, str(tmp_path / "full"))[0]
+    with pytest.raises(ValueError, match="runs go forward"):
+        _nightly(cat, tiny_model_dir, state, "2026-11-30")
+
+    # Killed after each step: CURRENT and the date's outputs stay as they were; nothing is left locked.
+    os.remove(os.path.join(cat, "g1_0.png"))
+    committed = ns.current_name(state)
+    for step in ("list", "embed", "templates", "match", "dedup", "outputs"):
+        monkeypatch.setenv(nightly.FAULT_ENV, step)
+        with pytest.raises(nightly.InjectedFault):
+            _nightly(cat, tiny_model_dir, state, "2026-12-03")
+        assert ns.current_name(state) == committed, step
+        assert not os.path.exists(os.path.join(state, ns.LOCK)), step
+        assert not os.path.exists(os.path.join(state, "runs", "2026-12-03", "manifest.json")) or step == "outputs"
+    monkeypatch.delenv(nightly.FAULT_ENV)
+    recovered = _nightly(cat, tiny_model_dir, state, "2026-12-03")
+    assert recovered["counts"]["removed"] == 1 and recovered["counts"]["added"] == 0
+    assert len(os.listdir(os.path.join(state, ns.GENERATIONS))) <= 3  # killed runs' generations removed
+    assert _state_clusters(state)[0] == _full_recompute(cat, tiny_model_dir, str(tmp_path / "full2"))[0]
+
+
+def test_new_model_re_embeds_everything(tmp_path, tiny_model_dir, tiny_rgb_model_dir):
+    cat = _catalogue(tmp_path, n_groups=4)
+    state = str(tmp_path / "state")
+    _nightly(cat, tiny_model_dir, state, "2026-12-01")
+    other = str(tmp_path / "other_model")
+    from tests.conftest import export_tiny_encoder
+    export_tiny_encoder(other, seed=7)
+    manifest = _nightly(cat, other, state, "2026-12-02")
+    assert manifest["full"] and "new model" in manifest["full_reason"]
+    assert manifest["counts"]["embedded"] == manifest["counts"]["items"]
+
+
+def test_two_runs_cannot_hold_the_state(tmp_path, tiny_model_dir):
+    cat = _catalogue(tmp_path, n_groups=3)
+    state = str(tmp_path / "state")
+    ns.acquire_lock(state, "someone-else")
+    with pytest.raises(ns.StateLocked, match="someone-else"):
+        _nightly(cat, tiny_model_dir, state, "2026-12-01")
+    assert ns.current_name(state) is None
+    manifest = _nightly(cat, tiny_model_dir, state, "2026-12-01", "--break_lock")
+    assert manifest["full"] and not os.path.exists(os.path.join(state, ns.LOCK))
