@@ -150,7 +150,11 @@ def acquire_lock(state: str, run_id: str) -> None:
             with os.fdopen(fd, "w") as f:
                 f.write(doc)
             return
+        if FileSystems.exists(path):  # the common case, said plainly; the precondition closes the race
+            raise _PreconditionFailed(path)
         _gcs_create_only(path, doc)
+        if json.loads(_read_text(path)).get("run_id") != run_id:  # a store that ignored the precondition
+            raise _PreconditionFailed(path)
     except (FileExistsError, _PreconditionFailed):
         try:
             holder = _read_text(path)

@@ -163,3 +163,46 @@ def test_two_runs_cannot_hold_the_state(tmp_path, tiny_model_dir):
     assert ns.current_name(state) is None
     manifest = _nightly(cat, tiny_model_dir, state, "2026-12-01", "--break_lock")
     assert manifest["full"] and not os.path.exists(os.path.join(state, ns.LOCK))
+
+
+def test_state_on_gcs_lock_and_runs(tmp_path, tiny_model_dir, gcs_bucket):
+    """The lock is a create-only object (generation precondition 0) on gs:// too; a run commits there."""
+    state = f"{gcs_bucket}/nightly_state"
+    ns.acquire_lock(state, "run-a")
+    with pytest.raises(ns.StateLocked, match="run-a"):
+        ns.acquire_lock(state, "run-b")
+    ns.release_lock(state, "run-b")  # not ours: stays
+    with pytest.raises(ns.StateLocked):
+        ns.acquire_lock(state, "run-b")
+    ns.release_lock(state, "run-a")
+    cat = _catalogue(tmp_path, n_groups=4)
+    first = _nightly(cat, tiny_model_dir, state, "2026-12-01")
+    _write(cat, "late.png", _image(2, noise=9))
+    second = _nightly(cat, tiny_model_dir, state, "2026-12-02")
+    assert second["counts"]["added"] == 1 and not second["full"] and second["parent"] == first["generation"]
+    assert ns.current_name(state) == second["generation"]
+    from apache_beam.io.filesystems import FileSystems
+    assert not FileSystems.exists(f"{state}/{ns.LOCK}")
+
+
+def test_gcs_lock_relies_on_the_generation_precondition(monkeypatch):
+    """Two runs that both saw no lock: the store refuses the second create (if_generation_match=0)."""
+    from google.api_core import exceptions
+
+    calls = []
+
+    class Blob:
+        def upload_from_string(self, text, content_type, if_generation_match):
+            calls.append(if_generation_match)
+            raise exceptions.PreconditionFailed("object exists")
+
+    class Client:
+        def bucket(self, name):
+            return type("B", (), {"blob": lambda self, n: Blob()})()
+
+    monkeypatch.setattr("google.cloud.storage.Client", Client)
+    monkeypatch.setattr(ns.FileSystems, "exists", lambda path: False)
+    monkeypatch.setattr(ns, "_read_text", lambda path: '{"run_id": "the-other-run"}')
+    with pytest.raises(ns.StateLocked, match="the-other-run"):
+        ns.acquire_lock("gs://bucket/state", "mine")
+    assert calls == [0]

@@ -1,0 +1,103 @@
+"""What a nightly run costs against the full run it replaces, and whether its clusters are the same.
+
+    flock /tmp/heavy.lock .venv/bin/python bench/bench_nightly.py --model_dir demo_output/model \
+        [--items 50000] [--new_share 0.01] [--work /tmp/bench_nightly]
+
+1. writes a catalogue of ITEMS Fashion-MNIST training images as PNG files (1 in 50 with a near copy);
+2. the first nightly run on it: a full run (embed everything, match all pairs at --threshold, dedup);
+3. adds new_share x ITEMS files (half new images, half near copies of catalogue items) and runs nightly
+   again: embeds and matches only those;
+4. a full recompute of the grown catalogue on a fresh state, for the clusters to compare with.
+Prints one JSON line: the seconds of each run and of each nightly step, the ratio nightly / full (the
+second full run, of the same grown catalogue), and whether the clusters are identical.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _near_copy(img: np.ndarray, rng) -> np.ndarray:
+    return np.clip(img.astype(np.int16) + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
+
+
+def _write(path: str, img: np.ndarray) -> None:
+    from PIL import Image
+    Image.fromarray(img).save(path)
+
+
+def _clusters(directory: str) -> set:
+    import pyarrow.parquet as pq
+    groups: dict = {}
+    t = pq.read_table(os.path.join(directory, "clusters"), columns=["item_id", "cluster_id"])
+    for item, cluster in zip(t.column("item_id").to_pylist(), t.column("cluster_id").to_pylist()):
+        groups.setdefault(cluster, set()).add(item)
+    return {frozenset(g) for g in groups.values()}
+
+
+def main(argv=None) -> dict:
+    from beam_pipeline import nightly
+    from beam_pipeline import nightly_state as ns
+    from trainer.data import load_fashion_mnist
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--new_share", type=float, default=0.01)
+    parser.add_argument("--threshold", type=float, default=0.97)
+    parser.add_argument("--work", default="/tmp/bench_nightly")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    shutil.rmtree(args.work, ignore_errors=True)
+    cat = os.path.join(args.work, "catalogue")
+    os.makedirs(cat)
+    images, _ = load_fashion_mnist("train")
+    n_new = max(2, int(round(args.items * args.new_share)))
+    order = rng.permutation(len(images))
+    base, fresh = order[:args.items], order[args.items:args.items + n_new // 2]
+    t = time.perf_counter()
+    for k, i in enumerate(base):
+        img = images[i] if k % 50 else _near_copy(images[base[k - 1]], rng)
+        _write(os.path.join(cat, f"item_{k:06d}.png"), img)
+    write_seconds = time.perf_counter() - t
+    common = ["--catalogue", os.path.join(cat, "*.png"), "--model_dir", args.model_dir,
+              "--threshold", str(args.threshold)]
+
+    state = os.path.join(args.work, "state")
+    t = time.perf_counter()
+    first = nightly.run([*common, "--state", state, "--run_date", "2026-12-01"])
+    first_seconds = time.perf_counter() - t
+
+    for k, i in enumerate(fresh):
+        _write(os.path.join(cat, f"new_{k:06d}.png"), images[i])
+    for k in range(n_new - len(fresh)):
+        source = images[base[int(rng.integers(args.items))]]
+        _write(os.path.join(cat, f"copy_{k:06d}.png"), _near_copy(source, rng))
+    t = time.perf_counter()
+    night = nightly.run([*common, "--state", state, "--run_date", "2026-12-02"])
+    night_seconds = time.perf_counter() - t
+
+    fresh_state = os.path.join(args.work, "state_full")
+    t = time.perf_counter()
+    full = nightly.run([*common, "--state", fresh_state, "--run_date", "2026-12-02"])
+    full_seconds = time.perf_counter() - t
+    same = _clusters(ns.current(state)["dir"]) == _clusters(ns.current(fresh_state)["dir"])
+    result = {"bench": "nightly", "items": args.items, "new_items": n_new, "write_catalogue_seconds": round(write_seconds, 1),
+              "first_full_seconds": round(first_seconds, 1), "nightly_seconds": round(night_seconds, 1),
+              "full_recompute_seconds": round(full_seconds, 1), "ratio": round(night_seconds / full_seconds, 3),
+              "clusters_identical": same, "nightly_steps": night["seconds"], "full_steps": full["seconds"],
+              "nightly_counts": night["counts"], "full_counts": full["counts"], "first_counts": first["counts"]}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
