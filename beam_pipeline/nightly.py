@@ -45,14 +45,14 @@ from beam_pipeline import outputs, sources
 from beam_pipeline.clustering import DEFAULT_LINKAGE, LINKAGES
 from beam_pipeline.options import new_run_id
 from beam_pipeline.thresholds import load_card
-from schemas.tables import MATCHES_SCHEMA
+from schemas.tables import FAILURES_SCHEMA, MATCHES_SCHEMA
 
 LOG = logging.getLogger(__name__)
 ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("source_uri", pa.string()), ("size", pa.int64()),
                           ("content_sha256", pa.string())])
 # Where a test can make a run fail (SIAMESE_DEDUP_NIGHTLY_FAULT=<step>): after each step's work.
 FAULT_ENV = "SIAMESE_DEDUP_NIGHTLY_FAULT"
-STEPS = ("list", "embed", "templates", "match", "dedup", "outputs", "commit")
+STEPS = ("list", "embed", "templates", "match", "dedup", "outputs", "commit")  # "commit": after it
 
 
 class InjectedFault(RuntimeError):
@@ -168,15 +168,15 @@ def merge_matches(kept: pa.Table | None, new: pa.Table, run_id: str) -> pa.Table
     against the catalogue, new items included) as one matches table: left_id < right_id, no pair with
     itself, each pair once, this run's run_id."""
     new = new.filter(pc.not_equal(new.column("left_id"), new.column("right_id")))
-    parts = [t.select(MATCHES_SCHEMA.names) for t in (kept, new) if t is not None and t.num_rows]
+    parts = [t.select(MATCHES_SCHEMA.names).cast(MATCHES_SCHEMA) for t in (kept, new) if t is not None and t.num_rows]
     if not parts:
         return MATCHES_SCHEMA.empty_table()
     table = pa.concat_tables(parts)
     left, right = table.column("left_id"), table.column("right_id")
     swap = pc.greater(left, right)
-    table = table.set_column(0, "left_id", pc.if_else(swap, right, left))
-    table = table.set_column(1, "right_id", pc.if_else(swap, left, right))
-    table = table.set_column(table.schema.get_field_index("run_id"), "run_id",
+    table = table.set_column(0, MATCHES_SCHEMA.field("left_id"), pc.if_else(swap, right, left))
+    table = table.set_column(1, MATCHES_SCHEMA.field("right_id"), pc.if_else(swap, left, right))
+    table = table.set_column(table.schema.get_field_index("run_id"), MATCHES_SCHEMA.field("run_id"),
                              pa.array([run_id] * table.num_rows, pa.string()))
     keys = [f"{a}\t{b}" for a, b in zip(table.column("left_id").to_pylist(), table.column("right_id").to_pylist())]
     _, first = np.unique(np.asarray(keys, dtype=object), return_index=True)
@@ -238,125 +238,57 @@ def _base_generation(state: str, run_date: str) -> tuple[dict | None, bool]:
 
 
 def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: dict) -> dict:
-    from beam_pipeline import dedup, embed, match
-
     started = time.perf_counter()
     timings: dict[str, float] = {}
     state = args.state
+    publish_committed_run(state)  # a run killed after its commit, before its date's outputs were published
     removed_dead = ns.remove_dead_generations(state)
     base, rerun = _base_generation(state, run_date)
-    full_reason = None
-    if base is None:
-        full_reason = "no earlier state"
-    elif base["model_id"] != card["model_id"]:
-        full_reason = f"new model {card['model_id']} (the state's templates are of {base['model_id']}): full re-embed"
-    elif args.recalibrate:
-        full_reason = "--recalibrate"
+    full_reason = _full_run_reason(base, card, args.recalibrate)
 
     t = time.perf_counter()
     items = list_items(args.catalogue)
-    before = None if base is None else pq.read_table(_local_or_buffer(FileSystems.join(base["dir"], ns.ITEMS)))
-    diff = diff_items(items, None if full_reason else before)
+    before = None if full_reason else pq.read_table(_local_or_buffer(FileSystems.join(base["dir"], ns.ITEMS)))
+    diff = diff_items(items, before)
     timings["list"] = round(time.perf_counter() - t, 3)
     _fault("list")
 
     name = f"{run_date}-{run_id}"
     gen = ns.generation_dir(state, name)
     work = FileSystems.join(gen, "work")
-    to_embed = diff["added"] + diff["changed"]
-    uri = dict(zip(items.column("item_id").to_pylist(), items.column("source_uri").to_pylist()))
-    embedded = None
     t = time.perf_counter()
-    if to_embed:
-        with tempfile.TemporaryDirectory() as tmp:
-            list_file = os.path.join(tmp, "input_list.txt")
-            with open(list_file, "w") as f:
-                f.write("\n".join(uri[i] for i in to_embed) + "\n")
-            embedded = embed.run(["--input", args.catalogue, "--input_list", list_file, "--model_dir",
-                                  args.model_dir, "--output", FileSystems.join(work, "embedded"), "--run_id", run_id,
-                                  "--allow_all_failed", *beam_args])
+    embedded = _embed_changes(args, beam_args, items, diff["added"] + diff["changed"], work, run_id)
     timings["embed"] = round(time.perf_counter() - t, 3)
     _fault("embed")
 
-    # The generation's templates and failures: the unchanged items' rows carried over, then the night's.
     t = time.perf_counter()
-    unchanged = set(diff["unchanged"])
-    new_templates = _read_or_empty(FileSystems.join(work, "embedded"), "templates") if to_embed else None
-    new_failures = _read_or_empty(FileSystems.join(work, "embedded"), "failures") if to_embed else None
-    kept_templates = None if full_reason else _keep(bio.read_table_dir(base["dir"], "templates"), unchanged)
-    kept_failures = None if full_reason else _keep(_read_or_empty(base["dir"], "failures"), unchanged)
-    templates = pa.concat_tables([x for x in (kept_templates, new_templates) if x is not None and x.num_rows]) \
-        if any(x is not None and x.num_rows for x in (kept_templates, new_templates)) else None
-    if templates is None:
-        raise ValueError(f"no item of {args.catalogue!r} could be embedded: nothing to deduplicate")
-    templates = templates.sort_by("item_id")
-    _write_table(templates, gen, "templates", templates.schema)
-    from schemas.tables import FAILURES_SCHEMA
-    failures = pa.concat_tables([x.select(FAILURES_SCHEMA.names) for x in (kept_failures, new_failures)
-                                 if x is not None]) if (kept_failures is not None or new_failures is not None) \
-        else FAILURES_SCHEMA.empty_table()
-    _write_table(failures, gen, "failures", FAILURES_SCHEMA)
+    templates, failures, new_templates = _generation_tables(base, work, set(diff["unchanged"]), embedded is not None,
+                                                            full_reason is not None, gen)
     timings["templates"] = round(time.perf_counter() - t, 3)
     _fault("templates")
 
-    # Matches.
     t = time.perf_counter()
-    templates_glob = bio.table_glob(gen, "templates")
-    match_out = FileSystems.join(work, "match")
-    if full_reason:
-        thr = [] if args.threshold is None else ["--threshold", str(args.threshold)]
-        match.run(["--templates", templates_glob, "--model_dir", args.model_dir, "--output", match_out,
-                   "--score_norm", "none", "--run_id", run_id, *thr, *beam_args])
-        run_doc = bio.read_json(FileSystems.join(match_out, "match_run.json"))
-        threshold = run_doc["threshold"]
-        matches = bio.read_table_dir(match_out, "matches")
-        night_matches = matches
-    else:
-        threshold = base["threshold"]
-        night_matches = MATCHES_SCHEMA.empty_table()
-        if new_templates is not None and new_templates.num_rows:
-            match.run(["--templates", templates_glob, "--mode", "queries", "--queries",
-                       bio.table_glob(FileSystems.join(work, "embedded"), "templates"), "--top_k", "0",
-                       "--threshold", repr(float(threshold["value"])), "--score_norm", "none",
-                       "--output", match_out, "--run_id", run_id, *beam_args])
-            night_matches = bio.read_table_dir(match_out, "matches")
-        kept_matches = _keep(bio.read_table_dir(base["dir"], "matches"), unchanged, ("left_id", "right_id"))
-        matches = merge_matches(kept_matches, night_matches, run_id)
-        night_matches = merge_matches(None, night_matches, run_id)
-    lineage = {"stage": "match", "run_id": run_id, "model_id": card["model_id"],
-               "templates": outputs.templates_fingerprint(templates_glob), "threshold": threshold["value"],
-               "score": "angular_similarity", "threshold_source": threshold["source"], "mode": "nightly",
-               "search": "exact"}
-    _write_table(merge_matches(matches, MATCHES_SCHEMA.empty_table(), run_id), gen, "matches",
-                 outputs.with_lineage(MATCHES_SCHEMA, lineage))
-    bio.write_json(FileSystems.join(gen, "match_run.json"), {
-        "run_id": run_id, "model_id": card["model_id"], "mode": "all_pairs", "search": "exact",
-        "items": templates.num_rows, "pairs": matches.num_rows, "threshold": threshold,
-        "nightly": {"run_date": run_date, "full": full_reason is not None}})
+    threshold, matches, night_matches = _match_step(args, beam_args, base, set(diff["unchanged"]), new_templates,
+                                                    full_reason is not None, gen, work, run_id, card)
     timings["match"] = round(time.perf_counter() - t, 3)
     _fault("match")
 
-    # Clusters of everything.
+    from beam_pipeline import dedup
+
     t = time.perf_counter()
-    dedup_summary = dedup.run(["--templates", templates_glob, "--matches", bio.table_glob(gen, "matches"),
-                               "--output", gen, "--linkage", args.linkage, "--keeper_policy", args.keeper_policy,
-                               "--run_id", run_id, *beam_args])
+    dedup_summary = dedup.run(["--templates", bio.table_glob(gen, "templates"), "--matches",
+                               bio.table_glob(gen, "matches"), "--output", gen, "--linkage", args.linkage,
+                               "--keeper_policy", args.keeper_policy, "--run_id", run_id, *beam_args])
     timings["dedup"] = round(time.perf_counter() - t, 3)
     _fault("dedup")
 
-    # The date's outputs, replaced whole when the date runs again.
     t = time.perf_counter()
     _delete_tree(work)
-    with FileSystems.create(FileSystems.join(gen, ns.ITEMS), compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        pq.write_table(items, f)
-    day = ns.run_dir(state, run_date)
-    _delete_tree(day)
-    _copy_tree(FileSystems.join(gen, "clusters"), FileSystems.join(day, "clusters"))
-    _write_table(night_matches, day, "matches", MATCHES_SCHEMA)
     manifest = {
-        "run_date": run_date, "run_id": run_id, "generation": name, "parent": None if base is None else base["generation"],
-        "replaced_date": rerun, "catalogue": args.catalogue, "model_dir": args.model_dir, "model_id": card["model_id"],
-        "full": full_reason is not None, "full_reason": full_reason,
+        "run_date": run_date, "run_id": run_id, "generation": name,
+        "parent": None if base is None else base["generation"], "replaced_date": rerun, "catalogue": args.catalogue,
+        "model_dir": args.model_dir, "model_id": card["model_id"], "full": full_reason is not None,
+        "full_reason": full_reason,
         "counts": {"items": items.num_rows, "added": len(diff["added"]), "changed": len(diff["changed"]),
                    "removed": len(diff["removed"]), "unchanged": len(diff["unchanged"]),
                    "embedded": 0 if embedded is None else embedded["embedded"],
@@ -369,20 +301,141 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
         "removed_dead_generations": removed_dead,
         "seconds": timings,
     }
-    bio.write_json(FileSystems.join(day, "manifest.json"), manifest)
-    bio.write_json(FileSystems.join(gen, ns.STATE_DOC), {
-        "generation": name, "parent": None if base is None else base["generation"], "run_date": run_date,
-        "run_id": run_id, "model_id": card["model_id"], "catalogue": args.catalogue, "threshold": threshold,
-        "threshold_how": manifest["threshold_how"], "counts": manifest["counts"]})
+    _write_generation(gen, items, night_matches, manifest, threshold)
     timings["outputs"] = round(time.perf_counter() - t, 3)
     _fault("outputs")
 
     ns.commit(state, name)
     _fault("commit")
     timings["total"] = round(time.perf_counter() - started, 3)
-    bio.write_json(FileSystems.join(day, "manifest.json"), manifest)
+    bio.write_json(FileSystems.join(gen, RUN_OUTPUTS, "manifest.json"), manifest)  # with the total
+    publish_committed_run(state)
     LOG.info("nightly %s: %s", run_date, manifest["counts"])
     return manifest
+
+
+def _full_run_reason(base: dict | None, card: dict, recalibrate: bool) -> str | None:
+    """Why this run embeds and matches everything, or None for an incremental run."""
+    if base is None:
+        return "no earlier state"
+    if base["model_id"] != card["model_id"]:
+        return f"new model {card['model_id']} (the state's templates are of {base['model_id']}): full re-embed"
+    return "--recalibrate" if recalibrate else None
+
+
+def _embed_changes(args, beam_args, items: pa.Table, to_embed: list[str], work: str, run_id: str) -> dict | None:
+    """Embed the listed items only (embed --input_list) into WORK/embedded; its summary, or None."""
+    from beam_pipeline import embed
+
+    if not to_embed:
+        return None
+    uri = dict(zip(items.column("item_id").to_pylist(), items.column("source_uri").to_pylist()))
+    with tempfile.TemporaryDirectory() as tmp:
+        list_file = os.path.join(tmp, "input_list.txt")
+        with open(list_file, "w") as f:
+            f.write("\n".join(uri[i] for i in to_embed) + "\n")
+        return embed.run(["--input", args.catalogue, "--input_list", list_file, "--model_dir", args.model_dir,
+                          "--output", FileSystems.join(work, "embedded"), "--run_id", run_id, "--allow_all_failed",
+                          *beam_args])
+
+
+def _concat(tables, schema: pa.Schema | None = None) -> pa.Table | None:
+    """The rows of the tables that exist (None: no table at all; with `schema`, an empty table instead)."""
+    present = [t if schema is None else t.select(schema.names) for t in tables if t is not None]
+    if not present:
+        return None if schema is None else schema.empty_table()
+    return pa.concat_tables(present)
+
+
+def _generation_tables(base: dict | None, work: str, unchanged: set, embedded: bool, full: bool, gen: str):
+    """Write the generation's templates and failures: the unchanged items' rows carried over from the base
+    generation, then the night's. Returns (templates, failures, the night's templates or None)."""
+    night = FileSystems.join(work, "embedded")
+    new_templates = _read_or_empty(night, "templates") if embedded else None
+    new_failures = _read_or_empty(night, "failures", FAILURES_SCHEMA) if embedded else None
+    kept_templates = None if full else _keep(bio.read_table_dir(base["dir"], "templates"), unchanged)
+    kept_failures = None if full else _keep(_read_or_empty(base["dir"], "failures", FAILURES_SCHEMA), unchanged)
+    templates = _concat([t for t in (kept_templates, new_templates) if t is not None and t.num_rows])
+    if templates is None:
+        raise ValueError("no item of the catalogue could be embedded: nothing to deduplicate")
+    templates = templates.sort_by("item_id")
+    _write_table(templates, gen, "templates", templates.schema)
+    failures = _concat([kept_failures, new_failures], FAILURES_SCHEMA)
+    _write_table(failures, gen, "failures", FAILURES_SCHEMA)
+    return templates, failures, new_templates
+
+
+def _match_step(args, beam_args, base: dict | None, unchanged: set, new_templates: pa.Table | None, full: bool,
+                gen: str, work: str, run_id: str, card: dict) -> tuple[dict, pa.Table, pa.Table]:
+    """The generation's matches (written with their lineage, and a match_run.json for the report):
+    a full run matches all pairs (self-calibrated unless --threshold); an incremental one matches the night's
+    templates against all of them at the state's threshold and keeps the earlier matches between unchanged
+    items. Returns (threshold, all matches, the night's matches)."""
+    from beam_pipeline import match
+
+    templates_glob = bio.table_glob(gen, "templates")
+    out = FileSystems.join(work, "match")
+    if full:
+        given = [] if args.threshold is None else ["--threshold", str(args.threshold)]
+        match.run(["--templates", templates_glob, "--model_dir", args.model_dir, "--output", out,
+                   "--score_norm", "none", "--run_id", run_id, *given, *beam_args])
+        threshold = bio.read_json(FileSystems.join(out, "match_run.json"))["threshold"]
+        night = merge_matches(None, bio.read_table_dir(out, "matches"), run_id)
+        matches = night
+    else:
+        threshold = base["threshold"]
+        night = MATCHES_SCHEMA.empty_table()
+        if new_templates is not None and new_templates.num_rows:
+            match.run(["--templates", templates_glob, "--mode", "queries", "--queries",
+                       bio.table_glob(FileSystems.join(work, "embedded"), "templates"), "--top_k", "0",
+                       "--threshold", repr(float(threshold["value"])), "--score_norm", "none",
+                       "--output", out, "--run_id", run_id, *beam_args])
+            night = merge_matches(None, bio.read_table_dir(out, "matches"), run_id)
+        kept = _keep(bio.read_table_dir(base["dir"], "matches"), unchanged, ("left_id", "right_id"))
+        matches = merge_matches(kept, night, run_id)
+    lineage = {"stage": "match", "run_id": run_id, "model_id": card["model_id"],
+               "templates": outputs.templates_fingerprint(templates_glob), "threshold": threshold["value"],
+               "score": "angular_similarity", "threshold_source": threshold["source"], "mode": "nightly",
+               "search": "exact"}
+    _write_table(matches, gen, "matches", outputs.with_lineage(MATCHES_SCHEMA, lineage))
+    bio.write_json(FileSystems.join(gen, "match_run.json"), {
+        "run_id": run_id, "model_id": card["model_id"], "mode": "all_pairs", "search": "exact",
+        "items": lineage["templates"]["items"], "pairs": matches.num_rows, "threshold": threshold, "nightly": {"full": full}})
+    return threshold, matches, night
+
+
+# What a run publishes under STATE/runs/<run_date>/, staged inside its generation until it is committed.
+RUN_OUTPUTS = "run_outputs"
+
+
+def _write_generation(gen: str, items: pa.Table, night_matches: pa.Table, manifest: dict, threshold: dict) -> None:
+    """Everything of the generation but the commit: items.parquet, state.json, and the date's outputs
+    (manifest.json, clusters/, the night's matches/) staged under RUN_OUTPUTS."""
+    with FileSystems.create(FileSystems.join(gen, ns.ITEMS), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        pq.write_table(items, f)
+    staged = FileSystems.join(gen, RUN_OUTPUTS)
+    _copy_tree(FileSystems.join(gen, "clusters"), FileSystems.join(staged, "clusters"))
+    _write_table(night_matches, staged, "matches", MATCHES_SCHEMA)
+    bio.write_json(FileSystems.join(staged, "manifest.json"), manifest)
+    bio.write_json(FileSystems.join(gen, ns.STATE_DOC), {
+        "generation": manifest["generation"], "parent": manifest["parent"], "run_date": manifest["run_date"],
+        "run_id": manifest["run_id"], "model_id": manifest["model_id"], "catalogue": manifest["catalogue"],
+        "threshold": threshold, "threshold_how": manifest["threshold_how"], "counts": manifest["counts"]})
+
+
+def publish_committed_run(state: str) -> bool:
+    """Make STATE/runs/<date>/ the committed generation's outputs when it is not already (a run killed
+    between its commit and this step is finished by the next one). Whether anything was copied."""
+    cur = ns.current(state)
+    if cur is None:
+        return False
+    day = ns.run_dir(state, cur["run_date"])
+    published = FileSystems.join(day, "manifest.json")
+    if FileSystems.exists(published) and bio.read_json(published).get("generation") == cur["generation"]:
+        return False
+    _delete_tree(day)
+    _copy_tree(FileSystems.join(cur["dir"], RUN_OUTPUTS), day)
+    return True
 
 
 def _local_or_buffer(path: str):

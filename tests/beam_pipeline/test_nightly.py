@@ -134,10 +134,18 @@ def test_rerun_of_a_date_replaces_it_and_a_killed_run_leaves_the_state(tmp_path,
             _nightly(cat, tiny_model_dir, state, "2026-12-03")
         assert ns.current_name(state) == committed, step
         assert not os.path.exists(os.path.join(state, ns.LOCK)), step
-        assert not os.path.exists(os.path.join(state, "runs", "2026-12-03", "manifest.json")) or step == "outputs"
+        assert not os.path.exists(os.path.join(state, "runs", "2026-12-03")), step
+    # Killed just after its commit: the state is the new one; the next run publishes its date's outputs.
+    monkeypatch.setenv(nightly.FAULT_ENV, "commit")
+    with pytest.raises(nightly.InjectedFault):
+        _nightly(cat, tiny_model_dir, state, "2026-12-03")
+    assert ns.current_name(state) != committed and not os.path.exists(os.path.join(state, "runs", "2026-12-03"))
+    assert nightly.publish_committed_run(state)
+    assert json.load(open(os.path.join(state, "runs", "2026-12-03", "manifest.json")))["generation"] == \
+        ns.current_name(state)
     monkeypatch.delenv(nightly.FAULT_ENV)
-    recovered = _nightly(cat, tiny_model_dir, state, "2026-12-03")
-    assert recovered["counts"]["removed"] == 1 and recovered["counts"]["added"] == 0
+    recovered = _nightly(cat, tiny_model_dir, state, "2026-12-03")  # the date again, from 12-02's state
+    assert recovered["replaced_date"] and recovered["counts"]["removed"] == 1 and recovered["counts"]["added"] == 0
     assert len(os.listdir(os.path.join(state, ns.GENERATIONS))) <= 3  # killed runs' generations removed
     assert _state_clusters(state)[0] == _full_recompute(cat, tiny_model_dir, str(tmp_path / "full2"))[0]
 
