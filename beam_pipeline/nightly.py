@@ -4,8 +4,9 @@
         --state gs://B/dedup_state [--run_date 2026-12-03] [--threshold 0.9] [Beam runner flags]
 
 Each run, holding the state's lock (beam_pipeline.nightly_state):
-1. lists the catalogue and hashes every file's bytes (sha256): items added, changed (other bytes) and
-   removed since the committed generation;
+1. lists the catalogue and hashes the bytes (sha256) of every file whose size or modification time moved
+   since the last run (--rehash: every file): items added, changed (other bytes) and removed since the
+   committed generation;
 2. embeds the added and changed items only (the embed pipeline with --input_list); a new model_id, or no
    state yet, embeds everything (a full run, stated in the manifest);
 3. matches the new templates against the whole catalogue, old and new (the match pipeline, --mode queries,
@@ -49,7 +50,7 @@ from schemas.tables import FAILURES_SCHEMA, MATCHES_SCHEMA
 
 LOG = logging.getLogger(__name__)
 ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("source_uri", pa.string()), ("size", pa.int64()),
-                          ("content_sha256", pa.string())])
+                          ("modified", pa.float64()), ("content_sha256", pa.string())])
 # Where a test can make a run fail (SIAMESE_DEDUP_NIGHTLY_FAULT=<step>): after each step's work.
 FAULT_ENV = "SIAMESE_DEDUP_NIGHTLY_FAULT"
 STEPS = ("list", "embed", "templates", "match", "dedup", "outputs", "commit")  # "commit": after it
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Recompute everything and choose the threshold afresh (a full run).")
     parser.add_argument("--linkage", default=DEFAULT_LINKAGE, choices=LINKAGES, help="dedup --linkage.")
     parser.add_argument("--keeper_policy", default="first_id", help="dedup --keeper_policy (default first_id).")
+    parser.add_argument("--rehash", action="store_true",
+                        help="Read and hash every file, also those whose size and modification time are unchanged "
+                             "since the last run (by default their hash is taken from the state, as rsync does).")
     parser.add_argument("--break_lock", action="store_true",
                         help="Remove a lock left by a killed run before starting (only when no other run is going).")
     return parser
@@ -109,12 +113,22 @@ def content_sha256(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def list_items(catalogue: str) -> pa.Table:
-    """Every file of the catalogue (ITEMS_SCHEMA): its item id, path, size and content hash, by id."""
+def list_items(catalogue: str, before: pa.Table | None = None) -> pa.Table:
+    """Every file of the catalogue (ITEMS_SCHEMA): its item id, path, size, modification time and content
+    hash, by id. A file whose path, size and modification time equal its row in `before` (the last run's
+    items) keeps that row's hash unread, as rsync does by default; without `before` every file is read."""
+    known = {}
+    if before is not None:
+        for r in before.to_pylist():
+            if r["content_sha256"] and r.get("modified") is not None:
+                known[r["source_uri"]] = (r["size"], r["modified"], r["content_sha256"])
     rows = []
     for listed in sources.list_catalogue(catalogue):
+        old = known.get(listed.path)
+        same = old is not None and listed.modified is not None and old[:2] == (int(listed.size), listed.modified)
         rows.append({"item_id": bio.item_id_for(listed.path, catalogue), "source_uri": listed.path,
-                     "size": int(listed.size), "content_sha256": content_sha256(listed.path) or ""})
+                     "size": int(listed.size), "modified": listed.modified,
+                     "content_sha256": old[2] if same else (content_sha256(listed.path) or "")})
     if not rows:
         raise FileNotFoundError(f"--catalogue {catalogue!r} matches no files")
     return pa.Table.from_pylist(sorted(rows, key=lambda r: r["item_id"]), schema=ITEMS_SCHEMA)
@@ -247,8 +261,8 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     full_reason = _full_run_reason(base, card, args.recalibrate)
 
     t = time.perf_counter()
-    items = list_items(args.catalogue)
     before = None if full_reason else pq.read_table(_local_or_buffer(FileSystems.join(base["dir"], ns.ITEMS)))
+    items = list_items(args.catalogue, None if args.rehash else before)
     diff = diff_items(items, before)
     timings["list"] = round(time.perf_counter() - t, 3)
     _fault("list")

@@ -585,6 +585,7 @@ class Listed(NamedTuple):
     path: str
     size: int
     problem: Optional[str] = None
+    modified: Optional[float] = None  # last modification, seconds since the epoch, when the filesystem says
 
 
 _FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
@@ -655,7 +656,7 @@ def _classify(path: str) -> Optional[Listed]:
     for is_kind, kind in _FILE_KINDS:
         if is_kind(info.st_mode):
             return Listed(path, -1, f"not a regular file: {kind}")
-    return Listed(path, int(info.st_size))
+    return Listed(path, int(info.st_size), modified=info.st_mtime_ns / 1e9)
 
 
 def local_listing(input_glob: str) -> Iterator[Listed]:
@@ -692,7 +693,8 @@ def list_catalogue(input_glob: str, limit: Optional[int] = None) -> list[Listed]
                 break
         return sorted(found)
     result = FileSystems.match([input_glob], limits=None if limit is None else [limit])[0]
-    return sorted(Listed(*_listed(m)) for m in result.metadata_list if not _is_directory(m.path))
+    return sorted(Listed(*_listed(m), modified=getattr(m, "last_updated_in_seconds", None) or None)
+                  for m in result.metadata_list if not _is_directory(m.path))
 
 
 # ------------------------------------------------------------------------------------------------- Beam

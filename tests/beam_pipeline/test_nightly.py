@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -214,3 +215,21 @@ def test_gcs_lock_relies_on_the_generation_precondition(monkeypatch):
     with pytest.raises(ns.StateLocked, match="the-other-run"):
         ns.acquire_lock("gs://bucket/state", "mine")
     assert calls == [0]
+
+
+def test_unchanged_size_and_time_keep_the_hash_unread(tmp_path):
+    cat = _catalogue(tmp_path, n_groups=2)
+    glob = os.path.join(cat, "*.png")
+    first = nightly.list_items(glob)
+    assert all(len(h) == 64 for h in first.column("content_sha256").to_pylist())
+    # A state that recorded another hash for the same size and time: taken as it is, the file not read.
+    marked = first.set_column(first.schema.get_field_index("content_sha256"), "content_sha256",
+                              pa.array(["x" * 64] * first.num_rows))
+    assert set(nightly.list_items(glob, marked).column("content_sha256").to_pylist()) == {"x" * 64}
+    # A file written again (new modification time) is read: its true hash, the others still taken.
+    name = sorted(os.listdir(cat))[0]
+    os.utime(os.path.join(cat, name), ns=(1, 1))
+    again = dict(zip(*(nightly.list_items(glob, marked).column(c).to_pylist() for c in ("item_id", "content_sha256"))))
+    assert again[name] == dict(zip(first.column("item_id").to_pylist(),
+                                   first.column("content_sha256").to_pylist()))[name]
+    assert sum(h == "x" * 64 for h in again.values()) == first.num_rows - 1
