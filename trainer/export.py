@@ -71,7 +71,7 @@ def _input_spec_of(model) -> dict:
 
 
 def export_encoder(model, out_dir: str, *, training: dict, data: dict, metrics: dict, thresholds: dict,
-                   input_spec: dict | None = None) -> dict:
+                   input_spec: dict | None = None, hard_negatives: dict | None = None) -> dict:
     """Write `out_dir/model.keras` and `out_dir/model_card.json`; return the card.
 
     Args:
@@ -80,6 +80,8 @@ def export_encoder(model, out_dir: str, *, training: dict, data: dict, metrics: 
       training / data / metrics: free-form dicts recorded in the card (config, data description, scores).
       thresholds: {"instance": [THRESHOLD_SCHEMA, ...], "class": [...]} (see trainer.evaluate).
       input_spec: defaults to the model's input shape with uint8 pixels in [0, 255].
+      hard_negatives: the record of `train --hard_negatives` ({"file", "pairs_given", "pairs_used",
+        "skipped": {reason: count}, "new_items"}; trainer.hard_negatives), None (null) without it.
     Raises SchemaError if the card does not validate (nothing is written then).
     """
     input_spec = dict(input_spec) if input_spec is not None else _input_spec_of(model)
@@ -93,6 +95,7 @@ def export_encoder(model, out_dir: str, *, training: dict, data: dict, metrics: 
         "data": data,
         "metrics": metrics,
         "thresholds": thresholds,
+        "hard_negatives": hard_negatives,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "keras_version": _keras_version(),
     }

@@ -202,3 +202,51 @@ class InstanceSampler:
                 order, cursor = rng.permutation(self.n), 0
             yield order[cursor:cursor + self.batch_size]
             cursor += self.batch_size
+
+
+class PairedInstanceSampler(InstanceSampler):
+    """InstanceSampler batches that also carry whole hard-negative pairs (trainer.hard_negatives): each
+    batch holds `pairs_per_batch` pairs (both images of each; about `share` of the batch's images, at least
+    one pair), the pairs cycling in a shuffled order, and is filled up with other images from a running
+    shuffled order, as InstanceSampler draws them. Every image is in a batch at most once, so the in-batch
+    loss takes the two images of a pair as two identities and pushes them apart.
+
+    Args:
+      n, batch_size, batches_per_epoch: as InstanceSampler.
+      pairs: int (p, 2) indices (< n) of the pairs' images; the two of a pair differ.
+      share: the part of a batch's images given to pairs (0.25: a quarter).
+    """
+
+    def __init__(self, n: int, batch_size: int, pairs: np.ndarray, batches_per_epoch: int | None = None,
+                 share: float = 0.25):
+        super().__init__(n, batch_size, batches_per_epoch)
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if len(pairs) == 0:
+            raise ValueError("a paired sampler needs at least one pair")
+        if pairs.min() < 0 or pairs.max() >= n or np.any(pairs[:, 0] == pairs[:, 1]):
+            raise ValueError(f"pairs must join two different images among the {n}")
+        self.pairs = pairs
+        self.pairs_per_batch = min(len(pairs), max(1, int(batch_size * share) // 2))
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Yield `batches_per_epoch` index arrays (batch_size,) of distinct images: the pairs' images first
+        (pair by pair), then the filling."""
+        m = self.pairs_per_batch
+        pair_order, pair_cursor = rng.permutation(len(self.pairs)), 0
+        order, cursor = rng.permutation(self.n), 0
+        for _ in range(self.batches_per_epoch):
+            if pair_cursor + m > len(self.pairs):
+                pair_order, pair_cursor = rng.permutation(len(self.pairs)), 0
+            chosen = self.pairs[pair_order[pair_cursor:pair_cursor + m]].reshape(-1)
+            pair_cursor += m
+            # An image in two of the chosen pairs is taken once (one identity per image per batch).
+            _, first = np.unique(chosen, return_index=True)
+            fixed = chosen[np.sort(first)]
+            need = self.batch_size - len(fixed)
+            # A window of `need + len(fixed)` distinct images holds at least `need` outside `fixed`.
+            if cursor + self.batch_size > self.n:
+                order, cursor = rng.permutation(self.n), 0
+            window = order[cursor:cursor + self.batch_size]
+            take = np.flatnonzero(~np.isin(window, fixed))[:need]
+            cursor += int(take[-1]) + 1 if need else 0
+            yield np.concatenate([fixed, window[take]])

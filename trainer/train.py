@@ -7,6 +7,8 @@
     python -m trainer.train --output m --data unlabelled --data_path catalogue/   # instance mode
     python -m trainer.train --output m --data npz --data_path arrays.npz      # images (+ labels)
     python -m trainer.train --output m --train_classes 0,1,2,3,4    # unseen-class protocol
+    python -m trainer.train --output m --data unlabelled --data_path catalogue/ --preset catalogue \
+        --hard_negatives reviewed.csv          # + pairs a person said are not copies, in every batch
 
 Steps: load the source and hold out a slice of it (validation for early stopping + a calibration set that
 never trains and never picks epochs; for sources other than Fashion-MNIST also a test slice), train on
@@ -36,10 +38,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from trainer import evaluate as ev
+from trainer import hard_negatives as hn
 from trainer.augment import augment_batch
 from trainer.data import SOURCES, load_fashion_mnist, load_source
 from trainer.distances import SCORE_NORMS
-from trainer.samplers import InstanceSampler, PKSampler
+from trainer.samplers import InstanceSampler, PairedInstanceSampler, PKSampler
 
 COLLAPSE_MEAN_COSINE = 0.98
 STATE_FILE = "state.json"
@@ -106,6 +109,9 @@ class TrainConfig:
     loss, not to the encoder, so they are never exported. With `ema_momentum` > 0 the optimizer keeps an
     exponential moving average of the weights, and that average is what each epoch validates and what is
     exported.
+    With `hard_negatives` (instance mode only) the images of the pairs in that file (trainer.hard_negatives)
+    join the training set, each its own identity, and every batch carries whole pairs of them (about a
+    quarter of its images; trainer.samplers.PairedInstanceSampler), so the loss pushes each pair apart.
     """
     output_dir: str = "model"
     data: str = "fashion_mnist"
@@ -155,6 +161,7 @@ class TrainConfig:
     dense_units: int = 128
     dropout: float = 0.1
     train_classes: str | None = None  # "0,1,2,3,4": train on these classes, report the others as unseen
+    hard_negatives: str | None = None  # a file of pairs that are NOT copies (trainer.hard_negatives.FORMAT_HELP)
     validation_split: float = 0.1    # of the train split: held out for validation + calibration
     validation_items: int = 2000     # the part of the held-out slice used for early stopping
     calibration_items: int = 3000    # the part used to calibrate thresholds (all pairs: ~4.5 M)
@@ -460,6 +467,35 @@ def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
             "test_sources": test_images if test_sources is None else test_sources}
 
 
+def _check_hard_negatives_mode(config: TrainConfig, kind: str) -> None:
+    """--hard_negatives needs instance mode (see _add_hard_negatives); checked as soon as the mode is known."""
+    if config.hard_negatives and kind != "instance":
+        raise ValueError(f"--hard_negatives needs instance mode (--data unlabelled or photo_corpus, an npz "
+                         f"without labels, --instance_only, or the catalogue / copydetect / instance presets); "
+                         f"the {config.data} source is in {kind} mode")
+
+
+def _add_hard_negatives(config: TrainConfig, kind: str, table: hn.PairTable, input_spec: dict,
+                        train: tuple[np.ndarray, np.ndarray, np.ndarray], next_label: int):
+    """The training arrays (images, labels, edit sources) with the hard-negative pairs' images added, the
+    pairs as int64 (p, 2) indices into them, and the card's record of the file.
+
+    Instance mode only: there each image is its own identity, so a pair's two images are two identities
+    the in-batch loss pushes apart. In class mode two images of a pair would need classes of their own,
+    of one image each, beside classes of hundreds: refused rather than half supported. An image equal to a
+    training image is that item (hard_negatives.place_in); a new one gets a new label from `next_label` on
+    (past every label of the pool, so it never meets a validation or calibration identity's)."""
+    _check_hard_negatives_mode(config, kind)  # train() checked before the split; kept for other callers
+    images, labels, sources = train
+    hard = hn.load_hard_negatives(table, input_spec, edit_source_spec(config, input_spec))
+    new, pairs = hn.place_in(images, hard)
+    added = hard.images[new].reshape((len(new),) + images.shape[1:])
+    added_sources = (added if hard.sources is None else hard.sources[new]).reshape((len(new),) + sources.shape[1:])
+    record = {**hard.record, "new_items": int(len(new))}
+    return (np.concatenate([images, added]), np.concatenate([labels, next_label + np.arange(len(new))]),
+            np.concatenate([sources, added_sources]), pairs, record)
+
+
 def _held_out(labels: np.ndarray, kind: str, config: TrainConfig):
     """(train, validation, calibration) indices of the train pool."""
     if kind == "class":
@@ -543,8 +579,11 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     # a run that failed half-way in this process leaves no policy behind for the next.
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
 
+    # The file's columns are checked before the (long) load; its images are decoded once the spec is known.
+    hard_table = hn.read_pair_table(config.hard_negatives) if config.hard_negatives else None
     loaded = _load(config, rng)
     images, labels, kind = loaded["images"], loaded["labels"], loaded["kind"]
+    _check_hard_negatives_mode(config, kind)
     instance_mode = kind == "instance"
     seen_classes = _int_list(config.train_classes)
     train_idx, val_idx, cal_idx = _held_out(labels, kind, config)
@@ -556,6 +595,14 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     x_train, y_train = images[train_idx], labels[train_idx]
     sources = loaded["sources"]
     src_train = sources[train_idx]
+    input_spec = _input_spec(config, images)
+    hard_pairs, hard_record = None, None
+    if hard_table is not None:
+        x_train, y_train, src_train, hard_pairs, hard_record = _add_hard_negatives(
+            config, kind, hard_table, input_spec, (x_train, y_train, src_train), int(labels.max()) + 1)
+        _log(config, f"hard negatives: {hard_record['pairs_used']} of {hard_record['pairs_given']} pairs used "
+                     f"({hard_record['new_items']} images new to the training set), skipped "
+                     f"{hard_record['skipped'] or 'none'}")
     n_classes = len(np.unique(y_train))
     views = 2 if instance_mode else config.views
     cfg_views = dataclasses.replace(config, views=views)
@@ -564,6 +611,9 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         sampler = InstanceSampler(len(y_train), min(batch, len(y_train)),
                                   max(1, (config.epoch_items or len(y_train)) // (views * batch)))
         shape = f"{views} x {sampler.batch_size} images"
+        if hard_pairs is not None:  # a separate sampler: without the flag batches stay exactly as they were
+            sampler = PairedInstanceSampler(len(y_train), sampler.batch_size, hard_pairs, len(sampler))
+            shape += f" ({2 * sampler.pairs_per_batch} of them from {len(hard_pairs)} hard-negative pairs)"
     else:
         p = min(config.classes_per_batch, n_classes)
         k = 2 if kind == "pair" else config.per_class
@@ -571,7 +621,6 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
                             batches_per_epoch=max(1, (config.epoch_items or len(y_train)) // (views * p * k)))
         shape = f"{views} x {p} x {k}"
     steps_per_epoch = len(sampler)
-    input_spec = _input_spec(config, images)
     edit = make_edit(config, input_spec)
     eval_copies = make_eval_copies(config, input_spec)
     _log(config, f"{kind} mode: train {len(train_idx)} items, validation {len(val_idx)}, calibration "
@@ -814,7 +863,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             "classes": None if instance_mode else int(n_classes), "train_classes": seen_classes,
             "calibration": "held-out slice of the train split (not trained on, not used for early stopping)"}
     card = export_encoder(model, out, training=training, data=data, metrics=metrics, thresholds=thresholds,
-                          input_spec=input_spec)
+                          input_spec=input_spec, hard_negatives=hard_record)
 
     summary = {
         "model_dir": out, "model_id": card["model_id"], "seed_auc": metrics["seed_protocol_auc"],
@@ -825,6 +874,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         "best_epoch": best["epoch"], "validation_auc": best["auc"],
         "instance_recall_at_fmr": {str(r["target_fmr"]): r["tmr"] for r in metrics["test_instance"]["recall_at_fmr"]},
         "thresholds": {k: len(v) for k, v in thresholds.items()}, "plots": plots,
+        "hard_negatives": hard_record,
     }
     if "unseen_classes" in metrics:
         summary["unseen_classes"] = {k: metrics["unseen_classes"][k]
@@ -908,6 +958,11 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "other (unseen) classes")
     g.add_argument("--instance_only", action="store_true", default=dflt("instance_only"),
                    help="instance mode on labelled data: ignore the labels, every image is its own identity")
+    g.add_argument("--hard_negatives", default=None, metavar="FILE",
+                   help="pairs of images a person confirmed are NOT copies (siamese-dedup review import): "
+                        f"{hn.FORMAT_HELP}. Instance mode only: each image becomes a training identity and "
+                        "every batch carries whole pairs (about a quarter of it), so the loss pushes them apart; "
+                        "rows whose images do not read or decode are skipped and counted in the model card")
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", choices=("small_cnn", "mobilenet_v2", "resnet50"), default=dflt("backbone"),
                    help="encoder body")
