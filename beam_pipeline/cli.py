@@ -33,6 +33,7 @@ STAGES = {
                "recalibrate the threshold and write hard negatives."),
     "nightly": ("beam_pipeline.nightly", "Nightly incremental dedup: embed and match only what changed since the "
                 "last run, keep the state (local or gs://)."),
+    "watch": ("beam_pipeline.streaming", "Watch a folder for new files and report their duplicates (streaming Beam)."),
     "demo": ("beam_pipeline.demo", "Run the whole job end to end on Fashion-MNIST with planted duplicates."),
 }
 

@@ -357,6 +357,42 @@ class DedupOptions(PipelineOptions):
         _add_run_id(parser)
 
 
+class WatchOptions(PipelineOptions):
+    """Options of the streaming watcher (beam_pipeline.streaming): new files in, their duplicates out."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        # Flags other stages share (--input, --model_dir, --output, --templates, --threshold, --batch_size,
+        # --max_pixels, --max_file_bytes, --run_id) are added once (see _add), with the same defaults.
+        _add(parser, "--input", required=True,
+             help="Glob of the catalogue location to watch for new image files, local or gs:// ('drop/**/*.jpg').")
+        _add(parser, "--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
+        _add(parser, "--output", required=True,
+             help="Output directory; writes duplicates/, failures/ and checked/ (JSON lines) under it.")
+        _add(parser, "--state", default=None,
+             help="A nightly state directory (siamese-dedup nightly --state): new files are matched against its "
+             "committed catalogue's templates, at its threshold (unless --threshold).")
+        _add(parser, "--templates", default=None,
+             help="Instead of --state: glob of the templates Parquet files of the indexed catalogue (needs "
+             "--threshold).")
+        _add(parser, "--threshold", type=THRESHOLD, default=None,
+             help="Angular similarity at or above which a new file duplicates a catalogue item (default with "
+             "--state: the state's threshold).")
+        _add(parser, "--poll_interval", type=bounded(float, 0.0, low_open=True), default=5.0,
+             help="Seconds between two listings of --input (default 5).")
+        _add(parser, "--stop_after_seconds", type=NON_NEGATIVE_FLOAT, default=0.0,
+             help="Stop watching after this many seconds (default 0: watch until interrupted).")
+        _add(parser, "--include_existing", action="store_true",
+             help="Also match files last modified before the watcher started (default: only files written since).")
+        _add(parser, "--batch_size", type=POSITIVE_INT, default=256,
+             help="Images per model call (default 256; a poll's new files are embedded together).")
+        _add(parser, "--max_pixels", type=POSITIVE_INT, default=decode.DEFAULT_MAX_PIXELS,
+             help="Refuse images whose declared width*height exceeds this (decompression bombs; default 5e7).")
+        _add(parser, "--max_file_bytes", type=NON_NEGATIVE_INT, default=sources.DEFAULT_MAX_FILE_BYTES,
+             help="Refuse (failures stage 'read') files larger than this many bytes (default 2e8; 0: no limit).")
+        _add_run_id(parser)
+
+
 def _beam_parser():
     """One parser of every PipelineOptions class (Beam's and the stages'), as Beam itself builds it."""
     from apache_beam.options.pipeline_options import _BeamArgumentParser
