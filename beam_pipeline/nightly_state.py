@@ -33,8 +33,8 @@ STATE_DOC = "state.json"
 ITEMS = "items.parquet"
 
 
-class StateLocked(RuntimeError):
-    """Another run holds the state's lock."""
+class StateLocked(ValueError):
+    """Another run holds the state's lock (a ValueError: the command line says it in one line, status 2)."""
 
 
 def _join(*parts: str) -> str:
@@ -157,7 +157,7 @@ def acquire_lock(state: str, run_id: str) -> None:
             raise _PreconditionFailed(path)
     except (FileExistsError, _PreconditionFailed):
         try:
-            holder = _read_text(path)
+            holder = _read_text(path).strip()
         except Exception:  # noqa: BLE001 - released meanwhile: say so rather than guess
             holder = "(released while we looked)"
         raise StateLocked(f"the state {state} is locked by another nightly run: {holder}. If that run is no longer "

@@ -163,13 +163,19 @@ def test_new_model_re_embeds_everything(tmp_path, tiny_model_dir, tiny_rgb_model
     assert manifest["counts"]["embedded"] == manifest["counts"]["items"]
 
 
-def test_two_runs_cannot_hold_the_state(tmp_path, tiny_model_dir):
+def test_two_runs_cannot_hold_the_state(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("SIAMESE_DEDUP_DEBUG", raising=False)
     cat = _catalogue(tmp_path, n_groups=3)
     state = str(tmp_path / "state")
     ns.acquire_lock(state, "someone-else")
     with pytest.raises(ns.StateLocked, match="someone-else"):
         _nightly(cat, tiny_model_dir, state, "2026-12-01")
     assert ns.current_name(state) is None
+    from beam_pipeline import cli
+    code = cli.main(["nightly", "--catalogue", os.path.join(cat, "*.png"), "--model_dir", tiny_model_dir,
+                     "--state", state])
+    err = capsys.readouterr().err
+    assert code == 2 and "locked by another nightly run" in err and "--break_lock" in err and "Traceback" not in err
     manifest = _nightly(cat, tiny_model_dir, state, "2026-12-01", "--break_lock")
     assert manifest["full"] and not os.path.exists(os.path.join(state, ns.LOCK))
 
