@@ -98,11 +98,36 @@ class LabelledImages(tuple):
         return self
 
 
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
 def _image_files(directory: str) -> list[str]:
+    """Names of the image files directly in `directory` (local, or gs:// and other Beam filesystems), sorted."""
+    if _is_remote(directory):
+        from apache_beam.io.filesystems import FileSystems
+        prefix = directory.rstrip("/") + "/"
+        found = FileSystems.match([prefix + "*"])[0].metadata_list
+        names = sorted(m.path[len(prefix):] for m in found)
+        names = [n for n in names if n and "/" not in n and n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not names:
+            raise FileNotFoundError(f"{directory}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return names
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory")
     return sorted(f for f in os.listdir(directory)
                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+
+
+def _read_bytes(path: str) -> bytes:
+    """A file's bytes, local or through Beam's FileSystems (gs://)."""
+    if _is_remote(path):
+        from apache_beam.io.filesystem import CompressionTypes
+        from apache_beam.io.filesystems import FileSystems
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def decode_files(paths: list[str], input_spec: dict) -> np.ndarray:
@@ -114,8 +139,7 @@ def decode_files(paths: list[str], input_spec: dict) -> np.ndarray:
     h, w, c = spec_shape(input_spec)
     out = np.empty((len(paths), h, w, c), np.uint8)
     for i, path in enumerate(paths):
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_bytes(path)
         try:
             out[i] = decode_image(data, input_spec).pixels
         except DecodeError as err:
@@ -161,34 +185,28 @@ def load_pairs(path: str, input_spec: dict, folders: tuple[str, str] | None = No
     return LabelledImages(decode_files(files, input_spec), labels, common, files, "pair")
 
 
-def decodable(paths: list[str], input_spec: dict) -> tuple[list[str], dict[str, str]]:
-    """(the paths that decode, {path: reason} of those that do not): a catalogue's broken files are skipped
-    by training (the embed stage reports them as failures rows)."""
-    from beam_pipeline.decode import DecodeError, decode_image
-    good, bad = [], {}
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                decode_image(f.read(), input_spec)
-            good.append(path)
-        except (DecodeError, OSError) as err:
-            bad[path] = str(err)
-    return good, bad
-
-
 def load_unlabelled(path: str, input_spec: dict) -> LabelledImages:
-    """An unlabelled folder of images (instance mode): every image is its own label. Files that do not
-    decode are skipped with a warning naming them (a real catalogue has some)."""
-    files, bad = decodable([os.path.join(path, f) for f in _image_files(path)], input_spec)
+    """An unlabelled folder of images (instance mode; local or gs://): every image is its own label. Files
+    that do not decode are skipped with a warning naming them (a real catalogue has some). Each file is
+    read once."""
+    from beam_pipeline.decode import DecodeError, decode_image, spec_shape
+    files, pixels, bad = [], [], {}
+    for f in _image_files(path):
+        full = path.rstrip("/") + "/" + f if _is_remote(path) else os.path.join(path, f)
+        try:
+            pixels.append(decode_image(_read_bytes(full), input_spec).pixels)
+            files.append(full)
+        except (DecodeError, OSError) as err:
+            bad[full] = str(err)
     if bad:
         shown = ", ".join(f"{os.path.basename(p)} ({r})" for p, r in list(bad.items())[:5])
         print(f"warning: {path}: skipped {len(bad)} files that do not decode: {shown}"
               f"{' ...' if len(bad) > 5 else ''}", file=sys.stderr)
     if len(files) < 2:
         raise ValueError(f"{path}: instance mode needs at least two images that decode, found {len(files)}")
-    names = [os.path.basename(f) for f in files]
-    return LabelledImages(decode_files(files, input_spec), np.arange(len(files), dtype=np.int64), names, files,
-                          "instance")
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    images = np.stack(pixels).astype(np.uint8, copy=False).reshape((len(files),) + spec_shape(input_spec))
+    return LabelledImages(images, np.arange(len(files), dtype=np.int64), names, files, "instance")
 
 
 def load_npz(path: str, input_spec: dict | None = None) -> LabelledImages:

@@ -113,3 +113,27 @@ def test_unlabelled_and_npz(tmp_path):
     assert load_source("npz", str(tmp_path / "b.npz"), None).kind == "instance"
     with pytest.raises(ValueError, match="data_path"):
         load_source("folder", None, SPEC)
+
+
+def test_unlabelled_reads_a_gcs_folder_as_a_local_one(tmp_path, gcs_bucket, capsys):
+    from apache_beam.io.filesystems import FileSystems
+
+    from trainer.data import load_unlabelled
+    spec = {**SPEC, "channels": 1}
+    for i in range(3):
+        _save(tmp_path / "u" / f"{i}.png", (8, 8), "L", "PNG", 50 * i)
+    (tmp_path / "u" / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "u" / "notes.txt").write_text("not an image either")
+    for name in sorted(os.listdir(tmp_path / "u")):
+        with FileSystems.create(f"{gcs_bucket}/cat/{name}") as f:
+            f.write((tmp_path / "u" / name).read_bytes())
+    with FileSystems.create(f"{gcs_bucket}/cat/deeper/3.png") as f:  # a subfolder's file is not an item
+        f.write((tmp_path / "u" / "0.png").read_bytes())
+    local = load_unlabelled(str(tmp_path / "u"), spec)
+    remote = load_unlabelled(f"{gcs_bucket}/cat/", spec)
+    np.testing.assert_array_equal(remote.images, local.images)
+    assert remote.names == local.names == ["0.png", "1.png", "2.png"]
+    assert remote.paths == [f"{gcs_bucket}/cat/{i}.png" for i in range(3)]
+    assert capsys.readouterr().err.count("skipped 1 files that do not decode: broken.png") == 2
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        load_unlabelled(f"{gcs_bucket}/empty", spec)
