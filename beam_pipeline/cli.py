@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     interrupted: list[bool] = []
     try:
-        with _noting_interrupts(interrupted):
+        with noting_interrupts(interrupted):
             summary = module.run(rest)
     except BaseException as err:
         if debug or isinstance(err, SystemExit):
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _noting_interrupts(interrupted: list):
+def noting_interrupts(interrupted: list):
     """Append to `interrupted` on SIGINT (then raise KeyboardInterrupt as usual), so an interruption is
     recognised whatever exception it turns into on its way out. Main thread only (signal's rule)."""
     if threading.current_thread() is not threading.main_thread():

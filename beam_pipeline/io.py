@@ -257,6 +257,21 @@ def write_json(path: str, obj: Any) -> str:
     return path
 
 
+def write_text(path: str, text: str, mime: str = "text/plain") -> str:
+    """Write `text` as UTF-8 to `path` (local or gs://; parent dirs made); returns `path`."""
+    with FileSystems.create(path, mime_type=mime, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(text.encode("utf-8"))
+    return path
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text at `path` (local or gs://). Raises FileNotFoundError if it is missing."""
+    if not FileSystems.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read().decode("utf-8")
+
+
 def read_json(path: str) -> Any:
     """Parse the JSON document at `path` (local or gs://). Raises FileNotFoundError if it is missing."""
     if not FileSystems.exists(path):

@@ -209,16 +209,6 @@ def _copy_tree(src: str, dst: str) -> None:
         FileSystems.copy([f], [target])
 
 
-def _delete_tree(path: str) -> None:
-    if bio._is_local(path):
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    files = [m.path for m in FileSystems.match([path.rstrip("/") + "/**"])[0].metadata_list]
-    if files:
-        FileSystems.delete(files)
-
-
 # ----------------------------------------------------------------------------------------------- run
 
 def run(argv=None) -> dict:
@@ -297,7 +287,7 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     _fault("dedup")
 
     t = time.perf_counter()
-    _delete_tree(work)
+    outputs.delete_path(work)
     manifest = {
         "run_date": run_date, "run_id": run_id, "generation": name,
         "parent": None if base is None else base["generation"], "replaced_date": rerun, "catalogue": args.catalogue,
@@ -447,7 +437,7 @@ def publish_committed_run(state: str) -> bool:
     published = FileSystems.join(day, "manifest.json")
     if FileSystems.exists(published) and bio.read_json(published).get("generation") == cur["generation"]:
         return False
-    _delete_tree(day)
+    outputs.delete_path(day)
     _copy_tree(FileSystems.join(cur["dir"], RUN_OUTPUTS), day)
     return True
 

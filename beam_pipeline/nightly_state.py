@@ -20,10 +20,10 @@ import json
 import os
 import socket
 
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import io as bio
+from beam_pipeline import outputs
 
 CURRENT = "CURRENT"
 LOCK = "LOCK"
@@ -41,16 +41,6 @@ def _join(*parts: str) -> str:
     return FileSystems.join(*parts)
 
 
-def _write_text(path: str, text: str) -> None:
-    with FileSystems.create(path, mime_type="text/plain", compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(text.encode("utf-8"))
-
-
-def _read_text(path: str) -> str:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read().decode("utf-8")
-
-
 def generation_dir(state: str, name: str) -> str:
     return _join(state, GENERATIONS, name)
 
@@ -64,7 +54,7 @@ def current_name(state: str) -> str | None:
     path = _join(state, CURRENT)
     if not FileSystems.exists(path):
         return None
-    return _read_text(path).strip() or None
+    return bio.read_text(path).strip() or None
 
 
 def read_generation(state: str, name: str) -> dict:
@@ -97,7 +87,7 @@ def commit(state: str, name: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
-        _write_text(path, name + "\n")
+        bio.write_text(path, name + "\n")
 
 
 def live_generations(state: str, keep: int = 2) -> set[str]:
@@ -120,14 +110,7 @@ def remove_dead_generations(state: str, keep: int = 2) -> list[str]:
         names |= set(os.listdir(root))  # a killed run may have died before writing its state.json
     dead = sorted(names - live)
     for name in dead:
-        path = generation_dir(state, name)
-        if bio._is_local(path):
-            import shutil
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            files = [m.path for m in FileSystems.match([path + "/**"])[0].metadata_list]
-            if files:
-                FileSystems.delete(files)
+        outputs.delete_path(generation_dir(state, name))
     return dead
 
 
@@ -153,11 +136,11 @@ def acquire_lock(state: str, run_id: str) -> None:
         if FileSystems.exists(path):  # the common case, said plainly; the precondition closes the race
             raise _PreconditionFailed(path)
         _gcs_create_only(path, doc)
-        if json.loads(_read_text(path)).get("run_id") != run_id:  # a store that ignored the precondition
+        if json.loads(bio.read_text(path)).get("run_id") != run_id:  # a store that ignored the precondition
             raise _PreconditionFailed(path)
     except (FileExistsError, _PreconditionFailed):
         try:
-            holder = _read_text(path).strip()
+            holder = bio.read_text(path).strip()
         except Exception:  # noqa: BLE001 - released meanwhile: say so rather than guess
             holder = "(released while we looked)"
         raise StateLocked(f"the state {state} is locked by another nightly run: {holder}. If that run is no longer "
@@ -171,7 +154,7 @@ def release_lock(state: str, run_id: str | None = None) -> None:
         return
     if run_id is not None:
         try:
-            if json.loads(_read_text(path)).get("run_id") != run_id:
+            if json.loads(bio.read_text(path)).get("run_id") != run_id:
                 return
         except ValueError:
             pass

@@ -194,7 +194,8 @@ def _remote_files(path: str) -> list[str]:
     return sorted(found)
 
 
-def _delete(path: str) -> None:
+def delete_path(path: str) -> None:
+    """Delete file or directory `path` (local, or every object under it on gs://); nothing if absent."""
     if _is_local(path):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -265,7 +266,7 @@ class StagedRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        _delete(self.dir)
+        delete_path(self.dir)
         if _is_local(self.root):
             try:
                 os.rmdir(self.root)  # only when empty: another stage may be running
@@ -290,7 +291,7 @@ class StagedRun:
         for d in old:
             self._restore_replaced(d)
             log.warning("removing %s, left by a %s run that was killed before it finished", d, self.stage)
-            _delete(d)
+            delete_path(d)
 
     def _restore_replaced(self, killed_dir: str) -> None:
         """Put back the outputs a run killed while publishing had moved out of OUTPUT and not yet
@@ -328,7 +329,7 @@ class StagedRun:
                         move(final, self._aside(final))
                     continue
                 for temp in _beam_temp_dirs(staged):
-                    _delete(temp)
+                    delete_path(temp)
                 if _exists(final):
                     move(final, FileSystems.join(self.dir, "_replaced", name))
                 move(staged, final)

@@ -25,7 +25,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import io as bio
@@ -34,7 +33,7 @@ from beam_pipeline.options import new_run_id
 from beam_pipeline.thresholds import load_card
 from schemas.documents import validate_report
 from schemas.tables import FAILURE_STAGES, FAILURES_SCHEMA, SchemaError, embeddings_as_numpy
-from trainer.distances import kth_neighbour_similarity, pair_angular_similarity
+from trainer.distances import pair_angular_similarity
 
 LOG = logging.getLogger(__name__)
 HISTOGRAM_BINS = 20
@@ -62,13 +61,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="With --ground_truth: also state the threshold at this false match rate (repeatable; "
                         "1e-2 ... 1e-6 are always stated).")
     return parser
-
-
-def _read_text(path: str) -> str:
-    if not FileSystems.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read().decode("utf-8")
 
 
 def _write_bytes(path: str, data: bytes, mime: str) -> str:
@@ -195,12 +187,7 @@ def threshold_choice(run_doc: dict, threshold: dict, templates: pa.Table, matche
     emb = embeddings_as_numpy(templates)
     if len(emb) < 2:
         return None, {}
-    b, beta = None, 0.0
-    if threshold.get("score") == "knn_normalised":
-        k, beta = int(threshold["knn"]["k"]), float(threshold["knn"]["beta"])
-        b = kth_neighbour_similarity(emb, emb, k, same_set=True)  # as match computed it (knn_norm.catalogue_b)
-    dist = score_distribution.pair_score_distribution(emb, value, score=threshold.get("score", "angular_similarity"),
-                                                      b=b, beta=beta, groups=groups)
+    dist = score_distribution.run_score_distribution(emb, threshold, groups=groups)
     all_pairs = dist.to_json()
     item_ids = templates.column("item_id").to_pylist()
     uris = templates.column("source_uri").to_pylist()
@@ -345,7 +332,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     score_name = threshold.get("score", "angular_similarity").replace("_", " ")
     planted, truth_groups = None, None
     if ground_truth:
-        planted = report_metrics.read_ground_truth(_read_text(ground_truth))
+        planted = report_metrics.read_ground_truth(bio.read_text(ground_truth))
         # The truth's group of every template, in the templates' order.
         truth_groups = report_metrics.GroundTruth(templates.column("item_id").to_pylist(), planted).labels
     # The matched pairs' histogram and weakest pairs: a Beam combiner over the matches in bounded memory.
@@ -375,7 +362,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
     }
     evaluation = None
     if ground_truth:
-        families = report_metrics.read_families(_read_text(manifest)) if manifest else None
+        families = report_metrics.read_families(bio.read_text(manifest)) if manifest else None
         evaluation = report_metrics.evaluate(
             clusters.column("item_id").to_pylist(), clusters.column("cluster_id").to_pylist(),
             matches.column("left_id").to_pylist(), matches.column("right_id").to_pylist(), sim, planted,

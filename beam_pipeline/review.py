@@ -38,7 +38,6 @@ from beam_pipeline import io as bio
 from beam_pipeline import report_figures, score_distribution
 from schemas.documents import validate_review_threshold
 from schemas.tables import REVIEW_PAIRS_SCHEMA, SchemaError, embeddings_as_numpy, validate_table
-from trainer.distances import kth_neighbour_similarity
 
 LOG = logging.getLogger(__name__)
 LABELS = ("duplicate", "distinct")  # what a person writes in `label`; blank = not judged
@@ -80,14 +79,8 @@ def borderline_pairs(workdir: str, count: int) -> tuple[list[dict], dict]:
     ids, uris = templates.column("item_id").to_pylist(), templates.column("source_uri").to_pylist()
     index = {x: k for k, x in enumerate(ids)}
     emb = embeddings_as_numpy(templates)
-    b, beta = None, 0.0
-    if threshold.get("score") == "knn_normalised":
-        beta = float(threshold["knn"]["beta"])
-        b = kth_neighbour_similarity(emb, emb, int(threshold["knn"]["k"]), same_set=True)
     n_above = count // 2
-    dist = score_distribution.pair_score_distribution(
-        emb, float(threshold["value"]), score=threshold.get("score", "angular_similarity"), b=b, beta=beta,
-        borderline=count - n_above)
+    dist = score_distribution.run_score_distribution(emb, threshold, borderline=count - n_above)
     score = matches.column("score").to_numpy().astype(np.float64)
     weakest = np.argsort(score, kind="stable")[:n_above]
     left, right = matches.column("left_id").to_pylist(), matches.column("right_id").to_pylist()
@@ -100,11 +93,6 @@ def borderline_pairs(workdir: str, count: int) -> tuple[list[dict], dict]:
                     "right_uri": uris[index[c]], "model_id": run_doc.get("model_id", ""),
                     "run_id": run_doc.get("run_id", ""), "label": ""})
     return out, threshold
-
-
-def _write_text(path: str, text: str, mime: str) -> None:
-    with FileSystems.create(path, mime_type=mime, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(text.encode("utf-8"))
 
 
 def _csv_text(rows: list[dict], columns: list[str]) -> str:
@@ -159,10 +147,10 @@ def export(workdir: str, count: int = DEFAULT_PAIRS, output: str | None = None) 
     table = pa.Table.from_pylist(rows, schema=REVIEW_PAIRS_SCHEMA)
     paths = {"csv": FileSystems.join(out, "pairs.csv"), "parquet": FileSystems.join(out, "pairs.parquet"),
              "html": FileSystems.join(out, "review.html")}
-    _write_text(paths["csv"], _csv_text(rows, REVIEW_PAIRS_SCHEMA.names), "text/csv")
+    bio.write_text(paths["csv"], _csv_text(rows, REVIEW_PAIRS_SCHEMA.names), "text/csv")
     with FileSystems.create(paths["parquet"], compression_type=CompressionTypes.UNCOMPRESSED) as f:
         pq.write_table(table, f)
-    _write_text(paths["html"], review_html(rows, threshold), "text/html")
+    bio.write_text(paths["html"], review_html(rows, threshold), "text/html")
     LOG.info("review: %d pairs -> %s", len(rows), paths["html"])
     return {"pairs": len(rows), "above": sum(r["side"] == "above" for r in rows),
             "below": sum(r["side"] == "below" for r in rows), **paths}
@@ -258,7 +246,7 @@ def import_labels(labels_path: str, workdir: str, output: str | None = None) -> 
         os.makedirs(out, exist_ok=True)
     distinct_rows = [r for r, lab in zip(table.to_pylist(), labels) if lab == "distinct"]
     negatives_path = FileSystems.join(out, "hard_negatives.csv")
-    _write_text(negatives_path, _csv_text(distinct_rows, ["left_id", "right_id", "left_uri", "right_uri", "score",
+    bio.write_text(negatives_path, _csv_text(distinct_rows, ["left_id", "right_id", "left_uri", "right_uri", "score",
                                                           "label"]), "text/csv")
     doc = {
         "model_id": run_doc.get("model_id", ""),

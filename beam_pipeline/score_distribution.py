@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from trainer.distances import angular_similarity, knn_normalised
+from trainer.distances import angular_similarity, kth_neighbour_similarity, knn_normalised
 from trainer.evaluate import RULE_OF_THREE
 
 EXACT_ITEMS = 20_000          # above: a seeded subset of this many items (2e8 pairs) is scored
@@ -142,6 +142,19 @@ def pair_score_distribution(emb: np.ndarray, threshold: float, *, score: str = "
     return ScoreDistribution(score=score, edges=edges, impostor=impostor, genuine=genuine, items=n_all,
                              items_scored=n, scale=(n_all * (n_all - 1)) / max(n * (n - 1), 1),
                              borderline=[(int(i), int(j), float(v)) for i, j, v in zip(*best)])
+
+
+def run_score_distribution(emb: np.ndarray, threshold: dict, **kwargs) -> ScoreDistribution:
+    """pair_score_distribution of a run's own score: `threshold` is match_run.json's threshold (its value,
+    and which score it cuts); for kNN-normalised scores each item's b is computed as match computed it
+    (knn_norm.catalogue_b: the k-th most similar other item of the whole catalogue). Other keyword
+    arguments go to pair_score_distribution."""
+    score = threshold.get("score", "angular_similarity")
+    b, beta = None, 0.0
+    if score == "knn_normalised":
+        beta = float(threshold["knn"]["beta"])
+        b = kth_neighbour_similarity(emb, emb, int(threshold["knn"]["k"]), same_set=True)
+    return pair_score_distribution(emb, float(threshold["value"]), score=score, b=b, beta=beta, **kwargs)
 
 
 def _genuine_histogram(emb: np.ndarray, groups: np.ndarray, edges: np.ndarray, b, beta) -> np.ndarray:

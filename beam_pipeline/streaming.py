@@ -44,13 +44,10 @@ becomes a decode failures row, and its complete version, having a new last-modif
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
 import os
-import signal
-import threading
 import time
 import uuid
 
@@ -68,6 +65,7 @@ from apache_beam.utils.timestamp import Timestamp
 from beam_pipeline import blocks, embed, matching
 from beam_pipeline import io as bio
 from beam_pipeline import nightly_state, runner, sources
+from beam_pipeline.cli import noting_interrupts
 from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
 from beam_pipeline.options import WatchOptions, new_run_id, parse_stage_options
 from trainer.distances import angular_similarity, cosine_from_angular
@@ -513,25 +511,6 @@ def read_rows(output_dir: str, kind: str, run_id: str | None = None) -> list[dic
     return rows
 
 
-@contextlib.contextmanager
-def _stopping_on_interrupt(interrupted: list):
-    """Note a SIGINT in `interrupted` (then raise KeyboardInterrupt as usual), so that the watch, which runs
-    until stopped, ends with its summary on Ctrl-C rather than as an error. Main thread only (signal's rule)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def note(signum, frame):
-        interrupted.append(True)
-        signal.default_int_handler(signum, frame)
-
-    previous = signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _is_local_runner(pipeline_options) -> bool:
     return pipeline_options.view_as(StandardOptions).runner in (None,) + runner.LOCAL_RUNNERS
 
@@ -570,7 +549,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     build(pipeline, opts, handler, index_glob, threshold, run_id, started, pace=local)
     interrupted: list = []
     try:
-        with _stopping_on_interrupt(interrupted):
+        with noting_interrupts(interrupted):
             result = pipeline.run()
             runner.wait(result)
     except (KeyboardInterrupt, RuntimeError):

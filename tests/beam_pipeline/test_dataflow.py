@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tarfile
 
@@ -21,6 +20,7 @@ pytest.importorskip("keras")
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import embed
+from tests.dockerfile import instructions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE = "europe-docker.pkg.dev/fake-project/siamese/siamese-dedup-gpu:0.1.0"
@@ -91,23 +91,10 @@ def test_dataflow_dry_run_writes_the_job_file(gcs_bucket, tiny_model_dir, tmp_pa
 # ---------------------------------------------------------------------------------------------- Dockerfile
 
 
-def _instructions(path: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of a Dockerfile: comments dropped, continuation lines joined."""
-    text = open(path, encoding="utf-8").read()
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    out = []
-    for line in joined.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), " ".join(rest.split())))
-    return out
-
-
 def test_dockerfile_structure():
     import tensorflow as tf
 
-    steps = _instructions(os.path.join(ROOT, "Dockerfile"))
+    steps = instructions(os.path.join(ROOT, "Dockerfile"))
     words = [w for w, _ in steps]
     assert set(words) <= {"ARG", "FROM", "ENV", "RUN", "COPY", "WORKDIR", "ENTRYPOINT"}, words
     args = dict(a.split("=", 1) for w, a in steps if w == "ARG" and "=" in a)

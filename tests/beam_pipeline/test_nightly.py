@@ -217,7 +217,7 @@ def test_gcs_lock_relies_on_the_generation_precondition(monkeypatch):
 
     monkeypatch.setattr("google.cloud.storage.Client", Client)
     monkeypatch.setattr(ns.FileSystems, "exists", lambda path: False)
-    monkeypatch.setattr(ns, "_read_text", lambda path: '{"run_id": "the-other-run"}')
+    monkeypatch.setattr(ns.bio, "read_text", lambda path: '{"run_id": "the-other-run"}')
     with pytest.raises(ns.StateLocked, match="the-other-run"):
         ns.acquire_lock("gs://bucket/state", "mine")
     assert calls == [0]

@@ -23,6 +23,7 @@ import pytest
 
 from beam_pipeline import nightly
 from beam_pipeline.clustering import KEEPER_POLICIES, LINKAGES
+from tests.dockerfile import instructions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLEX = os.path.join(ROOT, "deploy", "flex_template")
@@ -149,19 +150,6 @@ def _required() -> list[str]:
 # ---------------------------------------------------------------------------------------------- Dockerfile
 
 
-def _instructions(path: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of a Dockerfile: comments dropped, continuation lines joined."""
-    text = open(path, encoding="utf-8").read()
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    out = []
-    for line in joined.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), " ".join(rest.split())))
-    return out
-
-
 def _env(steps) -> dict[str, str]:
     env = {}
     for word, args in steps:
@@ -193,7 +181,7 @@ def _repo_source(container_path: str, steps) -> str | None:
 
 
 def test_flex_dockerfile_structure():
-    steps = _instructions(os.path.join(FLEX, "Dockerfile"))
+    steps = instructions(os.path.join(FLEX, "Dockerfile"))
     words = [w for w, _ in steps]
     assert set(words) <= {"ARG", "FROM", "ENV", "RUN", "COPY", "WORKDIR"}, words  # the launcher stays the entrypoint
     args = dict(a.split("=", 1) for w, a in steps if w == "ARG" and "=" in a)
@@ -203,7 +191,7 @@ def test_flex_dockerfile_structure():
     assert args["LAUNCHER_TAG"] and args["LAUNCHER_TAG"] != "latest"  # pinned
     # The Beam that submits the stage jobs is the installed one, and the GPU worker image's.
     assert args["BEAM_VERSION"] == apache_beam.__version__
-    root_args = dict(a.split("=", 1) for w, a in _instructions(os.path.join(ROOT, "Dockerfile"))
+    root_args = dict(a.split("=", 1) for w, a in instructions(os.path.join(ROOT, "Dockerfile"))
                      if w == "ARG" and "=" in a)
     assert args["BEAM_VERSION"] == root_args["BEAM_VERSION"]
     runs = " && ".join(a for w, a in steps if w == "RUN")
