@@ -37,6 +37,7 @@ COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
 # and laptops); on the GPU image it is swapped for the same TensorFlow with its CUDA libraries.
 WORKDIR /opt/siamese-dedup
 COPY setup.py README.md ./
+COPY siamese_core ./siamese_core
 COPY trainer ./trainer
 COPY beam_pipeline ./beam_pipeline
 COPY schemas ./schemas

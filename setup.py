@@ -8,7 +8,7 @@ REQUIRED = [
     "tensorflow-cpu>=2.16,<2.21; platform_machine == 'x86_64'",
     "tensorflow>=2.16,<2.21; platform_machine != 'x86_64'",
     # Keras 3.9 fixed safe_mode (CVE-2025-1550: a config naming functions of any module); the encoder is
-    # always loaded in safe mode (trainer.export.load_encoder).
+    # always loaded in safe mode (siamese_core.artefact.load_encoder).
     "keras>=3.9",
     "apache-beam[gcp]>=2.60,<3",
     "numpy>=1.26,<3",
@@ -30,7 +30,7 @@ setuptools.setup(
     version="0.1.0",
     description="Siamese/triplet image encoder and Beam pipelines for catalogue deduplication.",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["trainer", "trainer.*", "beam_pipeline", "beam_pipeline.*", "schemas", "schemas.*"]),
+    packages=setuptools.find_packages(include=["siamese_core", "siamese_core.*", "trainer", "trainer.*", "beam_pipeline", "beam_pipeline.*", "schemas", "schemas.*"]),
     install_requires=REQUIRED,
     extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8"],
                     "bench": ["faiss-cpu>=1.8"],  # bench/bench_matching.py: side by side with faiss

@@ -5,4 +5,4 @@ modules (`embed`, `match`, `dedup`, `report`) are thin PTransforms around it wit
 points.
 """
 
-import trainer  # noqa: F401,E402  (first: it sets TensorFlow's CPU kernels before any stage imports TensorFlow)
+import siamese_core  # noqa: F401,E402  (first: it sets TensorFlow's CPU kernels before any stage imports TensorFlow)

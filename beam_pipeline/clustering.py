@@ -364,7 +364,7 @@ def cluster_items(
         _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         sizes = counts[inverse]
         if embeddings is not None:
-            from trainer.distances import angular_similarity
+            from siamese_core.similarity import angular_similarity
 
             multi = np.unique(labels[sizes > 1])
             for members in _groups(labels, multi):

@@ -47,7 +47,7 @@ from apache_beam.transforms import window
 
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner, sources
-from beam_pipeline.decode import DecodeError, decode_image, spec_shape
+from siamese_core.decode import DecodeError, decode_image, spec_shape
 from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
 from schemas.tables import FAILURES_SCHEMA, templates_schema
@@ -497,9 +497,9 @@ def failures_digest(failures: pa.Table, examples: int = 3) -> str:
 
 
 def _check_model(model_dir: str) -> None:
-    """Load the encoder once in the driver (file hash, safe mode, dimension, model_id: trainer.export), so
+    """Load the encoder once in the driver (file hash, safe mode, dimension, model_id: siamese_core.artefact), so
     a wrong or tampered model is one clear error before any output is touched, not a worker traceback."""
-    from trainer.export import load_encoder
+    from siamese_core.artefact import load_encoder
 
     load_encoder(model_dir)
 

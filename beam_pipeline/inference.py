@@ -2,7 +2,7 @@
 
 Our own `ModelHandler`s rather than `apache_beam.ml.inference.tensorflow_inference` (which needs
 tensorflow_hub and knows nothing of the model card): they load the artefact with
-`trainer.export.load_encoder`, feed batches of decoded uint8 pixels in the card's value range, and never
+`siamese_core.artefact.load_encoder`, feed batches of decoded uint8 pixels in the card's value range, and never
 let one bad example fail a batch: when a batch raises, each example is retried alone and the ones that
 still fail come back as failures, which the embed pipeline writes to the failures table (stage
 "inference").
@@ -22,7 +22,7 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
-from beam_pipeline.decode import spec_shape
+from siamese_core.decode import spec_shape
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class EncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         share_across_processes: bool = False,
         card: Optional[dict] = None,
     ):
-        from trainer.export import load_model_card
+        from siamese_core.artefact import load_model_card
 
         if not 1 <= min_batch_size <= max_batch_size:
             raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}")
@@ -175,7 +175,7 @@ class EncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         return int(self._card["embedding_dim"])
 
     def load_model(self):
-        from trainer.export import load_encoder
+        from siamese_core.artefact import load_encoder
 
         device = use_accelerator()
         model, card = load_encoder(self._model_dir)

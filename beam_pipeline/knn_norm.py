@@ -1,4 +1,4 @@
-"""kNN score normalisation over a staged catalogue (trainer.distances.knn_normalised, ISC2021).
+"""kNN score normalisation over a staged catalogue (siamese_core.similarity.knn_normalised, ISC2021).
 
 A pair's score is its angular similarity less beta times the mean of its two items' b, b being an item's
 angular similarity to its k-th nearest other item of the catalogue. The match stage computes b for every
@@ -18,7 +18,7 @@ import numpy as np
 
 from beam_pipeline import blocks as bk
 from beam_pipeline import matching
-from trainer.distances import angular_similarity, cosine_from_angular, knn_normalised
+from siamese_core.similarity import angular_similarity, cosine_from_angular, knn_normalised
 
 # Above this many items, b in the driver would take too long: a card's default falls back to plain angular
 # similarity (stated in match_run.json); an explicit --score_norm knn is refused.

@@ -49,9 +49,10 @@ from beam_pipeline import candidates, knn_norm, matching, review, self_calibrati
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
-from beam_pipeline.thresholds import angular_cut, knn_cut, load_card, resolve_threshold, threshold_method
+from beam_pipeline.thresholds import angular_cut, knn_cut, resolve_threshold, threshold_method
+from siamese_core.artefact import load_model_card
 from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
-from trainer.distances import angular_similarity
+from siamese_core.similarity import angular_similarity
 
 LOG = logging.getLogger(__name__)
 MODES = ("all_pairs", "queries", "pairs")
@@ -544,7 +545,7 @@ def run(argv=None, test_pipeline=None) -> dict:
         raise ValueError("--mode pairs needs --pairs (CSV or Parquet with left_id,right_id)")
     run_id = opts.run_id or new_run_id()
     threads = opts.kernel_threads or matching.default_threads()
-    card = load_card(opts.model_dir) if opts.model_dir else None
+    card = load_model_card(opts.model_dir) if opts.model_dir else None
     method = threshold_method(opts.threshold, opts.target_fmr, opts.target_precision, opts.max_false_pairs,
                               opts.review_threshold)
     review_doc = None

@@ -9,8 +9,8 @@ reaches the threshold; the block's full similarity matrix never exists, and each
 once and read once while it is still in cache. Threads split the tiles, each with single-threaded BLAS,
 so thresholding runs on every core.
 
-Similarity is the dot product of L2-normalised float32 rows (trainer.distances): thresholds arrive as
-cosine (convert an angular threshold with trainer.distances.cosine_from_angular).
+Similarity is the dot product of L2-normalised float32 rows (siamese_core.similarity): thresholds arrive as
+cosine (convert an angular threshold with siamese_core.similarity.cosine_from_angular).
 """
 from __future__ import annotations
 

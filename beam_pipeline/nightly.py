@@ -45,7 +45,7 @@ from beam_pipeline import nightly_state as ns
 from beam_pipeline import outputs, sources
 from beam_pipeline.clustering import DEFAULT_LINKAGE, LINKAGES
 from beam_pipeline.options import new_run_id
-from beam_pipeline.thresholds import load_card
+from siamese_core.artefact import load_model_card
 from schemas.tables import FAILURES_SCHEMA, MATCHES_SCHEMA
 
 LOG = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def run(argv=None) -> dict:
     run_date = args.run_date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     run_id = new_run_id()
     state = args.state
-    card = load_card(args.model_dir)
+    card = load_model_card(args.model_dir)
     if args.break_lock:
         ns.release_lock(state)
     ns.acquire_lock(state, run_id)

@@ -12,8 +12,9 @@ import uuid
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_pipeline import decode, sources, thresholds
-from trainer.distances import KNN_BETA, KNN_K, SCORE_NORMS
+from beam_pipeline import sources, thresholds
+from siamese_core import decode
+from siamese_core.similarity import KNN_BETA, KNN_K, SCORE_NORMS
 
 
 def bounded(cast, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
@@ -272,7 +273,7 @@ class MatchOptions(PipelineOptions):
             choices=list(SCORE_NORMS),
             help="What the threshold cuts. none: the angular similarity; knn: the angular similarity less "
             "--knn_beta x the mean of the two items' similarities to their --knn_k-th nearest other item "
-            "(trainer.distances.knn_normalised; --mode all_pairs --search exact; --threshold is then a "
+            "(siamese_core.similarity.knn_normalised; --mode all_pairs --search exact; --threshold is then a "
             "normalised score). Default: the model card's training.score_norm for a self-calibrated all-pairs "
             "exact run, else none.",
         )

@@ -30,10 +30,10 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline import io as bio
 from beam_pipeline import clustering, match_stats, outputs, report_figures, report_metrics, score_distribution
 from beam_pipeline.options import new_run_id
-from beam_pipeline.thresholds import load_card
+from siamese_core.artefact import load_model_card
 from schemas.documents import validate_report
 from schemas.tables import FAILURE_STAGES, FAILURES_SCHEMA, SchemaError, embeddings_as_numpy
-from trainer.distances import pair_angular_similarity
+from siamese_core.similarity import pair_angular_similarity
 
 LOG = logging.getLogger(__name__)
 HISTOGRAM_BINS = 20
@@ -322,7 +322,7 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
         notes.append("the clusters table does not cover exactly the template items: rerun dedup")
     card = None
     if model_dir:
-        card = load_card(model_dir)
+        card = load_model_card(model_dir)
         if model_id and card["model_id"] != model_id:
             raise ValueError(f"--model_dir holds model {card['model_id']}, the run used model {model_id}")
 

@@ -9,7 +9,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from beam_pipeline import decode, sources
+from beam_pipeline import sources
+from siamese_core import decode
 
 THUMB_PIXELS = 96
 

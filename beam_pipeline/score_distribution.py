@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from trainer.distances import angular_similarity, kth_neighbour_similarity, knn_normalised
+from siamese_core.similarity import angular_similarity, kth_neighbour_similarity, knn_normalised
 from trainer.evaluate import RULE_OF_THREE
 
 EXACT_ITEMS = 20_000          # above: a seeded subset of this many items (2e8 pairs) is scored

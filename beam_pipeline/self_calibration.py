@@ -27,7 +27,7 @@ card calibrated on a few hundred pairs. At match time:
    interval comes from a bootstrap of the tail fit (sampled pairs and copies resampled).
 
 Everything here is numpy in, numpy out, apart from `synthetic_copy_scores`, which reads image files and runs
-the model. Similarities are angular (trainer.distances).
+the model. Similarities are angular (siamese_core.similarity).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from beam_pipeline.thresholds import angular_cut, knn_cut
-from trainer.distances import angular_similarity, knn_normalised
+from siamese_core.similarity import angular_similarity, knn_normalised
 
 MIN_ITEMS = 50                   # fewer items: too few pairs to estimate a tail (1,225 pairs at 50)
 DEFAULT_TARGET_PRECISION = 0.97  # expected false pairs <= 3% of the predicted pairs
@@ -494,7 +494,7 @@ def synthetic_copy_scores(model, input_spec: dict, items: list[tuple], rng: np.r
 
     from PIL import Image
 
-    from beam_pipeline.decode import DecodeError, decode_image
+    from siamese_core.decode import DecodeError, decode_image
     from trainer.copy_edits import CopyPlanter, choose_families
 
     planter = CopyPlanter()
@@ -564,7 +564,7 @@ def _scores(model, input_spec: dict, pixels: list, originals: list, originals_b:
 
 def _near_duplicate_scores(model, input_spec: dict, items: list, rng: np.random.Generator, knn=None):
     """synthetic_copy_scores for encoders trained with trainer.augment (e.g. Fashion-MNIST)."""
-    from beam_pipeline.decode import DecodeError, decode_image
+    from siamese_core.decode import DecodeError, decode_image
     from trainer.augment import augment_image
     pixels, originals, originals_b, skipped = [], [], [], {}
     for data, emb, b in items:
@@ -606,7 +606,7 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
     is a normalised score. Raises CalibrationError (with what to do
     instead) when the catalogue is too small or degenerate."""
     from beam_pipeline import blocks as bk
-    from trainer.export import load_encoder
+    from siamese_core.artefact import load_encoder
 
     n = manifest.n
     if n < MIN_ITEMS:

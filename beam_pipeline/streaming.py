@@ -17,7 +17,7 @@
 
 Every new file ends as one `checked` row (its duplicate count and nearest catalogue item) or one
 `failures` row (stage and reason: read, decode, inference, validate), and each duplicate found is one
-`duplicates` row: every catalogue item at or above the threshold (angular similarity, trainer.distances).
+`duplicates` row: every catalogue item at or above the threshold (angular similarity, siamese_core.similarity).
 Rows carry `seen_at` (when the watcher read the file), `modified_at` (the file's last-modified time) and
 `reported_at` (when the row was written), so the latency of each file is in the output.
 
@@ -68,7 +68,7 @@ from beam_pipeline import nightly_state, runner, sources
 from beam_pipeline.cli import noting_interrupts
 from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
 from beam_pipeline.options import WatchOptions, new_run_id, parse_stage_options
-from trainer.distances import angular_similarity, cosine_from_angular
+from siamese_core.similarity import angular_similarity, cosine_from_angular
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     run_id = opts.run_id or new_run_id()
     index_glob, threshold = resolve_index(opts)
     handler = EncoderChunkHandler(opts.model_dir, batch_size=opts.batch_size)
-    from trainer.export import load_encoder
+    from siamese_core.artefact import load_encoder
 
     load_encoder(opts.model_dir)  # a wrong or tampered model: one clear error here, not a worker's retries
     index_items = len(load_index(index_glob, handler.model_id, handler.embedding_dim))

@@ -3,13 +3,13 @@
 A threshold is either given (angular similarity on the command line) or read from the model card's
 calibration: card["thresholds"][protocol] is a list of THRESHOLD_SCHEMA entries (schemas/documents.py),
 one per target false match rate. The result states both the angular similarity and the cosine the kernel
-compares with (trainer.distances.cosine_from_angular), so report.json can say exactly what was used.
+compares with (siamese_core.similarity.cosine_from_angular), so report.json can say exactly what was used.
 """
 from __future__ import annotations
 
 import math
 
-from trainer.distances import cosine_from_angular
+from siamese_core.similarity import cosine_from_angular
 
 # The highest threshold a run may use. Embeddings are float32: a cosine near 1 is resolved to ~6e-8, so an
 # angular similarity above this cannot be told apart from 1 (cos(pi * 1e-4) = 1 - 4.9e-8 rounds to 1.0,
@@ -17,18 +17,6 @@ from trainer.distances import cosine_from_angular
 MAX_THRESHOLD = 0.999
 # Two FMR targets are the same if they agree to this relative tolerance (1e-4 written as 0.0001 etc.).
 _FMR_RTOL = 1e-6
-
-
-def load_card(model_dir: str) -> dict:
-    """The validated model card of the encoder artefact at `model_dir` (local or gs://); no TensorFlow."""
-    try:
-        from trainer.export import load_model_card
-    except ImportError:  # the trainer package is not shipped: read the JSON directly
-        from beam_pipeline.io import read_json
-        from schemas.documents import validate_model_card
-
-        return validate_model_card(read_json(model_dir.rstrip("/") + "/model_card.json"))
-    return load_model_card(model_dir)
 
 
 # How a run's threshold is chosen, by the flag that asks for it (at most one is given; none: self-calibrated).
@@ -62,7 +50,7 @@ def angular_cut(similarity: float) -> dict:
 
 
 def knn_cut(value: float, k: int, beta: float) -> dict:
-    """The threshold keys of a cut on kNN-normalised scores (trainer.distances.knn_normalised): it is no
+    """The threshold keys of a cut on kNN-normalised scores (siamese_core.similarity.knn_normalised): it is no
     angular similarity, so those keys are None; k and beta say how the score was made."""
     return {"value": float(value), "score": "knn_normalised", "knn": {"k": int(k), "beta": float(beta)},
             "angular_similarity": None, "cosine": None}

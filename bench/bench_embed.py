@@ -5,7 +5,7 @@
 
 Same model, same image files, same batch size, one run of this script:
 - the model: `trainer.encoder.build_encoder()` at its defaults (the trained encoder's size: ~0.23 M
-  parameters, 28x28x1 -> 64-d), exported with `trainer.export.export_encoder` (untrained weights: speed
+  parameters, 28x28x1 -> 64-d), exported with `siamese_core.artefact.export_encoder` (untrained weights: speed
   does not depend on them);
 - the images: Fashion-MNIST test images written as PNG files (`--images` above 10,000 adds train
   images, all distinct, so no exact duplicate spares the pipeline an inference); `--kind jpeg` writes them
@@ -78,7 +78,7 @@ def export_model(directory: str) -> str:
         import keras
 
         from trainer.encoder import build_encoder
-        from trainer.export import export_encoder
+        from siamese_core.artefact import export_encoder
 
         keras.utils.set_random_seed(0)
         export_encoder(build_encoder(), directory, training={"note": "untrained benchmark model"},
@@ -90,8 +90,8 @@ def plain(paths: list[str], model_dir: str, batch_size: int, per_batch: bool = F
     """The plain script: load, read + decode every file, then one model.predict(pixels, batch_size) (or,
     with `per_batch`, model.predict_on_batch on each batch: faster for a small model). (seconds,
     embeddings)."""
-    from beam_pipeline.decode import decode_image
-    from trainer.export import load_encoder
+    from siamese_core.decode import decode_image
+    from siamese_core.artefact import load_encoder
 
     start = time.perf_counter()
     model, card = load_encoder(model_dir)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import synthetic  # noqa: E402
 from beam_pipeline import matching  # noqa: E402
-from trainer.distances import cosine_from_angular  # noqa: E402
+from siamese_core.similarity import cosine_from_angular  # noqa: E402
 
 
 def main(argv=None) -> dict:

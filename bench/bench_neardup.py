@@ -447,7 +447,7 @@ def template_similarities(templates_glob: str, c: dict):
     fewer than 2 or more than LINKAGE_MAX_ITEMS of them (every pair is held in memory)."""
     import numpy as np
 
-    from trainer.distances import angular_similarity
+    from siamese_core.similarity import angular_similarity
 
     t = _read_parquet(templates_glob, ["item_id", "embedding"])
     keep = [k for k, item in enumerate(t["item_id"]) if item in c["universe"]]

@@ -211,7 +211,7 @@ def train_recipe(argv: list[str]) -> dict:
     import jax.numpy as jnp
 
     from trainer import evaluate as ev
-    from trainer.distances import l2_normalize
+    from siamese_core.similarity import l2_normalize
     from trainer.samplers import PKSampler
     from trainer.train import _batches, _held_out, _load, _prefetch, config_from_flags, evaluate_labelled
     config = config_from_flags(argv)

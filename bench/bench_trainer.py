@@ -191,7 +191,7 @@ def bench_copy_feed(batches: int = 8, repeats: int = 3) -> None:
 
 
 def bench_recall(n: int = 10000, dim: int = 64) -> None:
-    from trainer.distances import l2_normalize
+    from siamese_core.similarity import l2_normalize
     from trainer.evaluate import recall_at_k
     rng = np.random.default_rng(0)
     emb = l2_normalize(rng.standard_normal((n, dim)))

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_trim.py --catalogue CAT [--json OUT]
 
 CAT is a catalogue as `make demo` writes it (CAT/images, CAT/manifest.csv with each copy's edit family).
-beam_pipeline.decode.border_box runs on every non-broken image, and each is judged by what its family
+siamese_core.decode.border_box runs on every non-broken image, and each is judged by what its family
 should leave (the demo's originals are square 256 px tiles):
 - originals, and copies whose edit adds no band (crop, rotate, overlay_text): nothing cut;
 - caption, pad, border (the edit grows the canvas around the square photo): the kept box is square within 5%;
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     from PIL import Image
 
-    from beam_pipeline.decode import border_box
+    from siamese_core.decode import border_box
 
     with open(os.path.join(args.catalogue, "manifest.csv"), newline="") as f:
         rows = [r for r in csv.DictReader(f) if not r["broken"]]

@@ -239,7 +239,7 @@ def make_corpus(directory: str, n: int, seed: int = 0) -> dict[str, tuple[str, s
 
 def classify(data: bytes, input_spec: dict, max_pixels: int) -> tuple[str, float]:
     """('ok' | a DecodeError reason | 'crash: <Type>: <message>', seconds) of decode_image on `data`."""
-    from beam_pipeline.decode import DecodeError, decode_image
+    from siamese_core.decode import DecodeError, decode_image
 
     start = time.perf_counter()
     try:
@@ -261,7 +261,7 @@ def fuzz(directory: str, corpus: dict, model_dir: str, out_dir: str, max_pixels:
     """
     from beam_pipeline import embed
     from beam_pipeline.io import read_table_dir
-    from trainer.export import load_model_card
+    from siamese_core.artefact import load_model_card
 
     spec = load_model_card(model_dir)["input_spec"]
     direct, slow = {}, []

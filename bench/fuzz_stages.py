@@ -153,7 +153,7 @@ def check_workdir(work: str, embedded_entries: set | None) -> list[str]:
     from beam_pipeline import outputs
     from beam_pipeline.io import read_json, read_table_dir, table_glob
     from schemas.tables import embeddings_as_numpy
-    from trainer.distances import angular_similarity, knn_normalised, kth_neighbour_similarity
+    from siamese_core.similarity import angular_similarity, knn_normalised, kth_neighbour_similarity
 
     problems = []
     for directory, dirs, _ in os.walk(work):
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     import keras
 
     from trainer.encoder import build_encoder
-    from trainer.export import export_encoder
+    from siamese_core.artefact import export_encoder
 
     rng = random.Random(args.seed)
     shutil.rmtree(args.work_dir, ignore_errors=True)

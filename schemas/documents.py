@@ -29,7 +29,7 @@ MODEL_CARD_SCHEMA = {
     "type": "object",
     "required": ["model_id", "embedding_dim", "input_spec", "training", "data", "metrics", "thresholds"],
     "properties": {
-        # sha256 over the weights and the input spec (trainer.export.model_id_of), first 16 hex digits
+        # sha256 over the weights and the input spec (siamese_core.artefact.model_id_of), first 16 hex digits
         "model_id": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
         # sha256 of model.keras, checked before the file is deserialized (card version 2 on)
         "artifact_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
@@ -44,7 +44,7 @@ MODEL_CARD_SCHEMA = {
                 "channels": {"enum": [1, 3]},
                 "dtype": {"enum": ["uint8", "float32"]},
                 "value_range": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
-                # beam_pipeline.decode.border_box: plain bands at the edges are cut before the resize
+                # siamese_core.decode.border_box: plain bands at the edges are cut before the resize
                 "trim_borders": {"type": "boolean"},
             },
         },

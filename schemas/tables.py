@@ -54,7 +54,7 @@ MATCHES_SCHEMA = pa.schema(
         pa.field("cosine", pa.float32(), nullable=False),
         pa.field("angular_similarity", pa.float32(), nullable=False),
         # What the threshold was applied to: the angular similarity itself, or the kNN-normalised score
-        # (trainer.distances.knn_normalised) when match_run.json's threshold says "score": "knn_normalised".
+        # (siamese_core.similarity.knn_normalised) when match_run.json's threshold says "score": "knn_normalised".
         pa.field("score", pa.float32(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),

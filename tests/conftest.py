@@ -7,10 +7,13 @@ tests that ask for it.
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -28,7 +31,7 @@ def export_tiny_encoder(out_dir: str, input_spec: dict | None = None, embedding_
     import keras
 
     from trainer.encoder import build_encoder
-    from trainer.export import export_encoder
+    from siamese_core.artefact import export_encoder
 
     keras.utils.set_random_seed(seed)
     model = build_encoder(input_spec, embedding_dim, filters=(4,), dense_units=0, dropout=0.0)
@@ -88,3 +91,33 @@ def gcs_bucket():
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = saved_env
+
+
+# Image bytes in any format (the decode and pipeline tests).
+GRAY_28 = {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "value_range": [0, 255]}
+
+
+def _encode(image, fmt: str = "PNG", **save_kwargs) -> bytes:
+    """Bytes of `image` (PIL image or uint8 array) saved in format `fmt`."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def encode():
+    """encode(image_or_array, fmt="PNG", **save_kwargs) -> bytes."""
+    return _encode
+
+
+@pytest.fixture
+def gray_spec() -> dict:
+    """The Fashion-MNIST input spec: 28x28, one channel, uint8 0..255."""
+    return dict(GRAY_28)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

@@ -2,11 +2,4 @@
 
 Importing this package is cheap; TensorFlow is imported by the modules that need it.
 """
-import os
-
-# TensorFlow's oneDNN CPU kernels. TensorFlow turns them on by itself only on some CPUs; on the AMD EPYC of
-# the 2-core reference machine it leaves them off, and turning them on makes a training step of the photo
-# encoder 1.75x faster and its forward pass 1.4x (BENCHMARKS.md "oneDNN"), with runs still deterministic.
-# Read once when TensorFlow starts, so it is set here, before any module of ours imports it (beam_pipeline
-# imports this package first); a user's own setting, e.g. TF_ENABLE_ONEDNN_OPTS=0, is kept.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+import siamese_core  # noqa: F401  (first: it sets TensorFlow's CPU kernels before TensorFlow is imported)

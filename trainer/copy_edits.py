@@ -25,7 +25,7 @@ Families (EDIT_FAMILIES), as planted (strengths in `_FAMILY_TRANSFORMS`):
   screenshot    shown in an application window, captured and scaled
 Every planted copy is then saved as an upload would be (JPEG, quality 75-95), except `jpeg`, which is its
 own quality. Training (`augmenter`) composes several families at once, with wider ranges, then resizes to
-the encoder's input like beam_pipeline.decode does (stretching, bilinear).
+the encoder's input like siamese_core.decode does (stretching, bilinear).
 """
 from __future__ import annotations
 
@@ -323,15 +323,15 @@ class PlantedBatch:
 
 def to_input(image: np.ndarray, size: int, trim: bool = False) -> np.ndarray:
     """One edited copy uint8 (h, w, 3) -> the encoder's input (size, size, 3) as decode makes it from a file:
-    plain edge bands cut (beam_pipeline.decode.trim_borders) when `trim`, then PIL's bilinear resize."""
+    plain edge bands cut (siamese_core.decode.trim_borders) when `trim`, then PIL's bilinear resize."""
     if trim:
-        from beam_pipeline.decode import trim_borders
+        from siamese_core.decode import trim_borders
         image = trim_borders(image)
     return resize_like_decode(np.ascontiguousarray(image)[None], size)[0]
 
 
 def resize_like_decode(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (n, H, W, 3) -> (n, size, size, 3) with PIL's bilinear resize, as beam_pipeline.decode does."""
+    """uint8 (n, H, W, 3) -> (n, size, size, 3) with PIL's bilinear resize, as siamese_core.decode does."""
     out = np.empty((len(images), size, size, images.shape[-1]), np.uint8)
     for k, image in enumerate(images):
         pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)

@@ -79,7 +79,7 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
 
 # --- other sources: image folders, pairs, unlabelled folders, NumPy arrays -----------------------------------
 #
-# Every image goes through beam_pipeline.decode.decode_image (the one definition of decode: any format, size
+# Every image goes through siamese_core.decode.decode_image (the one definition of decode: any format, size
 # or mode -> the encoder's input size and channels, uint8), so training sees exactly what the embed pipeline
 # will feed the model.
 
@@ -131,11 +131,11 @@ def _read_bytes(path: str) -> bytes:
 
 
 def decode_files(paths: list[str], input_spec: dict) -> np.ndarray:
-    """Decode image files -> uint8 (n, H, W, C) of the spec's size/channels (beam_pipeline.decode).
+    """Decode image files -> uint8 (n, H, W, C) of the spec's size/channels (siamese_core.decode).
 
     A file that does not decode raises ValueError naming it and the reason (training data should be clean;
     the embed pipeline is where bad files are tolerated and logged)."""
-    from beam_pipeline.decode import DecodeError, decode_image, spec_shape
+    from siamese_core.decode import DecodeError, decode_image, spec_shape
     h, w, c = spec_shape(input_spec)
     out = np.empty((len(paths), h, w, c), np.uint8)
     for i, path in enumerate(paths):
@@ -189,7 +189,7 @@ def load_unlabelled(path: str, input_spec: dict) -> LabelledImages:
     """An unlabelled folder of images (instance mode; local or gs://): every image is its own label. Files
     that do not decode are skipped with a warning naming them (a real catalogue has some). Each file is
     read once."""
-    from beam_pipeline.decode import DecodeError, decode_image, spec_shape
+    from siamese_core.decode import DecodeError, decode_image, spec_shape
     files, pixels, bad = [], [], {}
     for f in _image_files(path):
         full = path.rstrip("/") + "/" + f if _is_remote(path) else os.path.join(path, f)
@@ -213,7 +213,7 @@ def load_npz(path: str, input_spec: dict | None = None) -> LabelledImages:
     """NumPy arrays in a .npz: `images` (or `x`) uint8 (n, H, W[, C]) and optionally `labels` (or `y`)
     int (n,). Without labels every image is its own label (instance mode). Images whose size or channels
     differ from input_spec are converted through the same decode path (PNG round trip)."""
-    from beam_pipeline.decode import spec_shape
+    from siamese_core.decode import spec_shape
     with np.load(path, allow_pickle=False) as z:
         key = "images" if "images" in z else "x" if "x" in z else None
         if key is None:
@@ -247,7 +247,7 @@ def convert_arrays(images: np.ndarray, input_spec: dict) -> np.ndarray:
 
     from PIL import Image
 
-    from beam_pipeline.decode import decode_image, spec_shape
+    from siamese_core.decode import decode_image, spec_shape
     h, w, c = spec_shape(input_spec)
     out = np.empty((len(images), h, w, c), np.uint8)
     for i, img in enumerate(images):

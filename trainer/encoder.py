@@ -3,7 +3,7 @@
 Preprocessing lives inside the model so the exported artefact takes the pixels exactly as they are decoded
 (float32 in the card's value range, default 0..255) and nobody has to repeat the scaling elsewhere. The
 output is L2-normalised by `keras.layers.UnitNormalization`, so cosine similarity of two embeddings is
-their dot product (see trainer.distances). Only built-in layers are used (no Lambda), so
+their dot product (see siamese_core.similarity). Only built-in layers are used (no Lambda), so
 `keras.models.load_model(..., safe_mode=True)` loads the artefact.
 
 Two families:

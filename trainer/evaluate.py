@@ -1,6 +1,6 @@
 """How good is an encoder, and where should the match threshold be? NumPy + scikit-learn (no TensorFlow).
 
-Scores are angular similarities (trainer.distances, the one definition), higher = more alike. A pair is
+Scores are angular similarities (siamese_core.similarity, the one definition), higher = more alike. A pair is
 declared a match when its score is >= the threshold.
 
   seed_protocol    for each test anchor, one random positive (same class, other image) and one random
@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from trainer.distances import angular_similarity, cosine_from_angular, cosine_similarity, l2_normalize
+from siamese_core.similarity import angular_similarity, cosine_from_angular, cosine_similarity, l2_normalize
 from trainer.samplers import other_class_partners, same_class_partners
 
 DEFAULT_FMR_TARGETS = (1e-2, 1e-3, 1e-4, 1e-5)

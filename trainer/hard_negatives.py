@@ -7,7 +7,7 @@ optionally `left_id`, `right_id`, `score`, `label`. With a `label` column only r
 are used; the others are counted as skipped.
 
 Both images of a pair are read like the embed stage reads files (beam_pipeline.sources.read_file) and
-decoded with beam_pipeline.decode.decode_image to the model's input spec, as every training image is
+decoded with siamese_core.decode.decode_image to the model's input spec, as every training image is
 (trainer.data), so training sees what embed will feed the model. A row whose image cannot be read or
 decoded is skipped and counted under its reason; the counts go to the model card. Training then puts the
 pairs' images in every batch as separate identities (trainer.samplers.PairedInstanceSampler), so the
@@ -31,7 +31,7 @@ FORMAT_HELP = ("CSV or Parquet (.csv / .parquet) with columns left_uri, right_ur
                "and optional left_id, right_id, score, label (with a label column only rows labelled "
                "'distinct' are used)")
 # Reasons a row is skipped (the model card's hard_negatives.skipped keys); a decode failure is "decode "
-# + beam_pipeline.decode's reason (truncated, corrupt, not_an_image, ...), a label other than distinct
+# + siamese_core.decode's reason (truncated, corrupt, not_an_image, ...), a label other than distinct
 # "label " + the label.
 MISSING_URI = "missing uri"
 SAME_IMAGE = "same image"        # one URI on both sides, or two files that decode to the same pixels
@@ -156,7 +156,7 @@ class _Decoder:
         return self._done[uri]
 
     def _decode(self, uri: str) -> int | str:
-        from beam_pipeline.decode import DecodeError, decode_image
+        from siamese_core.decode import DecodeError, decode_image
         from beam_pipeline.sources import Record, read_file
         record = read_file(uri, uri)
         if not isinstance(record, Record):

@@ -41,7 +41,7 @@ from trainer import evaluate as ev
 from trainer import hard_negatives as hn
 from trainer.augment import augment_batch
 from trainer.data import SOURCES, load_fashion_mnist, load_source
-from trainer.distances import SCORE_NORMS
+from siamese_core.similarity import SCORE_NORMS
 from trainer.samplers import InstanceSampler, PairedInstanceSampler, PKSampler
 
 COLLAPSE_MEAN_COSINE = 0.98
@@ -141,7 +141,7 @@ class TrainConfig:
     ema_momentum: float = 0.0        # > 0: validate, keep and export a moving average of the weights
     edits: str = "near_duplicate"    # EDITS: which edits make the training copies
     mirror: bool = True              # copy edits: a left-right mirror counts as a copy
-    trim_borders: bool = False       # other sources: decode cuts plain edge bands (beam_pipeline.decode)
+    trim_borders: bool = False       # other sources: decode cuts plain edge bands (siamese_core.decode)
     edit_source_size: int | None = None  # copy edits: side the copies are edited at (default 2 x image_size)
     instance_loss: str = "triplet"   # INSTANCE_LOSSES: the instance (copy) loss
     temperature: float = 0.05        # info_nce: softmax temperature over cosines
@@ -176,7 +176,7 @@ class TrainConfig:
     mixed_precision: str = "auto"    # "auto" (on when a GPU is present) | "on" | "off"
     deterministic: bool = True       # one TF op at a time (pin_op_threads): the same seed gives the same model
     preset: str | None = None
-    # How match scores this model's pairs when its --score_norm is not given (trainer.distances.knn_normalised):
+    # How match scores this model's pairs when its --score_norm is not given (siamese_core.similarity.knn_normalised):
     # "knn" for the general recipe, whose catalogues are unseen, so their dense regions crowd distinct pairs up.
     score_norm: str = "none"
     stop_after_epoch: int | None = None  # end the run after this epoch (as if interrupted; for --resume tests)
@@ -523,7 +523,7 @@ def _validation_score(kind: str, emb: np.ndarray, labels: np.ndarray, copies_emb
     copies at FMR 1e-3 among the validation images (plus their AUC as a tie-breaker)."""
     if kind != "instance":
         return ev.seed_protocol(emb, labels, seed=seed)["auc"]
-    from trainer.distances import angular_similarity, cosine_similarity
+    from siamese_core.similarity import angular_similarity, cosine_similarity
     genuine = angular_similarity(cosine_similarity(emb, copies_emb))
     _, impostor = ev.all_pair_scores(emb, None)
     cut = np.quantile(impostor, 1 - 1e-3)
@@ -564,7 +564,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     import tensorflow as tf
 
     from trainer.encoder import build_encoder
-    from trainer.export import export_encoder
+    from siamese_core.artefact import export_encoder
     from trainer.losses import info_nce_loss, koleo_loss, make_batch_loss, normalized_softmax_loss
 
     deterministic = pin_op_threads(config.deterministic)
@@ -1018,7 +1018,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--score_norm", choices=SCORE_NORMS, default=dflt("score_norm"),
                    help="recorded in the card: how the match stage scores this model's pairs by default (none: "
                         "angular similarity; knn: less each item's similarity to its k-th neighbour, "
-                        "trainer.distances.knn_normalised)")
+                        "siamese_core.similarity.knn_normalised)")
     g.add_argument("--trim_borders", action=argparse.BooleanOptionalAction, default=dflt("trim_borders"),
                    help="other sources: decoding cuts plain bands at the edges (letterbox bars, frames, caption "
                         "bars) before the resize; recorded in the card's input spec, so embed does the same")

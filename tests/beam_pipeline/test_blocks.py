@@ -4,7 +4,7 @@ import pytest
 
 from beam_pipeline import blocks
 from tests.beam_pipeline.test_match import write_templates
-from trainer.distances import l2_normalize
+from siamese_core.similarity import l2_normalize
 
 
 def _vectors(n, d, seed=0):

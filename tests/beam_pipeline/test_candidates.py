@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from beam_pipeline import candidates
-from trainer.distances import l2_normalize
+from siamese_core.similarity import l2_normalize
 
 
 def _data(n=600, d=8, seed=0):

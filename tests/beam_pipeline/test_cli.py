@@ -39,9 +39,9 @@ def test_unknown_stage_is_refused(capsys):
 
 
 def _reference_embeddings(model_dir, image_dir, item_ids):
-    from beam_pipeline.decode import decode_image
+    from siamese_core.decode import decode_image
     from beam_pipeline.inference import embed_batch
-    from trainer.export import load_encoder
+    from siamese_core.artefact import load_encoder
 
     model, card = load_encoder(model_dir)
     pixels = []
@@ -66,7 +66,7 @@ def test_stages_end_to_end_match_an_independent_reference(tiny_model_dir, tmp_pa
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from trainer.distances import angular_similarity
+    from siamese_core.similarity import angular_similarity
 
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8)

@@ -18,10 +18,10 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing import test_pipeline
 
 from beam_pipeline import embed
-from beam_pipeline.decode import decode_image
+from siamese_core.decode import decode_image
 from beam_pipeline.io import read_table_dir
 from schemas.tables import embeddings_as_numpy, templates_schema
-from trainer.export import load_encoder
+from siamese_core.artefact import load_encoder
 
 MAX_FILE_BYTES = 20_000
 VALID = {  # item id -> (width, height) of the file

@@ -18,7 +18,7 @@ from beam_pipeline.inference import (
     keyed_handler,
     to_model_input,
 )
-from trainer.export import load_encoder, load_model_card
+from siamese_core.artefact import load_encoder, load_model_card
 
 
 @pytest.fixture(scope="module")

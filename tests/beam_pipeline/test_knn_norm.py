@@ -5,7 +5,7 @@ import pytest
 from beam_pipeline import blocks as bk
 from beam_pipeline import knn_norm
 from tests.beam_pipeline.test_match import write_templates
-from trainer.distances import angular_similarity, knn_normalised
+from siamese_core.similarity import angular_similarity, knn_normalised
 
 
 def _staged(tmp_path, n=23, d=6, block_size=5, seed=0):

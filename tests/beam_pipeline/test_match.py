@@ -11,7 +11,7 @@ from apache_beam.testing import test_pipeline
 
 from beam_pipeline import match
 from beam_pipeline.io import read_json, read_table_dir
-from trainer.distances import angular_similarity, cosine_from_angular
+from siamese_core.similarity import angular_similarity, cosine_from_angular
 
 MODEL = "0123456789abcdef"
 # Components chosen so the cosines are known: a.c = 0.8, b.c = 0.96, d.e = 0.8, a.b = 0.6, b.e = 0.48,
@@ -246,7 +246,7 @@ def test_approximate_is_exact_without_a_cap_and_measures_its_recall(tmp_path):
 
 def test_knn_normalised_scores_cut_the_threshold_and_dedup_keeps_to_complete_linkage(tmp_path):
     from beam_pipeline import dedup
-    from trainer.distances import knn_normalised
+    from siamese_core.similarity import knn_normalised
 
     x = _clustered(60, 8, seed=4)
     ids = [f"i{k:03d}" for k in range(len(x))]

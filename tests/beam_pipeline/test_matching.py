@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from beam_pipeline import matching
-from trainer.distances import l2_normalize
+from siamese_core.similarity import l2_normalize
 
 
 def _unit(n, d, seed):

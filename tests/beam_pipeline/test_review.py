@@ -14,7 +14,7 @@ from PIL import Image
 
 from beam_pipeline import dedup, match, report, review
 from schemas.tables import templates_schema
-from trainer.distances import angular_similarity, l2_normalize
+from siamese_core.similarity import angular_similarity, l2_normalize
 
 MODEL = "feedfacecafebeef"
 N = 30

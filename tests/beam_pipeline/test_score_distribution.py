@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from beam_pipeline import score_distribution as sd
-from trainer.distances import angular_similarity, kth_neighbour_similarity, knn_normalised, l2_normalize
+from siamese_core.similarity import angular_similarity, kth_neighbour_similarity, knn_normalised, l2_normalize
 from trainer.evaluate import rank_auc
 
 

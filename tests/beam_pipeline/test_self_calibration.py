@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from beam_pipeline import self_calibration as sc
-from trainer.distances import angular_similarity
+from siamese_core.similarity import angular_similarity
 
 
 def _unit(rng, n, d=16):

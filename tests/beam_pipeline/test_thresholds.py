@@ -6,7 +6,7 @@ import pytest
 
 from beam_pipeline import thresholds
 from schemas.documents import validate_model_card
-from trainer.distances import cosine_from_angular
+from siamese_core.similarity import cosine_from_angular
 
 
 def _entry(fmr, sim, impostors):
@@ -81,5 +81,7 @@ def test_missing_protocol_and_missing_everything():
 
 
 def test_load_card_from_directory(tmp_path):
+    from siamese_core.artefact import load_model_card
+
     (tmp_path / "model_card.json").write_text(json.dumps(_card()))
-    assert thresholds.load_card(str(tmp_path))["model_id"] == "0123456789abcdef"
+    assert load_model_card(str(tmp_path))["model_id"] == "0123456789abcdef"

@@ -207,7 +207,7 @@ def test_flex_dockerfile_structure():
     assert setup_file == "setup.py"
     # setup.py sits beside the packages it ships, in the image as in the repository.
     setup_dir = os.path.dirname(env["FLEX_TEMPLATE_PYTHON_SETUP_FILE"])
-    for package in ("trainer", "beam_pipeline", "schemas"):
+    for package in ("siamese_core", "trainer", "beam_pipeline", "schemas"):
         assert _repo_source(f"{setup_dir}/{package}/__init__.py", steps) == f"{package}/__init__.py", package
     # The build context's .dockerignore keeps every copied source.
     ignored = [line.strip() for line in open(os.path.join(ROOT, ".dockerignore")) if line.strip()

@@ -8,7 +8,7 @@ import pytest
 
 from schemas.documents import THRESHOLD_SCHEMA
 from trainer import evaluate as E
-from trainer.distances import angular_similarity, l2_normalize
+from siamese_core.similarity import angular_similarity, l2_normalize
 
 
 def test_evaluate_does_not_import_tensorflow():

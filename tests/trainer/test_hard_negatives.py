@@ -83,7 +83,7 @@ def test_the_file_reads_as_csv_or_parquet_and_only_distinct_rows_are_used(tmp_pa
     assert hard.record["pairs_given"] == len(rows) and hard.record["pairs_used"] == 2
     assert hard.record["file"] == path
     # Four distinct images, decoded to the spec like any training image.
-    from beam_pipeline.decode import decode_image
+    from siamese_core.decode import decode_image
     assert hard.images.shape == (4, 16, 16, 3) and hard.images.dtype == np.uint8 and hard.sources is None
     expected = [decode_image(open(images[k], "rb").read(), SPEC).pixels for k in "abef"]
     got = hard.images[hard.pairs.reshape(-1)]
@@ -159,7 +159,7 @@ def test_the_file_and_its_images_may_be_on_gcs(gcs_bucket, tmp_path, images):
 
 
 def test_images_already_in_the_training_set_are_those_items(tmp_path, images):
-    from beam_pipeline.decode import decode_image
+    from siamese_core.decode import decode_image
     table = hn.read_pair_table(_write_csv(tmp_path / "hn.csv", [{"left_uri": images["a"], "right_uri": images["b"]},
                                                                 {"left_uri": images["c"], "right_uri": images["b"]}]))
     hard = hn.load_hard_negatives(table, SPEC)
@@ -261,9 +261,9 @@ def test_class_mode_refuses_hard_negatives(tmp_path, images):
 
 def _pair_cosines(model_dir: str, pairs: list[tuple[str, str]]) -> np.ndarray:
     """Cosine similarity (p,) of the exported encoder's embeddings of each pair's two image files."""
-    from beam_pipeline.decode import decode_image
+    from siamese_core.decode import decode_image
     from trainer.evaluate import embed_images
-    from trainer.export import load_encoder
+    from siamese_core.artefact import load_encoder
     model, card = load_encoder(model_dir)
 
     def embed(paths):

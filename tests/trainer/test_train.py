@@ -51,7 +51,7 @@ def test_collapse_detection():
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed")
 def test_tiny_training_run_writes_a_loadable_artefact(tmp_path):
     from schemas.documents import validate_model_card
-    from trainer.export import load_encoder, model_id_of
+    from siamese_core.artefact import load_encoder, model_id_of
 
     out = tmp_path / "model"
     summary = run(["--output", str(out), "--max_train_items", "600", "--max_test_items", "300",
@@ -143,7 +143,7 @@ def test_pairs_unlabelled_and_unseen_class_runs(tmp_path):
 
     from trainer.augment import augment_batch
     from trainer.data import load_fashion_mnist
-    from trainer.export import load_encoder
+    from siamese_core.artefact import load_encoder
     images, labels = load_fashion_mnist("test")
     originals, copies = images[:120], augment_batch(images[:120], np.random.default_rng(0))
     for i in range(120):  # a pairs layout: an image and an edited copy under the same name, other sizes

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_pipeline.decode import REASONS, DecodedImage, DecodeError, decode_image, to_channels
+from siamese_core.decode import REASONS, DecodedImage, DecodeError, decode_image, to_channels
 
 RGB_4x6 = {"height": 4, "width": 6, "channels": 3, "dtype": "uint8", "value_range": [0, 255]}
 GRAY_4x6 = {"height": 4, "width": 6, "channels": 1, "dtype": "uint8", "value_range": [0, 255]}
@@ -266,7 +266,7 @@ def _textured(h, w, seed=0):
 
 
 def test_border_box_cuts_bars_frames_and_caption_bars_but_not_a_photo():
-    from beam_pipeline.decode import border_box, trim_borders
+    from siamese_core.decode import border_box, trim_borders
     photo = _textured(120, 160)
     assert border_box(photo) == (0, 120, 0, 160)
     letterbox = np.zeros((120, 260, 3), np.uint8)
@@ -300,7 +300,7 @@ def _sky_over_ground(h=160, w=160, seed=3):
 def test_border_box_leaves_a_band_of_the_photo_that_fades_out_and_cuts_a_bar_above_it():
     """Sky, haze or dark space at a photo's edge is plain too, but it fades into the picture: no edge ends it,
     so it is the photo, not a border. A caption bar above that sky ends at an edge: the bar alone is cut."""
-    from beam_pipeline.decode import border_box
+    from siamese_core.decode import border_box
     sky = _sky_over_ground()
     assert border_box(sky) == (0, 160, 0, 160)
     captioned = np.full((190, 160, 3), 255, np.uint8)
@@ -311,7 +311,7 @@ def test_border_box_leaves_a_band_of_the_photo_that_fades_out_and_cuts_a_bar_abo
 
 
 def test_decode_trims_only_when_the_spec_says_so(encode):
-    from beam_pipeline.decode import decode_image
+    from siamese_core.decode import decode_image
     letterbox = np.zeros((64, 128, 3), np.uint8)
     letterbox[:, 32:96] = _textured(64, 64, 1)
     spec = {"height": 16, "width": 16, "channels": 3, "dtype": "uint8", "value_range": [0, 255]}

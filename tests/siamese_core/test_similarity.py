@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.distances import (
+from siamese_core.similarity import (
     angular_similarity,
     cosine_from_angular,
     l2_normalize,
@@ -47,7 +47,7 @@ def test_float32_self_similarity_is_exactly_one():
 
 
 def test_kth_neighbour_similarity_equals_brute_force():
-    from trainer.distances import kth_neighbour_similarity
+    from siamese_core.similarity import kth_neighbour_similarity
     rng = np.random.default_rng(3)
     x = rng.standard_normal((37, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -65,7 +65,7 @@ def test_kth_neighbour_similarity_equals_brute_force():
 
 
 def test_knn_normalised_pulls_dense_items_down():
-    from trainer.distances import knn_normalised
+    from siamese_core.similarity import knn_normalised
     # Two pairs of equal similarity: the one whose items sit in a dense region (high b) scores lower.
     scores = knn_normalised(np.array([0.9, 0.9]), np.array([0.85, 0.6]), np.array([0.85, 0.6]), beta=0.5)
     np.testing.assert_allclose(scores, [0.9 - 0.425, 0.9 - 0.3], atol=1e-6)

@@ -10,7 +10,7 @@ keras = pytest.importorskip("keras")
 from schemas.documents import validate_model_card
 from schemas.tables import SchemaError
 from trainer.encoder import build_encoder
-from trainer.export import export_encoder, file_sha256, load_encoder, load_model_card, model_id_of
+from siamese_core.artefact import export_encoder, file_sha256, load_encoder, load_model_card, model_id_of
 
 THRESHOLDS = {
     "instance": [{"target_fmr": 0.01, "angular_similarity": 0.8, "cosine": float(np.cos(np.pi * 0.2)),
