@@ -18,7 +18,7 @@ import numpy as np
 
 from beam_pipeline import blocks as bk
 from beam_pipeline import matching
-from siamese_core.similarity import angular_similarity, cosine_from_angular, knn_normalised
+from siamese_core.similarity import angular_similarity, cosine_from_angular, knn_normalised, top_k_per_row
 
 # Above this many items, b in the driver would take too long: a card's default falls back to plain angular
 # similarity (stated in match_run.json); an explicit --score_norm knn is refused.
@@ -58,7 +58,7 @@ def _kth_over_blocks(manifest: bk.Manifest, queries: np.ndarray, k: int, first_r
             inside = (own >= 0) & (own < len(emb))
             cos[rows[inside], own[inside]] = -np.inf
         merged = np.concatenate([best, cos], axis=1)
-        best = -np.partition(-merged, k - 1, axis=1)[:, :k]
+        best = top_k_per_row(merged, k)
     return angular_similarity(best.min(axis=1))
 
 

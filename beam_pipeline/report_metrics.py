@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from beam_pipeline.clustering import LINKAGES, complete_linkage_labels, connected_components
+from siamese_core.error_rates import rate_upper_bound
 
 
 def similarity_histogram(similarity: np.ndarray, low: float, bins: int = 20,
@@ -93,17 +94,6 @@ def _joint_pairs(a: np.ndarray, b: np.ndarray) -> int:
         return 0
     _, counts = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
     return _pairs(counts)
-
-
-def fmr_upper_95(false_matches: int, impostor_pairs: int) -> float | None:
-    """One-sided 95% Clopper-Pearson upper bound of the FMR; None without impostor pairs."""
-    if impostor_pairs <= 0:
-        return None
-    if false_matches >= impostor_pairs:
-        return 1.0
-    from scipy.stats import beta
-
-    return float(beta.ppf(0.95, false_matches + 1, impostor_pairs - false_matches))
 
 
 class GroundTruth:
@@ -312,7 +302,7 @@ def evaluate(
                 "impostor_pairs": truth.impostor_pairs,
                 "fnmr": 1.0 - true_matches / truth.evaluable_pairs if truth.evaluable_pairs else None,
                 "fmr": false_matches / truth.impostor_pairs if truth.impostor_pairs else None,
-                "fmr_upper_95": fmr_upper_95(false_matches, truth.impostor_pairs),
+                "fmr_upper_95": rate_upper_bound(false_matches, truth.impostor_pairs),
                 "cluster_precision": scores["precision"],
                 "cluster_recall": scores["recall"],
                 "cluster_f1": scores["f1"],

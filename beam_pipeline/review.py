@@ -38,6 +38,7 @@ from beam_pipeline import io as bio
 from beam_pipeline import report_figures, score_distribution
 from schemas.documents import validate_review_threshold
 from schemas.tables import REVIEW_PAIRS_SCHEMA, SchemaError, embeddings_as_numpy, validate_table
+from siamese_core.error_rates import rate_interval_95
 
 LOG = logging.getLogger(__name__)
 LABELS = ("duplicate", "distinct")  # what a person writes in `label`; blank = not judged
@@ -220,7 +221,7 @@ def recalibrate(scores: np.ndarray, duplicate: np.ndarray, previous: float) -> d
     value = float(min(options)[1])
     above = scores >= value
     tp, n_above = int((above & duplicate).sum()), int(above.sum())
-    low, high = score_distribution.clopper_pearson_95(tp, n_above) if n_above else (None, None)
+    low, high = rate_interval_95(tp, n_above) if n_above else (None, None)
     return {"value": value, "errors": int(((above & ~duplicate).sum() + (~above & duplicate).sum())),
             "distinct_at_or_above": int((above & ~duplicate).sum()), "duplicates_below": int((~above & duplicate).sum()),
             "labelled_above": n_above, "precision_labelled": tp / n_above if n_above else None,

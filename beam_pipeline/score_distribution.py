@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from siamese_core.similarity import angular_similarity, kth_neighbour_similarity, knn_normalised
-from trainer.evaluate import RULE_OF_THREE
+from siamese_core.error_rates import RULE_OF_THREE, rate_interval_95
 
 EXACT_ITEMS = 20_000          # above: a seeded subset of this many items (2e8 pairs) is scored
 BINS = 4000                   # histogram bins over the score range
@@ -172,17 +172,6 @@ def _genuine_histogram(emb: np.ndarray, groups: np.ndarray, edges: np.ndarray, b
     return counts
 
 
-def clopper_pearson_95(k: int, n: int) -> tuple[float, float]:
-    """Exact two-sided 95% interval of a rate seen as k successes in n trials."""
-    from scipy.stats import beta
-
-    if n <= 0:
-        return 0.0, 1.0
-    low = 0.0 if k == 0 else float(beta.ppf(0.025, k, n - k + 1))
-    high = 1.0 if k >= n else float(beta.ppf(0.975, k + 1, n - k))
-    return low, high
-
-
 def curves(dist: ScoreDistribution, targets=TARGET_FMRS) -> dict:
     """Error curves of a distribution with genuine pairs (see the module docstring), JSON-ready.
 
@@ -221,7 +210,7 @@ def curves(dist: ScoreDistribution, targets=TARGET_FMRS) -> dict:
             at_fmr.append({**row, "reached": False, "threshold": None, "why": "no threshold on the grid reaches it"})
             continue
         a = int(ok[0])  # the lowest threshold at or under the target
-        low, high = clopper_pearson_95(int(fm[a]), n_imp)
+        low, high = rate_interval_95(int(fm[a]), n_imp)
         at_fmr.append({**row, "reached": True, "threshold": float(t[a]), "false_matches": int(fm[a]),
                        "fmr": float(fmr[a]), "fmr_95": [low, high], "tmr": float(tmr[a]),
                        "fnmr": float(fnmr[a])})

@@ -38,7 +38,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from beam_pipeline.thresholds import angular_cut, knn_cut
-from siamese_core.similarity import angular_similarity, knn_normalised
+from siamese_core.similarity import all_pair_scores, angular_similarity, knn_normalised
 
 MIN_ITEMS = 50                   # fewer items: too few pairs to estimate a tail (1,225 pairs at 50)
 DEFAULT_TARGET_PRECISION = 0.97  # expected false pairs <= 3% of the predicted pairs
@@ -71,7 +71,6 @@ def sample_pair_scores(emb: np.ndarray, max_pairs: int, rng: np.random.Generator
     n = len(emb)
     total = n * (n - 1) // 2
     if total <= max_pairs:
-        from trainer.evaluate import all_pair_scores
         return all_pair_scores(emb)[1].astype(np.float64), True, np.triu_indices(n, 1)  # its order: row-major
     i = rng.integers(0, n, max_pairs)
     j = rng.integers(0, n - 1, max_pairs)

@@ -478,15 +478,17 @@ def linkage_rows(ids: list[str], sim, c: dict, threshold: float, meta: dict) -> 
 
 
 def knn_normalised(sim, k: int, beta: float):
-    """ISC2021's score normalisation: s'(i, j) = s(i, j) - beta * (b_i + b_j) / 2, where b_i is item i's
-    similarity to its k-th nearest other item (dense regions, where distinct items score high, are pulled
-    down). sim: angular similarities (n, n); returns the normalised matrix."""
+    """ISC2021's score normalisation (siamese_core.similarity.knn_normalised) of a whole matrix: b_i is item
+    i's similarity to its k-th nearest other item. sim: angular similarities (n, n); returns the normalised
+    matrix (n, n)."""
     import numpy as np
+
+    from siamese_core import similarity
 
     others = sim.copy()
     np.fill_diagonal(others, -np.inf)
-    kth = -np.partition(-others, k - 1, axis=1)[:, k - 1]
-    return sim - beta * (kth[:, None] + kth[None, :]) / 2.0
+    kth = similarity.top_k_per_row(others, k).min(axis=1)
+    return similarity.knn_normalised(sim, kth[:, None], kth[None, :], beta)
 
 
 def knn_rows(ids: list[str], sim, c: dict, floor: float, meta: dict, k: int = 10,

@@ -53,6 +53,32 @@ def pair_angular_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return angular_similarity(cosine_similarity(a, b))
 
 
+def all_pair_scores(embeddings: np.ndarray, labels: np.ndarray | None = None,
+                    block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Angular similarity of every unordered pair of distinct rows (i < j), split by label.
+
+    Returns (same_label_scores, different_label_scores); with labels=None every pair is "different"
+    (first array empty). Memory: the scores themselves (n(n-1)/2 float32) plus one block x n slab.
+    """
+    emb = np.asarray(embeddings, np.float32)
+    n = len(emb)
+    same_parts, diff_parts = [], []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        cos = emb[start:stop] @ emb[start:].T          # rows start..stop vs columns start..n
+        upper = np.triu(np.ones(cos.shape, bool), k=1)  # column index > row index: each pair once
+        if labels is None:
+            diff_parts.append(angular_similarity(cos[upper]))
+            continue
+        lab = np.asarray(labels).reshape(-1)
+        same = lab[start:stop, None] == lab[None, start:]
+        same_parts.append(angular_similarity(cos[upper & same]))
+        diff_parts.append(angular_similarity(cos[upper & ~same]))
+    empty = np.zeros(0, np.float32)
+    return (np.concatenate(same_parts) if same_parts else empty,
+            np.concatenate(diff_parts) if diff_parts else empty)
+
+
 # --- score normalisation against each item's k-th neighbour (ISC2021) ------------------------------------
 # On a catalogue the encoder never saw, dense regions (many similar landscapes) crowd distinct pairs up to
 # where copies score, and sparse regions hold copies that score lower. Normalising each pair by how close
@@ -62,6 +88,12 @@ def pair_angular_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 SCORE_NORMS = ("none", "knn")
 KNN_K = 10
 KNN_BETA = 0.5
+
+
+def top_k_per_row(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k largest values of each row of `scores` (n, m), unordered (n, k); the k-th largest is their
+    minimum. One partition per row (O(m)), not a sort."""
+    return -np.partition(-scores, k - 1, axis=1)[:, :k]
 
 
 def kth_neighbour_similarity(queries: np.ndarray, references: np.ndarray, k: int = KNN_K, *,
@@ -79,7 +111,7 @@ def kth_neighbour_similarity(queries: np.ndarray, references: np.ndarray, k: int
         if same_set:
             rows = np.arange(len(cos))
             cos[rows, rows + a] = -np.inf
-        out[a:a + block] = -np.partition(-cos, k - 1, axis=1)[:, k - 1]
+        out[a:a + block] = top_k_per_row(cos, k).min(axis=1)
     return angular_similarity(out)
 
 

@@ -26,11 +26,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from siamese_core.similarity import angular_similarity, cosine_from_angular, cosine_similarity, l2_normalize
+from siamese_core.error_rates import RULE_OF_THREE, rate_upper_bound
+from siamese_core.similarity import all_pair_scores, angular_similarity, cosine_from_angular, cosine_similarity, l2_normalize
 from trainer.samplers import other_class_partners, same_class_partners
 
 DEFAULT_FMR_TARGETS = (1e-2, 1e-3, 1e-4, 1e-5)
-RULE_OF_THREE = 3.0  # impostor pairs needed per unit of 1/target before a threshold is claimed
 
 
 # --- embeddings -------------------------------------------------------------------------------------------
@@ -184,17 +184,6 @@ def fmr_fnmr(genuine: np.ndarray, impostor: np.ndarray, thresholds: Iterable[flo
     return fmr, fnmr
 
 
-def fmr_upper_bound(false_matches: int, impostor_pairs: int, confidence: float = 0.95) -> float:
-    """One-sided exact (Clopper-Pearson) upper confidence bound on the FMR given k false matches in n pairs."""
-    from scipy.stats import beta
-    k, n = int(false_matches), int(impostor_pairs)
-    if n <= 0:
-        return 1.0
-    if k >= n:
-        return 1.0
-    return float(beta.ppf(confidence, k + 1, n - k))
-
-
 # When nothing scores above the score that must be excluded, the cut goes this far (in cosine) above it:
 # clear of float32 rounding in the pipelines' dot products, far below any gap that matters.
 _TOP_GAP = 1e-6
@@ -243,7 +232,7 @@ def thresholds_at_fmr(genuine: np.ndarray, impostor: np.ndarray,
             "impostor_pairs": int(n),
             "false_matches": false_matches,
             "fmr": false_matches / n,
-            "fmr_upper_95": fmr_upper_bound(false_matches, n),
+            "fmr_upper_95": rate_upper_bound(false_matches, n),
             "genuine_pairs": int(len(gen_cos)),
             "fnmr": fnmr,
         })
@@ -256,38 +245,12 @@ def error_rate_table(genuine: np.ndarray, impostor: np.ndarray, thresholds: Sequ
     n_imp, n_gen = len(impostor), len(genuine)
     return [{"angular_similarity": float(t), "cosine": float(cosine_from_angular(t)),
              "impostor_pairs": int(n_imp), "false_matches": int(round(a * n_imp)), "fmr": float(a),
-             "fmr_upper_95": fmr_upper_bound(int(round(a * n_imp)), n_imp),
+             "fmr_upper_95": rate_upper_bound(int(round(a * n_imp)), n_imp),
              "genuine_pairs": int(n_gen), "fnmr": float(b) if n_gen else None}
             for t, a, b in zip(thresholds, fmr, fnmr)]
 
 
 # --- the model card's two calibration protocols ----------------------------------------------------------
-
-def all_pair_scores(embeddings: np.ndarray, labels: np.ndarray | None = None,
-                    block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Angular similarity of every unordered pair of distinct rows (i < j), split by label.
-
-    Returns (same_label_scores, different_label_scores); with labels=None every pair is "different"
-    (first array empty). Memory: the scores themselves (n(n-1)/2 float32) plus one block x n slab.
-    """
-    emb = np.asarray(embeddings, np.float32)
-    n = len(emb)
-    same_parts, diff_parts = [], []
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        cos = emb[start:stop] @ emb[start:].T          # rows start..stop vs columns start..n
-        upper = np.triu(np.ones(cos.shape, bool), k=1)  # column index > row index: each pair once
-        if labels is None:
-            diff_parts.append(angular_similarity(cos[upper]))
-            continue
-        lab = np.asarray(labels).reshape(-1)
-        same = lab[start:stop, None] == lab[None, start:]
-        same_parts.append(angular_similarity(cos[upper & same]))
-        diff_parts.append(angular_similarity(cos[upper & ~same]))
-    empty = np.zeros(0, np.float32)
-    return (np.concatenate(same_parts) if same_parts else empty,
-            np.concatenate(diff_parts) if diff_parts else empty)
-
 
 def _auc_or_none(genuine: np.ndarray, impostor: np.ndarray) -> float | None:
     return rank_auc(genuine, impostor) if len(genuine) and len(impostor) else None

@@ -104,13 +104,6 @@ def test_curves_refuse_without_genuine_pairs():
         sd.curves(sd.pair_score_distribution(emb, 0.9))
 
 
-def test_clopper_pearson_interval():
-    low, high = sd.clopper_pearson_95(0, 1000)
-    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 1000), rel=1e-6)
-    low, high = sd.clopper_pearson_95(5, 100)
-    assert 0.01 < low < 0.05 < high < 0.12
-
-
 def test_predicted_pairs_counts_pairs_at_or_above():
     emb, labels = _catalogue()
     s, _, _, _ = _brute(emb, labels)

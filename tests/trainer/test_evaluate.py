@@ -8,7 +8,8 @@ import pytest
 
 from schemas.documents import THRESHOLD_SCHEMA
 from trainer import evaluate as E
-from siamese_core.similarity import angular_similarity, l2_normalize
+from siamese_core.error_rates import rate_upper_bound
+from siamese_core.similarity import all_pair_scores, angular_similarity, l2_normalize
 
 
 def test_evaluate_does_not_import_tensorflow():
@@ -27,19 +28,6 @@ def test_fmr_fnmr_exact():
     np.testing.assert_allclose(fnmr, [1 / 4, 2 / 4, 4 / 4])   # genuine < t
 
 
-def test_clopper_pearson_upper_bound():
-    # k = 0: the exact one-sided bound is 1 - alpha^(1/n).
-    assert E.fmr_upper_bound(0, 1000) == pytest.approx(1 - 0.05 ** (1 / 1000), rel=1e-9)
-    # k = n: nothing to bound.
-    assert E.fmr_upper_bound(5, 5) == 1.0
-    # Monotone in k and above the point estimate.
-    assert 10 / 1000 < E.fmr_upper_bound(10, 1000) < E.fmr_upper_bound(11, 1000)
-    # Known value: binomial(1000, u) has P(X <= 10) = 0.05 at the bound.
-    from scipy.stats import binom
-    u = E.fmr_upper_bound(10, 1000)
-    assert binom.cdf(10, 1000, u) == pytest.approx(0.05, abs=1e-9)
-
-
 def test_thresholds_at_fmr_exact_and_rule_of_three():
     # 1000 distinct impostor scores 0.0005 .. 0.4995 and 100 genuine scores 0.3 .. 0.995.
     impostor = (np.arange(1000) + 0.5) / 2000.0
@@ -53,7 +41,7 @@ def test_thresholds_at_fmr_exact_and_rule_of_three():
     assert 0.49475 < t["angular_similarity"] <= 0.49525
     assert t["impostor_pairs"] == 1000 and t["false_matches"] == 10
     assert t["fmr"] == 0.01
-    assert t["fmr_upper_95"] == pytest.approx(E.fmr_upper_bound(10, 1000))
+    assert t["fmr_upper_95"] == pytest.approx(rate_upper_bound(10, 1000))
     # fnmr: genuine scores below the cut: 0.3 + 0.00702 * i < 0.49 -> i <= 27 -> 28 of 100
     assert t["fnmr"] == pytest.approx(0.28)
     # The stored cosine and angular similarity describe the same cut.
@@ -113,7 +101,7 @@ def test_seed_protocol():
 def test_all_pair_scores_and_calibrate_class():
     emb = l2_normalize(np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1], [-1, 0]], np.float32))
     labels = np.array([0, 0, 1, 1, 2])
-    same, diff = E.all_pair_scores(emb, labels, block=2)
+    same, diff = all_pair_scores(emb, labels, block=2)
     assert len(same) == 2 and len(diff) == 8
     full = angular_similarity(emb @ emb.T)
     want_same = sorted([full[0, 1], full[2, 3]])
