@@ -157,7 +157,7 @@ class EmbedOptions(PipelineOptions):
             parser,
             "--input_format",
             default="auto",
-            choices=["auto", "files", "tfrecord", "parquet", "tar"],
+            choices=["auto", *sources.FORMATS],
             help="What --input holds. auto (default): from the suffixes of (the first 1000 of) the matched "
             "paths (.tfrecord[.gz], .tfrec, .parquet, .tar[.gz], .tgz; anything else is an image file).",
         )

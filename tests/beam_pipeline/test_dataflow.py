@@ -82,7 +82,7 @@ def test_dataflow_dry_run_writes_the_job_file(gcs_bucket, tiny_model_dir, tmp_pa
     # The sdist Dataflow would install carries the three packages the workers import.
     with tarfile.open(ours["local_files"]["workflow.tar.gz"]) as sdist:
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
-    for module in ("beam_pipeline/embed.py", "beam_pipeline/sources.py", "beam_pipeline/inference.py",
+    for module in ("beam_pipeline/embed.py", "beam_pipeline/sources/catalogue.py", "beam_pipeline/inference.py",
                    "siamese_core/decode.py", "siamese_core/artefact.py", "trainer/encoder.py", "schemas/tables.py",
                    "setup.py"):
         assert module in names, module

@@ -344,7 +344,7 @@ def _shard_catalogue(fmt: str, put, base: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from beam_pipeline import sources
+    from beam_pipeline.sources import tfrecord
 
     rng = np.random.default_rng(21)
     png = [_png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(4)]
@@ -353,8 +353,8 @@ def _shard_catalogue(fmt: str, put, base: str):
     if fmt == "tfrecord":
         def shard(rows):
             buffer = io.BytesIO()
-            sources.write_tfrecords(buffer, [sources.make_example({"image/encoded": d, "image/id": i, "label": c})
-                                             for i, d, c in rows])
+            tfrecord.write_tfrecords(buffer, [tfrecord.make_example({"image/encoded": d, "image/id": i, "label": c})
+                                              for i, d, c in rows])
             return buffer.getvalue()
         put(f"{base}/a.tfrecord", shard(rows))
         put(f"{base}/b.tfrecord", shard([("sku-5", png[3], "cap"), ("sku-6", png[3], "cap")])[:-10])
