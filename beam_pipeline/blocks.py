@@ -25,6 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import matching
+from schemas.tables import UNIT_NORM_TOLERANCE
 
 STAGE_COLUMNS = ["item_id", "embedding", "model_id"]
 READ_BATCH_ROWS = 65_536
@@ -114,13 +115,13 @@ def _check_rows(emb: np.ndarray, ids: pa.Array, path: str) -> None:
         raise ValueError(f"templates {path}: item {ids[k].as_py()!r} has NaN or infinite embedding values; "
                          "embeddings must be finite unit vectors")
     norms = np.linalg.norm(emb, axis=1)
-    bad = np.flatnonzero(np.abs(norms - 1.0) > matching.UNIT_NORM_TOLERANCE)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
     if bad.size:
         k = int(bad[0])
         raise ValueError(
             f"templates {path}: item {ids[k].as_py()!r} has embedding norm {norms[k]:.6f}; embeddings must be "
             f"L2-normalised unit vectors ({bad.size} rows of this batch off by more than "
-            f"{matching.UNIT_NORM_TOLERANCE})"
+            f"{UNIT_NORM_TOLERANCE})"
         )
 
 

@@ -281,7 +281,7 @@ def _cluster(opts, pipeline_options, test_pipeline, output_dir: str, lineage: di
         | "WriteClusters" >> bio.WriteTable(output_dir, "clusters", outputs.with_lineage(CLUSTERS_SCHEMA, lineage),
                                             num_shards=opts.num_shards)
     )
-    runner.wait(p.run())
+    runner.run(p, pipeline_options)
 
 
 if __name__ == "__main__":

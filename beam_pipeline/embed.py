@@ -30,7 +30,6 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import hashlib
-import json
 import logging
 import os
 import time
@@ -40,9 +39,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import DebugOptions, TestOptions
+from apache_beam.options.pipeline_options import DebugOptions
 from apache_beam.transforms import window
 
 from beam_pipeline import io as bio
@@ -50,31 +48,23 @@ from beam_pipeline import outputs, runner, sources
 from siamese_core.decode import DecodeError, decode_image, spec_shape
 from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
-from schemas.tables import FAILURES_SCHEMA, templates_schema
+# UNIT_NORM_TOLERANCE: the readers' (schemas.validate_table) tolerance, so a row they would refuse goes to
+# failures instead.
+from schemas.tables import FAILURES_SCHEMA, LABELS_SCHEMA, UNIT_NORM_TOLERANCE, templates_schema
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = sources.METRICS_NAMESPACE
 FAILURES_TAG = sources.FAILURES_TAG
 CONTENTS_TAG = "contents"
 # Images per pipeline element after decoding (a divisor of the default --batch_size).
 CHUNK_ITEMS = 64
 # Paths listed up front to check --input and detect its format (auto).
 FORMAT_SAMPLE = 1000
-# Same tolerance as schemas.validate_table: a row the reader would refuse goes to failures instead.
-UNIT_NORM_TOLERANCE = 1e-3
 # Workers log a progress line every this many templates, or this many seconds.
 PROGRESS_EVERY = 2000
 PROGRESS_SECONDS = 30.0
 COUNTERS = ("items_read", "read_failed", "decoded", "decode_failed", "inferences", "inferences_saved",
             "embedded", "failed")
-
-LABELS_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string(), nullable=False),
-    pa.field("source_uri", pa.string(), nullable=False),
-    pa.field("label", pa.string(), nullable=False),
-    pa.field("run_id", pa.string(), nullable=False),
-])
 
 
 class ItemRef(NamedTuple):
@@ -151,9 +141,9 @@ class DecodeFn(beam.DoFn):
         self._run_id = run_id
         self._chunk_items = chunk_items
         self._threads = threads
-        self._decoded = Metrics.counter(NAMESPACE, "decoded")
-        self._decode_failed = Metrics.counter(NAMESPACE, "decode_failed")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._decoded = runner.counter("decoded")
+        self._decode_failed = runner.counter("decode_failed")
+        self._failed = runner.counter("failed")
 
     def setup(self):
         self._pool = (concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
@@ -253,10 +243,10 @@ class ToTemplatesFn(beam.DoFn):
         self._model_id = model_id
         self._dim = dim
         self._run_id = run_id
-        self._embedded = Metrics.counter(NAMESPACE, "embedded")
-        self._inferences = Metrics.counter(NAMESPACE, "inferences")
-        self._saved = Metrics.counter(NAMESPACE, "inferences_saved")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._embedded = runner.counter("embedded")
+        self._inferences = runner.counter("inferences")
+        self._saved = runner.counter("inferences_saved")
+        self._failed = runner.counter("failed")
 
     def setup(self):
         self._count = 0
@@ -349,8 +339,8 @@ class UniqueIdsFn(beam.DoFn):
 
     def __init__(self, run_id: str):
         self._run_id = run_id
-        self._embedded = Metrics.counter(NAMESPACE, "embedded")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._embedded = runner.counter("embedded")
+        self._failed = runner.counter("failed")
 
     def process(self, element):
         item_id, rows = element
@@ -425,55 +415,12 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderChunkHand
 
 def _counters(result) -> dict:
     """The embed counters (COUNTERS) of a pipeline result ({} if the runner reports none)."""
-    return runner.counters(result, NAMESPACE, COUNTERS)
+    return runner.counters(result, COUNTERS)
 
 
 def _progress_line(result) -> str:
     counts = _counters(result)
     return "embed " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("items_read", "decoded", "embedded", "failed"))
-
-
-def describe_dataflow_job(job) -> dict:
-    """The Dataflow job description (the CreateJob request body) of a dry-run job, built offline.
-
-    Beam's dry run returns before `create_job`, which stages the artefacts to GCS and only then writes
-    --dataflow_job_file; this fills in the same worker environment (worker pool, container image,
-    experiments, service options, packages to stage, sdkPipelineOptions) without uploading anything, so
-    the file shows what Dataflow would receive.
-    """
-    from apache_beam.portability import common_urns
-    from apache_beam.portability.api import beam_runner_api_pb2
-    from apache_beam.runners.dataflow.internal import apiclient
-    from apache_beam.runners.internal import names as shared_names
-
-    staging = job.options.view_as(beam.options.pipeline_options.GoogleCloudOptions).staging_location
-    packages, local_files = [], {}
-    for _, env in sorted(job.proto_pipeline.components.environments.items()):
-        for dep in env.dependencies:
-            if dep.role_urn == common_urns.artifact_roles.STAGING_TO.urn:
-                name = beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(dep.role_payload).staged_name
-                if name not in packages:
-                    packages.append(name)
-                    if dep.type_urn == common_urns.artifact_types.FILE.urn:
-                        local_files[name] = beam_runner_api_pb2.ArtifactFilePayload.FromString(dep.type_payload).path
-    serialized = job.proto_pipeline.SerializeToString()
-    job.proto.environment = apiclient.Environment(
-        packages=packages,
-        options=job.options,
-        environment_version=apiclient._FNAPI_ENVIRONMENT_MAJOR_VERSION,
-        proto_pipeline_staged_url=FileSystems.join(staging, shared_names.STAGED_PIPELINE_FILENAME),
-        proto_pipeline=job.proto_pipeline,
-        pipeline_proto_hash=hashlib.sha256(serialized).hexdigest(),
-    ).proto
-    description = json.loads(job.json())
-    description["siamese_dedup"] = {
-        "note": "dry run: built offline, nothing staged or submitted",
-        # Where the files to stage were built on this machine (e.g. workflow.tar.gz, setup.py's sdist).
-        "local_files": local_files,
-        "transforms": sorted(t.unique_name for t in job.proto_pipeline.components.transforms.values()
-                             if t.unique_name and "/" not in t.unique_name),
-    }
-    return description
 
 
 def lineage_of(opts: EmbedOptions, handler: EncoderChunkHandler, run_id: str) -> dict:
@@ -549,7 +496,7 @@ def run(argv=None, test_pipeline=None) -> dict:
         raise ValueError(f"--input_list names image files; --input {opts.input!r} holds {input_format}")
     handler = EncoderChunkHandler(
         opts.model_dir, batch_size=opts.batch_size, share_across_processes=opts.share_model_across_processes)
-    dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
+    dry_run = runner.is_dry_run(pipeline_options)
     if not dry_run:
         _check_model(opts.model_dir)
     log.info("embed run %s: %s input %s with model %s (%s) -> %s", run_id, input_format, opts.input,
@@ -565,16 +512,12 @@ def run(argv=None, test_pipeline=None) -> dict:
     with outputs.StagedRun(opts.output, "embed", run_id) as staged:
         pipeline = runner.new_pipeline(pipeline_options, test_pipeline)
         build(pipeline, opts, handler, run_id, input_format, output_dir=staged.dir)
-        result = pipeline.run()
+        result = runner.run(pipeline, pipeline_options, _progress_line)
         if dry_run:
-            job_file = pipeline_options.view_as(DebugOptions).dataflow_job_file
-            job = getattr(result, "job", None)
-            if job_file and job is not None:
-                bio.write_json(job_file, describe_dataflow_job(job))
             summary.update(items=0, embedded=0, failed=0, inferences_saved=0,
-                           seconds=round(time.perf_counter() - started, 3), counters={}, job_file=job_file)
+                           seconds=round(time.perf_counter() - started, 3), counters={},
+                           job_file=pipeline_options.view_as(DebugOptions).dataflow_job_file)
             return summary
-        runner.wait(result, _progress_line)
         counters = _counters(result)
 
         templates = bio.read_table_dir(staged.dir, "templates", handler.embedding_dim)

@@ -22,11 +22,10 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
+from beam_pipeline import runner
 from siamese_core.decode import spec_shape
 
 log = logging.getLogger(__name__)
-
-METRICS_NAMESPACE = "siamese_dedup_embed"
 
 
 class InferenceFailure(NamedTuple):
@@ -210,7 +209,7 @@ class EncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         return int(sum(np.asarray(x).nbytes for x in batch))
 
     def get_metrics_namespace(self) -> str:
-        return METRICS_NAMESPACE
+        return runner.METRICS_NAMESPACE
 
     def __repr__(self) -> str:
         return f"EncoderModelHandler({self._model_dir!r}, model_id={self.model_id})"

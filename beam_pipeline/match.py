@@ -29,15 +29,21 @@
      similarity goes to D/verifications/, those at or above the threshold to the matches.
 3. Matches (left_id < right_id, cosine, angular_similarity, model_id, run_id) are written to
    D/matches/matches-*.parquet, each shard carrying its lineage (beam_pipeline.outputs: the templates'
-   fingerprint, the threshold); the driver writes D/match_run.json. Everything is written into the run's
-   staging area and published into D when the run has finished; clusters and reports in D made from
-   earlier matches are moved aside to D/stale/.
+   fingerprint, the threshold); the driver writes D/match_run.json (schemas.documents.MATCH_RUN_SCHEMA,
+   checked before it is written). Everything is written into the run's staging area and published into D
+   when the run has finished; clusters and reports in D made from earlier matches are moved aside to
+   D/stale/.
+
+Each mode's transforms are added by its builder (`BUILDERS`, whose keys are the valid --mode values;
+all_pairs picks by --search in `ALL_PAIRS_SEARCHES`); `run` stages, chooses the threshold and runs one.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
+from typing import Callable, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -51,16 +57,11 @@ from beam_pipeline import outputs, runner
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
 from beam_pipeline.thresholds import angular_cut, knn_cut, resolve_threshold, threshold_method
 from siamese_core.artefact import load_model_card
-from schemas.tables import MATCHES_SCHEMA, VERIFICATIONS_SCHEMA
+from schemas.documents import validate_match_run
+from schemas.tables import MATCHES_SCHEMA, SAMPLE_PAIRS_SCHEMA, VERIFICATIONS_SCHEMA
 from siamese_core.similarity import angular_similarity
 
 LOG = logging.getLogger(__name__)
-MODES = ("all_pairs", "queries", "pairs")
-# Exact pairs of the recall sample (staging only; global rows of the staged catalogue).
-SAMPLE_PAIRS_SCHEMA = pa.schema([pa.field("sample_row", pa.int64(), nullable=False),
-                                 pa.field("other_row", pa.int64(), nullable=False),
-                                 pa.field("cosine", pa.float32(), nullable=False)])
-SEARCHES = ("exact", "approximate")
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -125,8 +126,8 @@ class _BlockDoFn(beam.DoFn):
         self._model_id = model_id
         self._run_id = run_id
         self._threads = threads
-        self._pairs = beam.metrics.Metrics.counter("match", "pairs")
-        self._products = beam.metrics.Metrics.counter("match", "products")
+        self._pairs = runner.counter("pairs")
+        self._products = runner.counter("products")
 
     def setup(self):
         self._cache = bk.BlockCache(bk.Manifest.from_json(self._manifest_doc))
@@ -287,8 +288,8 @@ class AssignBlockFn(_BlockDoFn):
         self._centroids = centroids
         self._max_assign = max_assign
         self._slices_dir = slices_dir
-        self._capped = beam.metrics.Metrics.counter("match", "capped_items")
-        self._assignments = beam.metrics.Metrics.counter("match", "assignments")
+        self._capped = runner.counter("capped_items")
+        self._assignments = runner.counter("assignments")
 
     def process(self, block):
         ids, emb = self._cache.get(block)
@@ -328,9 +329,9 @@ class PartitionMatchFn(beam.DoFn):
         self._model_id = model_id
         self._run_id = run_id
         self._threads = threads
-        self._products = beam.metrics.Metrics.counter("match", "products")
-        self._pairs = beam.metrics.Metrics.counter("match", "pairs")
-        self._largest = beam.metrics.Metrics.distribution("match", "partition_members")
+        self._products = runner.counter("products")
+        self._pairs = runner.counter("pairs")
+        self._largest = runner.distribution("partition_members")
 
     def process(self, element):
         partition, slices = element
@@ -437,19 +438,6 @@ def _pair_tasks(manifest: bk.Manifest, left: list[str], right: list[str]) -> lis
     return [(key, (np.asarray(a, np.int64), np.asarray(b, np.int64))) for key, (a, b) in sorted(tasks.items())]
 
 
-def _metric(result, name: str, kind: str = "counters"):
-    try:
-        res = result.metrics().query(beam.metrics.MetricsFilter().with_namespace("match").with_name(name))[kind]
-    except Exception:  # some runners do not report metrics
-        return None
-    if not res:
-        return None
-    if kind == "counters":
-        return int(sum(r.committed or r.attempted or 0 for r in res))
-    d = res[0].committed or res[0].attempted
-    return None if d is None else {"max": d.max, "mean": d.mean, "count": d.count}
-
-
 def _recall(manifest, sample_glob: str, matches_glob: str, sample_ids: list[str]) -> dict:
     """Recall of the written matches against the exact pairs of the sample items (global row pairs)."""
     exact = set()
@@ -525,37 +513,241 @@ def score_norm(opts, card: dict | None, method: str, n_items: int, review_doc: d
                     f"{reason}; pass --score_norm knn to insist where it applies")
 
 
-def run(argv=None, test_pipeline=None) -> dict:
-    """Run the match pipeline; returns {"matches", "pairs", "items", "threshold", "seconds", "run_id",
-    "model_id", ...}."""
-    started = time.perf_counter()
-    pipeline_options, opts = parse_stage_options(
-        argv, MatchOptions, "Match templates at or above the threshold: all pairs, queries (1:N) or given pairs "
-        "(1:1), exact or approximate, in bounded memory."
-    )
-    if opts.mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {opts.mode!r}")
-    if opts.search not in SEARCHES:
-        raise ValueError(f"--search must be one of {SEARCHES}, got {opts.search!r}")
+def check_options(opts: MatchOptions) -> None:
+    """Refuse flags that do not go together (ValueError), before anything is read."""
     if opts.search == "approximate" and opts.mode != "all_pairs":
         raise ValueError("--search approximate is for --mode all_pairs; queries and pairs are matched exactly")
     if opts.mode == "queries" and not opts.queries:
         raise ValueError("--mode queries needs --queries (a glob of query templates)")
     if opts.mode == "pairs" and not opts.pairs:
         raise ValueError("--mode pairs needs --pairs (CSV or Parquet with left_id,right_id)")
-    run_id = opts.run_id or new_run_id()
-    threads = opts.kernel_threads or matching.default_threads()
-    card = load_model_card(opts.model_dir) if opts.model_dir else None
+
+
+def check_threshold_flags(opts: MatchOptions, card: dict | None) -> tuple[str, dict | None]:
+    """(how the threshold is chosen: thresholds.threshold_method, the review_threshold.json document or None),
+    refusing a bad given threshold, or self-calibration without a model, before anything is read."""
     method = threshold_method(opts.threshold, opts.target_fmr, opts.target_precision, opts.max_false_pairs,
                               opts.review_threshold)
     review_doc = None
-    if method == "review":  # read (and checked against the templates' model below) before any work
+    if method == "review":  # read (and checked against the templates' model later) before any work
         review_doc = review.load_review_threshold(opts.review_threshold, "")
     elif method != "self_calibrated":  # a bad given threshold is refused before reading anything
         resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
     elif not opts.model_dir:
         raise ValueError("choosing the threshold for this catalogue (self-calibration) needs --model_dir (the "
                          "encoder makes the synthetic copies); or pass --threshold")
+    return method, review_doc
+
+
+def choose_threshold(opts: MatchOptions, card: dict | None, method: str, review_doc: dict | None,
+                     manifest: bk.Manifest) -> tuple[dict, knn_norm.KnnScores | None]:
+    """The run's threshold (match_run.json's "threshold": value, score, cosine, source, score_norm, ...) for
+    the staged catalogue `manifest`, and the kNN scores when it cuts kNN-normalised scores (else None)."""
+    norm, norm_note = score_norm(opts, card, method, manifest.n, review_doc)
+    knn = None
+    if norm == "knn":
+        t_knn = time.perf_counter()
+        k, beta = (opts.knn_k, opts.knn_beta) if review_doc is None else \
+            (int(review_doc["knn"]["k"]), float(review_doc["knn"]["beta"]))
+        knn = knn_norm.KnnScores(k, beta, knn_norm.catalogue_b(manifest, k), manifest)
+        LOG.info("kNN score normalisation: b of %d items (k=%d) in %.1fs", manifest.n, opts.knn_k,
+                 time.perf_counter() - t_knn)
+    if method == "self_calibrated":
+        threshold = self_calibration.calibrate_catalogue(
+            manifest, opts.templates, opts.model_dir,
+            target_precision=None if opts.max_false_pairs is not None
+            else (opts.target_precision or self_calibration.DEFAULT_TARGET_PRECISION),
+            max_false_pairs=opts.max_false_pairs, copies=opts.calibration_copies, seed=opts.seed,
+            log=LOG.info, knn=knn)
+    elif method == "review":
+        cut = knn_cut(review_doc["value"], knn.k, knn.beta) if knn else angular_cut(review_doc["value"])
+        threshold = {**cut, "source": "review", "target_fmr": None, "impostor_pairs": None,
+                     "review": {k: review_doc.get(k) for k in review.STATED}}
+    elif knn is not None:
+        threshold = {**knn_cut(opts.threshold, knn.k, knn.beta), "source": "given", "target_fmr": None,
+                     "impostor_pairs": None}
+    else:
+        threshold = resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
+    threshold["score_norm"] = {"method": norm, "note": norm_note, **(knn.to_json() if knn else {})}
+    return threshold, knn
+
+
+# ------------------------------------------------------------------------------------------- builders
+
+@dataclasses.dataclass
+class Job:
+    """What every mode's builder takes: the flags, the staged catalogue and the run's threshold.
+
+    stage_root: where staged inputs go; output_dir: the run's staging directory (its tables are published
+    from there); lineage: what every written shard records (a builder may add to it); staged: directories
+    to delete after the run (a builder appends those it stages)."""
+
+    opts: MatchOptions
+    manifest: bk.Manifest
+    model_id: str
+    run_id: str
+    threads: int
+    threshold: dict
+    knn: knn_norm.KnnScores | None
+    stage_root: str
+    output_dir: str
+    lineage: dict
+    staged: list
+
+    @property
+    def cos(self) -> float | None:
+        """The threshold's cosine, what the kernels compare with (None when it cuts kNN-normalised scores)."""
+        return self.threshold["cosine"]
+
+
+class Built(NamedTuple):
+    """What a builder added: the matches Tables, the mode's keys of match_run.json, and what it reads back
+    once the pipeline has run (`after(result, matches_glob)` -> (more keys, recall or None); None: nothing)."""
+
+    matches: beam.PCollection
+    extra: dict
+    after: Callable | None = None
+
+
+def build_exact(p: beam.Pipeline, job: Job) -> Built:
+    """all_pairs, exact: strips of block pairs (i, j >= i), each a tiled matrix product."""
+    nb = job.manifest.num_blocks
+    strip = strip_width(nb)
+    tasks = exact_strips(nb, strip)
+    knn = None if job.knn is None else (job.knn.b, job.knn.beta, job.threshold["value"])
+    matches = (p | "Tasks" >> beam.Create(tasks) | "Spread" >> beam.Reshuffle()
+               | "MatchStrips" >> beam.ParDo(ExactStripFn(job.manifest.to_json(), job.cos, job.model_id,
+                                                          job.run_id, job.threads, knn)))
+    return Built(matches, {"block_pairs": nb * (nb + 1) // 2, "tasks": len(tasks), "blocks_per_strip": strip})
+
+
+def build_approximate(p: beam.Pipeline, job: Job) -> Built:
+    """all_pairs, approximate: k-means partitions with multi-assignment, and the exact pairs of a sample of
+    items, from which `after` measures the recall."""
+    opts, manifest = job.opts, job.manifest
+    rng = np.random.default_rng(opts.seed)
+    k = opts.partitions or candidates.default_partitions(manifest.n)
+    k = max(1, min(k, manifest.n))
+    fit_rows = np.sort(rng.choice(manifest.n, min(manifest.n, opts.kmeans_sample), replace=False)) \
+        if manifest.n else np.zeros(0, np.int64)
+    _, fit_emb = bk.read_rows(manifest, fit_rows)
+    centroids = candidates.spherical_kmeans(fit_emb, k, iters=opts.kmeans_iters, seed=opts.seed) \
+        if manifest.n else np.zeros((1, max(1, manifest.dim)), np.float32)
+    sample_rows = np.sort(rng.choice(manifest.n, min(manifest.n, opts.recall_sample), replace=False)) \
+        if manifest.n else np.zeros(0, np.int64)
+    sample_ids, sample_emb = bk.read_rows(manifest, sample_rows)
+    extra = {"partitions": int(len(centroids)), "max_assign": opts.max_assign,
+             "kmeans_sample": int(len(fit_rows)), "recall_sample": int(len(sample_rows))}
+    doc = manifest.to_json()
+    block_ids = list(range(manifest.num_blocks))
+    slices_dir = bio.FileSystems.join(job.stage_root, "slices")
+    job.staged.append(slices_dir)
+    matches = (
+        p | "Blocks" >> beam.Create(block_ids) | "SpreadBlocks" >> beam.Reshuffle()
+        | "Assign" >> beam.ParDo(AssignBlockFn(doc, job.cos, job.model_id, job.run_id, job.threads, centroids,
+                                               opts.max_assign, slices_dir))
+        | "ByPartition" >> beam.GroupByKey()
+        | "MatchPartitions" >> beam.ParDo(PartitionMatchFn(job.cos, job.model_id, job.run_id, job.threads))
+    )
+    _ = (
+        p | "SampleBlocks" >> beam.Create(block_ids) | "SpreadSample" >> beam.Reshuffle()
+        | "SampleExact" >> beam.ParDo(SampleExactFn(doc, job.cos, job.model_id, job.run_id, job.threads,
+                                                    sample_rows, sample_emb))
+        | "WriteSample" >> bio.WriteTable(job.stage_root, "recall_sample", SAMPLE_PAIRS_SCHEMA, num_shards=1)
+    )
+    job.staged.append(bio.FileSystems.join(job.stage_root, "recall_sample"))
+
+    def after(result, matches_glob: str) -> tuple[dict, dict]:
+        counts = runner.counters(result)
+        more = {"capped_items": counts.get("capped_items"), "assignments": counts.get("assignments"),
+                "partition_members": runner.distribution_of(result, "partition_members")}
+        return more, _recall(manifest, bio.table_glob(job.stage_root, "recall_sample"), matches_glob, sample_ids)
+
+    return Built(matches, extra, after)
+
+
+# --search of --mode all_pairs: its valid values are this table's keys (options.py reads SEARCHES).
+ALL_PAIRS_SEARCHES = {"exact": build_exact, "approximate": build_approximate}
+SEARCHES = tuple(ALL_PAIRS_SEARCHES)
+
+
+def build_all_pairs(p: beam.Pipeline, job: Job) -> Built:
+    """all_pairs: every pair within the catalogue, by the --search of ALL_PAIRS_SEARCHES."""
+    return ALL_PAIRS_SEARCHES[job.opts.search](p, job)
+
+
+def build_queries(p: beam.Pipeline, job: Job) -> Built:
+    """queries (1:N): stage the query templates; every query block against every catalogue block, the
+    --top_k best pairs per query at or above the threshold."""
+    opts, manifest = job.opts, job.manifest
+    query_dir = bio.FileSystems.join(job.stage_root, "queries")
+    query_manifest = bk.stage_templates(opts.queries, query_dir, opts.block_size, what="query templates")
+    job.staged.append(query_dir)
+    if query_manifest.n and manifest.n and (query_manifest.model_id, query_manifest.dim) != (
+            manifest.model_id, manifest.dim):
+        raise ValueError(
+            f"queries are of model {query_manifest.model_id} (dimension {query_manifest.dim}), the "
+            f"catalogue of model {manifest.model_id} (dimension {manifest.dim}): not comparable")
+    job.lineage["queries"] = outputs.templates_fingerprint(opts.queries)
+    nb, qdoc = manifest.num_blocks, query_manifest.to_json()
+    strip = max(1, min(16, nb // max(1, 64 // max(1, query_manifest.num_blocks))))
+    tasks = [(qb, c0, min(nb, c0 + strip)) for qb in range(query_manifest.num_blocks)
+             for c0 in range(0, nb, strip)]
+    model_id, run_id = job.model_id, job.run_id
+    matches = (
+        p | "Tasks" >> beam.Create(tasks) | "Spread" >> beam.Reshuffle()
+        | "MatchQueries" >> beam.ParDo(QueryStripFn(manifest.to_json(), qdoc, job.cos, model_id, run_id,
+                                                    job.threads, opts.top_k))
+        | "ByQueryBlock" >> beam.GroupByKey()
+        | "TopK" >> beam.ParDo(MergeQueryBlockFn(qdoc, model_id, run_id, opts.top_k))
+        # A pair of two items that are both queries and catalogue items is found from both sides.
+        | "Gather" >> beam.combiners.ToList()
+        | "Dedupe" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id)
+    )
+    return Built(matches, {"queries": query_manifest.n, "top_k": opts.top_k, "tasks": len(tasks)})
+
+
+def build_pairs(p: beam.Pipeline, job: Job) -> Built:
+    """pairs (1:1): the --pairs, grouped by the blocks of their two items; every pair's similarity to
+    verifications/, those at or above the threshold to the matches."""
+    left, right = read_pairs(job.opts.pairs)
+    pair_tasks = _pair_tasks(job.manifest, left, right)
+    model_id, run_id = job.model_id, job.run_id
+    verified = (p | "PairTasks" >> beam.Create(pair_tasks) | "Spread" >> beam.Reshuffle()
+                | "Verify" >> beam.ParDo(VerifyPairsFn(job.manifest.to_json(), job.cos, model_id, run_id,
+                                                       job.threads)))
+    _ = verified | "WriteVerifications" >> bio.WriteTable(
+        job.output_dir, "verifications", outputs.with_lineage(VERIFICATIONS_SCHEMA, job.lineage),
+        num_shards=job.opts.num_shards)
+    matches = (verified | "KeepMatches" >> beam.Map(_verified_matches)
+               | "Dedupe" >> beam.combiners.ToList()
+               | "DedupeTables" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id))
+    return Built(matches, {"given_pairs": int(sum(len(t[1][0]) for t in pair_tasks)), "tasks": len(pair_tasks)})
+
+
+# --mode: its valid values are this table's keys (options.py reads MODES).
+BUILDERS = {"all_pairs": build_all_pairs, "queries": build_queries, "pairs": build_pairs}
+MODES = tuple(BUILDERS)
+
+
+def run(argv=None, test_pipeline=None) -> dict:
+    """Run the match pipeline; returns {"matches", "pairs", "items", "threshold", "seconds", "run_id",
+    "model_id", ...}.
+
+    Parses the flags, stages the catalogue in blocks, chooses the threshold, adds the transforms of the
+    mode's builder (BUILDERS) and runs them; the matches, and match_run.json (schemas.documents.
+    MATCH_RUN_SCHEMA), are published into --output when the run has finished. match_run.json's
+    stage_seconds is the time before the pipeline runs (staging, the threshold, the builder)."""
+    started = time.perf_counter()
+    pipeline_options, opts = parse_stage_options(
+        argv, MatchOptions, "Match templates at or above the threshold: all pairs, queries (1:N) or given pairs "
+        "(1:1), exact or approximate, in bounded memory."
+    )
+    check_options(opts)
+    run_id = opts.run_id or new_run_id()
+    threads = opts.kernel_threads or matching.default_threads()
+    card = load_model_card(opts.model_dir) if opts.model_dir else None
+    method, review_doc = check_threshold_flags(opts, card)
 
     staged_run = outputs.StagedRun(opts.output, "match", run_id)
     # The blocks live in the run's staging area (removed with it), or under --staging_dir.
@@ -572,140 +764,27 @@ def run(argv=None, test_pipeline=None) -> dict:
         model_id = _check_against_card(card, manifest.model_id, manifest.dim, manifest.n)
         if review_doc is not None:
             review.load_review_threshold(opts.review_threshold, model_id)
-        norm, norm_note = score_norm(opts, card, method, manifest.n, review_doc)
-        knn = None
-        if norm == "knn":
-            t_knn = time.perf_counter()
-            k, beta = (opts.knn_k, opts.knn_beta) if review_doc is None else \
-                (int(review_doc["knn"]["k"]), float(review_doc["knn"]["beta"]))
-            knn = knn_norm.KnnScores(k, beta, knn_norm.catalogue_b(manifest, k), manifest)
-            LOG.info("kNN score normalisation: b of %d items (k=%d) in %.1fs", manifest.n, opts.knn_k,
-                     time.perf_counter() - t_knn)
-        if method == "self_calibrated":
-            threshold = self_calibration.calibrate_catalogue(
-                manifest, opts.templates, opts.model_dir,
-                target_precision=None if opts.max_false_pairs is not None
-                else (opts.target_precision or self_calibration.DEFAULT_TARGET_PRECISION),
-                max_false_pairs=opts.max_false_pairs, copies=opts.calibration_copies, seed=opts.seed,
-                log=LOG.info, knn=knn)
-        elif method == "review":
-            cut = knn_cut(review_doc["value"], knn.k, knn.beta) if knn else angular_cut(review_doc["value"])
-            threshold = {**cut, "source": "review", "target_fmr": None, "impostor_pairs": None,
-                         "review": {k: review_doc.get(k) for k in review.STATED}}
-        elif knn is not None:
-            threshold = {**knn_cut(opts.threshold, knn.k, knn.beta), "source": "given", "target_fmr": None,
-                         "impostor_pairs": None}
-        else:
-            threshold = resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
-        threshold["score_norm"] = {"method": norm, "note": norm_note, **(knn.to_json() if knn else {})}
-        cos_t = threshold["cosine"]
-        query_manifest = None
-        if opts.mode == "queries":
-            query_dir = bio.FileSystems.join(stage_root, "queries")
-            query_manifest = bk.stage_templates(opts.queries, query_dir, opts.block_size, what="query templates")
-            staged.append(query_dir)
-            if query_manifest.n and manifest.n and (query_manifest.model_id, query_manifest.dim) != (
-                    manifest.model_id, manifest.dim):
-                raise ValueError(
-                    f"queries are of model {query_manifest.model_id} (dimension {query_manifest.dim}), the "
-                    f"catalogue of model {manifest.model_id} (dimension {manifest.dim}): not comparable")
-        pair_tasks = None
-        if opts.mode == "pairs":
-            left, right = read_pairs(opts.pairs)
-            pair_tasks = _pair_tasks(manifest, left, right)
-        stage_seconds = time.perf_counter() - t0
-
+        threshold, knn = choose_threshold(opts, card, method, review_doc, manifest)
         lineage = {"stage": "match", "run_id": run_id, "model_id": model_id, "templates": templates_lineage,
                    "threshold": threshold["value"], "score": threshold["score"],
                    "threshold_source": threshold["source"],
                    "mode": opts.mode, "search": opts.search}
-        if query_manifest is not None:
-            lineage["queries"] = outputs.templates_fingerprint(opts.queries)
+        job = Job(opts, manifest, model_id, run_id, threads, threshold, knn, stage_root, staged_run.dir, lineage,
+                  staged)
         p = runner.new_pipeline(pipeline_options, test_pipeline)
-        doc = manifest.to_json()
-        nb = manifest.num_blocks
-        extra: dict = {}
-        sample_ids: list[str] = []
-        exact_parts = None
-        if opts.mode == "all_pairs" and opts.search == "exact":
-            strip = strip_width(nb)
-            tasks = exact_strips(nb, strip)
-            extra = {"block_pairs": nb * (nb + 1) // 2, "tasks": len(tasks), "blocks_per_strip": strip}
-            matches = (p | "Tasks" >> beam.Create(tasks) | "Spread" >> beam.Reshuffle()
-                       | "MatchStrips" >> beam.ParDo(ExactStripFn(
-                           doc, cos_t, model_id, run_id, threads,
-                           None if knn is None else (knn.b, knn.beta, threshold["value"]))))
-        elif opts.mode == "all_pairs":
-            rng = np.random.default_rng(opts.seed)
-            k = opts.partitions or candidates.default_partitions(manifest.n)
-            k = max(1, min(k, manifest.n))
-            fit_rows = np.sort(rng.choice(manifest.n, min(manifest.n, opts.kmeans_sample), replace=False)) \
-                if manifest.n else np.zeros(0, np.int64)
-            _, fit_emb = bk.read_rows(manifest, fit_rows)
-            centroids = candidates.spherical_kmeans(fit_emb, k, iters=opts.kmeans_iters, seed=opts.seed) \
-                if manifest.n else np.zeros((1, max(1, manifest.dim)), np.float32)
-            sample_rows = np.sort(rng.choice(manifest.n, min(manifest.n, opts.recall_sample), replace=False)) \
-                if manifest.n else np.zeros(0, np.int64)
-            sample_ids, sample_emb = bk.read_rows(manifest, sample_rows)
-            extra = {"partitions": int(len(centroids)), "max_assign": opts.max_assign,
-                     "kmeans_sample": int(len(fit_rows)), "recall_sample": int(len(sample_rows))}
-            block_ids = list(range(nb))
-            slices_dir = bio.FileSystems.join(stage_root, "slices")
-            staged.append(slices_dir)
-            matches = (
-                p | "Blocks" >> beam.Create(block_ids) | "SpreadBlocks" >> beam.Reshuffle()
-                | "Assign" >> beam.ParDo(AssignBlockFn(doc, cos_t, model_id, run_id, threads, centroids,
-                                                       opts.max_assign, slices_dir))
-                | "ByPartition" >> beam.GroupByKey()
-                | "MatchPartitions" >> beam.ParDo(PartitionMatchFn(cos_t, model_id, run_id, threads))
-            )
-            exact_parts = (
-                p | "SampleBlocks" >> beam.Create(block_ids) | "SpreadSample" >> beam.Reshuffle()
-                | "SampleExact" >> beam.ParDo(SampleExactFn(doc, cos_t, model_id, run_id, threads, sample_rows,
-                                                            sample_emb))
-                | "WriteSample" >> bio.WriteTable(stage_root, "recall_sample", SAMPLE_PAIRS_SCHEMA, num_shards=1)
-            )
-            staged.append(bio.FileSystems.join(stage_root, "recall_sample"))
-        elif opts.mode == "queries":
-            qdoc = query_manifest.to_json()
-            strip = max(1, min(16, nb // max(1, 64 // max(1, query_manifest.num_blocks))))
-            tasks = [(qb, c0, min(nb, c0 + strip)) for qb in range(query_manifest.num_blocks)
-                     for c0 in range(0, nb, strip)]
-            extra = {"queries": query_manifest.n, "top_k": opts.top_k, "tasks": len(tasks)}
-            matches = (
-                p | "Tasks" >> beam.Create(tasks) | "Spread" >> beam.Reshuffle()
-                | "MatchQueries" >> beam.ParDo(QueryStripFn(doc, qdoc, cos_t, model_id, run_id, threads, opts.top_k))
-                | "ByQueryBlock" >> beam.GroupByKey()
-                | "TopK" >> beam.ParDo(MergeQueryBlockFn(qdoc, model_id, run_id, opts.top_k))
-                # A pair of two items that are both queries and catalogue items is found from both sides.
-                | "Gather" >> beam.combiners.ToList()
-                | "Dedupe" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id)
-            )
-        else:
-            extra = {"given_pairs": int(sum(len(t[1][0]) for t in pair_tasks)), "tasks": len(pair_tasks)}
-            verified = (p | "PairTasks" >> beam.Create(pair_tasks) | "Spread" >> beam.Reshuffle()
-                        | "Verify" >> beam.ParDo(VerifyPairsFn(doc, cos_t, model_id, run_id, threads)))
-            _ = verified | "WriteVerifications" >> bio.WriteTable(
-                staged_run.dir, "verifications", outputs.with_lineage(VERIFICATIONS_SCHEMA, lineage),
-                num_shards=opts.num_shards)
-            matches = (verified | "KeepMatches" >> beam.Map(_verified_matches)
-                | "Dedupe" >> beam.combiners.ToList()
-                | "DedupeTables" >> beam.FlatMap(_dedupe_tables, model_id=model_id, run_id=run_id))
-        _ = matches | "WriteMatches" >> bio.WriteTable(
+        built = BUILDERS[opts.mode](p, job)
+        _ = built.matches | "WriteMatches" >> bio.WriteTable(
             staged_run.dir, "matches", outputs.with_lineage(MATCHES_SCHEMA, lineage), num_shards=opts.num_shards)
         t1 = time.perf_counter()
-        result = p.run()
-        runner.wait(result)
+        result = runner.run(p, pipeline_options)
         pipeline_seconds = time.perf_counter() - t1
         staged_glob = bio.table_glob(staged_run.dir, "matches")
         pairs = bio.count_parquet_rows(staged_glob)
-        extra["products"] = _metric(result, "products")
+        extra = {**built.extra, "products": runner.counters(result).get("products")}
         recall = None
-        if exact_parts is not None:
-            extra["capped_items"] = _metric(result, "capped_items")
-            extra["assignments"] = _metric(result, "assignments")
-            extra["partition_members"] = _metric(result, "partition_members", "distributions")
-            recall = _recall(manifest, bio.table_glob(stage_root, "recall_sample"), staged_glob, sample_ids)
+        if built.after is not None:
+            more, recall = built.after(result, staged_glob)
+            extra.update(more)
         seconds = round(time.perf_counter() - started, 3)
         matches_glob = bio.table_glob(opts.output, "matches")
         run_doc = {
@@ -723,13 +802,14 @@ def run(argv=None, test_pipeline=None) -> dict:
             "templates": opts.templates,
             "templates_lineage": templates_lineage,
             "matches": matches_glob,
-            "stage_seconds": round(stage_seconds, 3),
+            "stage_seconds": round(t1 - t0, 3),
             "pipeline_seconds": round(pipeline_seconds, 3),
             "seconds": seconds,
         }
         if opts.mode == "pairs":
             run_doc["verifications"] = bio.table_glob(opts.output, "verifications")
-        bio.write_json(staged_run.path("match_run.json"), run_doc)
+        run_path = staged_run.path("match_run.json")
+        bio.write_json(run_path, validate_match_run(run_doc, run_path))
         staged_run.publish()
     LOG.info("match: %d items, %d pairs at %s >= %.4f (%s, %s %s)", manifest.n, pairs, threshold["score"],
              threshold["value"], threshold["source"], opts.mode, opts.search)

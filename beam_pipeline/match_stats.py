@@ -22,6 +22,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from beam_pipeline import runner
 from beam_pipeline.score_distribution import BINS, SCORE_RANGES
 
 WEAKEST = 12
@@ -110,10 +111,11 @@ def compute(matches_glob: str, *, score: str = "angular_similarity", groups: dic
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "stats.pickle")
-        p = beam.Pipeline(options=PipelineOptions(["--direct_num_workers", "1"]))
+        options = PipelineOptions(["--direct_num_workers", "1"])
+        p = runner.new_pipeline(options)
         out = expand(matches_glob, score, groups)(p)
         out | "Write" >> beam.Map(_write_pickle, path)
-        p.run().wait_until_finish()
+        runner.run(p, options)
         with open(path, "rb") as f:
             return pickle.load(f)
 

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from schemas.tables import UNIT_NORM_TOLERANCE
+
 # Size of one similarity tile. Small enough to stay in L2/L3 cache, so the row-max pass reads it from
 # cache right after the matmul wrote it; large enough that each matmul is a well-shaped GEMM (measured
 # on 8192 x 8192 x 128: 256 x 2048 tiles, one BLAS thread per kernel thread, beat both one full-block
@@ -29,7 +31,6 @@ import numpy as np
 TILE_BYTES = 2 * 1024 * 1024
 TILE_COLS = 2048
 CHUNK_BYTES = TILE_BYTES  # the name the benchmark used
-UNIT_NORM_TOLERANCE = 1e-3
 
 
 def block_pairs(n: int, block_size: int) -> list[tuple[int, int]]:

@@ -46,6 +46,7 @@ from beam_pipeline import outputs, sources
 from beam_pipeline.clustering import DEFAULT_LINKAGE, LINKAGES
 from beam_pipeline.options import new_run_id
 from siamese_core.artefact import load_model_card
+from schemas.documents import validate_match_run
 from schemas.tables import FAILURES_SCHEMA, MATCHES_SCHEMA
 
 LOG = logging.getLogger(__name__)
@@ -383,7 +384,8 @@ def _match_step(args, beam_args, base: dict | None, unchanged: set, new_template
         given = [] if args.threshold is None else ["--threshold", str(args.threshold)]
         match.run(["--templates", templates_glob, "--model_dir", args.model_dir, "--output", out,
                    "--score_norm", "none", "--run_id", run_id, *given, *beam_args])
-        threshold = bio.read_json(FileSystems.join(out, "match_run.json"))["threshold"]
+        run_path = FileSystems.join(out, "match_run.json")
+        threshold = validate_match_run(bio.read_json(run_path), run_path)["threshold"]
         night = merge_matches(None, bio.read_table_dir(out, "matches"), run_id)
         matches = night
     else:
@@ -402,9 +404,11 @@ def _match_step(args, beam_args, base: dict | None, unchanged: set, new_template
                "score": "angular_similarity", "threshold_source": threshold["source"], "mode": "nightly",
                "search": "exact"}
     _write_table(matches, gen, "matches", outputs.with_lineage(MATCHES_SCHEMA, lineage))
-    bio.write_json(FileSystems.join(gen, "match_run.json"), {
+    run_path = FileSystems.join(gen, "match_run.json")
+    bio.write_json(run_path, validate_match_run({
         "run_id": run_id, "model_id": card["model_id"], "mode": "all_pairs", "search": "exact",
-        "items": lineage["templates"]["items"], "pairs": matches.num_rows, "threshold": threshold, "nightly": {"full": full}})
+        "items": lineage["templates"]["items"], "pairs": matches.num_rows, "threshold": threshold, "nightly": {"full": full}},
+        run_path))
     return threshold, matches, night
 
 

@@ -242,6 +242,8 @@ class MatchOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
+        from beam_pipeline import match  # the valid --mode / --search values live beside their builders
+
         _add(parser, "--templates", required=True, help="Glob of templates Parquet files (the catalogue).")
         _add(parser, "--output", required=True, help="Output directory; writes matches/ and match_run.json.")
         _add(
@@ -253,7 +255,7 @@ class MatchOptions(PipelineOptions):
             parser,
             "--mode",
             default="all_pairs",
-            choices=["all_pairs", "queries", "pairs"],
+            choices=match.MODES,
             help="all_pairs: every pair within the catalogue; queries: --queries templates against the catalogue "
             "(1:N, --top_k per query); pairs: verify the pairs listed in --pairs (1:1). Default all_pairs.",
         )
@@ -261,7 +263,7 @@ class MatchOptions(PipelineOptions):
             parser,
             "--search",
             default="exact",
-            choices=["exact", "approximate"],
+            choices=match.SEARCHES,
             help="all_pairs only. exact: blocked matrix products over every block pair; approximate: k-means "
             "partitions with multi-assignment, recall measured against exact search on --recall_sample items. "
             "Default exact.",

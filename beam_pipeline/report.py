@@ -31,7 +31,7 @@ from beam_pipeline import io as bio
 from beam_pipeline import clustering, match_stats, outputs, report_figures, report_metrics, score_distribution
 from beam_pipeline.options import new_run_id
 from siamese_core.artefact import load_model_card
-from schemas.documents import validate_report
+from schemas.documents import validate_match_run, validate_report
 from schemas.tables import FAILURE_STAGES, FAILURES_SCHEMA, SchemaError, embeddings_as_numpy
 from siamese_core.similarity import pair_angular_similarity
 
@@ -302,7 +302,8 @@ def build_report(workdir: str, *, model_dir: str | None = None, ground_truth: st
                  linkage: str | None = None, target_fmrs=score_distribution.TARGET_FMRS) -> tuple[dict, dict]:
     """Compute the report document and its figures -> (report dict (not yet with outputs), {name: png})."""
     notes: list[str] = []
-    run_doc = bio.read_json(FileSystems.join(workdir, "match_run.json"))
+    run_path = FileSystems.join(workdir, "match_run.json")
+    run_doc = validate_match_run(bio.read_json(run_path), run_path)
     lineage = check_lineage(workdir, run_doc)
     templates = bio.read_table_dir(workdir, "templates")
     failures = _read_optional_failures(workdir, notes)

@@ -36,7 +36,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import io as bio
 from beam_pipeline import report_figures, score_distribution
-from schemas.documents import validate_review_threshold
+from schemas.documents import validate_match_run, validate_review_threshold
 from schemas.tables import REVIEW_PAIRS_SCHEMA, SchemaError, embeddings_as_numpy, validate_table
 from siamese_core.error_rates import rate_interval_95
 
@@ -71,7 +71,8 @@ def borderline_pairs(workdir: str, count: int) -> tuple[list[dict], dict]:
     Returns (rows of REVIEW_PAIRS_SCHEMA without labels, the run's threshold dict from match_run.json)."""
     if count < 2:
         raise ValueError(f"--pairs must be at least 2 (one above, one below the threshold), got {count}")
-    run_doc = bio.read_json(FileSystems.join(workdir, "match_run.json"))
+    run_path = FileSystems.join(workdir, "match_run.json")
+    run_doc = validate_match_run(bio.read_json(run_path), run_path)
     if (run_doc.get("mode") or "all_pairs") != "all_pairs":
         raise ValueError(f"review export is for all_pairs runs (one catalogue); this run is {run_doc.get('mode')}")
     threshold = run_doc["threshold"]
@@ -230,7 +231,8 @@ def recalibrate(scores: np.ndarray, duplicate: np.ndarray, previous: float) -> d
 
 def import_labels(labels_path: str, workdir: str, output: str | None = None) -> dict:
     """Read the labels, write review_threshold.json and hard_negatives.csv; returns the threshold doc."""
-    run_doc = bio.read_json(FileSystems.join(workdir, "match_run.json"))
+    run_path = FileSystems.join(workdir, "match_run.json")
+    run_doc = validate_match_run(bio.read_json(run_path), run_path)
     threshold = run_doc["threshold"]
     table = read_labels(labels_path)
     models = set(table.column("model_id").to_pylist())

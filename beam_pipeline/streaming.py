@@ -56,7 +56,6 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.utils import shared
@@ -72,7 +71,6 @@ from siamese_core.similarity import angular_similarity, cosine_from_angular
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "siamese_dedup_watch"
 FAILURES_TAG = embed.FAILURES_TAG
 CHECKED_TAG = "checked"
 KINDS = ("duplicates", "failures", "checked")
@@ -209,8 +207,8 @@ class ReadNewFileFn(beam.DoFn):
         self._input_glob = input_glob
         self._max_bytes = max_file_bytes
         self._run_id = run_id
-        self._seen = Metrics.counter(NAMESPACE, "files_seen")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._seen = runner.counter("files_seen")
+        self._failed = runner.counter("failed")
 
     def process(self, new_file):
         seen_at = utc_now()
@@ -248,7 +246,7 @@ class DecodeNewFileFn(beam.DoFn):
     def __init__(self, input_spec: dict, max_pixels: int, run_id: str):
         self._decode = embed.DecodeFn(input_spec, max_pixels, run_id, chunk_items=1, threads=1)
         self._first = embed.FirstCopiesFn(input_spec)
-        self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._failed = runner.counter("failed")
 
     def setup(self):
         self._decode.setup()
@@ -284,9 +282,9 @@ class MatchNewItemsFn(beam.DoFn):
         self._run_id = run_id
         self._to_templates = embed.ToTemplatesFn(handler.model_id, handler.embedding_dim, run_id)
         self._shared = shared.Shared()
-        self._checked = Metrics.counter(NAMESPACE, "checked")
-        self._duplicates = Metrics.counter(NAMESPACE, "duplicates")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._checked = runner.counter("checked")
+        self._duplicates = runner.counter("duplicates")
+        self._failed = runner.counter("failed")
 
     def setup(self):
         self._to_templates.setup()
@@ -376,7 +374,7 @@ class WriteRowsFn(beam.DoFn):
         self._output_dir = output_dir
         self._kind = kind
         self._run_id = run_id
-        self._written = Metrics.counter(NAMESPACE, "rows_written")
+        self._written = runner.counter("rows_written")
 
     def start_bundle(self):
         self._rows = []
@@ -469,7 +467,7 @@ class NewFilesFn(beam.DoFn):
     def __init__(self, since: float, output_dir: str):
         self._since = since
         self._output_dir = output_dir
-        self._skipped = Metrics.counter(NAMESPACE, "existing_skipped")
+        self._skipped = runner.counter("existing_skipped")
 
     def process(self, metadata):
         if is_new(metadata, self._since, self._output_dir):
@@ -550,8 +548,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     interrupted: list = []
     try:
         with noting_interrupts(interrupted):
-            result = pipeline.run()
-            runner.wait(result)
+            result = runner.run(pipeline, pipeline_options)
     except (KeyboardInterrupt, RuntimeError):
         if not interrupted:
             raise
@@ -568,7 +565,7 @@ def run(argv=None, test_pipeline=None) -> dict:
         "stopped": "interrupted" if interrupted else "stop_after_seconds",
         "seconds": round(time.time() - started, 3),
         "counts": {kind: len(read_rows(opts.output, kind, run_id)) for kind in KINDS},
-        "counters": {} if result is None else runner.counters(result, NAMESPACE, COUNTERS),
+        "counters": {} if result is None else runner.counters(result, COUNTERS),
     }
 
 

@@ -1,4 +1,5 @@
-"""Contracts: Arrow schemas of every table and JSON schemas of the report and model card.
+"""Contracts: Arrow schemas of every table and JSON schemas of the documents (report, model card, match run,
+review threshold).
 
 Every writer builds its table with these schemas and every reader validates with them, so a wrong file
 fails with an error naming the column and the problem rather than somewhere downstream.
@@ -13,7 +14,7 @@ from schemas.tables import (
     templates_schema,
     validate_table,
 )
-from schemas.documents import validate_model_card, validate_report
+from schemas.documents import validate_match_run, validate_model_card, validate_report
 
 __all__ = [
     "CLUSTERS_SCHEMA",
@@ -24,6 +25,7 @@ __all__ = [
     "schema_for",
     "templates_schema",
     "validate_table",
+    "validate_match_run",
     "validate_model_card",
     "validate_report",
 ]

@@ -1,4 +1,5 @@
-"""JSON schemas of the documents people and programs read: `report.json` and `model_card.json`."""
+"""JSON schemas of the documents people and programs read: `report.json`, `model_card.json`,
+`match_run.json` and `review_threshold.json`."""
 from __future__ import annotations
 
 from typing import Any
@@ -20,6 +21,25 @@ THRESHOLD_SCHEMA = {
         "fmr": {"type": "number", "minimum": 0, "maximum": 1},
         "fmr_upper_95": {"type": "number", "minimum": 0, "maximum": 1},
         "fnmr": _NUMBER_OR_NULL,
+    },
+}
+
+# A run's threshold (beam_pipeline.thresholds): the cut on the matches' score column, what that score is,
+# and where the threshold came from.
+RUN_THRESHOLD_SCHEMA = {
+    "type": "object",
+    "required": ["value", "score", "angular_similarity", "cosine", "source"],
+    "properties": {
+        # The cut on the matches' score column; score names what it cuts (beam_pipeline.thresholds).
+        "value": {"type": "number"},
+        "score": {"enum": ["angular_similarity", "knn_normalised"]},
+        # null when the score is kNN-normalised (no angular similarity is cut then)
+        "angular_similarity": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "cosine": {"type": ["number", "null"], "minimum": -1, "maximum": 1},
+        # "given" or "model_card:<protocol>@fmr=<x>"
+        "source": {"type": "string"},
+        "target_fmr": _NUMBER_OR_NULL,
+        "impostor_pairs": {"type": ["integer", "null"]},
     },
 }
 
@@ -67,22 +87,7 @@ REPORT_SCHEMA = {
     "properties": {
         "model_id": {"type": "string"},
         "run_id": {"type": "string"},
-        "threshold": {
-            "type": "object",
-            "required": ["value", "score", "angular_similarity", "cosine", "source"],
-            "properties": {
-                # The cut on the matches' score column; score names what it cuts (beam_pipeline.thresholds).
-                "value": {"type": "number"},
-                "score": {"enum": ["angular_similarity", "knn_normalised"]},
-                # null when the score is kNN-normalised (no angular similarity is cut then)
-                "angular_similarity": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-                "cosine": {"type": ["number", "null"], "minimum": -1, "maximum": 1},
-                # "given" or "model_card:<protocol>@fmr=<x>"
-                "source": {"type": "string"},
-                "target_fmr": _NUMBER_OR_NULL,
-                "impostor_pairs": {"type": ["integer", "null"]},
-            },
-        },
+        "threshold": RUN_THRESHOLD_SCHEMA,
         "counts": {
             "type": "object",
             "required": ["items", "failures", "pairs", "clusters", "items_to_drop"],
@@ -168,6 +173,42 @@ REPORT_SCHEMA = {
 }
 
 
+# D/match_run.json: what a match run did (written by match, and by nightly for each generation; read by
+# report, review and nightly): the threshold, how the pairs were found and how many.
+MATCH_RUN_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "match_run.json",
+    "type": "object",
+    "required": ["run_id", "model_id", "threshold", "mode", "search", "items", "pairs"],
+    "properties": {
+        "run_id": {"type": "string"},
+        "model_id": {"type": "string"},
+        "threshold": {
+            **RUN_THRESHOLD_SCHEMA,
+            # kNN-normalised thresholds say how the score was made
+            "if": {"properties": {"score": {"const": "knn_normalised"}}},
+            "then": {"required": ["knn"]},
+        },
+        # match --mode / --search (beam_pipeline.match)
+        "mode": {"type": "string"},
+        "search": {"type": "string"},
+        "items": {"type": "integer", "minimum": 0},
+        "pairs": {"type": "integer", "minimum": 0},
+        # --search approximate: recall against exact search on a sample of items; else null
+        "recall": {"type": ["object", "null"]},
+        "block_size": {"type": "integer", "minimum": 1},
+        "kernel_threads": {"type": "integer", "minimum": 1},
+        "templates": {"type": "string"},
+        "templates_lineage": {"type": "object", "required": ["fingerprint"]},
+        "matches": {"type": "string"},
+        "verifications": {"type": "string"},
+        "stage_seconds": {"type": "number", "minimum": 0},
+        "pipeline_seconds": {"type": "number", "minimum": 0},
+        "seconds": {"type": "number", "minimum": 0},
+    },
+}
+
+
 # review/review_threshold.json (siamese-dedup review import; read by match --review_threshold): a threshold
 # recalibrated on a person's labels of the pairs near the previous one, in that run's score.
 REVIEW_THRESHOLD_SCHEMA = {
@@ -208,6 +249,12 @@ def _validate(document: Any, schema: dict, what: str) -> dict:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         raise SchemaError(f"{what}: at {where}: {err.message}") from None
     return document
+
+
+def validate_match_run(document: Any, path: str = "match_run.json") -> dict:
+    """Check a match_run.json document (read from or written to `path`, which the error names); raises
+    SchemaError naming the file and the field."""
+    return _validate(document, MATCH_RUN_SCHEMA, path)
 
 
 def validate_report(report: Any) -> dict:

@@ -1,4 +1,5 @@
-"""Arrow schemas of the Parquet tables (templates, failures, matches, clusters) and their validation.
+"""Arrow schemas of the Parquet tables (templates, failures, labels, matches, verifications, clusters,
+review pairs, and the match stage's staged recall sample) and their validation.
 
 The column names and types are the contract described in DESIGN.md. `validate_table` checks a table
 read back from disk against its schema and its row-level invariants, and raises `SchemaError` naming
@@ -12,6 +13,9 @@ import pyarrow.compute as pc
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 FAILURE_STAGES = ("read", "decode", "inference", "validate")
+# How far from 1 an embedding's L2 norm may be (float32 rounding of a normalised vector), for every check
+# of unit norm: embed's (a row readers would refuse goes to failures), match's and the tables' readers'.
+UNIT_NORM_TOLERANCE = 1e-3
 
 
 class SchemaError(ValueError):
@@ -47,6 +51,16 @@ FAILURES_SCHEMA = pa.schema(
     ]
 )
 
+# embed --label_key: the label each record carried, beside the templates.
+LABELS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 MATCHES_SCHEMA = pa.schema(
     [
         pa.field("left_id", pa.string(), nullable=False),
@@ -71,6 +85,16 @@ VERIFICATIONS_SCHEMA = pa.schema(
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("is_match", pa.bool_(), nullable=False),
+    ]
+)
+
+# Exact pairs of match's recall sample (--search approximate; staging only): global rows of the staged
+# catalogue, the sample item's first.
+SAMPLE_PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("sample_row", pa.int64(), nullable=False),
+        pa.field("other_row", pa.int64(), nullable=False),
+        pa.field("cosine", pa.float32(), nullable=False),
     ]
 )
 
@@ -174,7 +198,7 @@ def _check_rows(table: pa.Table, name: str) -> None:
         if not np.isfinite(emb).all():
             raise SchemaError("templates: column 'embedding' has NaN or infinite values")
         norms = np.linalg.norm(emb, axis=1)
-        bad = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
+        bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
         if bad.size:
             raise SchemaError(
                 f"templates: column 'embedding' must hold unit vectors; row {bad[0]} has norm {norms[bad[0]]:.4f}"

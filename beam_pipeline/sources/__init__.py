@@ -30,10 +30,10 @@ need no Beam pipeline; `catalogue.ReadCatalogue` is the thin PTransform the embe
 The names below are the package's API for the pipeline stages (embed, streaming, nightly, report) and the
 trainer's hard negatives.
 """
-from beam_pipeline.sources.catalogue import FAILURES_TAG, FORMATS, METRICS_NAMESPACE, ReadCatalogue, detect_format
+from beam_pipeline.sources.catalogue import FAILURES_TAG, FORMATS, ReadCatalogue, detect_format
 from beam_pipeline.sources.files import read_file
 from beam_pipeline.sources.listing import list_catalogue
 from beam_pipeline.sources.record import DEFAULT_MAX_FILE_BYTES, ReadFailure, Record, RecordKeys
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "FAILURES_TAG", "FORMATS", "METRICS_NAMESPACE", "ReadCatalogue", "ReadFailure",
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "FAILURES_TAG", "FORMATS", "ReadCatalogue", "ReadFailure",
            "Record", "RecordKeys", "detect_format", "list_catalogue", "read_file"]

@@ -11,14 +11,13 @@ from typing import Iterable, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.metrics import Metrics
 
 from beam_pipeline import io as bio
+from beam_pipeline import runner
 from beam_pipeline.sources import listing, parquet, tar, tfrecord
 from beam_pipeline.sources.files import read_file
 from beam_pipeline.sources.record import ReadFailure, Record, RecordKeys, describe
 
-METRICS_NAMESPACE = "embed"
 FAILURES_TAG = "failures"
 
 # The formats whose files a path suffix names; any other path is an image file ('files').
@@ -57,9 +56,9 @@ class _CountingFn(beam.DoFn):
     """Emits Records on the main output and ReadFailures on FAILURES_TAG, counting items read."""
 
     def __init__(self):
-        self._items_read = Metrics.counter(METRICS_NAMESPACE, "items_read")
-        self._read_failed = Metrics.counter(METRICS_NAMESPACE, "read_failed")
-        self._failed = Metrics.counter(METRICS_NAMESPACE, "failed")
+        self._items_read = runner.counter("items_read")
+        self._read_failed = runner.counter("read_failed")
+        self._failed = runner.counter("failed")
 
     def _emit(self, results: Iterable[Union[Record, ReadFailure]]):
         for result in results:
@@ -164,7 +163,7 @@ class ReadCatalogue(beam.PTransform):
     """Read the catalogue `input_glob` in `input_format` (one of FORMATS) -> (records, failures).
 
     records: PCollection of Record; failures: PCollection of ReadFailure. Every item read is counted in
-    the 'items_read' counter (namespace METRICS_NAMESPACE), failures also in 'read_failed' and 'failed'.
+    the 'items_read' counter (namespace runner.METRICS_NAMESPACE), failures also in 'read_failed' and 'failed'.
     The matched files (shards) are spread over the workers before they are opened (image files in groups of
     FILES_PER_READ); Parquet files are split further into row groups.
     """

@@ -4,6 +4,7 @@ import csv
 import datetime
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -173,3 +174,12 @@ def test_recalibrate_rule(scores, labels, previous, want, errors):
     got = review.recalibrate(np.array(scores), np.array(labels, bool), previous)
     assert got["value"] == pytest.approx(want, abs=1e-12) and got["errors"] == errors
     assert got["errors"] == got["distinct_at_or_above"] + got["duplicates_below"]
+
+
+def test_a_bad_match_run_json_is_refused_naming_the_file(tmp_path):
+    from schemas.tables import SchemaError
+
+    (tmp_path / "match_run.json").write_text(json.dumps({"run_id": "r", "model_id": "m", "mode": "all_pairs"}))
+    where = re.escape(f"{tmp_path}/match_run.json: at (top level): 'threshold' is a required property")
+    with pytest.raises(SchemaError, match=where):
+        review.borderline_pairs(str(tmp_path), 4)

@@ -59,3 +59,30 @@ def test_wait_logs_progress_while_a_remote_job_runs(caplog):
     lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
     assert lines == ["progress: embed items_read 100, decoded 0, embedded 90, failed 0",
                      "progress: embed items_read 200, decoded 0, embedded 180, failed 0"]
+
+
+def test_every_stage_counts_in_one_namespace():
+    """Counters of every stage's DoFns (runner.counter) are read back by name from the one namespace; with
+    names, only those (others of the namespace, e.g. RunInference's, are left out)."""
+    import apache_beam as beam
+
+    class Count(beam.DoFn):
+        def __init__(self):
+            self._seen = runner.counter("seen")
+            self._other = runner.counter("other")
+            self._sizes = runner.distribution("sizes")
+
+        def process(self, x):
+            self._seen.inc()
+            self._other.inc(2)
+            self._sizes.update(x)
+            yield x
+
+    options = PipelineOptions([])
+    pipeline = runner.new_pipeline(options)
+    _ = pipeline | beam.Create([1, 2, 3]) | beam.ParDo(Count())
+    result = runner.run(pipeline, options)
+    assert runner.counters(result) == {"seen": 3, "other": 6}
+    assert runner.counters(result, ("seen", "never")) == {"seen": 3, "never": 0}
+    assert runner.distribution_of(result, "sizes") == {"max": 3, "mean": 2.0, "count": 3}
+    assert runner.distribution_of(result, "absent") is None

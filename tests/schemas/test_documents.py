@@ -71,3 +71,22 @@ def test_review_threshold_needs_knn_for_normalised_scores():
     doc.update(score="angular_similarity", labelled_pairs=0)
     with pytest.raises(SchemaError, match="labelled_pairs"):
         validate_review_threshold(doc)
+
+
+def test_match_run_is_checked_naming_the_file():
+    from schemas.documents import validate_match_run
+
+    doc = {"run_id": "r1", "model_id": "m", "mode": "all_pairs", "search": "exact", "items": 10, "pairs": 2,
+           "threshold": {"value": 0.9, "score": "angular_similarity", "angular_similarity": 0.9, "cosine": 0.95,
+                         "source": "given", "target_fmr": None, "impostor_pairs": None}}
+    assert validate_match_run(doc, "work/match_run.json") is doc
+    knn = {**doc, "threshold": {**doc["threshold"], "score": "knn_normalised", "angular_similarity": None,
+                                "cosine": None}}
+    with pytest.raises(SchemaError, match="knn"):
+        validate_match_run(knn, "work/match_run.json")
+    validate_match_run({**knn, "threshold": {**knn["threshold"], "knn": {"k": 10, "beta": 0.5}}})
+    del doc["threshold"]
+    with pytest.raises(SchemaError, match=r"^work/match_run.json: at \(top level\): 'threshold' is a required"):
+        validate_match_run(doc, "work/match_run.json")
+    with pytest.raises(SchemaError, match="at pairs"):
+        validate_match_run({**doc, "threshold": knn["threshold"] | {"knn": {}}, "pairs": -1}, "match_run.json")
