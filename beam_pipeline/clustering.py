@@ -12,21 +12,21 @@ union-find, so the edges that merge two components form a maximum spanning tree 
 last merging edge of a cluster is the minimum edge of that tree: its `min_link_similarity`. That is the
 honest weakest link: the cluster stays connected at any threshold up to it and splits above it, whatever
 other, stronger edges it has. Every output is independent of input order.
+The parts are small and interchangeable: linkage rules (LINKAGE_RULES, name -> labels function),
+weakest links and pairs (`weakest_links`, `weakest_pairs`), chain flags (`chain_flags`), keeper policies
+(KEEPER_KEYS, name -> rank key); `cluster_items` composes them as a ClusterConfig says. The tables' names
+are the valid --linkage and --keeper_policy values.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from schemas.tables import CLUSTERS_SCHEMA
 
-KEEPER_POLICIES = ("first_id", "largest_image", "oldest", "column")
-# --linkage values (options.DedupOptions reads them from here) and the default: complete, so that no two
-# members of a cluster fail to match (single linkage chains whole catalogues into one cluster).
-LINKAGES = ("complete", "single")
-DEFAULT_LINKAGE = "complete"
 # Matched pairs stored as float32 can sit a hair under the threshold they were matched at.
 MATCH_TOLERANCE = 1e-6
 
@@ -217,6 +217,21 @@ def _greedy_complete_linkage(a: list, b: list, s: list) -> dict:
     return {x: low[root(x)] for x in parent}
 
 
+def component_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected components of nodes 0..n-1 by the edges (i[k], j[k]) (int64), in compiled code
+    (scipy.sparse.csgraph, not a Python loop): int64 (n,), the smallest node of each node's component."""
+    if not len(i):
+        return np.arange(n, dtype=np.int64)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as csgraph_components
+
+    # int32 ones: a pair listed many times sums to a count, never to an (edge-dropping) zero.
+    _, raw = csgraph_components(coo_matrix((np.ones(len(i), np.int32), (i, j)), shape=(n, n)), directed=False)
+    comp_low = np.full(int(raw.max()) + 1, n, np.int64)
+    np.minimum.at(comp_low, raw, np.arange(n, dtype=np.int64))
+    return comp_low[raw]
+
+
 def complete_linkage_labels(
     n: int, i: np.ndarray, j: np.ndarray, similarity: np.ndarray, threshold: float | None = None
 ) -> np.ndarray:
@@ -249,13 +264,7 @@ def complete_linkage_labels(
     a, b, s = _oriented_unique_edges(n, i, j, sim)
     if not len(a):
         return np.arange(n, dtype=np.int64)
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components as csgraph_components
-
-    _, raw = csgraph_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False)
-    comp_low = np.full(int(raw.max()) + 1, n, np.int64)
-    np.minimum.at(comp_low, raw, np.arange(n, dtype=np.int64))
-    comp = comp_low[raw]  # smallest member of each node's component
+    comp = component_labels(n, a, b)  # smallest member of each node's component
     labels = comp.copy()  # cliques (most components: pairs) stay whole; the others are overwritten below
     comp_size = np.bincount(comp, minlength=n).astype(np.int64)
     comp_edges = np.bincount(comp[a], minlength=n).astype(np.int64)
@@ -281,50 +290,182 @@ def _groups(labels: np.ndarray, wanted: np.ndarray) -> list:
     return [order[lo:hi] for lo, hi in zip(starts.tolist(), ends.tolist())]
 
 
-def cluster_items(
-    item_ids: Sequence[str],
-    left_ids: Sequence[str],
-    right_ids: Sequence[str],
-    similarity: np.ndarray,
-    *,
-    keeper_policy: str = "first_id",
-    widths: np.ndarray | None = None,
-    heights: np.ndarray | None = None,
-    embedded_at: Sequence | None = None,
-    keeper_values: Sequence | None = None,
-    keeper_order: str = "max",
-    embeddings: dict | None = None,
-    threshold: float | None = None,
-    chain_margin: float = 0.05,
-    linkage: str = DEFAULT_LINKAGE,
-    max_diameter_members: int = 20_000,
-) -> dict:
-    """Cluster `item_ids` (every template item) by the matched pairs (left_ids[k], right_ids[k]).
+def single_linkage_labels(n: int, i: np.ndarray, j: np.ndarray, similarity: np.ndarray | None = None,
+                          threshold: float | None = None) -> np.ndarray:
+    """Single linkage: the connected components of nodes 0..n-1 by every given pair (i[k], j[k]), whatever
+    its similarity (`similarity` and `threshold` unused: each pair joins its two items).
+    Labels int64 (n,): the smallest node of each node's component."""
+    return component_labels(n, np.asarray(i, np.int64), np.asarray(j, np.int64))
 
-    `linkage="complete"` (default): complete linkage on the matches (`complete_linkage_labels`): every
-    two members of a cluster are a matched pair at or above `threshold` (default: the weakest pair), so
-    nothing is grouped on the strength of a chain; `min_member_similarity` is then the cluster's weakest
-    pair, exact, from the matches (no embeddings needed) and `is_chained` is never set.
-    `linkage="single"`: clusters are the connected components of the matches (union-find); with
-    `embeddings` ({item_id: unit vector} for at least every matched item), every cluster records
-    `min_member_similarity`, the smallest angular similarity between two of its members (on a
-    deterministic sample of `max_diameter_members` members for larger clusters: then an upper bound),
-    and `is_chained` when that is below `threshold - chain_margin`: members far below the threshold from
+
+class LinkageRule(NamedTuple):
+    """A linkage rule: who is clustered with whom, and what that guarantees."""
+
+    # (n, i, j, similarity, threshold) -> int64 (n,): the smallest node of each node's cluster.
+    labels: Callable[..., np.ndarray]
+    # Every two members of a cluster are a matched pair: no chains, the weakest pair read from the matches.
+    members_all_match: bool
+
+
+# The linkage rules. Their names are the valid --linkage values (options.DedupOptions, nightly, demo and
+# report read LINKAGES from here); the default is complete, so that no two members of a cluster fail to
+# match (single linkage chains whole catalogues into one cluster).
+LINKAGE_RULES = {
+    "complete": LinkageRule(complete_linkage_labels, members_all_match=True),
+    "single": LinkageRule(single_linkage_labels, members_all_match=False),
+}
+LINKAGES = tuple(LINKAGE_RULES)
+DEFAULT_LINKAGE = "complete"
+
+
+def weakest_links(n: int, i: np.ndarray, j: np.ndarray, similarity: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per node, the weakest link of its cluster (`labels` int64 (n,), each cluster connected by its
+    pairs): the minimum of the maximum spanning tree of the pairs (i[k], j[k]) inside the cluster, angular.
+    float32 (n,), NaN for a node alone."""
+    inside = labels[i] == labels[j]
+    return connected_components(n, i[inside], j[inside], similarity[inside])[1]
+
+
+def weakest_pairs(n: int, i: np.ndarray, j: np.ndarray, similarity: np.ndarray, labels: np.ndarray,
+                  threshold: float | None) -> np.ndarray:
+    """Per node, the weakest matched pair inside its cluster (pairs of float32 `similarity` at or above
+    `threshold`, None: every pair): the cluster's weakest pair where every two members match.
+    float32 (n,), NaN for a node alone."""
+    matching = np.ones(len(similarity), np.bool_) if threshold is None else \
+        similarity >= np.float32(threshold - MATCH_TOLERANCE)
+    inside = (labels[i] == labels[j]) & matching
+    weakest = np.full(n, np.inf, np.float32)
+    np.minimum.at(weakest, labels[i[inside]], similarity[inside])
+    return np.where(np.isfinite(weakest[labels]), weakest[labels], np.float32(np.nan)).astype(np.float32)
+
+
+def chain_flags(ids: np.ndarray, labels: np.ndarray, sizes: np.ndarray, embeddings: dict | None,
+                threshold: float | None, chain_margin: float, max_members: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weakest pairs measured by embeddings, and chains, for clusters whose linkage does not bound them.
+
+    `ids` object (n,) the items in node order, `labels` / `sizes` (n,) each node's cluster and its size,
+    `embeddings` {item_id: unit vector} for at least every clustered item (None: nothing measured).
+    Per cluster of 2+ members: the smallest angular similarity between two of its members (on a
+    deterministic sample of `max_members` members for larger clusters: then an upper bound), and
+    chained when that is below `threshold - chain_margin` (angular): members far below the threshold from
     each other, held together only by a chain of links.
-    Keeper (ties: smallest item_id; cluster_id = keeper's id): "first_id" the smallest item_id;
-    "largest_image" the largest width*height; "oldest" the earliest `embedded_at`; "column" the largest
-    (`keeper_order="max"`) or smallest value of `keeper_values` (missing values last). Per-item inputs
-    are aligned with `item_ids`.
-    Returns columns sorted by item_id: {"item_id", "cluster_id", "is_keeper" bool (n,), "keeper_id",
-    "cluster_size" int32 (n,), "min_link_similarity" float32 (n,) (NaN for singletons),
-    "min_member_similarity" float32 (n,) (NaN if singleton or not measured), "is_chained" bool (n,)}.
-    Every output is independent of the order of items and pairs and of pair direction.
-    Raises ValueError for unknown ids in pairs, self pairs, duplicate item ids, bad policy or inputs.
+    Returns (min_member float32 (n,), NaN where not measured; chained bool (n,)).
     """
-    if keeper_policy not in KEEPER_POLICIES:
-        raise ValueError(f"keeper_policy must be one of {KEEPER_POLICIES}, got {keeper_policy!r}")
-    if linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    n = len(labels)
+    min_member = np.full(n, np.nan, np.float32)
+    chained = np.zeros(n, np.bool_)
+    if embeddings is None:
+        return min_member, chained
+    from siamese_core.similarity import angular_similarity
+
+    multi = np.unique(labels[sizes > 1])
+    for members in _groups(labels, multi):
+        if len(members) > max_members:
+            rng = np.random.default_rng(len(members))
+            members_measured = np.sort(rng.choice(members, max_members, replace=False))
+        else:
+            members_measured = members
+        try:
+            x = np.stack([np.asarray(embeddings[ids[m]], np.float32) for m in members_measured.tolist()])
+        except KeyError as err:
+            raise ValueError(f"no embedding for clustered item {err.args[0]!r}") from None
+        value = float(angular_similarity(min_pair_cosine(x)))
+        min_member[members] = value
+        if threshold is not None and value < threshold - chain_margin:
+            chained[members] = True
+    return min_member, chained
+
+
+@dataclass(frozen=True)
+class KeeperColumns:
+    """Per-item inputs of the keeper policies, aligned with the item ids (None: not given)."""
+
+    widths: Sequence | None = None  # pixels
+    heights: Sequence | None = None  # pixels
+    embedded_at: Sequence | None = None  # when each item was embedded (any comparable values)
+    values: Sequence | None = None  # a user column to rank by; None / NaN entries rank last
+
+
+# --keeper_order values: keeper_policy "column" keeps the largest (max) or smallest (min) value.
+KEEPER_ORDERS = ("max", "min")
+
+
+def first_id_key(columns: KeeperColumns, keeper_order: str) -> None:
+    """Keep the smallest item_id: no key (each cluster's label is its smallest member already)."""
+    return None
+
+
+def largest_image_key(columns: KeeperColumns, keeper_order: str) -> np.ndarray:
+    """Keep the largest width * height: key float64 (n,) = -pixels."""
+    if columns.widths is None or columns.heights is None:
+        raise ValueError("keeper_policy 'largest_image' needs widths and heights")
+    per_item = np.asarray(columns.widths, np.int64) * np.asarray(columns.heights, np.int64)
+    return -per_item.astype(np.float64)
+
+
+def oldest_key(columns: KeeperColumns, keeper_order: str) -> np.ndarray:
+    """Keep the earliest embedded_at: key float64 (n,) = rank of the time, missing last."""
+    if columns.embedded_at is None:
+        raise ValueError("keeper_policy 'oldest' needs embedded_at")
+    return _rank_keys(list(columns.embedded_at), "min")
+
+
+def column_key(columns: KeeperColumns, keeper_order: str) -> np.ndarray:
+    """Keep the largest (`keeper_order` "max") or smallest ("min") of `values`: key float64 (n,), missing last."""
+    if columns.values is None:
+        raise ValueError("keeper_policy 'column' needs keeper_values")
+    if keeper_order not in KEEPER_ORDERS:
+        raise ValueError(f"keeper_order must be 'max' or 'min', got {keeper_order!r}")
+    return _rank_keys(list(columns.values), keeper_order)
+
+
+# The keeper policies, each (columns, keeper_order) -> rank key per item (float64 (n,) aligned with the item
+# ids, smaller kept first; ties: smallest item_id) or None for the smallest item_id. Their names are the
+# valid --keeper_policy values (options.DedupOptions reads KEEPER_POLICIES from here).
+KEEPER_KEYS = {"first_id": first_id_key, "largest_image": largest_image_key, "oldest": oldest_key,
+               "column": column_key}
+KEEPER_POLICIES = tuple(KEEPER_KEYS)
+DEFAULT_KEEPER_POLICY = "first_id"
+
+
+def keepers(labels: np.ndarray, order: np.ndarray, key: np.ndarray | None) -> np.ndarray:
+    """Per node, the node of its cluster's keeper: int64 (n,). `labels` (n,) in node (= id) order, `order`
+    (n,) the input position of each node, `key` a keeper policy's key in input order (None: the label)."""
+    if key is None:
+        return labels  # smallest index = smallest id (nodes are numbered in id order)
+    n = len(labels)
+    if len(key) != n:
+        raise ValueError(f"{len(key)} keeper values for {n} items")
+    return _keepers(labels, np.asarray(key, np.float64)[order])
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The settings of a clustering: dedup's flags of the same names (options.DedupOptions reads the
+    defaults from here)."""
+
+    linkage: str = DEFAULT_LINKAGE  # a LINKAGE_RULES name
+    keeper_policy: str = DEFAULT_KEEPER_POLICY  # a KEEPER_KEYS name
+    keeper_order: str = "max"  # keeper_policy "column": one of KEEPER_ORDERS
+    threshold: float | None = None  # angular similarity at which pairs match; None: the weakest pair
+    chain_margin: float = 0.05  # single linkage: flag clusters with two members this far below the threshold
+    max_diameter_members: int = 20_000  # single linkage: measure larger clusters on a sample of this many
+
+    def __post_init__(self):
+        if self.keeper_policy not in KEEPER_POLICIES:
+            raise ValueError(f"keeper_policy must be one of {KEEPER_POLICIES}, got {self.keeper_policy!r}")
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {LINKAGES}, got {self.linkage!r}")
+
+
+def index_pairs(item_ids: Sequence[str], left_ids: Sequence[str], right_ids: Sequence[str],
+                similarity: np.ndarray) -> tuple:
+    """Number the items in id order and the pairs by those numbers.
+
+    Returns (ids object (n,) sorted, order int64 (n,) the input position of each, i int64 (m,), j int64 (m,),
+    sim float32 (m,)). Raises ValueError for duplicate item ids, unknown ids in pairs, self pairs and
+    arrays of different lengths.
+    """
     ids = np.asarray(list(item_ids), dtype=object)
     order = np.argsort(ids.astype(str), kind="stable") if len(ids) else np.zeros(0, np.int64)
     ids = ids[order]
@@ -342,67 +483,56 @@ def cluster_items(
     if (i == j).any():
         k = int(np.flatnonzero(i == j)[0])
         raise ValueError(f"matched pair of item {ids[i[k]]!r} with itself")
-    sim = np.asarray(similarity, np.float32)
+    return ids, order, i, j, np.asarray(similarity, np.float32)
+
+
+def cluster_items(
+    item_ids: Sequence[str],
+    left_ids: Sequence[str],
+    right_ids: Sequence[str],
+    similarity: np.ndarray,
+    config: ClusterConfig = ClusterConfig(),
+    columns: KeeperColumns = KeeperColumns(),
+    embeddings: dict | None = None,
+) -> dict:
+    """Cluster `item_ids` (every template item) by the matched pairs (left_ids[k], right_ids[k]) of angular
+    `similarity[k]`: `index_pairs`, the linkage rule `config.linkage`, `weakest_links`, `weakest_pairs` or
+    `chain_flags`, the keeper policy `config.keeper_policy`.
+
+    `linkage="complete"` (default, `complete_linkage_labels`): every two members of a cluster are a matched pair
+    at or above `config.threshold` (default: the weakest pair), so nothing is grouped on the strength of a
+    chain; `min_member_similarity` is then the cluster's weakest pair, exact, from the matches (no
+    embeddings needed) and `is_chained` is never set.
+    `linkage="single"` (`single_linkage_labels`): clusters are the connected components of the matches; with
+    `embeddings` ({item_id: unit vector} for at least every matched item), every cluster records
+    `min_member_similarity` and `is_chained` (`chain_flags`, with `config.chain_margin` and
+    `config.max_diameter_members`).
+    Keeper (ties: smallest item_id; cluster_id = keeper's id): "first_id" the smallest item_id;
+    "largest_image" the largest width*height; "oldest" the earliest `embedded_at`; "column" the largest
+    (`keeper_order="max"`) or smallest value of `columns.values` (missing values last). `columns` are
+    aligned with `item_ids`.
+    Returns columns sorted by item_id: {"item_id", "cluster_id", "is_keeper" bool (n,), "keeper_id",
+    "cluster_size" int32 (n,), "min_link_similarity" float32 (n,) (NaN for singletons),
+    "min_member_similarity" float32 (n,) (NaN if singleton or not measured), "is_chained" bool (n,)}.
+    Every output is independent of the order of items and pairs and of pair direction.
+    Raises ValueError for unknown ids in pairs, self pairs, duplicate item ids, missing keeper inputs.
+    """
+    ids, order, i, j, sim = index_pairs(item_ids, left_ids, right_ids, similarity)
+    n = len(ids)
+    threshold = config.threshold
     if threshold is None and len(sim):
         threshold = float(sim.min())
-
-    min_member = np.full(n, np.nan, np.float32)
-    chained = np.zeros(n, np.bool_)
-    if linkage == "complete":
-        new = complete_linkage_labels(n, i, j, sim, threshold)
-        # Weakest links and weakest pairs from the matching edges inside the clusters only.
-        inside = (new[i] == new[j]) & (sim >= np.float32(threshold - MATCH_TOLERANCE)) if len(sim) else \
-            np.zeros(0, np.bool_)
-        labels, min_link = connected_components(n, i[inside], j[inside], sim[inside])
-        weakest = np.full(n, np.inf, np.float32)
-        np.minimum.at(weakest, labels[i[inside]], sim[inside])
-        min_member = np.where(np.isfinite(weakest[labels]), weakest[labels], np.float32(np.nan)).astype(np.float32)
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        sizes = counts[inverse]
-    else:
-        labels, min_link = connected_components(n, i, j, sim)
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        sizes = counts[inverse]
-        if embeddings is not None:
-            from siamese_core.similarity import angular_similarity
-
-            multi = np.unique(labels[sizes > 1])
-            for members in _groups(labels, multi):
-                if len(members) > max_diameter_members:
-                    rng = np.random.default_rng(len(members))
-                    members_measured = np.sort(rng.choice(members, max_diameter_members, replace=False))
-                else:
-                    members_measured = members
-                try:
-                    x = np.stack([np.asarray(embeddings[ids[m]], np.float32) for m in members_measured.tolist()])
-                except KeyError as err:
-                    raise ValueError(f"no embedding for clustered item {err.args[0]!r}") from None
-                value = float(angular_similarity(min_pair_cosine(x)))
-                min_member[members] = value
-                if threshold is not None and value < threshold - chain_margin:
-                    chained[members] = True
-
-    if keeper_policy == "first_id":
-        keeper_of = labels  # smallest index = smallest id (ids are sorted)
-    else:
-        if keeper_policy == "largest_image":
-            if widths is None or heights is None:
-                raise ValueError("keeper_policy 'largest_image' needs widths and heights")
-            per_item = np.asarray(widths, np.int64) * np.asarray(heights, np.int64)
-            key_in = -per_item.astype(np.float64)
-        elif keeper_policy == "oldest":
-            if embedded_at is None:
-                raise ValueError("keeper_policy 'oldest' needs embedded_at")
-            key_in = _rank_keys(list(embedded_at), "min")
-        else:
-            if keeper_values is None:
-                raise ValueError("keeper_policy 'column' needs keeper_values")
-            if keeper_order not in ("max", "min"):
-                raise ValueError(f"keeper_order must be 'max' or 'min', got {keeper_order!r}")
-            key_in = _rank_keys(list(keeper_values), keeper_order)
-        if len(key_in) != n:
-            raise ValueError(f"{len(key_in)} keeper values for {n} items")
-        keeper_of = _keepers(labels, np.asarray(key_in, np.float64)[order])
+    rule = LINKAGE_RULES[config.linkage]
+    labels = rule.labels(n, i, j, sim, threshold)
+    min_link = weakest_links(n, i, j, sim, labels)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    sizes = counts[inverse]
+    if rule.members_all_match:
+        min_member, chained = weakest_pairs(n, i, j, sim, labels, threshold), np.zeros(n, np.bool_)
+    else:  # members may be far apart: measure them by their embeddings, flag chains
+        min_member, chained = chain_flags(ids, labels, sizes, embeddings, threshold, config.chain_margin,
+                                          config.max_diameter_members)
+    keeper_of = keepers(labels, order, KEEPER_KEYS[config.keeper_policy](columns, config.keeper_order))
     sizes = sizes.astype(np.int32)
     keeper_ids = ids[keeper_of].tolist()
     return {

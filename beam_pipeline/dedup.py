@@ -140,12 +140,10 @@ def keep_members(batch, members: frozenset):
         yield ids[k], np.array(matrix[k], np.float32)
 
 
-def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: list, *, keeper_policy: str,
-                   run_id: str, keeper_values: dict | None = None, keeper_order: str = "max",
-                   threshold: float | None = None, chain_margin: float = 0.05,
-                   linkage: str = clustering.DEFAULT_LINKAGE,
-                   max_diameter_members: int = 20_000):
-    """Gathered item, edge and member-embedding batches -> CLUSTERS_SCHEMA tables of <= ROWS_PER_TABLE rows."""
+def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: list, *,
+                   config: clustering.ClusterConfig, run_id: str, keeper_values: dict | None = None):
+    """Gathered item, edge and member-embedding batches -> CLUSTERS_SCHEMA tables of <= ROWS_PER_TABLE rows,
+    clustered as `config` says; `keeper_values` {item_id: value} for keeper_policy column."""
     items = [t for t in items if t.num_rows]
     items_t = pa.concat_tables([t.select(ITEM_COLUMNS) for t in items]) if items else None
     edges = [t for t in edges if t.num_rows]
@@ -159,15 +157,12 @@ def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: 
         left, right, sim = [], [], np.zeros(0, np.float32)
     column = (lambda name: items_t.column(name).to_numpy(zero_copy_only=False)) if items_t is not None else (
         lambda name: np.zeros(0))
-    result = clustering.cluster_items(
-        ids, left, right, sim, keeper_policy=keeper_policy,
+    columns = clustering.KeeperColumns(
         widths=column("width"), heights=column("height"),
         embedded_at=items_t.column("embedded_at").cast(pa.int64()).to_pylist() if items_t is not None else [],
-        keeper_values=[keeper_values.get(i) for i in ids] if keeper_values is not None else None,
-        keeper_order=keeper_order, embeddings=dict(embeddings) if linkage == "single" else None,
-        threshold=threshold, chain_margin=chain_margin,
-        linkage=linkage, max_diameter_members=max_diameter_members,
+        values=[keeper_values.get(i) for i in ids] if keeper_values is not None else None,
     )
+    result = clustering.cluster_items(ids, left, right, sim, config, columns, embeddings=dict(embeddings))
     table = clustering.clusters_table(result, run_id)
     for start in range(0, table.num_rows, ROWS_PER_TABLE):
         yield table.slice(start, ROWS_PER_TABLE)
@@ -269,14 +264,13 @@ def _cluster(opts, pipeline_options, test_pipeline, output_dir: str, lineage: di
             items=beam.pvalue.AsSingleton(items),
             edges=beam.pvalue.AsSingleton(edges),
             embeddings=beam.pvalue.AsSingleton(embeddings),
-            keeper_policy=opts.keeper_policy,
+            config=clustering.ClusterConfig(
+                linkage=opts.linkage, keeper_policy=opts.keeper_policy, keeper_order=opts.keeper_order,
+                threshold=threshold, chain_margin=opts.chain_margin,
+                max_diameter_members=opts.max_diameter_members,
+            ),
             run_id=lineage["run_id"],
             keeper_values=keeper_values,
-            keeper_order=opts.keeper_order,
-            threshold=threshold,
-            chain_margin=opts.chain_margin,
-            linkage=opts.linkage,
-            max_diameter_members=opts.max_diameter_members,
         )
         | "WriteClusters" >> bio.WriteTable(output_dir, "clusters", outputs.with_lineage(CLUSTERS_SCHEMA, lineage),
                                             num_shards=opts.num_shards)

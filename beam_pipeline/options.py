@@ -320,7 +320,9 @@ class DedupOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        from beam_pipeline import clustering  # the valid --linkage / --keeper_policy values live there
+        from beam_pipeline import clustering  # the valid --linkage / --keeper_policy values and defaults live there
+
+        defaults = clustering.ClusterConfig()
 
         _add(parser, "--templates", required=True, help="Glob of templates Parquet files.")
         _add(parser, "--matches", required=True, help="Glob of matches Parquet files.")
@@ -328,7 +330,7 @@ class DedupOptions(PipelineOptions):
         _add(
             parser,
             "--keeper_policy",
-            default="first_id",
+            default=defaults.keeper_policy,
             choices=clustering.KEEPER_POLICIES,
             help="Which member of a cluster is kept: first_id (smallest item_id), largest_image (width*height), "
             "oldest (earliest embedded_at: first embedded), column (--keeper_column of --keeper_table). Ties: smallest item_id. "
@@ -338,23 +340,24 @@ class DedupOptions(PipelineOptions):
              help="keeper_policy column: Parquet glob or CSV with item_id and --keeper_column (items missing from "
              "it rank last).")
         _add(parser, "--keeper_column", default=None, help="keeper_policy column: the column to rank members by.")
-        _add(parser, "--keeper_order", default="max", choices=["max", "min"],
+        _add(parser, "--keeper_order", default=defaults.keeper_order, choices=clustering.KEEPER_ORDERS,
              help="keeper_policy column: keep the member with the largest (max) or smallest (min) value.")
-        _add(parser, "--linkage", default=clustering.DEFAULT_LINKAGE, choices=clustering.LINKAGES,
+        _add(parser, "--linkage", default=defaults.linkage, choices=clustering.LINKAGES,
              help="complete: complete linkage on the matches, so every two members of a cluster are a matched "
              "pair (nothing is grouped through a chain); single: clusters are connected components of the "
              f"matches, chains flagged is_chained (they can join a whole catalogue). Default "
-             f"{clustering.DEFAULT_LINKAGE}.")
-        _add(parser, "--chain_margin", type=NON_NEGATIVE_FLOAT, default=0.05,
+             f"{defaults.linkage}.")
+        _add(parser, "--chain_margin", type=NON_NEGATIVE_FLOAT, default=defaults.chain_margin,
              help="--linkage single: a cluster is flagged is_chained when two of its members are more than this "
-             "far (angular similarity) below the match threshold from each other. Default 0.05.")
+             f"far (angular similarity) below the match threshold from each other. Default {defaults.chain_margin}.")
         _add(parser, "--threshold", type=THRESHOLD, default=None,
              help="The match threshold (angular similarity): pairs below it do not count as matching for "
              "complete linkage, and the reference of the chain flags. Default: match_run.json beside the "
              "matches directory, else the weakest matched pair.")
-        _add(parser, "--max_diameter_members", type=bounded(int, 2), default=20_000,
+        _add(parser, "--max_diameter_members", type=bounded(int, 2), default=defaults.max_diameter_members,
              help="--linkage single: clusters larger than this are measured on a deterministic sample of this "
-             "many members (min_member_similarity is then an upper bound). Default 20000. (Complete linkage "
+             f"many members (min_member_similarity is then an upper bound). Default {defaults.max_diameter_members}. "
+             "(Complete linkage "
              "reads every cluster's weakest pair from the matches, exactly.)")
         _add(parser, "--num_shards", type=NON_NEGATIVE_INT, default=0, help="Output shards (0: let the runner choose).")
         _add_run_id(parser)

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from beam_pipeline.clustering import LINKAGES, complete_linkage_labels, connected_components
+from beam_pipeline.clustering import LINKAGE_RULES, LINKAGES, connected_components
 from siamese_core.error_rates import rate_upper_bound
 
 
@@ -256,8 +256,8 @@ def evaluate(
     `item_ids` / `cluster_ids` are the clusters table's rows (every template item); matches are the
     matched pairs with their angular similarity; `threshold` the run's angular threshold; `families`
     (optional) {item_id: edit family} of the copies (`read_families`); `sweep_linkage` how the sweep
-    re-clusters the matches at each threshold: "single" (connected components, the default) or
-    "complete" (clustering.complete_linkage_labels; pass the run's --linkage to match its clusters), up to
+    re-clusters the matches at each threshold (clustering.LINKAGE_RULES): "single" (connected components,
+    the default) or "complete" (complete linkage; pass the run's --linkage to match its clusters), up to
     `sweep_high`. Similarities and thresholds are in the run's score (angular, or kNN-normalised).
     Returns {"precision", "recall", "f1" (cluster level, as "clusters"), counts...,
     "clusters": {predicted_pairs, found_pairs, planted_pairs, precision, recall, f1},
@@ -283,10 +283,7 @@ def evaluate(
     sweep = []
     for t in sweep_thresholds(threshold, steps, sweep_high):
         keep = sim >= np.float32(t) if t > threshold else np.ones(len(sim), np.bool_)
-        if sweep_linkage == "complete":
-            labels = complete_linkage_labels(n, i[keep], j[keep], sim[keep], t)
-        else:
-            labels, _ = connected_components(n, i[keep], j[keep])
+        labels = LINKAGE_RULES[sweep_linkage].labels(n, i[keep], j[keep], sim[keep], t)
         true_matches = int(genuine[keep].sum())
         false_matches = int((~genuine[keep]).sum())
         scores = cluster_scores(labels, truth)
@@ -372,10 +369,7 @@ def threshold_sweep(threshold: float, n_items: int, i: np.ndarray, j: np.ndarray
                "clusters": None, "items_to_drop": None}
         if t >= threshold - 1e-9:
             keep = score >= np.float32(max(t, threshold))
-            if linkage == "complete":
-                labels = complete_linkage_labels(n_items, i[keep], j[keep], score[keep], float(t))
-            else:
-                labels, _ = connected_components(n_items, i[keep], j[keep])
+            labels = LINKAGE_RULES[linkage].labels(n_items, i[keep], j[keep], score[keep], float(t))
             sizes = np.bincount(np.unique(labels, return_inverse=True)[1].ravel())
             row.update(clusters=int((sizes > 1).sum()), items_to_drop=int((sizes - 1).sum()),
                        matched_pairs=int(keep.sum()))

@@ -23,15 +23,15 @@ EMBEDDED_AT = {"a": 5, "b": 3, "c": 1, "d": 2, "e": 9, "f": 2, "g": 7, "h": 6, "
 SCORES = {"a": 8.0, "b": 1.0, "c": 8.0, "d": 3.0, "e": 4.0, "f": None, "g": 2.0, "h": None, "z": 5.0}
 
 
-def _cluster(items=ITEMS, edges=EDGES, policy="first_id", linkage="single", **kwargs):
+def _cluster(items=ITEMS, edges=EDGES, policy="first_id", linkage="single", **settings):
     """Connected components by default here (the keeper and weakest-link tests are written for them);
     complete linkage, the default of cluster_items, has its own tests below."""
     left, right, sim = zip(*edges) if edges else ((), (), ())
     return clustering.cluster_items(
-        items, list(left), list(right), np.asarray(sim, np.float32), keeper_policy=policy,
-        widths=[SIZES[i][0] for i in items], heights=[SIZES[i][1] for i in items],
-        embedded_at=[EMBEDDED_AT[i] for i in items], keeper_values=[SCORES[i] for i in items],
-        linkage=linkage, **kwargs,
+        items, list(left), list(right), np.asarray(sim, np.float32),
+        clustering.ClusterConfig(linkage=linkage, keeper_policy=policy, **settings),
+        clustering.KeeperColumns(widths=[SIZES[i][0] for i in items], heights=[SIZES[i][1] for i in items],
+                                 embedded_at=[EMBEDDED_AT[i] for i in items], values=[SCORES[i] for i in items]),
     )
 
 
@@ -74,7 +74,8 @@ def test_largest_image_policy_with_ties():
     assert out["cluster_id"] == ["b", "b", "b", "e", "e", "e", "g", "g", "z"]
     assert out["is_keeper"].tolist() == [False, True, False, False, True, False, True, False, True]
     with pytest.raises(ValueError, match="needs widths and heights"):
-        clustering.cluster_items(ITEMS, [], [], np.zeros(0, np.float32), keeper_policy="largest_image")
+        clustering.cluster_items(ITEMS, [], [], np.zeros(0, np.float32),
+                                 clustering.ClusterConfig(keeper_policy="largest_image"))
 
 
 def test_oldest_and_column_policies_with_ties():
@@ -85,7 +86,8 @@ def test_oldest_and_column_policies_with_ties():
     out = _cluster(policy="column", keeper_order="min")  # missing values still rank last
     assert out["cluster_id"] == ["b", "b", "b", "d", "d", "d", "g", "g", "z"]
     with pytest.raises(ValueError, match="needs keeper_values"):
-        clustering.cluster_items(ITEMS, [], [], np.zeros(0, np.float32), keeper_policy="column")
+        clustering.cluster_items(ITEMS, [], [], np.zeros(0, np.float32),
+                                 clustering.ClusterConfig(keeper_policy="column"))
 
 
 def _arc(fractions):
@@ -101,10 +103,11 @@ CHAIN_VEC = dict(zip(CHAIN_IDS, _arc([0.0, 0.04, 0.09, 0.15, 0.6, 0.61])))
 CHAIN_EDGES = [("a", "b", 0.96), ("b", "c", 0.95), ("c", "d", 0.94), ("a", "c", 0.91), ("x", "y", 0.99)]
 
 
-def _chain(**kwargs):
+def _chain(**settings):
     left, right, sim = zip(*CHAIN_EDGES)
-    return clustering.cluster_items(CHAIN_IDS, list(left), list(right), np.float32(sim), embeddings=CHAIN_VEC,
-                                    threshold=0.9, chain_margin=0.04, **kwargs)
+    return clustering.cluster_items(CHAIN_IDS, list(left), list(right), np.float32(sim),
+                                    clustering.ClusterConfig(threshold=0.9, chain_margin=0.04, **settings),
+                                    embeddings=CHAIN_VEC)
 
 
 def test_chains_are_flagged_with_the_smallest_member_similarity():
@@ -116,8 +119,9 @@ def test_chains_are_flagged_with_the_smallest_member_similarity():
     assert clustering.summarize(out)["chained_clusters"] == 1
     # A wider margin: 0.85 is within 0.9 - 0.06, not a chain.
     left, right, sim = zip(*CHAIN_EDGES)
-    wide = clustering.cluster_items(CHAIN_IDS, list(left), list(right), np.float32(sim), embeddings=CHAIN_VEC,
-                                    threshold=0.9, chain_margin=0.06, linkage="single")
+    wide = clustering.cluster_items(CHAIN_IDS, list(left), list(right), np.float32(sim),
+                                    clustering.ClusterConfig(threshold=0.9, chain_margin=0.06, linkage="single"),
+                                    embeddings=CHAIN_VEC)
     assert not wide["is_chained"].any()
     table = validate_table(clustering.clusters_table(out, "r"), "clusters")
     assert table.column("is_chained").to_pylist() == [True] * 4 + [False] * 2
@@ -133,7 +137,8 @@ def test_complete_linkage_splits_the_chain():
     # The default, and from the matches alone: no embeddings needed, the weakest pair read exactly.
     assert clustering.DEFAULT_LINKAGE == "complete"
     left, right, sim = zip(*CHAIN_EDGES)
-    bare = clustering.cluster_items(CHAIN_IDS, list(left), list(right), np.float32(sim), threshold=0.9)
+    bare = clustering.cluster_items(CHAIN_IDS, list(left), list(right), np.float32(sim),
+                                    clustering.ClusterConfig(threshold=0.9))
     for key in out:
         np.testing.assert_array_equal(np.asarray(bare[key]), np.asarray(out[key]))
     np.testing.assert_allclose(out["min_member_similarity"], [0.96, 0.96, 0.94, 0.94, 0.99, 0.99], atol=1e-6)
@@ -193,10 +198,11 @@ def test_a_chain_is_one_cluster_under_single_and_never_under_complete():
     left, right = ids[:-1], ids[1:]
     sim = np.float32(1 - gaps)
     matched = {(a, b) for a, b in zip(left, right)}
-    single = clustering.cluster_items(ids, left, right, sim, embeddings=vectors, threshold=0.93, linkage="single")
+    single = clustering.cluster_items(ids, left, right, sim, clustering.ClusterConfig(threshold=0.93, linkage="single"),
+                                      embeddings=vectors)
     assert set(single["cluster_id"]) == {"p00"} and single["is_chained"].all()
     assert len(_pairs_inside(single) - matched) == n * (n - 1) // 2 - (n - 1)  # 741 pairs that do not match
-    complete = clustering.cluster_items(ids, left, right, sim, threshold=0.93)
+    complete = clustering.cluster_items(ids, left, right, sim, clustering.ClusterConfig(threshold=0.93))
     assert _pairs_inside(complete) - matched == set()  # no member-to-member pair that does not match
     assert complete["cluster_size"].max() == 2 and not complete["is_chained"].any()
     assert clustering.summarize(complete)["clusters_count"] >= n // 3  # a matching of the path, not nothing
