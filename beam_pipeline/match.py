@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from beam_pipeline import blocks as bk
-from beam_pipeline import candidates, knn_norm, matching, review, self_calibration
+from beam_pipeline import candidates, knn_norm, matching
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner
 from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
@@ -526,6 +526,8 @@ def check_options(opts: MatchOptions) -> None:
 def check_threshold_flags(opts: MatchOptions, card: dict | None) -> tuple[str, dict | None]:
     """(how the threshold is chosen: thresholds.threshold_method, the review_threshold.json document or None),
     refusing a bad given threshold, or self-calibration without a model, before anything is read."""
+    from beam_pipeline import review  # imported when used (matplotlib): options.py imports this module
+
     method = threshold_method(opts.threshold, opts.target_fmr, opts.target_precision, opts.max_false_pairs,
                               opts.review_threshold)
     review_doc = None
@@ -540,9 +542,15 @@ def check_threshold_flags(opts: MatchOptions, card: dict | None) -> tuple[str, d
 
 
 def choose_threshold(opts: MatchOptions, card: dict | None, method: str, review_doc: dict | None,
-                     manifest: bk.Manifest) -> tuple[dict, knn_norm.KnnScores | None]:
+                     manifest: bk.Manifest, model_id: str) -> tuple[dict, knn_norm.KnnScores | None]:
     """The run's threshold (match_run.json's "threshold": value, score, cosine, source, score_norm, ...) for
-    the staged catalogue `manifest`, and the kNN scores when it cuts kNN-normalised scores (else None)."""
+    the staged catalogue `manifest` of model `model_id`, and the kNN scores when it cuts kNN-normalised
+    scores (else None)."""
+    # Imported when used (scipy, matplotlib): options.py imports this module for MODES and SEARCHES.
+    from beam_pipeline import review, self_calibration
+
+    if review_doc is not None:
+        review.load_review_threshold(opts.review_threshold, model_id)
     norm, norm_note = score_norm(opts, card, method, manifest.n, review_doc)
     knn = None
     if norm == "knn":
@@ -762,9 +770,7 @@ def run(argv=None, test_pipeline=None) -> dict:
         staged.append(stage_dir)
         templates_lineage = outputs.templates_fingerprint(opts.templates)
         model_id = _check_against_card(card, manifest.model_id, manifest.dim, manifest.n)
-        if review_doc is not None:
-            review.load_review_threshold(opts.review_threshold, model_id)
-        threshold, knn = choose_threshold(opts, card, method, review_doc, manifest)
+        threshold, knn = choose_threshold(opts, card, method, review_doc, manifest, model_id)
         lineage = {"stage": "match", "run_id": run_id, "model_id": model_id, "templates": templates_lineage,
                    "threshold": threshold["value"], "score": threshold["score"],
                    "threshold_source": threshold["source"],
