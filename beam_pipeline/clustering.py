@@ -114,6 +114,8 @@ def _rank_keys(values: Sequence, order: str) -> np.ndarray:
 def _keepers(labels: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Per node, the index of its cluster's keeper: smallest `key`, ties by smallest index (= item_id)."""
     n = len(labels)
+    if n == 0:  # an empty catalogue: no clusters, no keepers
+        return np.zeros(0, np.int64)
     rank = np.lexsort((np.arange(n), key, labels))
     comp_sorted = labels[rank]
     starts = np.flatnonzero(np.r_[True, comp_sorted[1:] != comp_sorted[:-1]])

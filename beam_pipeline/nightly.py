@@ -43,7 +43,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline import io as bio
 from beam_pipeline import nightly_state as ns
 from beam_pipeline import outputs, sources
-from beam_pipeline.clustering import DEFAULT_KEEPER_POLICY, DEFAULT_LINKAGE, LINKAGES
+from beam_pipeline.clustering import DEFAULT_KEEPER_POLICY, DEFAULT_LINKAGE, KEEPER_POLICIES, LINKAGES
 from beam_pipeline.options import new_run_id
 from siamese_core.artefact import load_model_card
 from schemas.documents import validate_match_run
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recalibrate", action="store_true",
                         help="Recompute everything and choose the threshold afresh (a full run).")
     parser.add_argument("--linkage", default=DEFAULT_LINKAGE, choices=LINKAGES, help="dedup --linkage.")
-    parser.add_argument("--keeper_policy", default=DEFAULT_KEEPER_POLICY,
+    parser.add_argument("--keeper_policy", default=DEFAULT_KEEPER_POLICY, choices=KEEPER_POLICIES,
                         help=f"dedup --keeper_policy (default {DEFAULT_KEEPER_POLICY}).")
     parser.add_argument("--rehash", action="store_true",
                         help="Read and hash every file, also those whose size and modification time are unchanged "

@@ -300,6 +300,15 @@ def test_no_edges_all_singletons_and_empty():
     assert empty["item_id"] == [] and clustering.summarize(empty)["items"] == 0
 
 
+def test_empty_catalogue_under_every_keeper_policy():
+    # Policies that rank by a column had no keeper to index on zero items (an IndexError).
+    columns = clustering.KeeperColumns(widths=[], heights=[], embedded_at=[], values=[])
+    for policy in clustering.KEEPER_POLICIES:
+        empty = clustering.cluster_items([], [], [], np.zeros(0, np.float32),
+                                         clustering.ClusterConfig(keeper_policy=policy), columns)
+        assert empty["item_id"] == [] and clustering.summarize(empty)["items"] == 0
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="'q', which is not among the templates"):
         _cluster(edges=[("a", "q", 0.9)])

@@ -239,3 +239,11 @@ def test_unchanged_size_and_time_keep_the_hash_unread(tmp_path):
     assert again[name] == dict(zip(first.column("item_id").to_pylist(),
                                    first.column("content_sha256").to_pylist()))[name]
     assert sum(h == "x" * 64 for h in again.values()) == first.num_rows - 1
+
+
+def test_an_unknown_keeper_policy_is_refused_before_anything_runs(capsys):
+    # The valid values are dedup's (clustering.KEEPER_POLICIES): a typo fails at once, not after embedding.
+    with pytest.raises(SystemExit) as stop:
+        nightly.build_parser().parse_args(["--catalogue", "x/*", "--model_dir", "m", "--state", "s",
+                                           "--keeper_policy", "largest"])
+    assert stop.value.code == 2 and "invalid choice: 'largest'" in capsys.readouterr().err
