@@ -185,7 +185,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     model_id = check_inputs(templates, matches)
     n_items, n_pairs = templates.num_rows, matches.num_rows
     del templates, matches
-    if matches_lineage.get("score") == "knn_normalised" and opts.linkage == "single":
+    if matches_lineage.get("score") == "knn_normalised" and not clustering.LINKAGE_RULES[opts.linkage].members_all_match:
         raise ValueError("these matches cut kNN-normalised scores: single linkage's chain check compares members' "
                          "angular similarities with the threshold, which is a normalised score here; use "
                          "--linkage complete (the default)")
@@ -246,7 +246,7 @@ def _cluster(opts, pipeline_options, test_pipeline, output_dir: str, lineage: di
         | "ReadMatches" >> beam.io.ReadFromParquetBatched(opts.matches, columns=EDGE_COLUMNS)
         | "GatherMatches" >> beam.combiners.ToList()
     )
-    if opts.linkage == "single":  # chain flags measure members by their embeddings
+    if not clustering.LINKAGE_RULES[opts.linkage].members_all_match:  # chain flags measure members by embeddings
         members = edges | "Members" >> beam.Map(member_ids)
         embeddings = (
             p

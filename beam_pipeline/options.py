@@ -13,6 +13,7 @@ import uuid
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipeline import sources, thresholds
+from schemas.documents import THRESHOLD_PROTOCOLS
 from siamese_core import decode
 from siamese_core.similarity import KNN_BETA, KNN_K, SCORE_NORMS
 
@@ -130,7 +131,7 @@ def _add_threshold(parser) -> None:
         parser,
         "--threshold_protocol",
         default="instance",
-        choices=["instance", "class"],
+        choices=THRESHOLD_PROTOCOLS,
         help="With --target_fmr: which calibration of the model card to use: 'instance' (copies of one "
         "image: dedup) or 'class' (same class). Default instance.",
     )
@@ -166,8 +167,7 @@ class EmbedOptions(PipelineOptions):
             "--image_key",
             default=None,
             help="TFRecord feature / Parquet column holding the image bytes (default: the first of "
-            "image/encoded, image, image_bytes, img, jpg, jpeg, png, webp, bytes, content; Parquet: else the "
-            "only binary column).",
+            f"{', '.join(sources.IMAGE_KEYS)}; Parquet: else the only binary column).",
         )
         _add(
             parser,
@@ -352,8 +352,8 @@ class DedupOptions(PipelineOptions):
              f"far (angular similarity) below the match threshold from each other. Default {defaults.chain_margin}.")
         _add(parser, "--threshold", type=THRESHOLD, default=None,
              help="The match threshold (angular similarity): pairs below it do not count as matching for "
-             "complete linkage, and the reference of the chain flags. Default: match_run.json beside the "
-             "matches directory, else the weakest matched pair.")
+             "complete linkage, and the reference of the chain flags (at or above the matches' own). Default: the "
+             "threshold the matches were made at (their lineage), else the weakest matched pair.")
         _add(parser, "--max_diameter_members", type=bounded(int, 2), default=defaults.max_diameter_members,
              help="--linkage single: clusters larger than this are measured on a deterministic sample of this "
              f"many members (min_member_similarity is then an upper bound). Default {defaults.max_diameter_members}. "

@@ -71,13 +71,17 @@ MODEL_CARD_SCHEMA = {
         "training": {"type": "object"},
         "data": {"type": "object"},
         "metrics": {"type": "object"},
-        # Calibrated thresholds, grouped by protocol ("class", "instance"), each a list of THRESHOLD_SCHEMA.
+        # Calibrated thresholds, grouped by protocol (THRESHOLD_PROTOCOLS), each a list of THRESHOLD_SCHEMA.
         "thresholds": {
             "type": "object",
             "additionalProperties": {"type": "array", "items": THRESHOLD_SCHEMA},
         },
     },
 }
+
+# The model card's calibration protocols: "instance" (genuine pairs are copies of one image: dedup) and
+# "class" (genuine pairs share a class label). match --threshold_protocol picks one.
+THRESHOLD_PROTOCOLS = ("instance", "class")
 
 REPORT_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

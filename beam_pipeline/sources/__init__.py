@@ -33,7 +33,7 @@ trainer's hard negatives.
 from beam_pipeline.sources.catalogue import FAILURES_TAG, FORMATS, ReadCatalogue, detect_format
 from beam_pipeline.sources.files import read_file
 from beam_pipeline.sources.listing import list_catalogue
-from beam_pipeline.sources.record import DEFAULT_MAX_FILE_BYTES, ReadFailure, Record, RecordKeys
+from beam_pipeline.sources.record import DEFAULT_MAX_FILE_BYTES, IMAGE_KEYS, ReadFailure, Record, RecordKeys
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "FAILURES_TAG", "FORMATS", "ReadCatalogue", "ReadFailure",
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "FAILURES_TAG", "FORMATS", "IMAGE_KEYS", "ReadCatalogue", "ReadFailure",
            "Record", "RecordKeys", "detect_format", "list_catalogue", "read_file"]
