@@ -1,8 +1,10 @@
 """Metric-learning losses in TensorFlow, from small interchangeable parts (like pytorch-metric-learning):
 
   distances  embeddings (B, D) -> distance matrix (B, B):        "cosine" (1 - cos), "squared_euclidean"
-  miners     distance matrix + labels -> which pairs/triplets count: "all", "semihard", "hard"
-  losses     triplet (margin ranking) and contrastive, explicit (anchor, positive, negative) or in-batch.
+  miners     distance matrix + labels -> which pairs/triplets count (MINERS): "all" (Pairs: every pair),
+             "semihard", "hard" (Triplets: one mined triplet per positive pair / per anchor)
+  losses     triplet (margin ranking) and contrastive (BATCH_LOSSES), explicit (anchor, positive, negative)
+             or in-batch of any miner's output: make_batch_loss(kind, mining=..., distance=...).
 
 Everything takes float embeddings (B, D) and integer labels (B,); two rows with the same label are a
 positive pair, different labels a negative pair, and a row is never its own positive. Losses are scalars.
@@ -19,7 +21,8 @@ Definitions (d = distance, m = margin, [x]+ = max(x, 0)):
                 mean over anchors that have both.
   contrastive:  positives [d - pos_margin]+, negatives [neg_margin - d]+; in-batch it is the mean over
                 positive pairs plus the mean over negative pairs (each 0 if there are none), so the many
-                negatives do not drown the few positives.
+                negatives do not drown the few positives. With "all" these are every pair of the batch;
+                with "semihard" / "hard" the (a, p) and (a, n) pairs of the mined triplets.
   normalized softmax (proxies): one learnt unit vector per class; cross-entropy of the cosines to all
                 proxies divided by a temperature T (Zhai & Wu 2018, pytorch-metric-learning's
                 NormalizedSoftmaxLoss). Used beside the triplet loss, never instead of it: every image is
@@ -34,12 +37,12 @@ Definitions (d = distance, m = margin, [x]+ = max(x, 0)):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import tensorflow as tf
 
 DISTANCES = ("cosine", "squared_euclidean")
-MINERS = ("all", "semihard", "hard")
 _EPS = 1e-12
 
 
@@ -92,57 +95,104 @@ def pair_masks(labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.logical_and(same, not_self), tf.logical_not(same)
 
 
-# --- miners -> triplet losses -----------------------------------------------------------------------------
-
 def _safe_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     mask = tf.cast(mask, values.dtype)
     return tf.reduce_sum(values * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
 
 
-def _positive_pair_rows(dist: tf.Tensor, labels: tf.Tensor):
+# --- miners: distance matrix (B, B) + labels (B,) -> the pairs or triplets a loss counts -----------------
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    """Every pair of a batch (what the "all" miner keeps): the distance matrix dist (B, B) with the masks
+    of its positive pairs and of its negative pairs, bool (B, B) (pair_masks)."""
+    dist: tf.Tensor
+    positive: tf.Tensor
+    negative: tf.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Triplets:
+    """Mined triplets (a, p, n): d(a, p) `ap`, d(a, n) `an` and which triplets count, `valid` (bool), all
+    three of one shape (one triplet per element)."""
+    ap: tf.Tensor
+    an: tf.Tensor
+    valid: tf.Tensor
+
+
+def all_pairs(dist: tf.Tensor, labels: tf.Tensor) -> Pairs:
+    """The "all" miner: keeps every positive and every negative pair (a triplet loss forms every triplet
+    of them, batch-all)."""
+    pos, neg = pair_masks(labels)
+    return Pairs(dist, pos, neg)
+
+
+def _positive_pair_rows(pairs: Pairs):
     """For every positive pair (a, p): d(a, p) (N,), the anchor's row of distances (N, B) and which of
     them are negatives (N, B). Working on these rows instead of a (B, B, B) cube of triplets costs
     N*B = B*(K-1)*B instead of B^3 (about 10x less for 10 x 16 batches) and keeps larger batches affordable."""
-    pos, neg = pair_masks(labels)
-    pairs = tf.where(pos)                               # (N, 2) [anchor, positive]
-    d_ap = tf.gather_nd(dist, pairs)
-    return d_ap, tf.gather(dist, pairs[:, 0]), tf.gather(neg, pairs[:, 0])
+    index = tf.where(pairs.positive)                    # (N, 2) [anchor, positive]
+    d_ap = tf.gather_nd(pairs.dist, index)
+    return d_ap, tf.gather(pairs.dist, index[:, 0]), tf.gather(pairs.negative, index[:, 0])
 
 
-def batch_all_triplet_loss(dist: tf.Tensor, labels: tf.Tensor, margin: float) -> tf.Tensor:
-    """Mean of [d_ap - d_an + m]+ over valid triplets with a positive loss (0 if none)."""
-    d_ap, d_an, is_neg = _positive_pair_rows(dist, labels)
-    loss = tf.nn.relu(d_ap[:, None] - d_an + margin)     # (N, B): one row per positive pair
-    return _safe_mean(loss, tf.logical_and(is_neg, loss > 1e-16))
-
-
-def semihard_triplet_loss(dist: tf.Tensor, labels: tf.Tensor, margin: float) -> tf.Tensor:
-    """FaceNet semi-hard mining (same choice as tfa.losses.TripletSemiHardLoss), mean over positive pairs."""
-    d_ap, d_an, is_neg = _positive_pair_rows(dist, labels)
+def semihard_triplets(dist: tf.Tensor, labels: tf.Tensor) -> Triplets:
+    """FaceNet semi-hard mining (same choice as tfa.losses.TripletSemiHardLoss): one triplet (N,) per
+    positive pair, valid where its anchor has a negative."""
+    d_ap, d_an, is_neg = _positive_pair_rows(all_pairs(dist, labels))
     outside = tf.logical_and(is_neg, d_an > d_ap[:, None])     # negatives farther than p
     big = tf.reduce_max(dist) + 1.0
     closest_outside = tf.reduce_min(tf.where(outside, d_an, big), axis=1)
     farthest_negative = tf.reduce_max(tf.where(is_neg, d_an, -big), axis=1)
     chosen = tf.where(tf.reduce_any(outside, axis=1), closest_outside, farthest_negative)
-    loss = tf.nn.relu(d_ap - chosen + margin)
-    return _safe_mean(loss, tf.reduce_any(is_neg, axis=1))
+    return Triplets(d_ap, chosen, tf.reduce_any(is_neg, axis=1))
 
 
-def batch_hard_triplet_loss(dist: tf.Tensor, labels: tf.Tensor, margin: float) -> tf.Tensor:
-    """Per anchor: farthest positive, closest negative; mean of [d_ap - d_an + m]+ over anchors with both."""
+def hardest_triplets(dist: tf.Tensor, labels: tf.Tensor) -> Triplets:
+    """Batch-hard mining (Hermans et al. 2017): one triplet (B,) per anchor, its farthest positive and its
+    closest negative, valid where the anchor has both."""
     pos, neg = pair_masks(labels)
     big = tf.reduce_max(dist) + 1.0
     hardest_pos = tf.reduce_max(tf.where(pos, dist, -big), axis=1)
     hardest_neg = tf.reduce_min(tf.where(neg, dist, big), axis=1)
     valid = tf.logical_and(tf.reduce_any(pos, axis=1), tf.reduce_any(neg, axis=1))
-    return _safe_mean(tf.nn.relu(hardest_pos - hardest_neg + margin), valid)
+    return Triplets(hardest_pos, hardest_neg, valid)
 
 
-_TRIPLET_MINERS: dict[str, Callable] = {
-    "all": batch_all_triplet_loss,
-    "semihard": semihard_triplet_loss,
-    "hard": batch_hard_triplet_loss,
+# The --mining values: name -> miner (dist (B, B), labels (B,)) -> Pairs | Triplets.
+MINERS: dict[str, Callable[[tf.Tensor, tf.Tensor], Pairs | Triplets]] = {
+    "all": all_pairs,
+    "semihard": semihard_triplets,
+    "hard": hardest_triplets,
 }
+
+
+# --- losses of what a miner kept --------------------------------------------------------------------------
+
+def mined_triplet_loss(mined: Pairs | Triplets, margin: float) -> tf.Tensor:
+    """Mean of [d(a, p) - d(a, n) + m]+. Of Pairs: over every triplet they form (a positive and a negative
+    pair of one anchor) whose loss is > 0 (batch-all, positive triplets only); of Triplets: over the valid
+    ones. Scalar, 0 if none counts."""
+    if isinstance(mined, Pairs):
+        d_ap, d_an, is_neg = _positive_pair_rows(mined)
+        loss = tf.nn.relu(d_ap[:, None] - d_an + margin)     # (N, B): one row per positive pair
+        return _safe_mean(loss, tf.logical_and(is_neg, loss > 1e-16))
+    return _safe_mean(tf.nn.relu(mined.ap - mined.an + margin), mined.valid)
+
+
+def mined_contrastive_loss(mined: Pairs | Triplets, pos_margin: float = 0.0, neg_margin: float = 0.5) -> tf.Tensor:
+    """Mean of [d - pos_margin]+ over the positive pairs plus mean of [neg_margin - d]+ over the negative
+    pairs (each 0 if there are none), so the many negatives do not drown the few positives. Of Triplets the
+    pairs are the valid triplets' (a, p) and (a, n). Scalar."""
+    if isinstance(mined, Pairs):
+        d_pos, pos, d_neg, neg = mined.dist, mined.positive, mined.dist, mined.negative
+    else:
+        d_pos, pos, d_neg, neg = mined.ap, mined.valid, mined.an, mined.valid
+    return _safe_mean(tf.nn.relu(d_pos - pos_margin), pos) + _safe_mean(tf.nn.relu(neg_margin - d_neg), neg)
+
+
+# The --loss values: the in-batch losses make_batch_loss assembles, each of any miner's output.
+BATCH_LOSSES = ("triplet", "contrastive")
 
 
 def triplet_loss(anchor: tf.Tensor, positive: tf.Tensor, negative: tf.Tensor, *, margin: float = 0.4,
@@ -160,14 +210,6 @@ def contrastive_loss(a: tf.Tensor, b: tf.Tensor, same: tf.Tensor, *, pos_margin:
     d = pairwise_distance(a, b, distance)
     same = tf.cast(tf.reshape(same, [-1]), tf.bool)
     return tf.reduce_mean(tf.where(same, tf.nn.relu(d - pos_margin), tf.nn.relu(neg_margin - d)))
-
-
-def batch_contrastive_loss(dist: tf.Tensor, labels: tf.Tensor, pos_margin: float = 0.0,
-                           neg_margin: float = 0.5) -> tf.Tensor:
-    """In-batch contrastive loss: mean over positive pairs + mean over negative pairs (a != b)."""
-    pos, neg = pair_masks(labels)
-    return (_safe_mean(tf.nn.relu(dist - pos_margin), pos)
-            + _safe_mean(tf.nn.relu(neg_margin - dist), neg))
 
 
 def normalized_softmax_loss(embeddings: tf.Tensor, class_index: tf.Tensor, proxies: tf.Tensor,
@@ -222,24 +264,42 @@ def koleo_loss(embeddings: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Ten
 
 def make_batch_loss(kind: str = "triplet", *, mining: str = "all", distance: str = "cosine",
                     margin: float = 0.4, pos_margin: float = 0.0) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """A function (labels (B,), embeddings (B, D)) -> scalar loss, assembled from the parts above.
+    """A function (labels (B,), embeddings (B, D)) -> scalar loss: the `distance` matrix, mined by
+    MINERS[`mining`], scored by the `kind` loss (BATCH_LOSSES).
 
-    kind "triplet" uses `mining` ("all" | "semihard" | "hard") and `margin`; kind "contrastive" uses
-    `pos_margin` and `margin` as the negative margin (mining does not apply).
+    kind "triplet" uses `margin`; kind "contrastive" uses `pos_margin` and `margin` as the negative margin.
     """
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    if kind == "triplet":
-        if mining not in _TRIPLET_MINERS:
-            raise ValueError(f"mining must be one of {MINERS}, got {mining!r}")
-        miner = _TRIPLET_MINERS[mining]
+    if mining not in MINERS:
+        raise ValueError(f"mining must be one of {tuple(MINERS)}, got {mining!r}")
+    if kind not in BATCH_LOSSES:
+        raise ValueError(f"kind must be one of {BATCH_LOSSES}, got {kind!r}")
+    miner = MINERS[mining]
 
-        def loss_fn(labels, embeddings):
-            return miner(distance_matrix(embeddings, distance), labels, margin)
-    elif kind == "contrastive":
-        def loss_fn(labels, embeddings):
-            return batch_contrastive_loss(distance_matrix(embeddings, distance), labels, pos_margin, margin)
-    else:
-        raise ValueError(f"kind must be 'triplet' or 'contrastive', got {kind!r}")
-    loss_fn.__name__ = f"{kind}_{mining if kind == 'triplet' else 'pairs'}_{distance}"
+    def loss_fn(labels, embeddings):
+        mined = miner(distance_matrix(embeddings, distance), labels)
+        if kind == "triplet":
+            return mined_triplet_loss(mined, margin)
+        return mined_contrastive_loss(mined, pos_margin, margin)
+    loss_fn.__name__ = f"{kind}_{mining}_{distance}"
     return loss_fn
+
+
+# The --instance_loss values: the copy (instance) loss of a batch whose rows share a label with their
+# edited copies only.
+INSTANCE_LOSSES = ("triplet", "info_nce")
+
+
+def make_instance_loss(kind: str = "triplet", *, distance: str = "cosine", margin: float = 0.15,
+                       temperature: float = 0.05) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """A function (instance ids (B,), embeddings (B, D)) -> scalar loss: "triplet" is the batch-all triplet
+    loss on `distance` with `margin`; "info_nce" is info_nce_loss at `temperature` (every other image of
+    the batch a negative)."""
+    if kind not in INSTANCE_LOSSES:
+        raise ValueError(f"instance_loss must be one of {INSTANCE_LOSSES}, got {kind!r}")
+    if kind == "info_nce":
+        def instance_loss(ids, embeddings):
+            return info_nce_loss(ids, embeddings, temperature)
+        return instance_loss
+    return make_batch_loss("triplet", mining="all", distance=distance, margin=margin)

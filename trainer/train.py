@@ -10,13 +10,17 @@
     python -m trainer.train --output m --data unlabelled --data_path catalogue/ --preset catalogue \
         --hard_negatives reviewed.csv          # + pairs a person said are not copies, in every batch
 
-Steps: load the source and hold out a slice of it (validation for early stopping + a calibration set that
-never trains and never picks epochs; for sources other than Fashion-MNIST also a test slice), train on
-class-balanced P x K batches of augmented images (instance mode: batches of distinct images, each with an
-edited copy as its only positive), check for collapse each epoch, keep the best weights by the validation
-score, then evaluate on the test split (seed protocol AUC, recall@k, MAP@R, instance recall at target FMRs;
-with --train_classes also on the classes never trained on), calibrate thresholds on the calibration set
-("class" and "instance"), write the plots and export model.keras + model_card.json.
+Steps (train() runs them in order):
+1. data and sampler (prepare_data, make_sampler): load the source and hold out a slice of it (validation
+   for early stopping + a calibration set that never trains and never picks epochs; for sources other than
+   Fashion-MNIST also a test slice); class-balanced P x K batches of augmented images (instance mode:
+   batches of distinct images, each with an edited copy as its only positive);
+2. the encoder and its loss (build_trainee, make_objective): trainer.losses' parts, as the flags assemble them;
+3. the epochs (train_epochs): check for collapse each epoch, keep the best weights by the validation score;
+4. evaluate and calibrate (export_tower, evaluate_test, calibrate): the test split (seed protocol AUC,
+   recall@k, MAP@R, instance recall at target FMRs; with --train_classes also on the classes never trained
+   on), thresholds on the calibration set ("class" and "instance");
+5. export: the plots, model.keras + model_card.json.
 
 Checkpoints: with --checkpoint_dir every epoch saves the weights, the optimizer state, the best weights so
 far and the numpy random state; --resume DIR continues such a run at the next epoch (its stored config is
@@ -41,7 +45,7 @@ from trainer import evaluate as ev
 from trainer import hard_negatives as hn
 from trainer.augment import augment_batch
 from trainer.data import SOURCES, load_fashion_mnist, load_source
-from siamese_core.similarity import SCORE_NORMS
+from siamese_core.similarity import SCORE_NORMS, all_pair_scores, angular_similarity, cosine_similarity
 from trainer.samplers import InstanceSampler, PairedInstanceSampler, PKSampler
 
 COLLAPSE_MEAN_COSINE = 0.98
@@ -81,7 +85,6 @@ PRESETS = {
                    "test_fraction": 0.1, "learning_rate": 2e-3, "score_norm": "knn"},
 }
 EDITS = ("near_duplicate", "copy")  # trainer.augment (Fashion-MNIST style) | trainer.copy_edits (photos)
-INSTANCE_LOSSES = ("triplet", "info_nce")
 # Which epoch is exported: the best by validation (early stopping), or the last (catalogue mode, where the
 # "validation" images are trained on, so their score cannot pick an epoch).
 KEEP_EPOCHS = ("best", "last")
@@ -124,10 +127,10 @@ class TrainConfig:
     epoch_items: int | None = None   # embeddings of work per epoch (default: the training set's size)
     classes_per_batch: int = 10
     per_class: int = 8
-    loss: str = "triplet"            # "triplet" | "contrastive"
+    loss: str = "triplet"            # trainer.losses.BATCH_LOSSES
     margin: float = 0.4
-    distance: str = "cosine"         # "cosine" | "squared_euclidean"
-    mining: str = "all"              # "all" | "semihard" | "hard"
+    distance: str = "cosine"         # trainer.losses.DISTANCES
+    mining: str = "all"              # trainer.losses.MINERS (the triplet loss's; contrastive takes every pair)
     learning_rate: float = 2e-3
     seed: int = 0
     augment: bool = True
@@ -143,7 +146,7 @@ class TrainConfig:
     mirror: bool = True              # copy edits: a left-right mirror counts as a copy
     trim_borders: bool = False       # other sources: decode cuts plain edge bands (siamese_core.decode)
     edit_source_size: int | None = None  # copy edits: side the copies are edited at (default 2 x image_size)
-    instance_loss: str = "triplet"   # INSTANCE_LOSSES: the instance (copy) loss
+    instance_loss: str = "triplet"   # trainer.losses.INSTANCE_LOSSES: the instance (copy) loss
     temperature: float = 0.05        # info_nce: softmax temperature over cosines
     koleo_weight: float = 0.0        # > 0: add the KoLeo spreading term
     backbone: str = "small_cnn"
@@ -173,7 +176,7 @@ class TrainConfig:
     data_dir: str | None = None
     checkpoint_dir: str | None = None
     tensorboard_dir: str | None = None
-    mixed_precision: str = "auto"    # "auto" (on when a GPU is present) | "on" | "off"
+    mixed_precision: str = "auto"    # MIXED_PRECISION: "auto" (on when a GPU is present) | "on" | "off"
     deterministic: bool = True       # one TF op at a time (pin_op_threads): the same seed gives the same model
     preset: str | None = None
     # How match scores this model's pairs when its --score_norm is not given (siamese_core.similarity.knn_normalised):
@@ -281,6 +284,9 @@ def edit_source_spec(config: TrainConfig, input_spec: dict) -> dict | None:
         return None
     side = int(config.edit_source_size or 2 * int(input_spec["height"]))
     return {**input_spec, "height": side, "width": side}
+
+
+VIEWS = (1, 2)  # --views: each image once, or beside an edited copy of itself (the instance loss's positive)
 
 
 def _batches(images: np.ndarray, labels: np.ndarray, sampler, rng: np.random.Generator,
@@ -402,6 +408,9 @@ def make_optimizer(config: TrainConfig, total_steps: int):
                                  ema_momentum=config.ema_momentum or 0.99)
 
 
+CHANNELS = (1, 3)  # --channels of the sources other than Fashion-MNIST and npz: grey or RGB
+
+
 def _input_spec(config: TrainConfig, images: np.ndarray | None = None) -> dict:
     from trainer.encoder import DEFAULT_INPUT_SPEC
     if config.data == "fashion_mnist":
@@ -416,41 +425,54 @@ def _input_spec(config: TrainConfig, images: np.ndarray | None = None) -> dict:
     return {**spec, "trim_borders": True} if config.trim_borders else spec
 
 
+def _fashion_mnist_splits(config: TrainConfig) -> dict:
+    """Fashion-MNIST's train split as the pool and its test split as the test split, class-labelled."""
+    images, labels = load_fashion_mnist("train", config.data_dir or config.data_path)
+    test_images, test_labels = load_fashion_mnist("test", config.data_dir or config.data_path)
+    return {"images": images, "labels": labels, "sources": None, "test_images": test_images,
+            "test_labels": test_labels, "test_sources": None, "kind": "class",
+            "description": {"dataset": "fashion-mnist", "train_split": "train", "test_split": "test"}}
+
+
+def _source_splits(config: TrainConfig) -> dict:
+    """Another source (trainer.data.load_source) cut into the pool and a test split: a held-out
+    `test_fraction` (whole pairs / images, a share of every class), or with test_fraction 0 a sample of the
+    pool itself. With copy edits `sources` / `test_sources` are the same images decoded at
+    edit_source_size (else None)."""
+    spec = None if config.data == "npz" and config.image_size is None and config.channels is None \
+        else _input_spec(config)
+    source = load_source(config.data, config.data_path, spec)
+    images, labels, kind = source.images, source.labels, source.kind
+    source_spec = edit_source_spec(config, spec) if spec else None
+    sources = load_source(config.data, config.data_path, source_spec).images if source_spec else None
+    cut_rng = np.random.default_rng(config.seed + 1)
+    if config.test_fraction == 0:
+        # Catalogue mode: every image trains (a catalogue being deduplicated is not split into test
+        # sets); the test figures are then on a sample of the trained images, and say so.
+        keep = np.arange(len(labels))
+        held = np.sort(cut_rng.permutation(len(labels))[:config.instance_test_items])
+        test_split = f"{len(held)} of the training images themselves (nothing held out: catalogue mode)"
+    else:
+        # The test split is a held-out slice of the source: whole pairs / images, a share of every class.
+        keep, held = (_stratified_cut(labels, config.test_fraction, cut_rng) if kind == "class"
+                      else split_groups(labels, config.test_fraction, cut_rng))
+        test_split = f"held-out {config.test_fraction:g} of the source (seed {config.seed})"
+    return {"images": images[keep], "labels": labels[keep], "sources": None if sources is None else sources[keep],
+            "test_images": images[held], "test_labels": labels[held],
+            "test_sources": None if sources is None else sources[held], "kind": kind,
+            "description": {"dataset": config.data, "path": config.data_path, "kind": kind,
+                            "train_split": f"{1 - config.test_fraction:g} of the source", "test_split": test_split}}
+
+
 def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
     """The train pool and the test split of the configured source, as numpy arrays + their meaning; with
-    copy edits also `sources` / `test_sources`, the same images decoded at edit_source_size."""
-    sources = test_sources = None
-    if config.data == "fashion_mnist":
-        images, labels = load_fashion_mnist("train", config.data_dir or config.data_path)
-        test_images, test_labels = load_fashion_mnist("test", config.data_dir or config.data_path)
-        kind = "class"
-        description = {"dataset": "fashion-mnist", "train_split": "train", "test_split": "test"}
-    else:
-        spec = None if config.data == "npz" and config.image_size is None and config.channels is None \
-            else _input_spec(config)
-        source = load_source(config.data, config.data_path, spec)
-        images, labels, kind = source.images, source.labels, source.kind
-        source_spec = edit_source_spec(config, spec) if spec else None
-        sources = load_source(config.data, config.data_path, source_spec).images if source_spec else None
-        cut_rng = np.random.default_rng(config.seed + 1)
-        if config.test_fraction == 0:
-            # Catalogue mode: every image trains (a catalogue being deduplicated is not split into test
-            # sets); the test figures are then on a sample of the trained images, and say so.
-            keep = np.arange(len(labels))
-            held = np.sort(cut_rng.permutation(len(labels))[:config.instance_test_items])
-            test_split = f"{len(held)} of the training images themselves (nothing held out: catalogue mode)"
-        else:
-            # The test split is a held-out slice of the source: whole pairs / images, a share of every class.
-            keep, held = (_stratified_cut(labels, config.test_fraction, cut_rng) if kind == "class"
-                          else split_groups(labels, config.test_fraction, cut_rng))
-            test_split = f"held-out {config.test_fraction:g} of the source (seed {config.seed})"
-        images, labels, test_images, test_labels = images[keep], labels[keep], images[held], labels[held]
-        if sources is not None:
-            sources, test_sources = sources[keep], sources[held]
-        description = {"dataset": config.data, "path": config.data_path, "kind": kind,
-                       "train_split": f"{1 - config.test_fraction:g} of the source", "test_split": test_split}
-    if config.instance_only:
-        kind = "instance"
+    copy edits also `sources` / `test_sources`, the same images decoded at edit_source_size (else the
+    images themselves). Instance mode numbers every image as its own identity; --max_train_items and
+    --max_test_items cap the two."""
+    split = _fashion_mnist_splits(config) if config.data == "fashion_mnist" else _source_splits(config)
+    images, labels, sources = split["images"], split["labels"], split["sources"]
+    test_images, test_labels, test_sources = split["test_images"], split["test_labels"], split["test_sources"]
+    kind = "instance" if config.instance_only else split["kind"]
     if kind == "instance":
         labels = np.arange(len(labels), dtype=np.int64)
         test_labels = np.arange(len(test_labels), dtype=np.int64)
@@ -462,7 +484,7 @@ def _load(config: TrainConfig, rng: np.random.Generator) -> dict:
         test_images, test_labels = test_images[:config.max_test_items], test_labels[:config.max_test_items]
         test_sources = test_sources[:config.max_test_items] if test_sources is not None else None
     return {"images": images, "labels": labels, "test_images": test_images, "test_labels": test_labels,
-            "kind": kind, "description": description,
+            "kind": kind, "description": split["description"],
             "sources": images if sources is None else sources,
             "test_sources": test_images if test_sources is None else test_sources}
 
@@ -523,9 +545,8 @@ def _validation_score(kind: str, emb: np.ndarray, labels: np.ndarray, copies_emb
     copies at FMR 1e-3 among the validation images (plus their AUC as a tie-breaker)."""
     if kind != "instance":
         return ev.seed_protocol(emb, labels, seed=seed)["auc"]
-    from siamese_core.similarity import angular_similarity, cosine_similarity
     genuine = angular_similarity(cosine_similarity(emb, copies_emb))
-    _, impostor = ev.all_pair_scores(emb, None)
+    _, impostor = all_pair_scores(emb, None)
     cut = np.quantile(impostor, 1 - 1e-3)
     return float(np.mean(genuine > cut)) + 1e-3 * ev.rank_auc(genuine, impostor)
 
@@ -556,35 +577,64 @@ def _load_npz_list(path: str) -> list[np.ndarray]:
         return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
-def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
-    """Train, evaluate, calibrate and export. Returns a summary dict (paths, scores, seconds)."""
-    t_start = time.perf_counter()
-    cpu_start = time.process_time()
+# --- the recipe: train() runs these steps in order ---------------------------------------------------------
+
+MIXED_PRECISION = ("auto", "on", "off")  # --mixed_precision: float16 compute with float32 weights
+
+
+def start_runtime(config: TrainConfig) -> tuple[bool, bool]:
+    """Set TensorFlow up for the run: one op at a time (pin_op_threads), the seed, the float16/float32
+    policy. Returns (deterministic, mixed precision)."""
     import keras
     import tensorflow as tf
-
-    from trainer.encoder import build_encoder
-    from siamese_core.artefact import export_encoder
-    from trainer.losses import info_nce_loss, koleo_loss, make_batch_loss, normalized_softmax_loss
-
     deterministic = pin_op_threads(config.deterministic)
     if config.deterministic and not deterministic:
         _log(config, "warning: TensorFlow started in this process before training, running ops side by side: "
                      "this run is not bit-reproducible (train in a fresh process, or --no-deterministic)")
     keras.utils.set_random_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     mixed = (config.mixed_precision == "on"
              or (config.mixed_precision == "auto" and bool(tf.config.list_physical_devices("GPU"))))
-    # float16 compute, float32 variables; the exported tower is rebuilt in float32 below. Set either way, so
-    # a run that failed half-way in this process leaves no policy behind for the next.
+    # float16 compute, float32 variables; the exported tower is rebuilt in float32 (export_tower). Set either
+    # way, so a run that failed half-way in this process leaves no policy behind for the next.
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    return deterministic, mixed
 
+
+@dataclasses.dataclass
+class TrainingData:
+    """What a run trains, validates, calibrates and tests on (prepare_data).
+
+    loaded: _load's dict (the pool's images, labels, sources; the test split; the description).
+    kind: "class" | "pair" | "instance". train_idx, val_idx, cal_idx: int indices into the pool.
+    x_train, y_train, src_train: the training images, labels and copy-edit sources, with the hard-negative
+      pairs' images appended (hard_pairs int64 (p, 2) indices into them, hard_record the card's record).
+    """
+    loaded: dict
+    kind: str
+    seen_classes: list[int] | None
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    cal_idx: np.ndarray
+    x_train: np.ndarray
+    y_train: np.ndarray
+    src_train: np.ndarray
+    input_spec: dict
+    hard_pairs: np.ndarray | None
+    hard_record: dict | None
+
+    @property
+    def instance_mode(self) -> bool:
+        return self.kind == "instance"
+
+
+def prepare_data(config: TrainConfig, rng: np.random.Generator) -> TrainingData:
+    """Step 1: load the source, hold out validation and calibration, keep the --train_classes, add the
+    --hard_negatives pairs."""
     # The file's columns are checked before the (long) load; its images are decoded once the spec is known.
     hard_table = hn.read_pair_table(config.hard_negatives) if config.hard_negatives else None
     loaded = _load(config, rng)
     images, labels, kind = loaded["images"], loaded["labels"], loaded["kind"]
     _check_hard_negatives_mode(config, kind)
-    instance_mode = kind == "instance"
     seen_classes = _int_list(config.train_classes)
     train_idx, val_idx, cal_idx = _held_out(labels, kind, config)
     if seen_classes is not None:
@@ -593,8 +643,7 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         seen = np.isin(labels, seen_classes)
         train_idx, val_idx, cal_idx = (i[seen[i]] for i in (train_idx, val_idx, cal_idx))
     x_train, y_train = images[train_idx], labels[train_idx]
-    sources = loaded["sources"]
-    src_train = sources[train_idx]
+    src_train = loaded["sources"][train_idx]
     input_spec = _input_spec(config, images)
     hard_pairs, hard_record = None, None
     if hard_table is not None:
@@ -603,104 +652,190 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         _log(config, f"hard negatives: {hard_record['pairs_used']} of {hard_record['pairs_given']} pairs used "
                      f"({hard_record['new_items']} images new to the training set), skipped "
                      f"{hard_record['skipped'] or 'none'}")
-    n_classes = len(np.unique(y_train))
-    views = 2 if instance_mode else config.views
-    cfg_views = dataclasses.replace(config, views=views)
-    if instance_mode:
+    return TrainingData(loaded, kind, seen_classes, train_idx, val_idx, cal_idx, x_train, y_train, src_train,
+                        input_spec, hard_pairs, hard_record)
+
+
+def make_sampler(config: TrainConfig, data: TrainingData, views: int):
+    """Step 1 (cont.): the batch sampler of the mode, and its batch shape in words. Instance mode: batches
+    of P*K distinct images (with --hard_negatives: carrying whole pairs); else P x K class-balanced batches
+    (K = 2 for pairs). An epoch is `epoch_items` (default: the training set's size) embeddings of work."""
+    y_train = data.y_train
+    if data.instance_mode:
         batch = config.classes_per_batch * config.per_class
         sampler = InstanceSampler(len(y_train), min(batch, len(y_train)),
                                   max(1, (config.epoch_items or len(y_train)) // (views * batch)))
         shape = f"{views} x {sampler.batch_size} images"
-        if hard_pairs is not None:  # a separate sampler: without the flag batches stay exactly as they were
-            sampler = PairedInstanceSampler(len(y_train), sampler.batch_size, hard_pairs, len(sampler))
-            shape += f" ({2 * sampler.pairs_per_batch} of them from {len(hard_pairs)} hard-negative pairs)"
-    else:
-        p = min(config.classes_per_batch, n_classes)
-        k = 2 if kind == "pair" else config.per_class
-        sampler = PKSampler(y_train, p=p, k=k,
-                            batches_per_epoch=max(1, (config.epoch_items or len(y_train)) // (views * p * k)))
-        shape = f"{views} x {p} x {k}"
-    steps_per_epoch = len(sampler)
-    edit = make_edit(config, input_spec)
-    eval_copies = make_eval_copies(config, input_spec)
-    _log(config, f"{kind} mode: train {len(train_idx)} items, validation {len(val_idx)}, calibration "
-                 f"{len(cal_idx)}, test {len(loaded['test_labels'])}; {steps_per_epoch} batches of {shape} "
-                 f"per epoch{'; mixed precision' if mixed else ''}")
+        if data.hard_pairs is not None:  # a separate sampler: without the flag batches stay exactly as they were
+            sampler = PairedInstanceSampler(len(y_train), sampler.batch_size, data.hard_pairs, len(sampler))
+            shape += f" ({2 * sampler.pairs_per_batch} of them from {len(data.hard_pairs)} hard-negative pairs)"
+        return sampler, shape
+    p = min(config.classes_per_batch, len(np.unique(y_train)))
+    k = 2 if data.kind == "pair" else config.per_class
+    sampler = PKSampler(y_train, p=p, k=k,
+                        batches_per_epoch=max(1, (config.epoch_items or len(y_train)) // (views * p * k)))
+    return sampler, f"{views} x {p} x {k}"
 
-    kwargs = encoder_kwargs(config)
-    model = build_encoder(input_spec, **kwargs)
-    use_ema = config.ema_momentum > 0
-    optimizer = make_optimizer(config, steps_per_epoch * config.epochs)
-    adam = optimizer
-    if mixed:
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    class_loss = make_batch_loss(config.loss, mining=config.mining, distance=config.distance,
-                                 margin=config.margin)
-    if config.instance_loss not in INSTANCE_LOSSES:
-        raise ValueError(f"instance_loss must be one of {INSTANCE_LOSSES}, got {config.instance_loss!r}")
-    if config.instance_loss == "info_nce":
-        def instance_loss(ids, emb):
-            return info_nce_loss(ids, emb, config.temperature)
-    else:
-        instance_loss = make_batch_loss("triplet", mining="all", distance=config.distance,
-                                        margin=config.instance_margin)
+
+def make_objective(config: TrainConfig, data: TrainingData, views: int, proxies=None):
+    """Step 2: the training loss, assembled from trainer.losses. Returns objective(y (B,), ids (B,),
+    emb float32 (B, D)) -> (main loss, total loss), scalars; the main loss is what the collapse check reads
+    (the class loss, or in instance mode the instance loss).
+
+    Class mode: the class loss (--loss with its --mining on --distance, --margin), plus with views > 1 the
+    instance loss weighted by --instance_weight, plus with `proxies` (a tf.Variable (C, D)) the
+    normalized-softmax loss weighted by --proxy_weight. Instance mode: the instance loss (--instance_loss),
+    plus --koleo_weight times the KoLeo term.
+    """
+    import tensorflow as tf
+
+    from trainer.losses import koleo_loss, make_batch_loss, make_instance_loss, normalized_softmax_loss
+    instance_mode = data.instance_mode
+    # The contrastive loss takes every pair of the batch: --mining has always been the triplet loss's.
+    class_loss = make_batch_loss(config.loss, mining=config.mining if config.loss == "triplet" else "all",
+                                 distance=config.distance, margin=config.margin)
+    instance_loss = make_instance_loss(config.instance_loss, distance=config.distance,
+                                       margin=config.instance_margin, temperature=config.temperature)
     use_instances = views > 1 and (config.instance_weight > 0 or instance_mode)
     inst_weight = 1.0 if instance_mode else config.instance_weight
-    use_proxies = config.proxy_weight > 0
-    if use_proxies and kind != "class":
-        raise ValueError(f"--proxy_weight needs class labels; the {config.data!r} source is in {kind} mode")
-    proxies, proxy_classes = None, None
-    if use_proxies:
-        proxy_classes = tf.constant(np.unique(y_train))
-        proxies = tf.Variable(initial_proxies(config, n_classes), name="class_proxies")
-    trainables = model.trainable_variables + ([proxies] if use_proxies else [])
+    proxy_classes = tf.constant(np.unique(data.y_train)) if proxies is not None else None
+
+    def objective(y, ids, emb):
+        if instance_mode:
+            loss = instance_loss(ids, emb)
+            total = loss + config.koleo_weight * koleo_loss(emb, ids) if config.koleo_weight > 0 else loss
+        else:
+            loss = class_loss(y, emb)
+            total = loss + inst_weight * instance_loss(ids, emb) if use_instances else loss
+            if proxies is not None:
+                index = tf.searchsorted(proxy_classes, tf.cast(y, proxy_classes.dtype))
+                total += config.proxy_weight * normalized_softmax_loss(emb, index, proxies,
+                                                                       config.proxy_temperature)
+        return loss, total
+    return objective
+
+
+def make_proxies(config: TrainConfig, data: TrainingData):
+    """The proxy loss's class vectors, a tf.Variable (C, D), or None without --proxy_weight (class mode only)."""
+    import tensorflow as tf
+    if config.proxy_weight <= 0:
+        return None
+    if data.kind != "class":
+        raise ValueError(f"--proxy_weight needs class labels; the {config.data!r} source is in {data.kind} mode")
+    return tf.Variable(initial_proxies(config, len(np.unique(data.y_train))), name="class_proxies")
+
+
+def embedder(model) -> Callable[[np.ndarray], np.ndarray]:
+    """embed(images (n, H, W[, C])) -> float32 (n, D) embeddings by `model`, through a compiled inference
+    call: about twice as fast as calling the model eagerly batch by batch."""
+    import tensorflow as tf
+    predict = tf.function(lambda batch: tf.cast(model(batch, training=False), tf.float32),
+                          reduce_retracing=True, autograph=False)
+    return lambda x: ev.embed_images(model, x, predict_fn=predict)
+
+
+@dataclasses.dataclass
+class Trainee:
+    """The encoder being trained and what trains it (build_trainee). optimizer is `adam`, wrapped in a
+    loss scale under mixed precision; trainables are the model's plus the proxies (None without them)."""
+    model: object
+    adam: object
+    optimizer: object
+    proxies: object
+    trainables: list
+    train_step: Callable
+    embed: Callable[[np.ndarray], np.ndarray]
+
+
+def build_trainee(config: TrainConfig, data: TrainingData, views: int, total_steps: int, mixed: bool) -> Trainee:
+    """Step 2 (cont.): the encoder, the optimizer and the compiled training step of the objective."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.encoder import build_encoder
+    model = build_encoder(data.input_spec, **encoder_kwargs(config))
+    adam = make_optimizer(config, total_steps)
+    optimizer = keras.optimizers.LossScaleOptimizer(adam) if mixed else adam
+    proxies = make_proxies(config, data)
+    objective = make_objective(config, data, views, proxies)
+    trainables = model.trainable_variables + ([proxies] if proxies is not None else [])
 
     @tf.function(reduce_retracing=True, autograph=False)  # no tensor-dependent Python control flow
     def train_step(x, y, ids):
         with tf.GradientTape() as tape:
             emb = tf.cast(model(x, training=True), tf.float32)
-            if instance_mode:
-                loss = instance_loss(ids, emb)
-                total = loss + config.koleo_weight * koleo_loss(emb, ids) if config.koleo_weight > 0 else loss
-            else:
-                loss = class_loss(y, emb)
-                total = loss + inst_weight * instance_loss(ids, emb) if use_instances else loss
-                if use_proxies:
-                    index = tf.searchsorted(proxy_classes, tf.cast(y, proxy_classes.dtype))
-                    total += config.proxy_weight * normalized_softmax_loss(emb, index, proxies,
-                                                                           config.proxy_temperature)
+            loss, total = objective(y, ids, emb)
             scaled = optimizer.scale_loss(total) if mixed else total
         grads = tape.gradient(scaled, trainables)
         optimizer.apply_gradients(zip(grads, trainables))
         return loss, total
 
-    # A compiled inference call: about twice as fast as calling the model eagerly batch by batch.
-    predict = tf.function(lambda batch: tf.cast(model(batch, training=False), tf.float32),
-                          reduce_retracing=True, autograph=False)
+    return Trainee(model, adam, optimizer, proxies, trainables, train_step, embedder(model))
 
-    def embed(x):
-        return ev.embed_images(model, x, predict_fn=predict)
 
+def _restore(config: TrainConfig, trainee: Trainee, resume_state: dict, rng: np.random.Generator):
+    """Load a --resume checkpoint into the trainee and rng; returns (history, best, first epoch)."""
+    ckpt = config.checkpoint_dir
+    trainee.model.load_weights(os.path.join(ckpt, "last.weights.h5"))
+    if trainee.proxies is not None:
+        trainee.proxies.assign(np.load(os.path.join(ckpt, PROXIES_FILE)))
+    optimizer = trainee.optimizer
+    optimizer.build(trainee.trainables)
+    saved = _load_npz_list(os.path.join(ckpt, "optimizer.npz"))
+    if len(saved) != len(optimizer.variables):
+        raise ValueError(f"{ckpt}: optimizer state has {len(saved)} arrays, the optimizer {len(optimizer.variables)}")
+    for var, value in zip(optimizer.variables, saved):
+        var.assign(value)
+    best = {"auc": resume_state["best_auc"], "epoch": resume_state["best_epoch"],
+            "weights": _load_npz_list(os.path.join(ckpt, "best.npz"))}
+    rng.bit_generator.state = resume_state["rng_state"]
+    _log(config, f"resumed from {ckpt} after epoch {resume_state['epoch']} (best so far: epoch "
+                 f"{best['epoch']}, validation {best['auc']:.4f})")
+    return resume_state["history"], best, resume_state["epoch"] + 1
+
+
+def _train_epoch(config: TrainConfig, epoch: int, batches: Iterator, trainee: Trainee, steps_per_epoch: int,
+                 writer) -> tuple[list[float], list[float]]:
+    """One epoch of training steps; returns every step's (main, total) loss."""
+    import tensorflow as tf
+    t_epoch = time.perf_counter()
+    losses, totals = [], []
+    report_every = max(1, steps_per_epoch // 5)
+    for step, (x, y, ids) in enumerate(_prefetch(batches), 1):
+        loss, total = trainee.train_step(x, y, ids)
+        losses.append(float(loss))
+        totals.append(float(total))
+        if not math.isfinite(totals[-1]):
+            raise TrainingCollapsed(f"epoch {epoch}: loss became {totals[-1]}; try a lower --learning_rate")
+        if step % report_every == 0 and step < steps_per_epoch:
+            rate = step * len(x) / (time.perf_counter() - t_epoch)
+            _log(config, f"  epoch {epoch} step {step}/{steps_per_epoch}: loss {np.mean(totals[-report_every:]):.4f}"
+                         f"  {rate:.0f} images/s")
+        if writer is not None and step % 20 == 0:
+            with writer.as_default():
+                tf.summary.scalar("loss/total", totals[-1], step=(epoch - 1) * steps_per_epoch + step)
+                tf.summary.scalar("loss/main", losses[-1], step=(epoch - 1) * steps_per_epoch + step)
+    return losses, totals
+
+
+def train_epochs(config: TrainConfig, data: TrainingData, trainee: Trainee, sampler, views: int, edit: Callable,
+                 eval_copies: Callable, rng: np.random.Generator,
+                 resume_state: dict | None) -> tuple[list[dict], dict, float]:
+    """Step 3: the epoch loop. Each epoch trains on the sampler's batches, checks for collapse, scores the
+    validation images and keeps the best weights (or the last, --keep_epoch last); it stops after
+    --patience epochs without a better score, and checkpoints with --checkpoint_dir. `edit` makes the
+    training copies (make_edit), `eval_copies` the validation copies (make_eval_copies). Returns (history,
+    best {"auc", "epoch", "weights"}, training seconds, those of resumed epochs included)."""
+    import keras
+    import tensorflow as tf
+    images, labels, sources = data.loaded["images"], data.loaded["labels"], data.loaded["sources"]
+    instance_mode, val_idx, model = data.instance_mode, data.val_idx, trainee.model
+    cfg_views = dataclasses.replace(config, views=views)
+    steps_per_epoch = len(sampler)
     val_copies = eval_copies(sources[val_idx], np.random.default_rng(config.seed + 7)) if instance_mode else None
     history, best, first_epoch = [], {"auc": -1.0, "epoch": 0, "weights": None}, 1
     if resume_state is not None:
-        ckpt = config.checkpoint_dir
-        model.load_weights(os.path.join(ckpt, "last.weights.h5"))
-        if use_proxies:
-            proxies.assign(np.load(os.path.join(ckpt, PROXIES_FILE)))
-        optimizer.build(trainables)
-        saved = _load_npz_list(os.path.join(ckpt, "optimizer.npz"))
-        if len(saved) != len(optimizer.variables):
-            raise ValueError(f"{ckpt}: optimizer state has {len(saved)} arrays, the optimizer {len(optimizer.variables)}")
-        for var, value in zip(optimizer.variables, saved):
-            var.assign(value)
-        history = resume_state["history"]
-        best = {"auc": resume_state["best_auc"], "epoch": resume_state["best_epoch"],
-                "weights": _load_npz_list(os.path.join(ckpt, "best.npz"))}
-        rng.bit_generator.state = resume_state["rng_state"]
-        first_epoch = resume_state["epoch"] + 1
-        _log(config, f"resumed from {ckpt} after epoch {resume_state['epoch']} (best so far: epoch "
-                     f"{best['epoch']}, validation {best['auc']:.4f})")
+        history, best, first_epoch = _restore(config, trainee, resume_state, rng)
     writer = tf.summary.create_file_writer(config.tensorboard_dir) if config.tensorboard_dir else None
 
     t_train = time.perf_counter()
@@ -714,32 +849,17 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             if var.path.endswith("seed_generator_state"):
                 var.assign(np.array([config.seed * 1000 + epoch, 0], dtype=var.dtype))
         t_epoch = time.perf_counter()
-        losses, totals = [], []
-        report_every = max(1, steps_per_epoch // 5)
-        batches = _batches(x_train, y_train, sampler, rng, cfg_views, edit, src_train)
-        for step, (x, y, ids) in enumerate(_prefetch(batches), 1):
-            loss, total = train_step(x, y, ids)
-            losses.append(float(loss))
-            totals.append(float(total))
-            if not math.isfinite(totals[-1]):
-                raise TrainingCollapsed(f"epoch {epoch}: loss became {totals[-1]}; try a lower --learning_rate")
-            if step % report_every == 0 and step < steps_per_epoch:
-                rate = step * len(x) / (time.perf_counter() - t_epoch)
-                _log(config, f"  epoch {epoch} step {step}/{steps_per_epoch}: loss {np.mean(totals[-report_every:]):.4f}"
-                             f"  {rate:.0f} images/s")
-            if writer is not None and step % 20 == 0:
-                with writer.as_default():
-                    tf.summary.scalar("loss/total", totals[-1], step=(epoch - 1) * steps_per_epoch + step)
-                    tf.summary.scalar("loss/main", losses[-1], step=(epoch - 1) * steps_per_epoch + step)
+        batches = _batches(data.x_train, data.y_train, sampler, rng, cfg_views, edit, data.src_train)
+        losses, totals = _train_epoch(config, epoch, batches, trainee, steps_per_epoch, writer)
         epoch_loss = float(np.mean(totals))
-        if use_ema:  # judge (and keep) the averaged weights; training goes on from the raw ones
-            raw = [v.numpy() for v in trainables]
-            adam.finalize_variable_values(trainables)
-        val_emb = embed(images[val_idx])
+        if config.ema_momentum > 0:  # judge (and keep) the averaged weights; training goes on from the raw ones
+            raw = [v.numpy() for v in trainee.trainables]
+            trainee.adam.finalize_variable_values(trainee.trainables)
+        val_emb = trainee.embed(images[val_idx])
         # The margin test looks at the class loss alone (the instance term has its own margin).
         mean_cos = _check_collapse(config, epoch, float(np.mean(losses)), val_emb)
-        val_auc = _validation_score(kind, val_emb, labels[val_idx],
-                                    embed(val_copies) if instance_mode else None, config.seed)
+        val_auc = _validation_score(data.kind, val_emb, labels[val_idx],
+                                    trainee.embed(val_copies) if instance_mode else None, config.seed)
         seconds = time.perf_counter() - t_epoch
         history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "val_auc": round(val_auc, 5),
                         "mean_pairwise_cosine": round(mean_cos, 4), "seconds": round(seconds, 1)})
@@ -756,11 +876,11 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
         elif epoch - best["epoch"] >= config.patience:
             _log(config, f"early stop: no better validation score for {config.patience} epochs")
             stopped_early = True
-        if use_ema:
-            for var, value in zip(trainables, raw):
+        if config.ema_momentum > 0:
+            for var, value in zip(trainee.trainables, raw):
                 var.assign(value)
         if config.checkpoint_dir:
-            _save_checkpoint(config.checkpoint_dir, model, proxies, optimizer, best, {
+            _save_checkpoint(config.checkpoint_dir, model, trainee.proxies, trainee.optimizer, best, {
                 "epoch": epoch, "history": history, "best_auc": best["auc"], "best_epoch": best["epoch"],
                 "rng_state": rng.bit_generator.state, "stopped_early": stopped_early,
                 "config": dataclasses.asdict(config)})
@@ -769,22 +889,35 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
             break
     train_seconds = time.perf_counter() - t_train + sum(
         h["seconds"] for h in history[:max(0, first_epoch - 1)])
-    model.set_weights(best["weights"])
-    if mixed:  # export a float32 tower: the artefact's contract, and fast on CPU workers
-        keras.mixed_precision.set_global_policy("float32")
-        plain = build_encoder(input_spec, **kwargs)
-        plain.set_weights(model.get_weights())
-        model = plain
-        predict = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True, autograph=False)
-    _log(config, f"best epoch {best['epoch']} (validation {best['auc']:.4f}); trained in {train_seconds:.0f}s")
+    return history, best, train_seconds
 
-    out = config.output_dir
-    os.makedirs(out, exist_ok=True)
+
+def export_tower(config: TrainConfig, data: TrainingData, trainee: Trainee, best: dict, mixed: bool):
+    """Step 4: the kept epoch's weights in a float32 encoder (the artefact's contract, and fast on CPU
+    workers; under mixed precision the tower is rebuilt). Returns (model, embed)."""
+    import keras
+
+    from trainer.encoder import build_encoder
+    model = trainee.model
+    model.set_weights(best["weights"])
+    if not mixed:
+        return model, trainee.embed
+    keras.mixed_precision.set_global_policy("float32")
+    plain = build_encoder(data.input_spec, **encoder_kwargs(config))
+    plain.set_weights(model.get_weights())
+    return plain, embedder(plain)
+
+
+def evaluate_test(config: TrainConfig, data: TrainingData, embed: Callable, eval_copies: Callable) -> dict:
+    """Step 5: scores on the test split. Labelled: seed protocol AUC, recall@k, MAP@R (with --train_classes
+    also on the seen and unseen classes); always the instance protocol, edited copies of test images against
+    every other test image, the copies made by `eval_copies` (make_eval_copies). Returns {"metrics",
+    "curves" {name: (genuine, impostor)}, "instance" (the protocol's result), "example_rows", "items"}."""
+    loaded, seen_classes = data.loaded, data.seen_classes
     test_images, test_labels = loaded["test_images"], loaded["test_labels"]
     test_emb = embed(test_images)
-    metrics, curves, hist_groups, fmr_groups = {}, {}, {}, {}
-    example_rows = []
-    if not instance_mode:
+    metrics, curves, example_rows = {}, {}, []
+    if not data.instance_mode:
         res = evaluate_labelled(test_emb, test_labels, config.seed)
         metrics.update({"seed_protocol_auc": res["auc"], "seed_protocol_pairs": res["pairs"],
                         "seed_protocol_split": "test", **{f"recall_at_{k}": v for k, v in res["recall"].items()},
@@ -809,62 +942,121 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     metrics["test_instance"] = {"items": n_inst, "auc": inst["auc"],
                                 "recall_at_fmr": ev.tmr_at_fmr(inst["genuine"], inst["impostor"])}
     curves["test instance"] = (inst["genuine"], inst["impostor"])
-    fmr_groups["test instance"] = (inst["genuine"], inst["impostor"])
-    if instance_mode:
+    if data.instance_mode:
         metrics["seed_protocol_auc"] = inst["auc"]
         metrics["recall_at_1"] = _copy_recall_at_1(embed(test_copies), test_emb[:n_inst])
+    example_rows += _example_copies(test_images[:n_inst], test_copies, inst)
+    return {"metrics": metrics, "curves": curves, "instance": inst, "example_rows": example_rows,
+            "items": int(len(test_labels))}
 
-    # Calibration on held-out TRAIN images (never the test split, never trained on).
-    cal_images, cal_labels = images[cal_idx], labels[cal_idx]
+
+def calibrate(config: TrainConfig, data: TrainingData, embed: Callable, eval_copies: Callable) -> dict:
+    """Step 5 (cont.): thresholds calibrated on the held-out calibration images of the train pool (never the
+    test split, never trained on): "instance" (edited copies against every pair) and, labelled, "class".
+    Returns {"thresholds", "instance", "class" (None in instance mode)}: the calibrations' results."""
+    images, labels, sources = data.loaded["images"], data.loaded["labels"], data.loaded["sources"]
+    cal_images, cal_labels = images[data.cal_idx], labels[data.cal_idx]
     cal_emb = embed(cal_images)
-    same, different = ev.all_pair_scores(cal_emb, None if instance_mode else cal_labels)
-    cal_copies = eval_copies(sources[cal_idx], np.random.default_rng(config.seed))
+    same, different = all_pair_scores(cal_emb, None if data.instance_mode else cal_labels)
+    cal_copies = eval_copies(sources[data.cal_idx], np.random.default_rng(config.seed))
     by_instance = ev.calibrate_instance(embed, cal_images, copies=cal_copies,
                                         originals=cal_emb, impostor=np.concatenate([same, different]))
-    thresholds = {"instance": by_instance["thresholds"], "class": []}
+    by_class = None if data.instance_mode else ev.calibrate_class(cal_emb, cal_labels, pair_scores=(same, different))
+    thresholds = {"instance": by_instance["thresholds"], "class": by_class["thresholds"] if by_class else []}
+    return {"thresholds": thresholds, "instance": by_instance, "class": by_class}
+
+
+def _scores_and_plots(test: dict, cal: dict, best: dict, instance_mode: bool, out: str) -> tuple[dict, dict]:
+    """The card's metrics (test, calibration and validation scores) and the plots written to `out`
+    ({name: path})."""
+    metrics, inst, by_instance, by_class = dict(test["metrics"]), test["instance"], cal["instance"], cal["class"]
+    pairs = {name: (result["genuine"], result["impostor"])
+             for name, result in (("test instance", inst), ("instance", by_instance), ("class", by_class))
+             if result is not None}
+    curves = dict(test["curves"])
     aucs = {"test seed protocol": metrics.get("seed_protocol_auc"), "instance (calibration set)": by_instance["auc"],
             "test instance": inst["auc"]}
-    if not instance_mode:
-        by_class = ev.calibrate_class(cal_emb, cal_labels, pair_scores=(same, different))
-        thresholds["class"] = by_class["thresholds"]
-        curves["class (calibration set)"] = (by_class["genuine"], by_class["impostor"])
-        hist_groups["class"] = (by_class["genuine"], by_class["impostor"])
-        fmr_groups["class"] = (by_class["genuine"], by_class["impostor"])
+    hist_groups = {"test seed protocol": curves["test seed protocol"]} if "test seed protocol" in curves else {}
+    fmr_groups = {"test instance": pairs["test instance"]}
+    if by_class is not None:
+        curves["class (calibration set)"] = hist_groups["class"] = fmr_groups["class"] = pairs["class"]
         aucs["class (calibration set)"] = by_class["auc"]
         metrics.update({"class_auc": by_class["auc"], "class_genuine_pairs": int(len(by_class["genuine"])),
                         "class_impostor_pairs": int(len(by_class["impostor"]))})
-    curves["instance (calibration set)"] = (by_instance["genuine"], by_instance["impostor"])
-    hist_groups["instance"] = (by_instance["genuine"], by_instance["impostor"])
-    if "test seed protocol" in curves:
-        hist_groups = {"test seed protocol": curves["test seed protocol"], **hist_groups}
-    hist_groups["test instance"] = (inst["genuine"], inst["impostor"])
-    example_rows += _example_copies(test_images[:n_inst], test_copies, inst)
-    metrics.update({"test_items": int(len(test_labels)), "validation_auc": best["auc"],
+    curves["instance (calibration set)"] = hist_groups["instance"] = pairs["instance"]
+    hist_groups["test instance"] = pairs["test instance"]
+    metrics.update({"test_items": test["items"], "validation_auc": best["auc"],
                     "validation_metric": "instance TMR at FMR 1e-3" if instance_mode else "seed protocol AUC",
                     "instance_auc": by_instance["auc"],
                     "instance_genuine_pairs": int(len(by_instance["genuine"])),
                     "instance_impostor_pairs": int(len(by_instance["impostor"]))})
-
     plots = {
         "roc": ev.plot_roc(curves, os.path.join(out, "roc.png"), aucs={k: aucs.get(k) for k in curves}),
         "similarity_hist": ev.plot_similarity_hist(hist_groups, os.path.join(out, "similarity_hist.png"),
-                                                   thresholds),
+                                                   cal["thresholds"]),
         "fmr_fnmr": ev.plot_fmr_fnmr(fmr_groups, os.path.join(out, "fmr_fnmr.png")),
-        "example_pairs": ev.plot_example_pairs(example_rows, os.path.join(out, "example_pairs.png")),
+        "example_pairs": ev.plot_example_pairs(test["example_rows"], os.path.join(out, "example_pairs.png")),
     }
+    return metrics, plots
 
+
+def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
+    """Train, evaluate, calibrate and export. Returns a summary dict (paths, scores, seconds)."""
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    from siamese_core.artefact import export_encoder
+    deterministic, mixed = start_runtime(config)
+    rng = np.random.default_rng(config.seed)
+
+    # 1. data and sampler
+    data = prepare_data(config, rng)
+    views = 2 if data.instance_mode else config.views
+    sampler, shape = make_sampler(config, data, views)
+    edit, eval_copies = make_edit(config, data.input_spec), make_eval_copies(config, data.input_spec)
+    _log(config, f"{data.kind} mode: train {len(data.train_idx)} items, validation {len(data.val_idx)}, calibration "
+                 f"{len(data.cal_idx)}, test {len(data.loaded['test_labels'])}; {len(sampler)} batches of {shape} "
+                 f"per epoch{'; mixed precision' if mixed else ''}")
+    # 2. the encoder and its loss
+    trainee = build_trainee(config, data, views, len(sampler) * config.epochs, mixed)
+    # 3. the epochs
+    history, best, train_seconds = train_epochs(config, data, trainee, sampler, views, edit, eval_copies, rng,
+                                                resume_state)
+    model, embed = export_tower(config, data, trainee, best, mixed)
+    _log(config, f"best epoch {best['epoch']} (validation {best['auc']:.4f}); trained in {train_seconds:.0f}s")
+    # 4. evaluate and calibrate
+    out = config.output_dir
+    os.makedirs(out, exist_ok=True)
+    test = evaluate_test(config, data, embed, eval_copies)
+    cal = calibrate(config, data, embed, eval_copies)
+    metrics, plots = _scores_and_plots(test, cal, best, data.instance_mode, out)
+    # 5. export
     training = {**dataclasses.asdict(config), "views": views, "epochs_run": len(history),
                 "best_epoch": best["epoch"], "history": history, "train_seconds": round(train_seconds, 1),
-                "optimizer": "adam, cosine decay" + (", weight EMA" if use_ema else ""), "mixed_precision": mixed,
-                "deterministic": deterministic, "model": {"builder": "trainer.encoder.build_encoder", **kwargs},
+                "optimizer": "adam, cosine decay" + (", weight EMA" if config.ema_momentum > 0 else ""),
+                "mixed_precision": mixed, "deterministic": deterministic,
+                "model": {"builder": "trainer.encoder.build_encoder", **encoder_kwargs(config)},
                 "resumed": resume_state is not None}
-    data = {**loaded["description"], "mode": kind, "train_items": int(len(train_idx)),
-            "validation_items": int(len(val_idx)), "calibration_items": int(len(cal_idx)),
-            "classes": None if instance_mode else int(n_classes), "train_classes": seen_classes,
-            "calibration": "held-out slice of the train split (not trained on, not used for early stopping)"}
-    card = export_encoder(model, out, training=training, data=data, metrics=metrics, thresholds=thresholds,
-                          input_spec=input_spec, hard_negatives=hard_record)
+    card = export_encoder(model, out, training=training, data=_data_record(data), metrics=metrics,
+                          thresholds=cal["thresholds"], input_spec=data.input_spec, hard_negatives=data.hard_record)
+    summary = _summary(card, metrics, cal["thresholds"], plots, history, best, data.hard_record, out,
+                       train_seconds, t_start, cpu_start)
+    _log(config, f"test AUC {metrics['seed_protocol_auc']:.4f}  recall@1 {metrics.get('recall_at_1') or 0:.4f}  "
+                 f"instance recall@FMR {summary['instance_recall_at_fmr']}  -> {out} "
+                 f"(model_id {card['model_id']}, {summary['total_seconds']:.0f}s in all)")
+    return summary
 
+
+def _data_record(data: TrainingData) -> dict:
+    """The card's `data`: the source and how it was split."""
+    return {**data.loaded["description"], "mode": data.kind, "train_items": int(len(data.train_idx)),
+            "validation_items": int(len(data.val_idx)), "calibration_items": int(len(data.cal_idx)),
+            "classes": None if data.instance_mode else int(len(np.unique(data.y_train))),
+            "train_classes": data.seen_classes,
+            "calibration": "held-out slice of the train split (not trained on, not used for early stopping)"}
+
+
+def _summary(card: dict, metrics: dict, thresholds: dict, plots: dict, history: list, best: dict,
+             hard_record: dict | None, out: str, train_seconds: float, t_start: float, cpu_start: float) -> dict:
+    """What train() returns (and `run` prints): the artefact, its headline scores, the seconds spent."""
     summary = {
         "model_dir": out, "model_id": card["model_id"], "seed_auc": metrics["seed_protocol_auc"],
         "recall_at_1": metrics.get("recall_at_1"), "recall_at_5": metrics.get("recall_at_5"),
@@ -879,9 +1071,6 @@ def train(config: TrainConfig, resume_state: dict | None = None) -> dict:
     if "unseen_classes" in metrics:
         summary["unseen_classes"] = {k: metrics["unseen_classes"][k]
                                      for k in ("classes", "seed_protocol_auc", "recall_at_1", "map_at_r")}
-    _log(config, f"test AUC {metrics['seed_protocol_auc']:.4f}  recall@1 {metrics.get('recall_at_1') or 0:.4f}  "
-                 f"instance recall@FMR {summary['instance_recall_at_fmr']}  -> {out} "
-                 f"(model_id {card['model_id']}, {summary['total_seconds']:.0f}s in all)")
     return summary
 
 
@@ -919,7 +1108,8 @@ def _example_copies(images, copies, inst) -> list:
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     # Imports Keras: here, not at module load (the JAX bench picks its backend first).
-    from trainer.encoder import INPUT_NORMS, POOLINGS
+    from trainer.encoder import BACKBONES, INPUT_NORMS, POOLINGS
+    from trainer.losses import BATCH_LOSSES, DISTANCES, INSTANCE_LOSSES, MINERS
     d = TrainConfig()
     defaults = PRESETS.get(preset, {}) if preset else {}
 
@@ -949,7 +1139,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--image_size", type=int, default=dflt("image_size"),
                    help="other sources: images are decoded and resized to this square side (default 64; npz: "
                         "as stored)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=dflt("channels"),
+    g.add_argument("--channels", type=int, choices=CHANNELS, default=dflt("channels"),
                    help="other sources: 1 grey or 3 RGB")
     g.add_argument("--test_fraction", type=float, default=dflt("test_fraction"),
                    help="other sources: share held out as the test split (whole pairs / classes stratified)")
@@ -964,7 +1154,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         "every batch carries whole pairs (about a quarter of it), so the loss pushes them apart; "
                         "rows whose images do not read or decode are skipped and counted in the model card")
     g = parser.add_argument_group("model")
-    g.add_argument("--backbone", choices=("small_cnn", "mobilenet_v2", "resnet50"), default=dflt("backbone"),
+    g.add_argument("--backbone", choices=BACKBONES, default=dflt("backbone"),
                    help="encoder body")
     g.add_argument("--weights", default=None,
                    help="Applications backbones: 'imagenet' (needs the internet), or a local weights file; "
@@ -996,12 +1186,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--epoch_items", type=int, default=dflt("epoch_items"),
                    help="embeddings of work per epoch (default: the training set's size); fixes the training "
                         "time whatever the catalogue's size")
-    g.add_argument("--loss", choices=("triplet", "contrastive"), default=dflt("loss"), help="in-batch loss")
+    g.add_argument("--loss", choices=BATCH_LOSSES, default=dflt("loss"), help="in-batch loss")
     g.add_argument("--margin", type=float, default=dflt("margin"),
                    help="triplet margin (contrastive: the negative margin), in units of --distance")
-    g.add_argument("--distance", choices=("cosine", "squared_euclidean"), default=dflt("distance"),
+    g.add_argument("--distance", choices=DISTANCES, default=dflt("distance"),
                    help="distance inside the loss (cosine = 1 - cos)")
-    g.add_argument("--mining", choices=("all", "semihard", "hard"), default=dflt("mining"),
+    g.add_argument("--mining", choices=tuple(MINERS), default=dflt("mining"),
                    help="triplet mining: batch-all positive triplets, FaceNet semi-hard, or batch-hard")
     g.add_argument("--classes_per_batch", type=int, default=dflt("classes_per_batch"),
                    help="P of a P x K batch (instance mode: P*K images per batch)")
@@ -1035,7 +1225,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                    help="instance mode: weight of the KoLeo term that spreads embeddings apart (0: off)")
     g.add_argument("--augment_prob", type=float, default=dflt("augment_prob"),
                    help="chance that a training view is edited by trainer.augment")
-    g.add_argument("--views", type=int, choices=(1, 2), default=dflt("views"),
+    g.add_argument("--views", type=int, choices=VIEWS, default=dflt("views"),
                    help="augmented views per image per batch; 2 adds an instance (near-duplicate) loss")
     g.add_argument("--instance_weight", type=float, default=dflt("instance_weight"),
                    help="weight of the instance (near-duplicate) triplet loss when --views 2")
@@ -1062,7 +1252,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                    help="evaluate on only the first this many test images (quick tests)")
     g.add_argument("--instance_test_items", type=int, default=dflt("instance_test_items"),
                    help="test images of the instance protocol (all pairs of them are the impostors)")
-    g.add_argument("--mixed_precision", choices=("auto", "on", "off"), default=dflt("mixed_precision"),
+    g.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=dflt("mixed_precision"),
                    help="float16 compute with float32 weights (auto: when a GPU is present); the exported "
                         "model is float32 either way")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=dflt("deterministic"),

@@ -26,7 +26,7 @@ def test_reference_loss_is_the_trainers_loss(margin, temperature, weight):
     labels = np.repeat(np.arange(5), 4)
     emb = rng.standard_normal((20, 8))
     proxies = rng.standard_normal((5, 8))
-    want = float(L.batch_all_triplet_loss(L.distance_matrix(emb.astype(np.float32)), labels, margin)
+    want = float(L.mined_triplet_loss(L.all_pairs(L.distance_matrix(emb.astype(np.float32)), labels), margin)
                  + weight * L.normalized_softmax_loss(emb.astype(np.float32), labels, proxies.astype(np.float32),
                                                       temperature))
     got = _bench().reference_loss(emb, labels, proxies, margin, temperature, weight)

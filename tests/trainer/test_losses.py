@@ -154,6 +154,53 @@ def test_contrastive_matches_loop_reference_on_random_batches(distance):
     assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
+def _np_mined_pairs(e, y, mining, distance):
+    """Loop reference of the pairs a triplet miner hands a pair loss: (d(a, p), d(a, n)) of each mined
+    triplet, as in _np_loss."""
+    d = _np_dist(e.astype(np.float64), distance)
+    n = len(y)
+    negs = {a: [k for k in range(n) if y[k] != y[a]] for a in range(n)}
+    if mining == "semihard":
+        pos = [(a, p) for a, p in itertools.product(range(n), range(n)) if a != p and y[a] == y[p] and negs[a]]
+        out = []
+        for a, p in pos:
+            farther = [d[a, k] for k in negs[a] if d[a, k] > d[a, p]]
+            out.append((d[a, p], min(farther) if farther else max(d[a, k] for k in negs[a])))
+        return out
+    return [(max(d[a, p] for p in range(n) if p != a and y[p] == y[a]), min(d[a, k] for k in negs[a]))
+            for a in range(n) if negs[a] and any(p != a and y[p] == y[a] for p in range(n))]
+
+
+@pytest.mark.parametrize("mining", ["semihard", "hard"])
+@pytest.mark.parametrize("distance", ["cosine", "squared_euclidean"])
+def test_a_triplet_miner_feeds_the_contrastive_loss(mining, distance):
+    """Miners and losses are separate parts: the contrastive loss of the mined triplets' (a, p) and (a, n)
+    pairs; the triplet loss of the same miner's output is the mined triplet loss."""
+    rng = np.random.default_rng(12)
+    e = rng.standard_normal((14, 5)).astype(np.float32)
+    y = rng.integers(0, 4, 14)
+    y[-1] = 9  # an anchor without positives
+    pairs = _np_mined_pairs(e, y, mining, distance)
+    want = np.mean([max(ap - 0.1, 0) for ap, _ in pairs]) + np.mean([max(0.7 - an, 0) for _, an in pairs])
+    fn = L.make_batch_loss("contrastive", mining=mining, distance=distance, margin=0.7, pos_margin=0.1)
+    assert float(fn(tf.constant(y), tf.constant(e))) == pytest.approx(want, rel=1e-4, abs=1e-5)
+    mined = L.MINERS[mining](L.distance_matrix(tf.constant(e), distance), tf.constant(y))
+    assert float(L.mined_triplet_loss(mined, 0.4)) == pytest.approx(_np_loss(e, y, mining, 0.4, distance),
+                                                                     rel=1e-4, abs=1e-5)
+
+
+def test_instance_losses():
+    rng = np.random.default_rng(6)
+    emb = rng.standard_normal((8, 4)).astype(np.float32)
+    ids = np.repeat(np.arange(4), 2)
+    got = L.make_instance_loss("info_nce", temperature=0.1)(tf.constant(ids), tf.constant(emb))
+    assert float(got) == pytest.approx(_np_info_nce(ids, emb, 0.1), rel=1e-4)
+    got = L.make_instance_loss("triplet", distance="squared_euclidean", margin=0.3)(tf.constant(ids), tf.constant(emb))
+    assert float(got) == pytest.approx(_np_loss(emb, ids, "all", 0.3, "squared_euclidean"), rel=1e-4)
+    with pytest.raises(ValueError, match="instance_loss"):
+        L.make_instance_loss("arcface")
+
+
 @pytest.mark.parametrize("temperature", [0.05, 1.0])
 def test_normalized_softmax_matches_loop_reference(temperature):
     rng = np.random.default_rng(5)
