@@ -177,6 +177,7 @@ def bench_feed(config, epoch_items: int, precision: str) -> None:
     import jax
     import jax.numpy as jnp
 
+    from trainer.augment import augment_batch
     from trainer.samplers import PKSampler
     from trainer.train import _batches, _prefetch
     rng = np.random.default_rng(0)
@@ -185,10 +186,10 @@ def bench_feed(config, epoch_items: int, precision: str) -> None:
     p, k = config.classes_per_batch, config.per_class
     sampler = PKSampler(labels, p=p, k=k, batches_per_epoch=len(labels) // (p * k))
     state, step, _ = _trainer(config, 10, k)
-    warm = next(_batches(images, labels, sampler, rng, config))
+    warm = next(_batches(images, labels, sampler, rng, config, augment_batch, images))
     float(step(state, jnp.asarray(warm[0]), jnp.asarray(warm[1], jnp.int32))[0])
     t, seen, losses = time.perf_counter(), 0, []
-    for x, y, _ in _prefetch(_batches(images, labels, sampler, rng, config)):
+    for x, y, _ in _prefetch(_batches(images, labels, sampler, rng, config, augment_batch, images)):
         loss, state = step(state, jnp.asarray(x), jnp.asarray(y, jnp.int32))
         losses.append(float(loss))  # trainer.train reads every step's loss (collapse check, progress)
         seen += len(x)
@@ -210,8 +211,9 @@ def train_recipe(argv: list[str]) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from trainer import evaluate as ev
     from siamese_core.similarity import l2_normalize
+    from trainer import evaluate as ev
+    from trainer.augment import augment_batch
     from trainer.samplers import PKSampler
     from trainer.train import _batches, _held_out, _load, _prefetch, config_from_flags, evaluate_labelled
     config = config_from_flags(argv)
@@ -238,7 +240,7 @@ def train_recipe(argv: list[str]) -> dict:
     t0, history, best = time.perf_counter(), [], (-1.0, None, 0)
     for epoch in range(1, config.epochs + 1):
         losses = []
-        for x, y, _ in _prefetch(_batches(x_train, y_train, sampler, rng, config)):
+        for x, y, _ in _prefetch(_batches(x_train, y_train, sampler, rng, config, augment_batch, x_train)):
             loss, state = step(state, jnp.asarray(x), jnp.asarray(y, jnp.int32))
             losses.append(loss)
         weights, non_trainable = state[0][:-1], state[1]

@@ -43,10 +43,14 @@ RUN_THRESHOLD_SCHEMA = {
     },
 }
 
-MODEL_CARD_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "model_card.json",
-    "type": "object",
+
+def _document(title: str, body: dict) -> dict:
+    """The JSON schema (draft 2020-12) of a whole document `title` (a file name): an object with `body`'s
+    "required" and "properties"."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, "type": "object", **body}
+
+
+MODEL_CARD_SCHEMA = _document("model_card.json", {
     "required": ["model_id", "embedding_dim", "input_spec", "training", "data", "metrics", "thresholds"],
     "properties": {
         # sha256 over the weights and the input spec (siamese_core.artefact.model_id_of), first 16 hex digits
@@ -77,16 +81,13 @@ MODEL_CARD_SCHEMA = {
             "additionalProperties": {"type": "array", "items": THRESHOLD_SCHEMA},
         },
     },
-}
+})
 
 # The model card's calibration protocols: "instance" (genuine pairs are copies of one image: dedup) and
 # "class" (genuine pairs share a class label). match --threshold_protocol picks one.
 THRESHOLD_PROTOCOLS = ("instance", "class")
 
-REPORT_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "report.json",
-    "type": "object",
+REPORT_SCHEMA = _document("report.json", {
     "required": ["model_id", "run_id", "threshold", "counts", "similarity_histogram", "outputs"],
     "properties": {
         "model_id": {"type": "string"},
@@ -174,15 +175,12 @@ REPORT_SCHEMA = {
         # What the report was made from (beam_pipeline.report.check_lineage).
         "lineage": {"type": "object", "required": ["templates", "match_run_id", "dedup_run_id"]},
     },
-}
+})
 
 
 # D/match_run.json: what a match run did (written by match, and by nightly for each generation; read by
 # report, review and nightly): the threshold, how the pairs were found and how many.
-MATCH_RUN_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "match_run.json",
-    "type": "object",
+MATCH_RUN_SCHEMA = _document("match_run.json", {
     "required": ["run_id", "model_id", "threshold", "mode", "search", "items", "pairs"],
     "properties": {
         "run_id": {"type": "string"},
@@ -210,15 +208,12 @@ MATCH_RUN_SCHEMA = {
         "pipeline_seconds": {"type": "number", "minimum": 0},
         "seconds": {"type": "number", "minimum": 0},
     },
-}
+})
 
 
 # review/review_threshold.json (siamese-dedup review import; read by match --review_threshold): a threshold
 # recalibrated on a person's labels of the pairs near the previous one, in that run's score.
-REVIEW_THRESHOLD_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "review_threshold.json",
-    "type": "object",
+REVIEW_THRESHOLD_SCHEMA = _document("review_threshold.json", {
     "required": ["model_id", "value", "score", "labels", "previous", "labelled_pairs", "duplicates", "distinct",
                  "errors", "rule"],
     "properties": {
@@ -238,7 +233,7 @@ REVIEW_THRESHOLD_SCHEMA = {
     # kNN-normalised thresholds say how the score was made
     "if": {"properties": {"score": {"const": "knn_normalised"}}},
     "then": {"properties": {"knn": {"type": "object"}}, "required": ["knn"]},
-}
+})
 
 
 def validate_review_threshold(document: Any) -> dict:

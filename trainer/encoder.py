@@ -29,6 +29,9 @@ from keras import layers
 DEFAULT_INPUT_SPEC = {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "value_range": [0, 255]}
 
 BACKBONES = ("small_cnn", "mobilenet_v2", "resnet50")
+# small_cnn conv padding: valid shrinks each conv's output (the Fashion-MNIST recipe); same keeps the size
+# until the pooling (the photo recipes).
+PADDINGS = ("valid", "same")
 # small_cnn: how the last feature map becomes a vector. flatten keeps where features are (look-alike classes);
 # avg / avg_max pool over positions, so a crop, a pad or a border moves little (copy detection).
 POOLINGS = ("flatten", "avg", "avg_max")

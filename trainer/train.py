@@ -1108,7 +1108,7 @@ def _example_copies(images, copies, inst) -> list:
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     # Imports Keras: here, not at module load (the JAX bench picks its backend first).
-    from trainer.encoder import BACKBONES, INPUT_NORMS, POOLINGS
+    from trainer.encoder import BACKBONES, INPUT_NORMS, PADDINGS, POOLINGS
     from trainer.losses import BATCH_LOSSES, DISTANCES, INSTANCE_LOSSES, MINERS
     d = TrainConfig()
     defaults = PRESETS.get(preset, {}) if preset else {}
@@ -1166,7 +1166,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--filters", default=dflt("filters"), help="small_cnn: channels of the conv stages")
     g.add_argument("--convs_per_stage", type=int, default=dflt("convs_per_stage"),
                    help="small_cnn: 3x3 convs per stage, before its pooling")
-    g.add_argument("--padding", choices=("valid", "same"), default=dflt("padding"), help="small_cnn conv padding")
+    g.add_argument("--padding", choices=PADDINGS, default=dflt("padding"), help="small_cnn conv padding")
     g.add_argument("--pooling", choices=POOLINGS, default=dflt("pooling"),
                    help="small_cnn: flatten the last feature map (where features are) or pool it globally "
                         "(avg, avg_max: a crop or a pad moves little)")

@@ -53,12 +53,15 @@ def detect_format(paths: Sequence[str]) -> str:
 
 
 class _CountingFn(beam.DoFn):
-    """Emits Records on the main output and ReadFailures on FAILURES_TAG, counting items read."""
+    """Emits Records on the main output and ReadFailures on FAILURES_TAG, counting items read. Holds what
+    the readers below need of ReadCatalogue's settings (each uses its share)."""
 
-    def __init__(self):
-        self._items_read = runner.counter("items_read")
-        self._read_failed = runner.counter("read_failed")
-        self._failed = runner.counter("failed")
+    def __init__(self, input_glob: str = "", keys: RecordKeys = RecordKeys(), max_bytes: int = 0):
+        self._input_glob = input_glob
+        self._keys = keys
+        self._max_bytes = max_bytes
+        self._items_read, self._read_failed, self._failed = (
+            runner.counter(name) for name in ("items_read", "read_failed", "failed"))
 
     def _emit(self, results: Iterable[Union[Record, ReadFailure]]):
         for result in results:
@@ -74,11 +77,6 @@ class _CountingFn(beam.DoFn):
 class _ReadFileFn(_CountingFn):
     """A list of (path, size) of image files -> a Record (or ReadFailure) per file."""
 
-    def __init__(self, input_glob: str, max_bytes: int):
-        super().__init__()
-        self._input_glob = input_glob
-        self._max_bytes = max_bytes
-
     def process(self, batch):
         for path, size in batch:
             if listing.is_directory(path):
@@ -91,11 +89,8 @@ class _ReadShardFn(_CountingFn):
     """(path, size) of a TFRecord or tar shard -> the Records (and ReadFailures) in it."""
 
     def __init__(self, input_glob: str, input_format: str, keys: RecordKeys, max_bytes: int):
-        super().__init__()
-        self._input_glob = input_glob
+        super().__init__(input_glob, keys, max_bytes)
         self._reader = _SHARD_READERS[input_format]
-        self._keys = keys
-        self._max_bytes = max_bytes
 
     def process(self, listed):
         path, _ = listed
@@ -108,10 +103,6 @@ class _ReadShardFn(_CountingFn):
 class _ParquetRowGroupsFn(_CountingFn):
     """(path, size) of a Parquet file -> (path, shard id, row group, first row) per row group; a file
     whose footer cannot be read is one ReadFailure."""
-
-    def __init__(self, input_glob: str):
-        super().__init__()
-        self._input_glob = input_glob
 
     def process(self, listed):
         path, _ = listed
@@ -131,11 +122,6 @@ class _ParquetRowGroupsFn(_CountingFn):
 class _ReadRowGroupFn(_CountingFn):
     """(path, shard id, row group, first row) -> the Records (and ReadFailures) of that row group."""
 
-    def __init__(self, keys: RecordKeys, max_bytes: int):
-        super().__init__()
-        self._keys = keys
-        self._max_bytes = max_bytes
-
     def process(self, element):
         path, shard_id, row_group, first_row = element
         yield from self._emit(
@@ -145,10 +131,6 @@ class _ReadRowGroupFn(_CountingFn):
 class _ListLocalFn(_CountingFn):
     """A local glob -> (path, size) of every file it matches; entries that cannot be items (dangling
     links, loops, pipes, devices) -> ReadFailures with the reason (`listing.local_listing`)."""
-
-    def __init__(self, input_glob: str):
-        super().__init__()
-        self._input_glob = input_glob
 
     def process(self, glob):
         for listed in listing.local_listing(glob):
@@ -209,7 +191,7 @@ class ReadCatalogue(beam.PTransform):
                     | "GroupFiles" >> beam.BatchElements(min_batch_size=FILES_PER_READ,
                                                          max_batch_size=FILES_PER_READ)
                     | "SpreadFiles" >> beam.Reshuffle()
-                    | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._input_glob, self._max_bytes)).with_outputs(
+                    | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._input_glob, max_bytes=self._max_bytes)).with_outputs(
                         FAILURES_TAG, main="records"))
             return read.records, read[FAILURES_TAG]
         files = matched | "SpreadFiles" >> beam.Reshuffle()
@@ -222,7 +204,7 @@ class ReadCatalogue(beam.PTransform):
             FAILURES_TAG, main="groups")
         read = (groups.groups
                 | "SpreadRowGroups" >> beam.Reshuffle()
-                | "ReadRowGroups" >> beam.ParDo(_ReadRowGroupFn(self._keys, self._max_bytes)).with_outputs(
+                | "ReadRowGroups" >> beam.ParDo(_ReadRowGroupFn(keys=self._keys, max_bytes=self._max_bytes)).with_outputs(
                     FAILURES_TAG, main="records"))
         failures = (groups[FAILURES_TAG], read[FAILURES_TAG]) | "ParquetFailures" >> beam.Flatten()
         return read.records, failures

@@ -1,22 +1,20 @@
 """bench/bench_neardup.py's scoring on tiny hand-made inputs: pairs from clusters, overall and per edit family
 precision/recall/F1, the best-threshold sweep and the error ratio. No peer (imagededup, fastdup) and no
 TensorFlow is needed: loading the script imports neither."""
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.scripts import load_script
+
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_neardup.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_neardup", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_neardup.py")
 
 
 def test_loading_imports_no_peer_and_no_tensorflow():
@@ -170,10 +168,7 @@ def test_linkage_rows_forgive_one_weak_link_where_complete_linkage_splits(bench,
 
 
 def test_bench_trim_judges_each_family_by_what_its_edit_adds():
-    spec = importlib.util.spec_from_file_location(
-        "bench_trim", os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_trim.py"))
-    trim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trim)
+    trim = load_script("bench/bench_trim.py")
     assert trim.judge("original", (256, 256), (0, 256, 0, 256)) is True
     assert trim.judge("crop", (200, 180), (0, 190, 0, 180)) is False  # a crop adds no band: nothing to cut
     assert trim.judge("caption", (300, 256), (44, 300, 0, 256)) is True

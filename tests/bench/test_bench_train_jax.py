@@ -1,6 +1,5 @@
 """bench/bench_train_jax.py checks its JAX loss against `reference_loss` before it times anything (the suite
 has no JAX): here that reference is held to trainer.losses, the TensorFlow loss the trainer optimises."""
-import importlib.util
 import os
 
 import numpy as np
@@ -8,16 +7,12 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
+from tests.scripts import load_script
 from trainer import losses as L
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_train_jax.py")
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train_jax", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_train_jax.py")
 
 
 @pytest.mark.parametrize("margin, temperature, weight", [(0.4, 0.05, 1.0), (0.2, 0.1, 0.5), (0.4, 0.05, 0.0)])

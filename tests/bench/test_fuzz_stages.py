@@ -2,22 +2,18 @@
 what they are there to catch."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 
 import pytest
 
+from tests.scripts import load_script
+
 pytest.importorskip("keras")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("fuzz_stages", os.path.join(ROOT, "bench", "fuzz_stages.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/fuzz_stages.py")
 
 
 def test_a_short_fuzz_finds_nothing(tmp_path, capsys):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import configparser
-import importlib.util
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import pytest
 from beam_pipeline import nightly
 from beam_pipeline.clustering import KEEPER_POLICIES, LINKAGES
 from tests.dockerfile import instructions
+from tests.scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLEX = os.path.join(ROOT, "deploy", "flex_template")
@@ -222,10 +222,7 @@ def test_flex_dockerfile_structure():
 
 
 def _load_main():
-    spec = importlib.util.spec_from_file_location("siamese_dedup_flex_main", MAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.relpath(MAIN_PY, ROOT), "siamese_dedup_flex_main")
 
 
 def test_main_passes_the_flags_to_nightly_run(monkeypatch):

@@ -3,23 +3,19 @@ crashes, every file in exactly one table with the outcome the direct decode give
 is in BENCHMARKS.md.)"""
 from __future__ import annotations
 
-import importlib.util
 import io
-import os
 
 import pytest
 from PIL import Image
 
+from tests.scripts import load_script
+
 pytest.importorskip("keras")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("fuzz_decode", os.path.join(ROOT, "bench", "fuzz_decode.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/fuzz_decode.py")
 
 
 def test_mutants_are_deterministic_and_cover_every_mutation(tmp_path):
