@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from siamese_core.similarity import angular_similarity, kth_neighbour_similarity, knn_normalised
+from siamese_core.similarity import angular_similarity, kth_neighbour_similarity, knn_normalised, upper_pair_blocks
 from siamese_core.error_rates import RULE_OF_THREE, rate_interval_95
 
 EXACT_ITEMS = 20_000          # above: a seeded subset of this many items (2e8 pairs) is scored
@@ -113,13 +113,7 @@ def pair_score_distribution(emb: np.ndarray, threshold: float, *, score: str = "
     genuine_sub = np.zeros(bins, np.int64)
     best = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
     threshold = np.float32(threshold)
-    for a in range(0, n, block):
-        s = angular_similarity(sub[a:a + block] @ sub[a:].T)
-        if sub_b is not None:
-            s = knn_normalised(s, sub_b[a:a + block, None], sub_b[None, a:], beta)
-        k = min(block, n - a)
-        upper = np.ones(s.shape, bool)
-        upper[:, :k] = np.triu(np.ones((k, k), bool), 1)  # each pair once, no self-pairs
+    for a, s, upper in upper_pair_blocks(sub, block, sub_b, beta):
         same = np.zeros(s.shape, bool) if sub_groups is None else \
             sub_groups[a:a + block, None] == sub_groups[None, a:]
         impostor += np.bincount(_bin(s[upper & ~same], edges), minlength=bins)

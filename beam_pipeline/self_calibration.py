@@ -38,7 +38,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from beam_pipeline.thresholds import angular_cut, knn_cut
-from siamese_core.similarity import all_pair_scores, angular_similarity, knn_normalised
+from siamese_core.similarity import all_pair_scores, angular_similarity, knn_normalised, upper_pair_blocks
 
 MIN_ITEMS = 50                   # fewer items: too few pairs to estimate a tail (1,225 pairs at 50)
 DEFAULT_TARGET_PRECISION = 0.97  # expected false pairs <= 3% of the predicted pairs
@@ -96,16 +96,9 @@ def count_pairs_at_or_above(emb: np.ndarray, grid: np.ndarray, rng: np.random.Ge
         b = None if b is None else b[rows]
     lo = float(grid[0])
     hist = np.zeros(len(grid), np.int64)
-    for a in range(0, len(emb), block):
-        sims = angular_similarity(emb[a:a + block] @ emb[a:].T)
-        if b is not None:
-            sims = knn_normalised(sims, b[a:a + block, None], b[None, a:], beta)
+    for _, sims, upper in upper_pair_blocks(emb, block, b, beta):
         sims = sims.astype(np.float64)
-        # Keep the strict upper triangle of the diagonal block (each pair once, no self-pairs).
-        mask = np.ones(sims.shape, bool)
-        k = min(block, len(emb) - a)
-        mask[:, :k] = np.triu(np.ones((k, k), bool), 1)
-        values = sims[mask & (sims >= lo)]
+        values = sims[upper & (sims >= lo)]
         hist += np.bincount(np.searchsorted(grid, values, side="right") - 1, minlength=len(grid))[:len(grid)]
     at_or_above = np.cumsum(hist[::-1])[::-1].astype(np.float64)
     return at_or_above * scale, scale == 1.0

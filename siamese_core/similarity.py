@@ -53,6 +53,24 @@ def pair_angular_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return angular_similarity(cosine_similarity(a, b))
 
 
+def upper_pair_blocks(embeddings: np.ndarray, block: int, b: np.ndarray | None = None, beta: float = 0.0):
+    """Every unordered pair of distinct rows of unit `embeddings` (n, d) once, `block` rows at a time.
+
+    Yields (start, scores (k, n - start) float32, upper bool (k, n - start)): scores[r, c] is the pair of
+    rows start + r and start + c, angular similarity, kNN-normalised (`knn_normalised`) when each row's
+    `b` (n,) is given; `upper` keeps c > r (each pair once, no row with itself). Memory: one block x n slab.
+    """
+    n = len(embeddings)
+    for start in range(0, n, block):
+        scores = angular_similarity(embeddings[start:start + block] @ embeddings[start:].T)
+        if b is not None:
+            scores = knn_normalised(scores, b[start:start + block, None], b[None, start:], beta)
+        k = min(block, n - start)
+        upper = np.ones(scores.shape, bool)
+        upper[:, :k] = np.triu(np.ones((k, k), bool), 1)
+        yield start, scores, upper
+
+
 def all_pair_scores(embeddings: np.ndarray, labels: np.ndarray | None = None,
                     block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Angular similarity of every unordered pair of distinct rows (i < j), split by label.
@@ -61,19 +79,15 @@ def all_pair_scores(embeddings: np.ndarray, labels: np.ndarray | None = None,
     (first array empty). Memory: the scores themselves (n(n-1)/2 float32) plus one block x n slab.
     """
     emb = np.asarray(embeddings, np.float32)
-    n = len(emb)
+    lab = None if labels is None else np.asarray(labels).reshape(-1)
     same_parts, diff_parts = [], []
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        cos = emb[start:stop] @ emb[start:].T          # rows start..stop vs columns start..n
-        upper = np.triu(np.ones(cos.shape, bool), k=1)  # column index > row index: each pair once
-        if labels is None:
-            diff_parts.append(angular_similarity(cos[upper]))
+    for start, scores, upper in upper_pair_blocks(emb, block):
+        if lab is None:
+            diff_parts.append(scores[upper])
             continue
-        lab = np.asarray(labels).reshape(-1)
-        same = lab[start:stop, None] == lab[None, start:]
-        same_parts.append(angular_similarity(cos[upper & same]))
-        diff_parts.append(angular_similarity(cos[upper & ~same]))
+        same = lab[start:start + block, None] == lab[None, start:]
+        same_parts.append(scores[upper & same])
+        diff_parts.append(scores[upper & ~same])
     empty = np.zeros(0, np.float32)
     return (np.concatenate(same_parts) if same_parts else empty,
             np.concatenate(diff_parts) if diff_parts else empty)
