@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline import matching
-from schemas.tables import UNIT_NORM_TOLERANCE
+from schemas.tables import UNIT_NORM_TOLERANCE, unit_vector_problems
 
 STAGE_COLUMNS = ["item_id", "embedding", "model_id"]
 READ_BATCH_ROWS = 65_536
@@ -109,13 +108,11 @@ def _embedding_matrix(column: pa.Array, path: str) -> np.ndarray:
 
 def _check_rows(emb: np.ndarray, ids: pa.Array, path: str) -> None:
     """Refuse NaN / infinite / non-unit rows, naming the item."""
-    finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        k = int(np.flatnonzero(~finite)[0])
+    nonfinite, bad, norms = unit_vector_problems(emb)
+    if nonfinite.size:
+        k = int(nonfinite[0])
         raise ValueError(f"templates {path}: item {ids[k].as_py()!r} has NaN or infinite embedding values; "
                          "embeddings must be finite unit vectors")
-    norms = np.linalg.norm(emb, axis=1)
-    bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
     if bad.size:
         k = int(bad[0])
         raise ValueError(

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from schemas.tables import UNIT_NORM_TOLERANCE
+from schemas.tables import UNIT_NORM_TOLERANCE, unit_vector_problems
 
 # Size of one similarity tile. Small enough to stay in L2/L3 cache, so the row-max pass reads it from
 # cache right after the matmul wrote it; large enough that each matmul is a well-shaped GEMM (measured
@@ -80,12 +80,10 @@ def check_embeddings(x: np.ndarray, name: str = "embeddings") -> np.ndarray:
         raise ValueError(f"{name} must be float32, got {x.dtype}")
     if x.shape[0] == 0:
         return np.ascontiguousarray(x)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
+    nonfinite, bad, norms = unit_vector_problems(x)
+    if nonfinite.size:
+        row = int(nonfinite[0])
         raise ValueError(f"{name}: row {row} has NaN or infinite values; embeddings must be finite unit vectors")
-    norms = np.linalg.norm(x, axis=1)
-    bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
     if bad.size:
         row = int(bad[0])
         raise ValueError(

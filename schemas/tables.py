@@ -18,6 +18,16 @@ FAILURE_STAGES = ("read", "decode", "inference", "validate")
 UNIT_NORM_TOLERANCE = 1e-3
 
 
+def unit_vector_problems(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of float `embeddings` (n, d) that cannot be templates: (rows with NaN or infinite values,
+    rows whose norm is off 1 by more than UNIT_NORM_TOLERANCE, every row's norm (n,)), indices ascending.
+    Readers refuse the first of each (the norms of non-finite rows mean nothing)."""
+    nonfinite = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(embeddings, axis=1)
+    return nonfinite, np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE), norms
+
+
 class SchemaError(ValueError):
     """A table or document does not follow its contract."""
 
@@ -194,11 +204,9 @@ def _check_rows(table: pa.Table, name: str) -> None:
         if pc.count_distinct(ids).as_py() != table.num_rows:
             raise SchemaError(f"{name}: column 'item_id' has duplicate values")
     if name == "templates":
-        emb = embeddings_as_numpy(table)
-        if not np.isfinite(emb).all():
+        nonfinite, bad, norms = unit_vector_problems(embeddings_as_numpy(table))
+        if nonfinite.size:
             raise SchemaError("templates: column 'embedding' has NaN or infinite values")
-        norms = np.linalg.norm(emb, axis=1)
-        bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
         if bad.size:
             raise SchemaError(
                 f"templates: column 'embedding' must hold unit vectors; row {bad[0]} has norm {norms[bad[0]]:.4f}"
