@@ -532,7 +532,7 @@ def check_threshold_flags(opts: MatchOptions, card: dict | None) -> tuple[str, d
                               opts.review_threshold)
     review_doc = None
     if method == "review":  # read (and checked against the templates' model later) before any work
-        review_doc = review.load_review_threshold(opts.review_threshold, "")
+        review_doc = review.load_review_threshold(opts.review_threshold)
     elif method != "self_calibrated":  # a bad given threshold is refused before reading anything
         resolve_threshold(opts.threshold, card, opts.target_fmr, opts.threshold_protocol)
     elif not opts.model_dir:
@@ -549,8 +549,8 @@ def choose_threshold(opts: MatchOptions, card: dict | None, method: str, review_
     # Imported when used (scipy, matplotlib): options.py imports this module for MODES and SEARCHES.
     from beam_pipeline import review, self_calibration
 
-    if review_doc is not None:
-        review.load_review_threshold(opts.review_threshold, model_id)
+    if review_doc is not None:  # read before the templates (check_threshold_flags); now their model is known
+        review.check_review_model(review_doc, opts.review_threshold, model_id)
     norm, norm_note = score_norm(opts, card, method, manifest.n, review_doc)
     knn = None
     if norm == "knn":

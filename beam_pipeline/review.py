@@ -277,9 +277,15 @@ def import_labels(labels_path: str, workdir: str, output: str | None = None) -> 
     return {**doc, "review_threshold": path}
 
 
-def load_review_threshold(path: str, model_id: str) -> dict:
-    """review_threshold.json, validated and checked to be of `model_id` (match --review_threshold)."""
-    doc = validate_review_threshold(bio.read_json(path))
+def load_review_threshold(path: str) -> dict:
+    """review_threshold.json, validated (match --review_threshold reads it before the templates, and checks
+    it against their model with `check_review_model` once they are staged)."""
+    return validate_review_threshold(bio.read_json(path))
+
+
+def check_review_model(doc: dict, path: str, model_id: str) -> dict:
+    """`doc` (read from review_threshold.json `path`) if it was calibrated for `model_id` (an empty catalogue
+    has none: nothing to check); ValueError otherwise: a threshold means nothing for another model's scores."""
     if model_id and doc["model_id"] != model_id:
         raise ValueError(f"--review_threshold {path} was calibrated for model {doc['model_id']}; the templates are "
                          f"of model {model_id}")
