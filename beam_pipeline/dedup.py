@@ -168,6 +168,63 @@ def cluster_tables(_, items: list[pa.Table], edges: list[pa.Table], embeddings: 
         yield table.slice(start, ROWS_PER_TABLE)
 
 
+def cluster_in_process(templates: pa.Table, matches: pa.Table, config: clustering.ClusterConfig, run_id: str,
+                       keeper_values: dict | None = None) -> pa.Table:
+    """The pipeline's clustering (`cluster_tables`) of a templates and a matches table in memory: one
+    CLUSTERS_SCHEMA table, a row per template item, sorted by item_id. `templates` needs ITEM_COLUMNS (and
+    the embedding column for single linkage's chain flags); `matches` EDGE_COLUMNS."""
+    embeddings = []
+    if not clustering.LINKAGE_RULES[config.linkage].members_all_match:
+        embeddings = list(keep_members(templates.select(["item_id", "embedding"]), member_ids([matches])))
+    tables = list(cluster_tables(None, [templates], [matches], embeddings, config=config, run_id=run_id,
+                                 keeper_values=keeper_values))
+    return pa.concat_tables(tables) if tables else CLUSTERS_SCHEMA.empty_table()
+
+
+def recluster(previous: pa.Table, templates: pa.Table, matches: pa.Table, touched: set,
+              config: clustering.ClusterConfig, run_id: str, keeper_values: dict | None = None
+              ) -> tuple[pa.Table, int]:
+    """`cluster_in_process(templates, matches, ...)`, computing only the connected components of the
+    matches that hold a `touched` item; every other item keeps its row of `previous` (with this run_id).
+
+    For a catalogue that changed a little: `previous` are the clusters of the same items before, and
+    `touched` every item whose pairs may differ from then (added, changed, and the earlier partners of
+    removed or changed items). A component without a touched item has the same items and pairs as
+    before, so its clusters are the same (clustering is per component; ties break by item id order,
+    which a subset keeps). Returns (the clusters, sorted by item_id; how many items were re-clustered).
+    Raises ValueError when `previous` lacks one of the untouched items.
+    """
+    ids = templates.column("item_id").combine_chunks()
+    n = len(ids)
+    ends = [pc.index_in(matches.column(c), value_set=ids) for c in ("left_id", "right_id")]
+    if any(e.null_count for e in ends):
+        raise ValueError("the matches name items that are not among the templates")
+    i, j = (np.asarray(e.to_numpy(zero_copy_only=False), np.int64) for e in ends)
+    labels = clustering.component_labels(n, i, j)
+    touched_rows = pc.is_in(ids, value_set=pa.array(sorted(touched), pa.string())).to_numpy(zero_copy_only=False)
+    affected = np.isin(labels, labels[touched_rows])
+    fresh = cluster_in_process(templates.filter(pa.array(affected)),
+                               matches.filter(pa.array(affected[i] if len(i) else np.zeros(0, bool))),
+                               config, run_id, keeper_values)
+    kept_ids = ids.filter(pa.array(~affected))
+    kept = previous.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA)
+    kept = kept.filter(pc.is_in(kept.column("item_id"), value_set=kept_ids))
+    if kept.num_rows != len(kept_ids):
+        raise ValueError(f"the previous clusters lack {len(kept_ids) - kept.num_rows} of the {len(kept_ids)} "
+                         "untouched items: they are not the clusters of these items")
+    kept = kept.set_column(CLUSTERS_SCHEMA.get_field_index("run_id"), CLUSTERS_SCHEMA.field("run_id"),
+                           pa.array([run_id] * kept.num_rows, pa.string()))
+    return pa.concat_tables([kept, fresh]).sort_by("item_id"), fresh.num_rows
+
+
+def lineage_of(run_id: str, model_id: str, templates_lineage: dict, matches_lineage: dict, threshold,
+               linkage: str, keeper_policy: str) -> dict:
+    """What every clusters shard records it was made from (beam_pipeline.outputs)."""
+    return {"stage": "dedup", "run_id": run_id, "model_id": model_id, "templates": templates_lineage,
+            "matches": {"run_id": matches_lineage["run_id"], "threshold": matches_lineage.get("threshold")},
+            "threshold": threshold, "linkage": linkage, "keeper_policy": keeper_policy}
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the dedup pipeline; returns {"clusters", "clusters_count", "items_to_drop", "seconds", ...}."""
     started = time.perf_counter()
@@ -192,9 +249,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     threshold = match_threshold(matches_lineage, opts.threshold)
     keeper_values = read_keeper_values(opts.keeper_table, opts.keeper_column) if opts.keeper_policy == "column" \
         else None
-    lineage = {"stage": "dedup", "run_id": run_id, "model_id": model_id, "templates": templates_lineage,
-               "matches": {"run_id": matches_lineage["run_id"], "threshold": matches_lineage.get("threshold")},
-               "threshold": threshold, "linkage": opts.linkage, "keeper_policy": opts.keeper_policy}
+    lineage = lineage_of(run_id, model_id, templates_lineage, matches_lineage, threshold, opts.linkage,
+                         opts.keeper_policy)
 
     staged = outputs.StagedRun(opts.output, "dedup", run_id)
     with staged:

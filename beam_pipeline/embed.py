@@ -33,7 +33,7 @@ import hashlib
 import logging
 import os
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -46,7 +46,7 @@ from apache_beam.transforms import window
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner, sources
 from siamese_core.decode import DecodeError, decode_image, spec_shape
-from beam_pipeline.inference import EncoderChunkHandler, ImageChunk
+from beam_pipeline.inference import EncoderChunkHandler, ImageChunk, chunk_size
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
 # UNIT_NORM_TOLERANCE: the readers' (schemas.validate_table) tolerance, so a row they would refuse goes to
 # failures instead.
@@ -411,6 +411,79 @@ def build(pipeline: beam.Pipeline, opts: EmbedOptions, handler: EncoderChunkHand
                                                        "label": r.label, "run_id": run}, run_id)
              | "WriteLabels" >> bio.WriteTable(output_dir, "labels", outputs.with_lineage(LABELS_SCHEMA, lineage),
                                              num_shards=opts.num_shards))
+
+
+def _unwindowed(output):
+    """A DoFn's output as `process` gives it: finish_bundle wraps values in WindowedValues."""
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, getattr(output.value, "value", output.value))
+    return getattr(output, "value", output)
+
+
+def embed_files_locally(listed: Sequence[tuple[str, int]], input_glob: str, handler: EncoderChunkHandler,
+                        run_id: str, *, max_file_bytes: int, max_pixels: int, threads: int = 0
+                        ) -> tuple[pa.Table, pa.Table]:
+    """`build`'s steps for a list of image files, run in this process without a pipeline: for a few
+    thousand files (a nightly delta), where starting a pipeline costs more than the work.
+
+    listed: (path, size in bytes or -1) per file, each under `input_glob`'s prefix (its item id). The same
+    DoFns as the pipeline read, decode, share the inference of identical bytes, embed and validate, so the
+    rows are the pipeline's: returns (templates Table of templates_schema(dim), failures Table of
+    FAILURES_SCHEMA), every file in one of them. The decoded images are held until all are hashed (as the
+    pipeline's side input of shared contents), so memory grows with the number of files.
+    """
+    decode = DecodeFn(handler.input_spec, max_pixels, run_id, threads=decode_threads(threads))
+    chunks, by_content, failures = [], {}, []
+
+    def take(output) -> None:
+        output = _unwindowed(output)
+        if not isinstance(output, beam.pvalue.TaggedOutput):
+            chunks.append(output)
+        elif output.tag == FAILURES_TAG:
+            failures.append(output.value)
+        else:  # CONTENTS_TAG
+            sha256, item = output.value
+            by_content.setdefault(sha256, []).append(item)
+
+    decode.setup()
+    try:
+        decode.start_bundle()
+        for path, size in listed:
+            record = sources.read_file(path, bio.item_id_for(path, input_glob), max_file_bytes,
+                                       None if size is None or size < 0 else int(size))
+            if isinstance(record, sources.ReadFailure):
+                failures.append(read_failure_row(record, run_id))
+                continue
+            for output in decode.process(record):
+                take(output)
+        for output in decode.finish_bundle():
+            take(output)
+    finally:
+        decode.teardown()
+    duplicates = dict(shared for element in by_content.items() for shared in shared_contents(element))
+    first_copies = FirstCopiesFn(handler.input_spec)
+    images = [image_chunk for chunk in chunks for image_chunk in first_copies.process(chunk, duplicates)]
+    tables = []
+    if images:
+        model = handler.load_model()
+        to_templates = ToTemplatesFn(handler.model_id, handler.embedding_dim, run_id)
+        to_templates.setup()
+        batch, weight = [], 0
+        for k, image_chunk in enumerate(images):  # RunInference's batches: chunks up to batch_size images
+            batch.append(image_chunk)
+            weight += chunk_size(image_chunk)
+            if weight < handler.batch_size and k + 1 < len(images):
+                continue
+            for result in handler.run_inference(batch, model):
+                for output in to_templates.process(result):
+                    if isinstance(output, beam.pvalue.TaggedOutput):
+                        failures.append(output.value)
+                    else:
+                        tables.append(output)
+            batch, weight = [], 0
+    schema = templates_schema(handler.embedding_dim)
+    templates = pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+    return templates.sort_by("item_id"), bio.conform_table(failures, FAILURES_SCHEMA)
 
 
 def _counters(result) -> dict:

@@ -43,6 +43,11 @@ def glob_prefix(input_glob: str) -> str:
     return head[: head.rfind("/") + 1]
 
 
+@functools.lru_cache(maxsize=64)
+def _prefix_and_locality(input_glob: str) -> tuple[str, bool]:
+    return glob_prefix(input_glob), _is_local(input_glob)
+
+
 def item_id_for(path: str, input_glob: str) -> str:
     """The item id of file `path` matched by `input_glob`: its path relative to the glob's prefix.
 
@@ -51,11 +56,12 @@ def item_id_for(path: str, input_glob: str) -> str:
     'cat/**/*.png' -> 'shoes/item_1.png'). Local paths may be relative or absolute on either side.
     Raises ValueError if `path` does not lie under the prefix.
     """
-    prefix = glob_prefix(input_glob)
+    prefix, local_glob = _prefix_and_locality(input_glob)
     if prefix and path.startswith(prefix) and len(path) > len(prefix) and ".." not in path:
-        # Fast path (the common case: the path as the glob matched it); a million files add up.
+        # Fast path (the common case: the path as the glob matched it); a million files add up. A path
+        # under a local prefix is local (a scheme would come first), one under a remote prefix remote.
         rel = path[len(prefix):]
-        return rel.replace(os.sep, "/") if _is_local(path) else rel.lstrip("/")
+        return rel.replace(os.sep, "/") if local_glob else rel.lstrip("/")
     if _is_local(path) and _is_local(input_glob):
         base = os.path.abspath(prefix or ".")
         rel = os.path.relpath(os.path.abspath(path), base)

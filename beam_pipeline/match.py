@@ -58,7 +58,7 @@ from beam_pipeline.options import MatchOptions, new_run_id, parse_stage_options
 from beam_pipeline.thresholds import angular_cut, knn_cut, resolve_threshold, threshold_method
 from siamese_core.artefact import load_model_card
 from schemas.documents import validate_match_run
-from schemas.tables import MATCHES_SCHEMA, SAMPLE_PAIRS_SCHEMA, VERIFICATIONS_SCHEMA
+from schemas.tables import MATCHES_SCHEMA, SAMPLE_PAIRS_SCHEMA, VERIFICATIONS_SCHEMA, embeddings_as_numpy
 from siamese_core.similarity import angular_similarity
 
 LOG = logging.getLogger(__name__)
@@ -96,6 +96,23 @@ def matches_table(left_ids, right_ids, cos: np.ndarray, model_id: str, run_id: s
         },
         schema=MATCHES_SCHEMA,
     )
+
+
+def match_queries_in_process(queries: pa.Table, catalogue: pa.Table, cos_threshold: float, model_id: str,
+                             run_id: str) -> pa.Table:
+    """`--mode queries --top_k 0` of two templates tables in memory, without a pipeline (a nightly delta):
+    every (query, catalogue item) pair with cosine >= `cos_threshold` by the same kernel
+    (matching.pairs_above_threshold), an item never with itself. A matches table (MATCHES_SCHEMA, pairs
+    oriented left_id < right_id); a pair of two queries that are also catalogue items comes twice, as
+    the pipeline writes it (nightly.merge_matches keeps one)."""
+    q_ids = queries.column("item_id").combine_chunks()
+    c_ids = catalogue.column("item_id").combine_chunks()
+    i, j, cos = matching.pairs_above_threshold(embeddings_as_numpy(queries), embeddings_as_numpy(catalogue),
+                                               cos_threshold, same_block=False, threads=matching.default_threads())
+    left, right = _take(q_ids, i), _take(c_ids, j)
+    other = pc.invert(pc.equal(left, right)) if len(i) else pa.array([], pa.bool_())
+    return matches_table(left.filter(other), right.filter(other), cos[other.to_numpy(zero_copy_only=False)],
+                         model_id, run_id)
 
 
 def _take(ids: pa.Array, rows: np.ndarray) -> pa.Array:

@@ -7,18 +7,22 @@ Each run, holding the state's lock (beam_pipeline.nightly_state):
 1. lists the catalogue and hashes the bytes (sha256) of every file whose size or modification time moved
    since the last run (--rehash: every file): items added, changed (other bytes) and removed since the
    committed generation;
-2. embeds the added and changed items only (the embed pipeline with --input_list); a new model_id, or no
-   state yet, embeds everything (a full run, stated in the manifest);
-3. matches the new templates against the whole catalogue, old and new (the match pipeline, --mode queries,
-   every pair at or above the threshold), and keeps the previous matches between unchanged items; a full
-   run matches all pairs and, unless --threshold is given, self-calibrates the threshold, which later runs
-   keep (so clusters stay those of a full recompute at that threshold; --recalibrate starts afresh);
-4. clusters all matches again (the dedup pipeline: complete linkage and the keeper policy, so a removed
-   keeper hands over to the next by the policy);
+2. embeds the added and changed items only; a new model_id, or no state yet, embeds everything (a full
+   run, stated in the manifest);
+3. matches the new templates against the whole catalogue, old and new (every pair at or above the
+   threshold), and keeps the previous matches between unchanged items; a full run matches all pairs and,
+   unless --threshold is given, self-calibrates the threshold, which later runs keep (so clusters stay
+   those of a full recompute at that threshold; --recalibrate starts afresh);
+4. clusters the matches again (complete linkage and the keeper policy, so a removed keeper hands over to
+   the next by the policy); an incremental run re-clusters only the connected components the night touched
+   and keeps the others' clusters (the same items and pairs cluster the same);
 5. writes the new generation, the date's outputs (STATE/runs/<run_date>/: manifest.json, clusters/, the
    day's new matches) and commits by pointing CURRENT at the generation, last. A run killed at any step
    leaves the state as it was; re-running a date replaces that date's outputs and starts again from the
    state before it.
+Steps 2-4 run as the embed, match and dedup pipelines (--engine beam: the Beam flags given, e.g. Dataflow),
+or, for an incremental night of a few thousand items, in this process on the same functions (--engine
+local): a DirectRunner pipeline costs 1-2 s to start, more than embedding and matching 500 items (ENGINES).
 Angular similarity only: a kNN-normalised score depends on every item's neighbours, which a night's
 changes move, so incremental matches would not equal a full recompute's.
 """
@@ -39,15 +43,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_pipeline import io as bio
 from beam_pipeline import nightly_state as ns
-from beam_pipeline import outputs, sources
-from beam_pipeline.clustering import DEFAULT_KEEPER_POLICY, DEFAULT_LINKAGE, KEEPER_POLICIES, LINKAGES
-from beam_pipeline.options import new_run_id
+from beam_pipeline import clustering, outputs, sources
+from beam_pipeline.inference import EncoderChunkHandler
+from beam_pipeline.options import DedupOptions, EmbedOptions, new_run_id
 from siamese_core.artefact import load_model_card
 from schemas.documents import validate_match_run
-from schemas.tables import FAILURES_SCHEMA, MATCHES_SCHEMA
+from schemas.tables import CLUSTERS_SCHEMA, FAILURES_SCHEMA, MATCHES_SCHEMA
 
 LOG = logging.getLogger(__name__)
 ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("source_uri", pa.string()), ("size", pa.int64()),
@@ -55,6 +60,17 @@ ITEMS_SCHEMA = pa.schema([("item_id", pa.string()), ("source_uri", pa.string()),
 # Where a test can make a run fail (SIAMESE_DEDUP_NIGHTLY_FAULT=<step>): after each step's work.
 FAULT_ENV = "SIAMESE_DEDUP_NIGHTLY_FAULT"
 STEPS = ("list", "embed", "templates", "match", "dedup", "outputs", "commit")  # "commit": after it
+
+
+# Where an incremental run's embed, match and dedup run (--engine).
+ENGINES = {
+    "auto": "local when the night embeds at most --local_max_items items and the runner is the DirectRunner, "
+            "else beam",
+    "beam": "the embed, match and dedup pipelines, with the Beam flags given",
+    "local": "in this process, on the pipelines' own functions (no pipeline start-up)",
+}
+LOCAL_MAX_ITEMS = 5000
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 
 
 class InjectedFault(RuntimeError):
@@ -90,9 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: self-calibrated then. Later runs keep the state's threshold.")
     parser.add_argument("--recalibrate", action="store_true",
                         help="Recompute everything and choose the threshold afresh (a full run).")
-    parser.add_argument("--linkage", default=DEFAULT_LINKAGE, choices=LINKAGES, help="dedup --linkage.")
-    parser.add_argument("--keeper_policy", default=DEFAULT_KEEPER_POLICY, choices=KEEPER_POLICIES,
-                        help=f"dedup --keeper_policy (default {DEFAULT_KEEPER_POLICY}).")
+    parser.add_argument("--linkage", default=clustering.DEFAULT_LINKAGE, choices=clustering.LINKAGES,
+                        help="dedup --linkage.")
+    parser.add_argument("--keeper_policy", default=clustering.DEFAULT_KEEPER_POLICY,
+                        choices=clustering.KEEPER_POLICIES,
+                        help=f"dedup --keeper_policy (default {clustering.DEFAULT_KEEPER_POLICY}).")
+    parser.add_argument("--engine", default="auto", choices=tuple(ENGINES),
+                        help="Where an incremental run embeds, matches and clusters: " +
+                             "; ".join(f"{k}: {v}" for k, v in ENGINES.items()) + ". A full run uses the pipelines.")
+    parser.add_argument("--local_max_items", type=int, default=LOCAL_MAX_ITEMS,
+                        help="--engine auto: the most items to embed in this process (the decoded images are held "
+                             f"in memory until embedded; default {LOCAL_MAX_ITEMS}).")
     parser.add_argument("--rehash", action="store_true",
                         help="Read and hash every file, also those whose size and modification time are unchanged "
                              "since the last run (by default their hash is taken from the state, as rsync does).")
@@ -121,33 +145,41 @@ def list_items(catalogue: str, before: pa.Table | None = None) -> pa.Table:
     items) keeps that row's hash unread, as rsync does by default; without `before` every file is read."""
     known = {}
     if before is not None:
-        for r in before.to_pylist():
-            if r["content_sha256"] and r.get("modified") is not None:
-                known[r["source_uri"]] = (r["size"], r["modified"], r["content_sha256"])
-    rows = []
+        columns = (before.column(c).to_pylist() for c in ("source_uri", "size", "modified", "content_sha256"))
+        known = {uri: (size, modified, sha) for uri, size, modified, sha in zip(*columns) if sha and modified is not None}
+    columns = {name: [] for name in ITEMS_SCHEMA.names}
     for listed in sources.list_catalogue(catalogue):
         old = known.get(listed.path)
         same = old is not None and listed.modified is not None and old[:2] == (int(listed.size), listed.modified)
-        rows.append({"item_id": bio.item_id_for(listed.path, catalogue), "source_uri": listed.path,
-                     "size": int(listed.size), "modified": listed.modified,
-                     "content_sha256": old[2] if same else (content_sha256(listed.path) or "")})
-    if not rows:
+        columns["item_id"].append(bio.item_id_for(listed.path, catalogue))
+        columns["source_uri"].append(listed.path)
+        columns["size"].append(int(listed.size))
+        columns["modified"].append(listed.modified)
+        columns["content_sha256"].append(old[2] if same else (content_sha256(listed.path) or ""))
+    if not columns["item_id"]:
         raise FileNotFoundError(f"--catalogue {catalogue!r} matches no files")
-    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["item_id"]), schema=ITEMS_SCHEMA)
+    return pa.table(columns, schema=ITEMS_SCHEMA).sort_by("item_id")
 
 
 def diff_items(now: pa.Table, before: pa.Table | None) -> dict:
     """{"added", "changed", "removed", "unchanged"}: sorted item ids. An unreadable file (no hash) counts
     as changed every night, so it is tried again and stays in the failures."""
-    now_hash = dict(zip(now.column("item_id").to_pylist(), now.column("content_sha256").to_pylist()))
-    old_hash = {} if before is None else dict(zip(before.column("item_id").to_pylist(),
-                                                  before.column("content_sha256").to_pylist()))
-    added = sorted(set(now_hash) - set(old_hash))
-    removed = sorted(set(old_hash) - set(now_hash))
-    common = set(now_hash) & set(old_hash)
-    changed = sorted(i for i in common if now_hash[i] != old_hash[i] or not now_hash[i])
-    unchanged = sorted(common - set(changed))
-    return {"added": added, "changed": changed, "removed": removed, "unchanged": unchanged}
+    hashes = now.select(["item_id", "content_sha256"])
+    old = (pa.table({"item_id": pa.array([], pa.string()), "content_sha256": pa.array([], pa.string())})
+           if before is None else before.select(["item_id", "content_sha256"]))
+    joined = hashes.join(old.rename_columns(["item_id", "old_sha256"]), "item_id", join_type="full outer")
+    new_hash, old_hash = joined.column("content_sha256"), joined.column("old_sha256")
+    in_now, in_before = pc.is_valid(new_hash), pc.is_valid(old_hash)
+    common = pc.and_(in_now, in_before)
+    differs = pc.or_(pc.not_equal(new_hash, old_hash), pc.equal(new_hash, ""))
+    changed = pc.and_(common, differs)
+
+    def ids(mask) -> list:
+        return sorted(joined.column("item_id").filter(mask).to_pylist())
+
+    return {"added": ids(pc.and_(in_now, pc.invert(in_before))), "changed": ids(changed),
+            "removed": ids(pc.and_(in_before, pc.invert(in_now))),
+            "unchanged": ids(pc.and_(common, pc.invert(changed)))}
 
 
 def _write_table(table: pa.Table, directory: str, name: str, schema: pa.Schema) -> str:
@@ -172,7 +204,7 @@ def _keep(table: pa.Table | None, ids: set, columns=("item_id",)) -> pa.Table | 
     if table is None:
         return None
     mask = None
-    value_set = pa.array(sorted(ids), pa.string())
+    value_set = pa.array(list(ids), pa.string())
     for c in columns:
         m = pc.is_in(table.column(c), value_set=value_set)
         mask = m if mask is None else pc.and_(mask, m)
@@ -251,6 +283,7 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     removed_dead = ns.remove_dead_generations(state)
     base, rerun = _base_generation(state, run_date)
     full_reason = _full_run_reason(base, card, args.recalibrate)
+    clustering_config = _clustering_doc(args, beam_args)
 
     t = time.perf_counter()
     before = None if full_reason else pq.read_table(_local_or_buffer(FileSystems.join(base["dir"], ns.ITEMS)))
@@ -262,29 +295,41 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     name = f"{run_date}-{run_id}"
     gen = ns.generation_dir(state, name)
     work = FileSystems.join(gen, "work")
+    to_embed = diff["added"] + diff["changed"]
+    engine, engine_why = choose_engine(args.engine, full_reason, len(to_embed), args.local_max_items, beam_args)
+    LOG.info("nightly %s: %s (%s)", run_date, engine, engine_why)
     t = time.perf_counter()
-    embedded = _embed_changes(args, beam_args, items, diff["added"] + diff["changed"], work, run_id)
+    new_templates, new_failures = _embed_changes(args, beam_args, items, to_embed, work, run_id, engine, card)
     timings["embed"] = round(time.perf_counter() - t, 3)
     _fault("embed")
 
     t = time.perf_counter()
-    templates, failures, new_templates = _generation_tables(base, work, set(diff["unchanged"]), embedded is not None,
-                                                            full_reason is not None, gen)
+    unchanged = set(diff["unchanged"])
+    templates, failures = _generation_tables(base, unchanged, new_templates, new_failures, full_reason is not None,
+                                             gen)
     timings["templates"] = round(time.perf_counter() - t, 3)
     _fault("templates")
 
     t = time.perf_counter()
-    threshold, matches, night_matches = _match_step(args, beam_args, base, set(diff["unchanged"]), new_templates,
-                                                    full_reason is not None, gen, work, run_id, card)
+    base_matches = None if full_reason else bio.read_table_dir(base["dir"], "matches")
+    threshold, matches, night_matches, fingerprint = _match_step(
+        args, beam_args, None if full_reason else base["threshold"], base_matches, unchanged, templates, new_templates, full_reason is not None, gen, work,
+        run_id, card, engine)
     timings["match"] = round(time.perf_counter() - t, 3)
     _fault("match")
 
-    from beam_pipeline import dedup
-
     t = time.perf_counter()
-    dedup_summary = dedup.run(["--templates", bio.table_glob(gen, "templates"), "--matches",
-                               bio.table_glob(gen, "matches"), "--output", gen, "--linkage", args.linkage,
-                               "--keeper_policy", args.keeper_policy, "--run_id", run_id, *beam_args])
+    if engine == "local":
+        touched = touched_items(base_matches, to_embed, diff["removed"] + diff["changed"])
+        dedup_summary = _dedup_in_process(args, beam_args, base, clustering_config, gen, templates, matches,
+                                          touched, threshold, fingerprint, run_id, card)
+    else:
+        from beam_pipeline import dedup
+
+        dedup_summary = dedup.run(["--templates", bio.table_glob(gen, "templates"), "--matches",
+                                   bio.table_glob(gen, "matches"), "--output", gen, "--linkage", args.linkage,
+                                   "--keeper_policy", args.keeper_policy, "--run_id", run_id, *beam_args])
+        dedup_summary["reclustered"] = dedup_summary["items"]
     timings["dedup"] = round(time.perf_counter() - t, 3)
     _fault("dedup")
 
@@ -294,13 +339,15 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
         "run_date": run_date, "run_id": run_id, "generation": name,
         "parent": None if base is None else base["generation"], "replaced_date": rerun, "catalogue": args.catalogue,
         "model_dir": args.model_dir, "model_id": card["model_id"], "full": full_reason is not None,
-        "full_reason": full_reason,
+        "full_reason": full_reason, "engine": engine, "engine_why": engine_why,
         "counts": {"items": items.num_rows, "added": len(diff["added"]), "changed": len(diff["changed"]),
                    "removed": len(diff["removed"]), "unchanged": len(diff["unchanged"]),
-                   "embedded": 0 if embedded is None else embedded["embedded"],
+                   "embedded": 0 if new_templates is None else new_templates.num_rows,
                    "failed": failures.num_rows, "templates": templates.num_rows, "matches": matches.num_rows,
                    "new_matches": night_matches.num_rows, "clusters": dedup_summary.get("clusters_count"),
-                   "items_to_drop": dedup_summary.get("items_to_drop")},
+                   "items_to_drop": dedup_summary.get("items_to_drop"),
+                   "reclustered_items": dedup_summary["reclustered"]},
+        "clustering": clustering_config,
         "threshold": {k: threshold.get(k) for k in ("value", "score", "angular_similarity", "cosine", "source")},
         "threshold_how": (f"chosen by this full run ({threshold['source']})" if full_reason else
                           f"kept from the state: {base['threshold_how']}"),
@@ -329,20 +376,55 @@ def _full_run_reason(base: dict | None, card: dict, recalibrate: bool) -> str | 
     return "--recalibrate" if recalibrate else None
 
 
-def _embed_changes(args, beam_args, items: pa.Table, to_embed: list[str], work: str, run_id: str) -> dict | None:
-    """Embed the listed items only (embed --input_list) into WORK/embedded; its summary, or None."""
+def choose_engine(requested: str, full_reason: str | None, n_to_embed: int, local_max_items: int,
+                  beam_args: list[str]) -> tuple[str, str]:
+    """("beam" or "local", why) for this run (ENGINES)."""
+    if full_reason is not None:
+        return "beam", "a full run uses the pipelines"
+    if requested != "auto":
+        return requested, f"--engine {requested}"
+    runner_name = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    if runner_name not in LOCAL_RUNNERS:
+        return "beam", f"--runner {runner_name}"
+    if n_to_embed > local_max_items:
+        return "beam", f"{n_to_embed} items to embed, more than --local_max_items {local_max_items}"
+    return "local", f"{n_to_embed} items to embed, at most --local_max_items {local_max_items}"
+
+
+def _clustering_doc(args, beam_args: list[str]) -> dict:
+    """The clustering settings of this run (nightly's and dedup's flags), recorded in the state: an
+    incremental run keeps the earlier clusters of untouched components only when they are the same."""
+    dedup_opts = PipelineOptions(beam_args).view_as(DedupOptions)
+    if args.keeper_policy == "column" and not (dedup_opts.keeper_table and dedup_opts.keeper_column):
+        raise ValueError("--keeper_policy column needs --keeper_table and --keeper_column")
+    return {"linkage": args.linkage, "keeper_policy": args.keeper_policy, "keeper_order": dedup_opts.keeper_order,
+            "keeper_table": dedup_opts.keeper_table, "keeper_column": dedup_opts.keeper_column,
+            "chain_margin": dedup_opts.chain_margin, "max_diameter_members": dedup_opts.max_diameter_members}
+
+
+def _embed_changes(args, beam_args, items: pa.Table, to_embed: list[str], work: str, run_id: str, engine: str,
+                   card: dict) -> tuple[pa.Table | None, pa.Table | None]:
+    """Embed the listed items only: (their templates, their failures), or (None, None) when there are none.
+    beam: the embed pipeline (--input_list) into WORK/embedded; local: embed.embed_files_locally."""
     from beam_pipeline import embed
 
     if not to_embed:
-        return None
-    uri = dict(zip(items.column("item_id").to_pylist(), items.column("source_uri").to_pylist()))
+        return None, None
+    rows = _keep(items, set(to_embed))
+    if engine == "local":
+        opts = PipelineOptions(beam_args).view_as(EmbedOptions)
+        handler = EncoderChunkHandler(args.model_dir, batch_size=opts.batch_size, card=card)
+        listed = list(zip(rows.column("source_uri").to_pylist(), rows.column("size").to_pylist()))
+        return embed.embed_files_locally(listed, args.catalogue, handler, run_id, max_file_bytes=opts.max_file_bytes,
+                                         max_pixels=opts.max_pixels, threads=opts.decode_threads)
+    night = FileSystems.join(work, "embedded")
     with tempfile.TemporaryDirectory() as tmp:
         list_file = os.path.join(tmp, "input_list.txt")
         with open(list_file, "w") as f:
-            f.write("\n".join(uri[i] for i in to_embed) + "\n")
-        return embed.run(["--input", args.catalogue, "--input_list", list_file, "--model_dir", args.model_dir,
-                          "--output", FileSystems.join(work, "embedded"), "--run_id", run_id, "--allow_all_failed",
-                          *beam_args])
+            f.write("\n".join(rows.column("source_uri").to_pylist()) + "\n")
+        embed.run(["--input", args.catalogue, "--input_list", list_file, "--model_dir", args.model_dir,
+                   "--output", night, "--run_id", run_id, "--allow_all_failed", *beam_args])
+    return _read_or_empty(night, "templates"), _read_or_empty(night, "failures", FAILURES_SCHEMA)
 
 
 def _concat(tables, schema: pa.Schema | None = None) -> pa.Table | None:
@@ -353,12 +435,10 @@ def _concat(tables, schema: pa.Schema | None = None) -> pa.Table | None:
     return pa.concat_tables(present)
 
 
-def _generation_tables(base: dict | None, work: str, unchanged: set, embedded: bool, full: bool, gen: str):
+def _generation_tables(base: dict | None, unchanged: set, new_templates: pa.Table | None,
+                       new_failures: pa.Table | None, full: bool, gen: str) -> tuple[pa.Table, pa.Table]:
     """Write the generation's templates and failures: the unchanged items' rows carried over from the base
-    generation, then the night's. Returns (templates, failures, the night's templates or None)."""
-    night = FileSystems.join(work, "embedded")
-    new_templates = _read_or_empty(night, "templates") if embedded else None
-    new_failures = _read_or_empty(night, "failures", FAILURES_SCHEMA) if embedded else None
+    generation, then the night's. Returns (templates, failures)."""
     kept_templates = None if full else _keep(bio.read_table_dir(base["dir"], "templates"), unchanged)
     kept_failures = None if full else _keep(_read_or_empty(base["dir"], "failures", FAILURES_SCHEMA), unchanged)
     templates = _concat([t for t in (kept_templates, new_templates) if t is not None and t.num_rows])
@@ -368,19 +448,22 @@ def _generation_tables(base: dict | None, work: str, unchanged: set, embedded: b
     _write_table(templates, gen, "templates", templates.schema)
     failures = _concat([kept_failures, new_failures], FAILURES_SCHEMA)
     _write_table(failures, gen, "failures", FAILURES_SCHEMA)
-    return templates, failures, new_templates
+    return templates, failures
 
 
-def _match_step(args, beam_args, base: dict | None, unchanged: set, new_templates: pa.Table | None, full: bool,
-                gen: str, work: str, run_id: str, card: dict) -> tuple[dict, pa.Table, pa.Table]:
+def _match_step(args, beam_args, base_threshold: dict | None, base_matches: pa.Table | None, unchanged: set,
+                templates: pa.Table, new_templates: pa.Table | None, full: bool, gen: str, work: str, run_id: str,
+                card: dict, engine: str) -> tuple[dict, pa.Table, pa.Table, dict]:
     """The generation's matches (written with their lineage, and a match_run.json for the report):
     a full run matches all pairs (self-calibrated unless --threshold); an incremental one matches the night's
-    templates against all of them at the state's threshold and keeps the earlier matches between unchanged
-    items. Returns (threshold, all matches, the night's matches)."""
+    templates against all of them at the state's threshold (the match pipeline in queries mode, or
+    match.match_queries_in_process) and keeps the earlier matches between unchanged items.
+    Returns (threshold, all matches, the night's matches, the templates' fingerprint)."""
     from beam_pipeline import match
 
     templates_glob = bio.table_glob(gen, "templates")
     out = FileSystems.join(work, "match")
+    fingerprint = outputs.table_fingerprint([templates])
     if full:
         given = [] if args.threshold is None else ["--threshold", str(args.threshold)]
         match.run(["--templates", templates_glob, "--model_dir", args.model_dir, "--output", out,
@@ -390,27 +473,77 @@ def _match_step(args, beam_args, base: dict | None, unchanged: set, new_template
         night = merge_matches(None, bio.read_table_dir(out, "matches"), run_id)
         matches = night
     else:
-        threshold = base["threshold"]
+        threshold = base_threshold
         night = MATCHES_SCHEMA.empty_table()
-        if new_templates is not None and new_templates.num_rows:
+        if new_templates is not None and new_templates.num_rows and engine == "local":
+            found = match.match_queries_in_process(new_templates, templates, float(threshold["cosine"]),
+                                                   card["model_id"], run_id)
+            night = merge_matches(None, found, run_id)
+        elif new_templates is not None and new_templates.num_rows:
             match.run(["--templates", templates_glob, "--mode", "queries", "--queries",
                        bio.table_glob(FileSystems.join(work, "embedded"), "templates"), "--top_k", "0",
                        "--threshold", repr(float(threshold["value"])), "--score_norm", "none",
                        "--output", out, "--run_id", run_id, *beam_args])
             night = merge_matches(None, bio.read_table_dir(out, "matches"), run_id)
-        kept = _keep(bio.read_table_dir(base["dir"], "matches"), unchanged, ("left_id", "right_id"))
+        kept = _keep(base_matches, unchanged, ("left_id", "right_id"))
         matches = merge_matches(kept, night, run_id)
     lineage = {"stage": "match", "run_id": run_id, "model_id": card["model_id"],
-               "templates": outputs.templates_fingerprint(templates_glob), "threshold": threshold["value"],
+               "templates": fingerprint, "threshold": threshold["value"],
                "score": "angular_similarity", "threshold_source": threshold["source"], "mode": "nightly",
                "search": "exact"}
     _write_table(matches, gen, "matches", outputs.with_lineage(MATCHES_SCHEMA, lineage))
     run_path = FileSystems.join(gen, "match_run.json")
     bio.write_json(run_path, validate_match_run({
         "run_id": run_id, "model_id": card["model_id"], "mode": "all_pairs", "search": "exact",
-        "items": lineage["templates"]["items"], "pairs": matches.num_rows, "threshold": threshold, "nightly": {"full": full}},
+        "items": fingerprint["items"], "pairs": matches.num_rows, "threshold": threshold, "nightly": {"full": full}},
         run_path))
-    return threshold, matches, night
+    return threshold, matches, night, fingerprint
+
+
+def touched_items(base_matches: pa.Table | None, embedded: list[str], gone: list[str]) -> set:
+    """The items whose matches may differ from the base generation's: those embedded tonight (added or
+    changed) and the earlier partners of items removed or changed (`gone`)."""
+    touched = set(embedded)
+    if base_matches is None or not gone or not base_matches.num_rows:
+        return touched
+    value_set = pa.array(sorted(gone), pa.string())
+    for this, other in (("left_id", "right_id"), ("right_id", "left_id")):
+        hit = pc.is_in(base_matches.column(this), value_set=value_set)
+        touched.update(base_matches.column(other).filter(hit).to_pylist())
+    return touched
+
+
+def _dedup_in_process(args, beam_args, base: dict, clustering_config: dict, gen: str, templates: pa.Table,
+                      matches: pa.Table, touched: set, threshold: dict, fingerprint: dict, run_id: str,
+                      card: dict) -> dict:
+    """The dedup step of the local engine: the clusters of the generation (dedup.recluster of the touched
+    components when the base was clustered the same way, else dedup.cluster_in_process of all), written
+    with the dedup pipeline's lineage. Returns dedup's summary keys used by the manifest."""
+    from beam_pipeline import dedup
+
+    config = clustering.ClusterConfig(
+        linkage=args.linkage, keeper_policy=args.keeper_policy, keeper_order=clustering_config["keeper_order"],
+        threshold=float(threshold["value"]), chain_margin=clustering_config["chain_margin"],
+        max_diameter_members=clustering_config["max_diameter_members"])
+    keeper_values = None
+    if args.keeper_policy == "column":
+        keeper_values = dedup.read_keeper_values(clustering_config["keeper_table"], clustering_config["keeper_column"])
+    # A keeper table may change between nights: its clusters are recomputed whole.
+    same_clustering = base.get("clustering") == clustering_config and args.keeper_policy != "column"
+    if same_clustering:
+        clusters, reclustered = dedup.recluster(bio.read_table_dir(base["dir"], "clusters"), templates, matches,
+                                                touched, config, run_id, keeper_values)
+    else:
+        clusters = dedup.cluster_in_process(templates, matches, config, run_id, keeper_values)
+        reclustered = clusters.num_rows
+    lineage = dedup.lineage_of(run_id, card["model_id"], fingerprint, {"run_id": run_id, "threshold": threshold["value"]},
+                               config.threshold, args.linkage, args.keeper_policy)
+    _write_table(clusters, gen, "clusters", outputs.with_lineage(CLUSTERS_SCHEMA, lineage))
+    summary = clustering.summarize({
+        "cluster_size": clusters.column("cluster_size").to_numpy(),
+        "is_keeper": clusters.column("is_keeper").to_numpy(zero_copy_only=False),
+        "is_chained": clusters.column("is_chained").to_numpy(zero_copy_only=False)})
+    return {**summary, "reclustered": reclustered}
 
 
 # What a run publishes under STATE/runs/<run_date>/, staged inside its generation until it is committed.
@@ -429,7 +562,8 @@ def _write_generation(gen: str, items: pa.Table, night_matches: pa.Table, manife
     bio.write_json(FileSystems.join(gen, ns.STATE_DOC), {
         "generation": manifest["generation"], "parent": manifest["parent"], "run_date": manifest["run_date"],
         "run_id": manifest["run_id"], "model_id": manifest["model_id"], "catalogue": manifest["catalogue"],
-        "threshold": threshold, "threshold_how": manifest["threshold_how"], "counts": manifest["counts"]})
+        "threshold": threshold, "threshold_how": manifest["threshold_how"], "clustering": manifest["clustering"],
+        "counts": manifest["counts"]})
 
 
 def publish_committed_run(state: str) -> bool:

@@ -124,9 +124,15 @@ def templates_fingerprint(glob: str) -> dict:
     """
     from beam_pipeline.blocks import iter_parquet_batches
 
+    return table_fingerprint(batch for _, batch in iter_parquet_batches(glob, FINGERPRINT_COLUMNS, "templates"))
+
+
+def table_fingerprint(parts) -> dict:
+    """`templates_fingerprint` of templates in memory: an iterable of Tables or RecordBatches (their
+    FINGERPRINT_COLUMNS are read)."""
     rows, models, runs = [], set(), set()
-    for _, batch in iter_parquet_batches(glob, FINGERPRINT_COLUMNS, "templates"):
-        ids, contents, model_ids, run_ids = (batch.column(c).to_pylist() for c in FINGERPRINT_COLUMNS)
+    for part in parts:
+        ids, contents, model_ids, run_ids = (part.column(c).to_pylist() for c in FINGERPRINT_COLUMNS)
         rows.extend(f"{i}\t{c}\t{m}" for i, c, m in zip(ids, contents, model_ids))
         models.update(model_ids)
         runs.update(run_ids)

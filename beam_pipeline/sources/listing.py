@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import glob as glob_module
 import os
+import re
 import stat
 from typing import Iterator, NamedTuple, Optional
 
@@ -63,14 +65,27 @@ def _glob_parts(base: str, parts: list[str], seen: set) -> Iterator[tuple[str, O
         elif os.path.lexists(path):
             yield from _glob_parts(path, rest, seen)
         return
+    matches = _name_pattern(part)
+    hidden_too = part.startswith(".")
+    head = os.path.join(base, "")
     for entry in _scan(base):
-        if entry.name.startswith(".") and not part.startswith("."):
+        name = entry.name
+        if name.startswith(".") and not hidden_too:
             continue  # hidden entries, as glob skips them
-        if not fnmatch.fnmatchcase(entry.name, part):
+        if not matches(name):
             continue
-        if rest and not entry.is_dir():
-            continue
-        yield from _glob_parts(os.path.join(base, entry.name), rest, seen)
+        if rest:
+            if entry.is_dir():
+                yield from _glob_parts(head + name, rest, seen)
+        elif head + name not in seen:  # the last part (most entries of a big catalogue): no recursion
+            seen.add(head + name)
+            yield head + name, None
+
+
+@functools.lru_cache(maxsize=256)
+def _name_pattern(part: str):
+    """fnmatch.fnmatchcase(name, part) as one compiled regular expression's match."""
+    return re.compile(fnmatch.translate(part)).match
 
 
 def _scan(directory: str) -> list:
@@ -91,6 +106,8 @@ def _classify(path: str) -> Optional[Listed]:
         if os.path.islink(path):
             return Listed(path, -1, f"a dangling symbolic link (to {os.readlink(path)!r}, which does not exist)")
         return Listed(path, -1, describe(err))
+    if stat.S_ISREG(info.st_mode):  # the common case first
+        return Listed(path, info.st_size, None, info.st_mtime_ns / 1e9)
     if stat.S_ISDIR(info.st_mode):
         return None
     for is_kind, kind in _FILE_KINDS:

@@ -41,13 +41,13 @@ def _clusters(directory: str) -> tuple[set, dict]:
     return {frozenset(g) for g in groups.values()}, {frozenset(g): keeper[c] for c, g in groups.items()}
 
 
-def _full_recompute(cat, model, out):
+def _full_recompute(cat, model, out, dedup_flags=()):
     glob = os.path.join(cat, "*.png")
     embed.run(["--input", glob, "--model_dir", model, "--output", out])
     match.run(["--templates", os.path.join(out, "templates", "*.parquet"), "--output", out,
                "--threshold", str(THRESHOLD), "--score_norm", "none"])
     dedup.run(["--templates", os.path.join(out, "templates", "*.parquet"),
-               "--matches", os.path.join(out, "matches", "*.parquet"), "--output", out])
+               "--matches", os.path.join(out, "matches", "*.parquet"), "--output", out, *dedup_flags])
     return _clusters(out)
 
 
@@ -87,23 +87,43 @@ def _catalogue(tmp_path, n_groups=8):
     return cat
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_nightly_sequence_equals_full_recompute(tmp_path, tiny_model_dir, seed):
+def _generation_rows(state: str, name: str) -> list:
+    """The committed generation's `name` table as sorted rows, run ids aside."""
+    rows = pq.read_table(os.path.join(ns.current(state)["dir"], name)).drop_columns(["run_id"]).to_pylist()
+    return sorted(rows, key=lambda r: tuple(str(v) for v in r.values()))
+
+
+@pytest.mark.parametrize("seed,policy", [(0, ["--linkage", "complete"]),
+                                         (1, ["--linkage", "single", "--keeper_policy", "largest_image"])])
+def test_nightly_sequence_equals_full_recompute(tmp_path, tiny_model_dir, seed, policy):
+    """Each night runs on two states, one in this process (--engine auto: local for these small nights)
+    and one through the pipelines (--engine beam): the same tables every night, and at the end the
+    clusters of a full recompute."""
     cat = _catalogue(tmp_path)
-    state = str(tmp_path / "state")
+    state, piped = str(tmp_path / "state"), str(tmp_path / "state_beam")
     rng = np.random.default_rng(seed)
-    first = _nightly(cat, tiny_model_dir, state, "2026-12-01")
-    assert first["full"] and first["counts"]["added"] == first["counts"]["items"]
+    first = _nightly(cat, tiny_model_dir, state, "2026-12-01", *policy)
+    _nightly(cat, tiny_model_dir, piped, "2026-12-01", *policy)
+    assert first["full"] and first["counts"]["added"] == first["counts"]["items"] and first["engine"] == "beam"
     assert first["counts"]["clusters"] >= 3  # the near copies cluster
     for day, date in enumerate(["2026-12-02", "2026-12-03", "2026-12-04"], 1):
         _mutate(cat, rng, day)
-        manifest = _nightly(cat, tiny_model_dir, state, date)
-        assert not manifest["full"]
+        manifest = _nightly(cat, tiny_model_dir, state, date, *policy)
+        beam_manifest = _nightly(cat, tiny_model_dir, piped, date, *policy, "--engine", "beam")
+        assert not manifest["full"] and manifest["engine"] == "local" and beam_manifest["engine"] == "beam"
         c = manifest["counts"]
         assert c["embedded"] == c["added"] + c["changed"] and c["templates"] == c["items"]
+        assert c["reclustered_items"] < c["templates"]  # only the components the night touched
+        assert beam_manifest["counts"]["reclustered_items"] == c["templates"]
         assert manifest["threshold"]["value"] == THRESHOLD and "kept from the state" in manifest["threshold_how"]
+        for table in ("templates", "failures", "matches", "clusters"):
+            local_rows, beam_rows = _generation_rows(state, table), _generation_rows(piped, table)
+            if table == "templates":  # each engine embedded tonight's items at its own time
+                local_rows, beam_rows = ([{k: v for k, v in r.items() if k not in ("embedded_at", "embedding")}
+                                          for r in rows] for rows in (local_rows, beam_rows))
+            assert local_rows == beam_rows, (date, table)
     got, got_keepers = _state_clusters(state)
-    want, want_keepers = _full_recompute(cat, tiny_model_dir, str(tmp_path / "full"))
+    want, want_keepers = _full_recompute(cat, tiny_model_dir, str(tmp_path / "full"), policy)
     assert got == want and got_keepers == want_keepers
     assert any(len(g) > 1 for g in want)
     on_disk = json.load(open(os.path.join(state, "runs", "2026-12-04", "manifest.json")))
