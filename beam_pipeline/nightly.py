@@ -29,7 +29,9 @@ changes move, so incremental matches would not equal a full recompute's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import hashlib
 import logging
 import os
@@ -49,7 +51,7 @@ from beam_pipeline import io as bio
 from beam_pipeline import nightly_state as ns
 from beam_pipeline import clustering, outputs, sources
 from beam_pipeline.inference import EncoderChunkHandler
-from beam_pipeline.options import DedupOptions, EmbedOptions, new_run_id
+from beam_pipeline.options import POSITIVE_INT, DedupOptions, EmbedOptions, new_run_id
 from siamese_core.artefact import load_model_card
 from schemas.documents import validate_match_run
 from schemas.tables import CLUSTERS_SCHEMA, FAILURES_SCHEMA, MATCHES_SCHEMA
@@ -71,6 +73,21 @@ ENGINES = {
 }
 LOCAL_MAX_ITEMS = 5000
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for a block that makes Python objects per catalogue item. With
+    TensorFlow loaded the heap holds ~500,000 objects, and the full collections that 50,000 new ones set off
+    cost more than the work itself (0.4 s of listing 50,000 files took 0.9 s). Reference counting still frees
+    everything; only reference cycles made inside wait for the collection after it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class InjectedFault(RuntimeError):
@@ -114,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="auto", choices=tuple(ENGINES),
                         help="Where an incremental run embeds, matches and clusters: " +
                              "; ".join(f"{k}: {v}" for k, v in ENGINES.items()) + ". A full run uses the pipelines.")
-    parser.add_argument("--local_max_items", type=int, default=LOCAL_MAX_ITEMS,
+    parser.add_argument("--local_max_items", type=POSITIVE_INT, default=LOCAL_MAX_ITEMS,
                         help="--engine auto: the most items to embed in this process (the decoded images are held "
                              f"in memory until embedded; default {LOCAL_MAX_ITEMS}).")
     parser.add_argument("--rehash", action="store_true",
@@ -143,22 +160,29 @@ def list_items(catalogue: str, before: pa.Table | None = None) -> pa.Table:
     """Every file of the catalogue (ITEMS_SCHEMA): its item id, path, size, modification time and content
     hash, by id. A file whose path, size and modification time equal its row in `before` (the last run's
     items) keeps that row's hash unread, as rsync does by default; without `before` every file is read."""
-    known = {}
-    if before is not None:
-        columns = (before.column(c).to_pylist() for c in ("source_uri", "size", "modified", "content_sha256"))
-        known = {uri: (size, modified, sha) for uri, size, modified, sha in zip(*columns) if sha and modified is not None}
-    columns = {name: [] for name in ITEMS_SCHEMA.names}
-    for listed in sources.list_catalogue(catalogue):
-        old = known.get(listed.path)
-        same = old is not None and listed.modified is not None and old[:2] == (int(listed.size), listed.modified)
-        columns["item_id"].append(bio.item_id_for(listed.path, catalogue))
-        columns["source_uri"].append(listed.path)
-        columns["size"].append(int(listed.size))
-        columns["modified"].append(listed.modified)
-        columns["content_sha256"].append(old[2] if same else (content_sha256(listed.path) or ""))
-    if not columns["item_id"]:
+    listed = sources.list_catalogue(catalogue)
+    if not listed:
         raise FileNotFoundError(f"--catalogue {catalogue!r} matches no files")
-    return pa.table(columns, schema=ITEMS_SCHEMA).sort_by("item_id")
+    paths = [entry.path for entry in listed]
+    items = pa.table({"item_id": [bio.item_id_for(path, catalogue) for path in paths], "source_uri": paths,
+                      "size": [int(entry.size) for entry in listed], "modified": [entry.modified for entry in listed]},
+                     schema=pa.schema([ITEMS_SCHEMA.field(name) for name in ITEMS_SCHEMA.names[:4]]))
+    known = None
+    if before is not None:  # one join, not a lookup per file: a catalogue has millions
+        old = before.filter(pc.and_(pc.is_valid(before.column("modified")),
+                                    pc.not_equal(before.column("content_sha256"), "")))
+        old = old.select(["source_uri", "size", "modified", "content_sha256"]).rename_columns(
+            ["source_uri", "old_size", "old_modified", "content_sha256"])
+        items = items.join(old, "source_uri", join_type="left outer")
+        same = pc.and_(pc.equal(items.column("size"), items.column("old_size")),
+                       pc.equal(items.column("modified"), items.column("old_modified")))
+        known = pc.if_else(pc.fill_null(same, False), items.column("content_sha256"), None)
+    hashes = [None] * items.num_rows if known is None else known.to_pylist()
+    uris = items.column("source_uri").to_pylist()
+    hashes = [sha if sha is not None else (content_sha256(uri) or "") for sha, uri in zip(hashes, uris)]
+    items = items.select(ITEMS_SCHEMA.names[:4]).append_column(ITEMS_SCHEMA.field("content_sha256"),
+                                                               pa.array(hashes, pa.string()))
+    return items.cast(ITEMS_SCHEMA).sort_by("item_id")
 
 
 def diff_items(now: pa.Table, before: pa.Table | None) -> dict:
@@ -187,8 +211,11 @@ def _write_table(table: pa.Table, directory: str, name: str, schema: pa.Schema) 
     path = FileSystems.join(directory, name, f"{name}-00000-of-00001.parquet")
     if bio._is_local(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Dictionary pages only for the columns whose values repeat: for per-item ids and embeddings Parquet would
+    # build one and give it up (a third of the time it takes to write the templates).
+    repeated = [c for c in ("model_id", "run_id", "stage") if c in schema.names]
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        pq.write_table(table.cast(schema), f)
+        pq.write_table(table.cast(schema), f, use_dictionary=repeated)
     return path
 
 
@@ -287,8 +314,9 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
 
     t = time.perf_counter()
     before = None if full_reason else pq.read_table(_local_or_buffer(FileSystems.join(base["dir"], ns.ITEMS)))
-    items = list_items(args.catalogue, None if args.rehash else before)
-    diff = diff_items(items, before)
+    with gc_paused():
+        items = list_items(args.catalogue, None if args.rehash else before)
+        diff = diff_items(items, before)
     timings["list"] = round(time.perf_counter() - t, 3)
     _fault("list")
 
@@ -298,40 +326,43 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     to_embed = diff["added"] + diff["changed"]
     engine, engine_why = choose_engine(args.engine, full_reason, len(to_embed), args.local_max_items, beam_args)
     LOG.info("nightly %s: %s (%s)", run_date, engine, engine_why)
-    t = time.perf_counter()
-    new_templates, new_failures = _embed_changes(args, beam_args, items, to_embed, work, run_id, engine, card)
-    timings["embed"] = round(time.perf_counter() - t, 3)
-    _fault("embed")
+    with contextlib.ExitStack() as steps:
+        if engine == "local":  # objects per item, in this process: see gc_paused
+            steps.enter_context(gc_paused())
+        t = time.perf_counter()
+        new_templates, new_failures = _embed_changes(args, beam_args, items, to_embed, work, run_id, engine, card)
+        timings["embed"] = round(time.perf_counter() - t, 3)
+        _fault("embed")
 
-    t = time.perf_counter()
-    unchanged = set(diff["unchanged"])
-    templates, failures = _generation_tables(base, unchanged, new_templates, new_failures, full_reason is not None,
-                                             gen)
-    timings["templates"] = round(time.perf_counter() - t, 3)
-    _fault("templates")
+        t = time.perf_counter()
+        unchanged = set(diff["unchanged"])
+        templates, failures = _generation_tables(base, unchanged, new_templates, new_failures,
+                                                 full_reason is not None, gen)
+        timings["templates"] = round(time.perf_counter() - t, 3)
+        _fault("templates")
 
-    t = time.perf_counter()
-    base_matches = None if full_reason else bio.read_table_dir(base["dir"], "matches")
-    threshold, matches, night_matches, fingerprint = _match_step(
-        args, beam_args, None if full_reason else base["threshold"], base_matches, unchanged, templates, new_templates, full_reason is not None, gen, work,
-        run_id, card, engine)
-    timings["match"] = round(time.perf_counter() - t, 3)
-    _fault("match")
+        t = time.perf_counter()
+        base_matches = None if full_reason else bio.read_table_dir(base["dir"], "matches")
+        threshold, matches, night_matches, fingerprint = _match_step(
+            args, beam_args, None if full_reason else base["threshold"], base_matches, unchanged, templates,
+            new_templates, full_reason is not None, gen, work, run_id, card, engine)
+        timings["match"] = round(time.perf_counter() - t, 3)
+        _fault("match")
 
-    t = time.perf_counter()
-    if engine == "local":
-        touched = touched_items(base_matches, to_embed, diff["removed"] + diff["changed"])
-        dedup_summary = _dedup_in_process(args, beam_args, base, clustering_config, gen, templates, matches,
-                                          touched, threshold, fingerprint, run_id, card)
-    else:
-        from beam_pipeline import dedup
+        t = time.perf_counter()
+        if engine == "local":
+            touched = touched_items(base_matches, to_embed, diff["removed"] + diff["changed"])
+            dedup_summary = _dedup_in_process(args, beam_args, base, clustering_config, gen, templates, matches,
+                                              touched, threshold, fingerprint, run_id, card)
+        else:
+            from beam_pipeline import dedup
 
-        dedup_summary = dedup.run(["--templates", bio.table_glob(gen, "templates"), "--matches",
-                                   bio.table_glob(gen, "matches"), "--output", gen, "--linkage", args.linkage,
-                                   "--keeper_policy", args.keeper_policy, "--run_id", run_id, *beam_args])
-        dedup_summary["reclustered"] = dedup_summary["items"]
-    timings["dedup"] = round(time.perf_counter() - t, 3)
-    _fault("dedup")
+            dedup_summary = dedup.run(["--templates", bio.table_glob(gen, "templates"), "--matches",
+                                       bio.table_glob(gen, "matches"), "--output", gen, "--linkage", args.linkage,
+                                       "--keeper_policy", args.keeper_policy, "--run_id", run_id, *beam_args])
+            dedup_summary["reclustered"] = dedup_summary["items"]
+        timings["dedup"] = round(time.perf_counter() - t, 3)
+        _fault("dedup")
 
     t = time.perf_counter()
     outputs.delete_path(work)
@@ -536,8 +567,9 @@ def _dedup_in_process(args, beam_args, base: dict, clustering_config: dict, gen:
     else:
         clusters = dedup.cluster_in_process(templates, matches, config, run_id, keeper_values)
         reclustered = clusters.num_rows
-    lineage = dedup.lineage_of(run_id, card["model_id"], fingerprint, {"run_id": run_id, "threshold": threshold["value"]},
-                               config.threshold, args.linkage, args.keeper_policy)
+    made_by = {"run_id": run_id, "threshold": threshold["value"]}  # the matches' lineage (_match_step)
+    lineage = dedup.lineage_of(run_id, card["model_id"], fingerprint, made_by, config.threshold, args.linkage,
+                               args.keeper_policy)
     _write_table(clusters, gen, "clusters", outputs.with_lineage(CLUSTERS_SCHEMA, lineage))
     summary = clustering.summarize({
         "cluster_size": clusters.column("cluster_size").to_numpy(),

@@ -37,7 +37,7 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
-from beam_pipeline.thresholds import angular_cut, knn_cut
+from beam_pipeline.thresholds import MAX_THRESHOLD, angular_cut, knn_cut
 from siamese_core.similarity import all_pair_scores, angular_similarity, knn_normalised, upper_pair_blocks
 
 MIN_ITEMS = 50                   # fewer items: too few pairs to estimate a tail (1,225 pairs at 50)
@@ -351,6 +351,11 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
     total_pairs = n_items * (n_items - 1) // 2
     model, notes = fit_tail(impostor_scores, genuine, copy_copy)
     on_grid = grid >= model.u
+    if not on_grid.any():
+        raise CalibrationError(
+            f"the catalogue's impostor tail starts at angular similarity {model.u:.5f}, above every threshold a run "
+            f"may use (up to {grid[-1]:.4f}): to this model its items are too alike for copies to be told from "
+            "distinct items. Pass --threshold")
     g, p = grid[on_grid], predicted[on_grid]
     fp = total_pairs * model.survival(g)
     if exact_counts:  # there cannot be more false pairs than pairs (the tail model can say so far out)
@@ -461,10 +466,12 @@ def _curve(grid: np.ndarray, predicted: np.ndarray, fp: np.ndarray, points: int 
              "expected_false_pairs": float(fp[i])} for i in idx]
 
 
-def threshold_grid(low: float = 0.5) -> np.ndarray:
-    """Ascending angular thresholds from `low` to 1 in GRID_STEP steps."""
-    grid = np.round(np.arange(low, 1.0 + GRID_STEP / 2, GRID_STEP), 6)
-    return grid[grid <= 1.0]
+def threshold_grid(low: float = 0.5, high: float = MAX_THRESHOLD) -> np.ndarray:
+    """Ascending thresholds from `low` to `high` in GRID_STEP steps. The default `high` is the highest
+    angular threshold a run may use (thresholds.MAX_THRESHOLD): above it, float32 embeddings of identical
+    content may not match, so a catalogue where no threshold meets the budget falls back to it, not to 1."""
+    grid = np.round(np.arange(low, high + GRID_STEP / 2, GRID_STEP), 6)
+    return grid[grid <= high]
 
 
 def synthetic_copy_scores(model, input_spec: dict, items: list[tuple], rng: np.random.Generator,
@@ -618,7 +625,8 @@ def calibrate_catalogue(manifest, templates_glob: str, model_dir: str, *, target
             "identical to this model, so copies cannot be told from distinct items. Pass --threshold")
     if knn is not None:  # the same pairs, scored as the matches will be
         impostor = knn_normalised(impostor, b[left], b[right], beta).astype(np.float64)
-    grid = threshold_grid(max(0.0, float(np.quantile(impostor, 0.5))))
+    # kNN-normalised scores are no cosines: float32's resolution near 1 does not cap them.
+    grid = threshold_grid(max(0.0, float(np.quantile(impostor, 0.5))), MAX_THRESHOLD if knn is None else 1.0)
     if exhaustive and len(rows) == n:  # the sample is every pair: count from it, not from a second pass
         predicted = (len(impostor) - np.searchsorted(np.sort(impostor), grid, side="left")).astype(np.float64)
         exact = True

@@ -4,10 +4,12 @@
         [--items 50000] [--new_share 0.01] [--work /tmp/bench_nightly]
 
 1. writes a catalogue of ITEMS Fashion-MNIST training images as PNG files (1 in 50 with a near copy);
-2. the first nightly run on it: a full run (embed everything, match all pairs at --threshold, dedup);
+2. the first nightly run on it: a full run (embed everything, match all pairs at --threshold, or at the
+   threshold it self-calibrates without it, dedup);
 3. adds new_share x ITEMS files (half new images, half near copies of catalogue items) and runs nightly
    again: embeds and matches only those;
-4. a full recompute of the grown catalogue on a fresh state, for the clusters to compare with.
+4. a full recompute of the grown catalogue on a fresh state at the first run's threshold, for the clusters
+   to compare with.
 Prints one JSON line: the seconds of each run and of each nightly step, the ratio nightly / full (the
 second full run, of the same grown catalogue), and whether the clusters are identical.
 """
@@ -52,7 +54,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--new_share", type=float, default=0.01)
-    parser.add_argument("--threshold", type=float, default=0.97)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Angular similarity threshold of every run (default: the first run self-calibrates "
+                             "it, the nightly run keeps it from the state, the full recompute is given it).")
     parser.add_argument("--work", default="/tmp/bench_nightly")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -68,12 +72,13 @@ def main(argv=None) -> dict:
         img = images[i] if k % 50 else _near_copy(images[base[k - 1]], rng)
         _write(os.path.join(cat, f"item_{k:06d}.png"), img)
     write_seconds = time.perf_counter() - t
-    common = ["--catalogue", os.path.join(cat, "*.png"), "--model_dir", args.model_dir,
-              "--threshold", str(args.threshold)]
+    common = ["--catalogue", os.path.join(cat, "*.png"), "--model_dir", args.model_dir]
+    given = [] if args.threshold is None else ["--threshold", str(args.threshold)]
 
     state = os.path.join(args.work, "state")
     t = time.perf_counter()
-    first = nightly.run([*common, "--state", state, "--run_date", "2026-12-01"])
+    first = nightly.run([*common, *given, "--state", state, "--run_date", "2026-12-01"])
+    threshold = first["threshold"]["value"]
     first_seconds = time.perf_counter() - t
 
     for k, i in enumerate(fresh):
@@ -87,10 +92,11 @@ def main(argv=None) -> dict:
 
     fresh_state = os.path.join(args.work, "state_full")
     t = time.perf_counter()
-    full = nightly.run([*common, "--state", fresh_state, "--run_date", "2026-12-02"])
+    full = nightly.run([*common, "--threshold", repr(threshold), "--state", fresh_state, "--run_date", "2026-12-02"])
     full_seconds = time.perf_counter() - t
     same = _clusters(ns.current(state)["dir"]) == _clusters(ns.current(fresh_state)["dir"])
-    result = {"bench": "nightly", "items": args.items, "new_items": n_new, "write_catalogue_seconds": round(write_seconds, 1),
+    result = {"bench": "nightly", "items": args.items, "new_items": n_new, "threshold": threshold,
+              "threshold_how": first["threshold_how"], "write_catalogue_seconds": round(write_seconds, 1),
               "first_full_seconds": round(first_seconds, 1), "nightly_seconds": round(night_seconds, 1),
               "full_recompute_seconds": round(full_seconds, 1), "ratio": round(night_seconds / full_seconds, 3),
               "clusters_identical": same, "nightly_steps": night["seconds"], "full_steps": full["seconds"],

@@ -192,3 +192,87 @@ def test_linkage_values_are_defined_by_the_clustering_module():
     assert tuple(parser._option_string_actions["--keeper_policy"].choices) == clustering.KEEPER_POLICIES
     with pytest.raises(SystemExit):
         parser.parse_args(["--templates", "t", "--matches", "m", "--output", "o", "--linkage", "average"])
+
+
+def _unit(rng, dim: int = 4) -> list:
+    v = rng.normal(size=dim)
+    return (v / np.linalg.norm(v)).astype(np.float32).tolist()
+
+
+def _graph_tables(ids: list, edges: dict, sizes: dict, vectors: dict):
+    """(templates, matches) tables in memory for items `ids` ({id: width}, {id: unit vector}) and edges
+    {(a, b): similarity}."""
+    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    templates = pa.table(
+        {"item_id": ids, "source_uri": ids, "content_sha256": ["0" * 64] * len(ids),
+         "embedding": [vectors[i] for i in ids], "model_id": [MODEL] * len(ids),
+         "width": [sizes[i] for i in ids], "height": [10] * len(ids), "embedded_at": [now] * len(ids),
+         "run_id": ["e"] * len(ids)}, schema=templates_schema(len(vectors[ids[0]]))).sort_by("item_id")
+    pairs = sorted(edges.items())
+    sim = np.asarray([s for _, s in pairs], np.float32)
+    matches = pa.table({"left_id": [a for (a, _), _ in pairs], "right_id": [b for (_, b), _ in pairs],
+                        "cosine": sim, "angular_similarity": sim, "score": sim, "model_id": [MODEL] * len(pairs),
+                        "run_id": ["m"] * len(pairs)}, schema=MATCHES_SCHEMA)
+    return templates, matches
+
+
+@pytest.mark.parametrize("linkage,policy", [("complete", "first_id"), ("complete", "largest_image"),
+                                            ("single", "largest_image")])
+def test_reclustering_the_touched_components_equals_clustering_everything(linkage, policy):
+    """A night's changes (items added, changed, removed), then dedup.recluster with the touched items as
+    nightly names them: the same table as clustering the whole catalogue again, on 80 random catalogues."""
+    from beam_pipeline import clustering
+
+    rng = np.random.default_rng(3)
+    config = clustering.ClusterConfig(linkage=linkage, keeper_policy=policy, threshold=0.9)
+    partial = 0
+    for case in range(80):
+        n = int(rng.integers(4, 40))
+        ids = [f"i{k:03d}" for k in range(n)]
+        sizes = {i: int(rng.integers(1, 5)) for i in ids}
+        vectors = {i: _unit(rng) for i in ids}
+
+        def random_edges(nodes, among, count):
+            out = {}
+            for _ in range(count):
+                a, b = rng.choice(nodes), rng.choice(among)
+                if a != b:
+                    out[tuple(sorted((a, b)))] = float(np.round(rng.uniform(0.9, 1.0), 2))
+            return out
+
+        edges = random_edges(ids, ids, int(rng.integers(0, 2 * n)))
+        before_t, before_m = _graph_tables(ids, edges, sizes, vectors)
+        previous = dedup.cluster_in_process(before_t, before_m, config, "night-1")
+
+        removed = set(rng.choice(ids, size=int(rng.integers(0, 3)), replace=False).tolist())
+        changed = set(rng.choice([i for i in ids if i not in removed], size=int(rng.integers(0, 3)),
+                                 replace=False).tolist())
+        added = [f"n{case}_{k}" for k in range(int(rng.integers(0, 4)))]
+        unchanged = [i for i in ids if i not in removed and i not in changed]
+        now_ids = sorted(unchanged + sorted(changed) + added)
+        sizes.update({i: int(rng.integers(1, 5)) for i in [*changed, *added]})
+        vectors.update({i: _unit(rng) for i in [*changed, *added]})
+        kept = {e: s for e, s in edges.items() if e[0] in unchanged and e[1] in unchanged}
+        night = sorted(changed) + added
+        new_edges = random_edges(night, now_ids, 3 * len(night)) if night else {}
+        after_t, after_m = _graph_tables(now_ids, {**kept, **new_edges}, sizes, vectors)
+        gone = removed | changed
+        touched = set(night) | {b if a in gone else a for a, b in edges if (a in gone) != (b in gone)}
+
+        got, reclustered = dedup.recluster(previous, after_t, after_m, touched, config, "night-2")
+        want = dedup.cluster_in_process(after_t, after_m, config, "night-2")
+        assert got.to_pylist() == want.to_pylist(), case
+        partial += reclustered < len(now_ids)
+    assert partial > 40  # most nights re-cluster only part of the catalogue
+
+
+def test_reclustering_refuses_previous_clusters_of_other_items():
+    from beam_pipeline import clustering
+
+    rng = np.random.default_rng(0)
+    templates, matches = _graph_tables(["a", "b", "c"], {("a", "b"): 0.95}, dict.fromkeys("abc", 1),
+                                       {i: _unit(rng) for i in "abc"})
+    config = clustering.ClusterConfig(threshold=0.9)
+    previous = dedup.cluster_in_process(templates.slice(0, 2), matches, config, "old")
+    with pytest.raises(ValueError, match="lack 1 of the 1 untouched items"):
+        dedup.recluster(previous, templates, matches, {"a"}, config, "new")

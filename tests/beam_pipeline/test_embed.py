@@ -18,7 +18,7 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing import test_pipeline
 
 from beam_pipeline import embed
-from siamese_core.decode import decode_image
+from siamese_core.decode import DEFAULT_MAX_PIXELS, decode_image
 from beam_pipeline.io import read_table_dir
 from schemas.tables import embeddings_as_numpy, templates_schema
 from siamese_core.artefact import load_encoder
@@ -485,3 +485,28 @@ def test_input_list_embeds_only_the_listed_files(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="does not lie under the prefix"):
         embed.run(["--input", str(tmp_path / "cat" / "*.png"), "--input_list", str(listing),
                    "--model_dir", tiny_model_dir, "--output", str(out)])
+
+
+def test_embedding_files_in_process_gives_the_pipelines_tables(embedded, tiny_model_dir):
+    """embed_files_locally (nightly's local engine) on the same catalogue: the pipeline's rows exactly
+    (identical bytes embedded once and shared, the same failures with the same reasons)."""
+    from beam_pipeline import sources
+    from beam_pipeline.inference import EncoderChunkHandler
+
+    _, images, out, files, _, _ = embedded
+    glob = os.path.join(images, "**")
+    listed = [(entry.path, entry.size) for entry in sources.list_catalogue(glob)]
+    handler = EncoderChunkHandler(tiny_model_dir, batch_size=4)
+    templates, failures = embed.embed_files_locally(listed, glob, handler, "test-run-1", max_file_bytes=MAX_FILE_BYTES,
+                                                    max_pixels=DEFAULT_MAX_PIXELS, threads=2)
+    want = read_table_dir(out, "templates")
+    assert templates.schema.equals(templates_schema(want.schema.field("embedding").type.list_size))
+    assert templates.column("item_id").to_pylist() == sorted(VALID)
+    columns = ["item_id", "source_uri", "content_sha256", "model_id", "width", "height", "run_id"]
+    assert templates.select(columns).to_pylist() == want.select(columns).sort_by("item_id").to_pylist()
+    np.testing.assert_allclose(embeddings_as_numpy(templates),
+                               embeddings_as_numpy(want.sort_by("item_id")), atol=1e-6)
+    got_failures = sorted((r["item_id"], r["stage"], r["error"]) for r in failures.to_pylist())
+    want_failures = sorted((r["item_id"], r["stage"], r["error"]) for r in read_table_dir(out, "failures").to_pylist())
+    assert got_failures == want_failures and len(got_failures) == len(BROKEN)
+    assert len(templates) + len(failures) == len(files)

@@ -81,6 +81,32 @@ def test_choose_threshold_meets_its_budget_and_states_it():
         sc.choose_threshold(scores, 1500, grid, predicted, genuine, target_precision=0.99, max_false_pairs=3)
 
 
+def test_no_threshold_meeting_the_budget_falls_back_to_the_highest_a_run_may_use():
+    """Copies no better than look-alikes (a class-level encoder): no grid point meets the budget, and the
+    fallback is thresholds.MAX_THRESHOLD, at which identical content still matches, not a cut near 1
+    (0.99992 before) that float32 embeddings of one image may miss."""
+    from beam_pipeline.thresholds import MAX_THRESHOLD
+    from siamese_core.similarity import angular_similarity
+
+    grid = sc.threshold_grid(0.6)
+    assert grid[-1] == pytest.approx(MAX_THRESHOLD) and grid.max() <= MAX_THRESHOLD
+    rng = np.random.default_rng(4)
+    scores = 0.6 + rng.exponential(0.04, 300_000)  # every pair an impostor, up to 1: no level meets 1%
+    scores = scores[scores < 1.0]
+    predicted = np.array([np.sum(scores >= t) for t in grid], float)
+    out = sc.choose_threshold(scores, 800, grid, predicted, None, target_precision=0.99, bootstrap=5)
+    assert out["angular_similarity"] == pytest.approx(MAX_THRESHOLD)
+    assert any("no threshold on the grid meets the budget" in n for n in out["self_calibration"]["notes"])
+    v = _unit(rng, 50, 64)
+    assert np.all(angular_similarity(np.einsum("kd,kd->k", v, v.copy())) >= out["angular_similarity"])
+    # A tail that starts above every usable threshold: a clear refusal, not an empty sweep.
+    alike = 1.0 - rng.exponential(0.0003, 300_000)
+    alike = alike[alike < 1.0]
+    with pytest.raises(sc.CalibrationError, match="too alike"):
+        sc.choose_threshold(alike, 800, grid, np.array([np.sum(alike >= t) for t in grid], float), None,
+                            target_precision=0.99, bootstrap=5)
+
+
 def test_a_catalogue_whose_pairs_have_no_tail_is_refused():
     scores = np.full(5000, 0.999)
     with pytest.raises(sc.CalibrationError, match="look alike"):

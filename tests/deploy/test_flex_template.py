@@ -57,6 +57,8 @@ SAMPLES = {
     "keeper_policy": ([p for p in KEEPER_POLICIES if p != "column"],
                       # column needs --keeper_table/--keeper_column, which the template does not offer
                       ["column", "largest", ""]),
+    "engine": (["auto", "beam", "local"], ["Local", "dataflow", ""]),
+    "local_max_items": (["5000", "1", "200000"], ["0", "-5", "5k", "1.5", ""]),
     "rehash": (["true", "false"], ["no", "0", ""]),
     "break_lock": (["true", "false"], ["TRUE", "on", ""]),
 }
