@@ -130,21 +130,27 @@ def test_nightly_sequence_equals_full_recompute(tmp_path, tiny_model_dir, seed, 
     assert on_disk["generation"] == ns.current_name(state)
 
 
-def test_rerun_of_a_date_replaces_it_and_a_killed_run_leaves_the_state(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("engine", ["auto", "beam"])  # auto: these small nights run in process
+def test_rerun_of_a_date_replaces_it_and_a_killed_run_leaves_the_state(tmp_path, tiny_model_dir, monkeypatch,
+                                                                      engine):
     cat = _catalogue(tmp_path, n_groups=6)
     state = str(tmp_path / "state")
-    _nightly(cat, tiny_model_dir, state, "2026-12-01")
+
+    def night(date):  # every run of this test on `engine`
+        return _nightly(cat, tiny_model_dir, state, date, "--engine", engine)
+
+    night("2026-12-01")
     _write(cat, "late.png", _image(3, noise=5))  # a copy of g3_0
-    day2 = _nightly(cat, tiny_model_dir, state, "2026-12-02")
-    assert day2["counts"]["added"] == 1
+    day2 = night("2026-12-02")
+    assert day2["counts"]["added"] == 1 and day2["engine"] == {"auto": "local", "beam": "beam"}[engine]
     # The date again, after another file arrived: starts from 12-01's state, replaces 12-02's outputs.
     _write(cat, "later.png", _image(40))
-    again = _nightly(cat, tiny_model_dir, state, "2026-12-02")
+    again = night("2026-12-02")
     assert again["replaced_date"] and again["counts"]["added"] == 2 and again["parent"] == day2["parent"]
     assert json.load(open(os.path.join(state, "runs", "2026-12-02", "manifest.json")))["run_id"] == again["run_id"]
     assert _state_clusters(state)[0] == _full_recompute(cat, tiny_model_dir, str(tmp_path / "full"))[0]
     with pytest.raises(ValueError, match="runs go forward"):
-        _nightly(cat, tiny_model_dir, state, "2026-11-30")
+        night("2026-11-30")
 
     # Killed after each step: CURRENT and the date's outputs stay as they were; nothing is left locked.
     os.remove(os.path.join(cat, "g1_0.png"))
@@ -152,20 +158,20 @@ def test_rerun_of_a_date_replaces_it_and_a_killed_run_leaves_the_state(tmp_path,
     for step in ("list", "embed", "templates", "match", "dedup", "outputs"):
         monkeypatch.setenv(nightly.FAULT_ENV, step)
         with pytest.raises(nightly.InjectedFault):
-            _nightly(cat, tiny_model_dir, state, "2026-12-03")
+            night("2026-12-03")
         assert ns.current_name(state) == committed, step
         assert not os.path.exists(os.path.join(state, ns.LOCK)), step
         assert not os.path.exists(os.path.join(state, "runs", "2026-12-03")), step
     # Killed just after its commit: the state is the new one; the next run publishes its date's outputs.
     monkeypatch.setenv(nightly.FAULT_ENV, "commit")
     with pytest.raises(nightly.InjectedFault):
-        _nightly(cat, tiny_model_dir, state, "2026-12-03")
+        night("2026-12-03")
     assert ns.current_name(state) != committed and not os.path.exists(os.path.join(state, "runs", "2026-12-03"))
     assert nightly.publish_committed_run(state)
     assert json.load(open(os.path.join(state, "runs", "2026-12-03", "manifest.json")))["generation"] == \
         ns.current_name(state)
     monkeypatch.delenv(nightly.FAULT_ENV)
-    recovered = _nightly(cat, tiny_model_dir, state, "2026-12-03")  # the date again, from 12-02's state
+    recovered = night("2026-12-03")  # the date again, from 12-02's state
     assert recovered["replaced_date"] and recovered["counts"]["removed"] == 1 and recovered["counts"]["added"] == 0
     assert len(os.listdir(os.path.join(state, ns.GENERATIONS))) <= 3  # killed runs' generations removed
     assert _state_clusters(state)[0] == _full_recompute(cat, tiny_model_dir, str(tmp_path / "full2"))[0]
@@ -267,3 +273,23 @@ def test_an_unknown_keeper_policy_is_refused_before_anything_runs(capsys):
         nightly.build_parser().parse_args(["--catalogue", "x/*", "--model_dir", "m", "--state", "s",
                                            "--keeper_policy", "largest"])
     assert stop.value.code == 2 and "invalid choice: 'largest'" in capsys.readouterr().err
+
+
+def test_the_engine_is_chosen_by_the_night_and_the_runner():
+    choose = nightly.choose_engine
+    assert choose("auto", None, 500, 5000, []) == ("local", "500 items to embed, at most --local_max_items 5000")
+    assert choose("auto", None, 500, 5000, ["--runner", "DirectRunner"])[0] == "local"
+    assert choose("auto", None, 6000, 5000, [])[0] == "beam"  # too many to hold in this process
+    assert choose("auto", None, 500, 5000, ["--runner", "DataflowRunner", "--project", "p"]) == \
+        ("beam", "--runner DataflowRunner")
+    assert choose("local", None, 10**6, 5000, ["--runner", "DataflowRunner"]) == ("local", "--engine local")
+    assert choose("beam", None, 1, 5000, []) == ("beam", "--engine beam")
+    assert choose("local", "no earlier state", 10, 5000, []) == ("beam", "a full run uses the pipelines")
+
+
+def test_keeper_policy_column_without_its_table_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    cat = _catalogue(tmp_path, n_groups=2)
+    state = str(tmp_path / "state")
+    with pytest.raises(ValueError, match="needs --keeper_table and --keeper_column"):
+        _nightly(cat, tiny_model_dir, state, "2026-12-01", "--keeper_policy", "column")
+    assert ns.current_name(state) is None and not os.path.exists(os.path.join(state, ns.LOCK))
