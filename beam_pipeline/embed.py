@@ -421,7 +421,7 @@ def _unwindowed(output):
 
 
 def embed_files_locally(listed: Sequence[tuple[str, int]], input_glob: str, handler: EncoderChunkHandler,
-                        run_id: str, *, max_file_bytes: int, max_pixels: int, threads: int = 0, model=None
+                        run_id: str, *, max_file_bytes: int, max_pixels: int, threads: int = 0
                         ) -> tuple[pa.Table, pa.Table]:
     """`build`'s steps for a list of image files, run in this process without a pipeline: for a few
     thousand files (a nightly delta), where starting a pipeline costs more than the work.
@@ -430,8 +430,7 @@ def embed_files_locally(listed: Sequence[tuple[str, int]], input_glob: str, hand
     DoFns as the pipeline read, decode, share the inference of identical bytes, embed and validate, so the
     rows are the pipeline's: returns (templates Table of templates_schema(dim), failures Table of
     FAILURES_SCHEMA), every file in one of them. The decoded images are held until all are hashed (as the
-    pipeline's side input of shared contents), so memory grows with the number of files. `model`: the
-    encoder as `handler.load_model()` gives it, when the caller loaded it already (default: loaded here).
+    pipeline's side input of shared contents), so memory grows with the number of files.
     """
     decode = DecodeFn(handler.input_spec, max_pixels, run_id, threads=decode_threads(threads))
     chunks, by_content, failures = [], {}, []
@@ -466,7 +465,7 @@ def embed_files_locally(listed: Sequence[tuple[str, int]], input_glob: str, hand
     images = [image_chunk for chunk in chunks for image_chunk in first_copies.process(chunk, duplicates)]
     tables = []
     if images:
-        model = model if model is not None else handler.load_model()
+        model = handler.load_model()
         to_templates = ToTemplatesFn(handler.model_id, handler.embedding_dim, run_id)
         to_templates.setup()
         batch, weight = [], 0

@@ -29,7 +29,6 @@ changes move, so incremental matches would not equal a full recompute's.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import datetime
 import gc
@@ -89,21 +88,6 @@ def gc_paused():
     finally:
         if was_enabled:
             gc.enable()
-
-
-class EncoderPreload:
-    """The encoder of a night that may run in this process (--engine local or auto), loaded on a thread while
-    the catalogue is listed: listing mostly waits on stat calls, and loading takes 0.2 s of a one-second
-    night. Unused (a beam night, nothing to embed), it is dropped; a load that failed raises where used."""
-
-    def __init__(self, handler: EncoderChunkHandler):
-        self.handler = handler
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-encoder")
-        self._model = pool.submit(handler.load_model)
-        pool.shutdown(wait=False)
-
-    def model(self):
-        return self._model.result()
 
 
 class InjectedFault(RuntimeError):
@@ -329,9 +313,6 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     clustering_config = _clustering_doc(args, beam_args)
 
     t = time.perf_counter()
-    may_run_here = full_reason is None and (args.engine == "local" or (
-        args.engine == "auto" and _runner(beam_args) in LOCAL_RUNNERS))
-    preload = EncoderPreload(_local_handler(args, beam_args, card)) if may_run_here else None
     before = None if full_reason else pq.read_table(_local_or_buffer(FileSystems.join(base["dir"], ns.ITEMS)))
     with gc_paused():
         items = list_items(args.catalogue, None if args.rehash else before)
@@ -349,8 +330,7 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
         if engine == "local":  # objects per item, in this process: see gc_paused
             steps.enter_context(gc_paused())
         t = time.perf_counter()
-        new_templates, new_failures = _embed_changes(args, beam_args, items, to_embed, work, run_id, engine,
-                                                     preload)
+        new_templates, new_failures = _embed_changes(args, beam_args, items, to_embed, work, run_id, engine, card)
         timings["embed"] = round(time.perf_counter() - t, 3)
         _fault("embed")
 
@@ -434,17 +414,12 @@ def choose_engine(requested: str, full_reason: str | None, n_to_embed: int, loca
         return "beam", "a full run uses the pipelines"
     if requested != "auto":
         return requested, f"--engine {requested}"
-    runner_name = _runner(beam_args)
+    runner_name = PipelineOptions(beam_args).view_as(StandardOptions).runner
     if runner_name not in LOCAL_RUNNERS:
         return "beam", f"--runner {runner_name}"
     if n_to_embed > local_max_items:
         return "beam", f"{n_to_embed} items to embed, more than --local_max_items {local_max_items}"
     return "local", f"{n_to_embed} items to embed, at most --local_max_items {local_max_items}"
-
-
-def _runner(beam_args: list[str]) -> str | None:
-    """The --runner among the Beam flags (None: not given, the DirectRunner)."""
-    return PipelineOptions(beam_args).view_as(StandardOptions).runner
 
 
 def _clustering_doc(args, beam_args: list[str]) -> dict:
@@ -458,17 +433,10 @@ def _clustering_doc(args, beam_args: list[str]) -> dict:
             "chain_margin": dedup_opts.chain_margin, "max_diameter_members": dedup_opts.max_diameter_members}
 
 
-def _local_handler(args, beam_args: list[str], card: dict) -> EncoderChunkHandler:
-    """The encoder handler of the local engine, with the embed stage's --batch_size."""
-    batch_size = PipelineOptions(beam_args).view_as(EmbedOptions).batch_size
-    return EncoderChunkHandler(args.model_dir, batch_size=batch_size, card=card)
-
-
 def _embed_changes(args, beam_args, items: pa.Table, to_embed: list[str], work: str, run_id: str, engine: str,
-                   preload: EncoderPreload | None) -> tuple[pa.Table | None, pa.Table | None]:
+                   card: dict) -> tuple[pa.Table | None, pa.Table | None]:
     """Embed the listed items only: (their templates, their failures), or (None, None) when there are none.
-    beam: the embed pipeline (--input_list) into WORK/embedded; local: embed.embed_files_locally, with the
-    encoder `preload` loaded."""
+    beam: the embed pipeline (--input_list) into WORK/embedded; local: embed.embed_files_locally."""
     from beam_pipeline import embed
 
     if not to_embed:
@@ -476,10 +444,10 @@ def _embed_changes(args, beam_args, items: pa.Table, to_embed: list[str], work: 
     rows = _keep(items, set(to_embed))
     if engine == "local":
         opts = PipelineOptions(beam_args).view_as(EmbedOptions)
+        handler = EncoderChunkHandler(args.model_dir, batch_size=opts.batch_size, card=card)
         listed = list(zip(rows.column("source_uri").to_pylist(), rows.column("size").to_pylist()))
-        return embed.embed_files_locally(listed, args.catalogue, preload.handler, run_id,
-                                         max_file_bytes=opts.max_file_bytes, max_pixels=opts.max_pixels,
-                                         threads=opts.decode_threads, model=preload.model())
+        return embed.embed_files_locally(listed, args.catalogue, handler, run_id, max_file_bytes=opts.max_file_bytes,
+                                         max_pixels=opts.max_pixels, threads=opts.decode_threads)
     night = FileSystems.join(work, "embedded")
     with tempfile.TemporaryDirectory() as tmp:
         list_file = os.path.join(tmp, "input_list.txt")
