@@ -74,12 +74,13 @@ def _glob_parts(base: str, parts: list[str], seen: set) -> Iterator[tuple[str, O
             continue  # hidden entries, as glob skips them
         if not matches(name):
             continue
+        path = head + name
         if rest:
             if entry.is_dir():
-                yield from _glob_parts(head + name, rest, seen)
-        elif head + name not in seen:  # the last part (most entries of a big catalogue): no recursion
-            seen.add(head + name)
-            yield head + name, None
+                yield from _glob_parts(path, rest, seen)
+        elif path not in seen:  # the last part (most entries of a big catalogue): no recursion
+            seen.add(path)
+            yield path, None
 
 
 @functools.lru_cache(maxsize=256)
