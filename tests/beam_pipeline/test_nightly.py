@@ -293,3 +293,37 @@ def test_keeper_policy_column_without_its_table_is_refused_before_any_work(tmp_p
     with pytest.raises(ValueError, match="needs --keeper_table and --keeper_column"):
         _nightly(cat, tiny_model_dir, state, "2026-12-01", "--keeper_policy", "column")
     assert ns.current_name(state) is None and not os.path.exists(os.path.join(state, ns.LOCK))
+
+
+def test_a_catalogue_on_gcs_runs_its_small_nights_in_process(tmp_path, tiny_model_dir, gcs_bucket):
+    """The local engine reads a gs:// catalogue (listing, hashes, bytes) as the pipelines do: a copy added
+    in the bucket is embedded in process and joins its original's cluster, as a full recompute says."""
+    import io as _io
+
+    from apache_beam.io.filesystems import FileSystems
+
+    def upload(name, pixels=None, data=None):
+        if data is None:
+            buffer = _io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            data = buffer.getvalue()
+        with FileSystems.create(f"{gcs_bucket}/cat/{name}") as f:
+            f.write(data)
+
+    for g in range(4):
+        upload(f"g{g}.png", _image(g))
+    upload("broken.png", data=b"not a PNG file")  # a failures row every night, never a silent gap
+    glob = f"{gcs_bucket}/cat/*.png"
+    state = str(tmp_path / "state")
+
+    def night(date):
+        return nightly.run(["--catalogue", glob, "--model_dir", tiny_model_dir, "--state", state,
+                            "--run_date", date, "--threshold", str(THRESHOLD)])
+
+    first = night("2026-12-01")
+    upload("g2_copy.png", _image(2, noise=4))
+    second = night("2026-12-02")
+    assert first["engine"] == "beam" and second["engine"] == "local"
+    assert (second["counts"]["added"], second["counts"]["embedded"], second["counts"]["failed"]) == (1, 1, 1)
+    clusters, _ = _state_clusters(state)
+    assert frozenset({"g2.png", "g2_copy.png"}) in clusters
