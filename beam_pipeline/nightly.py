@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siamese-dedup nightly",
         description="Nightly incremental dedup of a catalogue: embed and match only what changed since the last "
-                    "run, cluster everything, commit a new generation of the state. Other flags go to the Beam "
+                    "run, update the clusters, commit a new generation of the state. Other flags go to the Beam "
                     "stages (e.g. --runner DataflowRunner --project P --region R --temp_location gs://B/tmp).")
     parser.add_argument("--catalogue", required=True, help="Glob of the catalogue's image files (local or gs://).")
     parser.add_argument("--model_dir", required=True, help="Encoder artefact directory (model.keras + model_card.json).")
