@@ -307,13 +307,13 @@ def test_a_catalogue_on_gcs_runs_its_small_nights_in_process(tmp_path, tiny_mode
             buffer = _io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG")
             data = buffer.getvalue()
-        with FileSystems.create(f"{gcs_bucket}/cat/{name}") as f:
+        with FileSystems.create(f"{gcs_bucket}/nightly_catalogue/{name}") as f:  # the bucket is the session's
             f.write(data)
 
     for g in range(4):
         upload(f"g{g}.png", _image(g))
     upload("broken.png", data=b"not a PNG file")  # a failures row every night, never a silent gap
-    glob = f"{gcs_bucket}/cat/*.png"
+    glob = f"{gcs_bucket}/nightly_catalogue/*.png"
     state = str(tmp_path / "state")
 
     def night(date):
