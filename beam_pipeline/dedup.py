@@ -217,6 +217,12 @@ def recluster(previous: pa.Table, templates: pa.Table, matches: pa.Table, touche
     return pa.concat_tables([kept, fresh]).sort_by("item_id"), fresh.num_rows
 
 
+def summary_of(clusters: pa.Table) -> dict:
+    """clustering.summarize of a clusters table (its cluster_size, is_keeper and is_chained columns)."""
+    return clustering.summarize({name: clusters.column(name).to_numpy(zero_copy_only=False)
+                                 for name in ("cluster_size", "is_keeper", "is_chained")})
+
+
 def lineage_of(run_id: str, model_id: str, templates_lineage: dict, matches_lineage: dict, threshold,
                linkage: str, keeper_policy: str) -> dict:
     """What every clusters shard records it was made from (beam_pipeline.outputs)."""
@@ -261,11 +267,7 @@ def run(argv=None, test_pipeline=None) -> dict:
             raise RuntimeError(f"{n_items} templates but {written.num_rows} clusters rows were written")
         staged.publish()
     clusters_glob = bio.table_glob(opts.output, "clusters")
-    summary = clustering.summarize(
-        {"cluster_size": written.column("cluster_size").to_numpy(),
-         "is_keeper": written.column("is_keeper").to_numpy(zero_copy_only=False),
-         "is_chained": written.column("is_chained").to_numpy(zero_copy_only=False)}
-    )
+    summary = summary_of(written)
     seconds = round(time.perf_counter() - started, 3)
     LOG.info("dedup: %d items, %d pairs -> %d clusters (%d chained), %d items to drop", n_items, n_pairs,
              summary["clusters_count"], summary["chained_clusters"], summary["items_to_drop"])

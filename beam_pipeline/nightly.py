@@ -571,11 +571,7 @@ def _dedup_in_process(args, beam_args, base: dict, clustering_config: dict, gen:
     lineage = dedup.lineage_of(run_id, card["model_id"], fingerprint, made_by, config.threshold, args.linkage,
                                args.keeper_policy)
     _write_table(clusters, gen, "clusters", outputs.with_lineage(CLUSTERS_SCHEMA, lineage))
-    summary = clustering.summarize({
-        "cluster_size": clusters.column("cluster_size").to_numpy(),
-        "is_keeper": clusters.column("is_keeper").to_numpy(zero_copy_only=False),
-        "is_chained": clusters.column("is_chained").to_numpy(zero_copy_only=False)})
-    return {**summary, "reclustered": reclustered}
+    return {**dedup.summary_of(clusters), "reclustered": reclustered}
 
 
 # What a run publishes under STATE/runs/<run_date>/, staged inside its generation until it is committed.

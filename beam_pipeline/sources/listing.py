@@ -107,13 +107,12 @@ def _classify(path: str) -> Optional[Listed]:
         if os.path.islink(path):
             return Listed(path, -1, f"a dangling symbolic link (to {os.readlink(path)!r}, which does not exist)")
         return Listed(path, -1, describe(err))
-    if stat.S_ISREG(info.st_mode):  # the common case first
-        return Listed(path, info.st_size, None, info.st_mtime_ns / 1e9)
-    if stat.S_ISDIR(info.st_mode):
-        return None
-    for is_kind, kind in _FILE_KINDS:
-        if is_kind(info.st_mode):
-            return Listed(path, -1, f"not a regular file: {kind}")
+    if not stat.S_ISREG(info.st_mode):  # the rare kinds, tested only off the common path
+        if stat.S_ISDIR(info.st_mode):
+            return None
+        for is_kind, kind in _FILE_KINDS:
+            if is_kind(info.st_mode):
+                return Listed(path, -1, f"not a regular file: {kind}")
     return Listed(path, int(info.st_size), modified=info.st_mtime_ns / 1e9)
 
 
