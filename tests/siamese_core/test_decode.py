@@ -282,6 +282,10 @@ def test_border_box_cuts_bars_frames_and_caption_bars_but_not_a_photo():
     caption[8:22, 10:120][text] = 255
     top, bottom, left, right = border_box(caption)
     assert 28 <= top <= 32 and (bottom, left, right) == (150, 0, 160)
+    bold = np.full((150, 160, 3), 20, np.uint8)
+    bold[30:] = photo
+    bold[8:22, 5:155][np.random.default_rng(5).random((14, 150)) < 0.6] = 255  # lines 0.44 bar: large bold words
+    assert 28 <= border_box(bold)[0] <= 32
     tiny = np.zeros((100, 100, 3), np.uint8)
     tiny[40:60, 40:60] = _textured(20, 20)  # cutting to it would keep under TRIM_MIN_KEPT: nothing is cut
     assert border_box(tiny) == (0, 100, 0, 100)
@@ -308,6 +312,21 @@ def test_border_box_leaves_a_band_of_the_photo_that_fades_out_and_cuts_a_bar_abo
     captioned[8:22, 10:120][np.random.default_rng(4).random((14, 110)) < 0.4] = 0
     top, bottom, left, right = border_box(captioned)
     assert 28 <= top <= 32 and (bottom, left, right) == (190, 0, 160)
+
+
+def test_a_jpeg_caption_bar_is_trimmed_as_at_full_resolution(encode):
+    """A JPEG decoded at 1/4 scale for a 64 px input would average the caption's text strokes into its bar, so
+    the bar would end at the first text line and stay; with trimming on, decode keeps the detail to trim it."""
+    from siamese_core.decode import decode_image
+    photo = np.repeat(np.repeat(_textured(64, 64, 6), 4, axis=0), 4, axis=1)  # 256 x 256, 4 px blocks
+    captioned = np.concatenate([np.full((48, 256, 3), 20, np.uint8), photo])
+    strokes = np.random.default_rng(7).random((10, 80)) < 0.45
+    captioned[10:40, 8:248][np.repeat(np.repeat(strokes, 3, axis=0), 3, axis=1)] = 255  # 3 px strokes
+    spec = {"height": 64, "width": 64, "channels": 3, "dtype": "uint8", "value_range": [0, 255],
+            "trim_borders": True}
+    copy = decode_image(encode(captioned, "JPEG", quality=95), spec).pixels.astype(int)
+    original = decode_image(encode(photo, "JPEG", quality=95), spec).pixels.astype(int)
+    assert np.abs(copy - original).mean() < 4
 
 
 def test_decode_trims_only_when_the_spec_says_so(encode):
