@@ -9,12 +9,17 @@ card calibrated on a few hundred pairs. At match time:
    trainer.copy_edits (one edit family each, as in training), decoded to the model's input exactly as the
    embed stage decodes, and embedded by the same model; their similarity to their own template is what a
    duplicate of this catalogue scores under this model. Every other item also gets a second copy by
-   another edit: two copies of one original are duplicates too, and score lower.
+   another edit: two copies of one original are duplicates too, and score lower (reported as the expected
+   recall of copy-to-copy pairs).
 3. Tail model (peaks over threshold): every sampled pair above u, the 99.5th percentile, is modelled as a
    mixture of impostors, whose tail is a generalized Pareto distribution with shape xi >= 0 (no lighter
-   than exponential: conservative), and duplicates, whose score densities are those of the synthetic copies
-   (copy-original and copy-copy; Gaussian kernel estimates), fitted by maximum likelihood. So the catalogue's
-   own duplicates among the sampled pairs are explained, not mistaken for impostors. It gives the expected
+   than exponential: conservative), and duplicates, whose score density is that of the synthetic copies to
+   their originals (a Gaussian kernel estimate), fitted by maximum likelihood. So the catalogue's own
+   duplicates among the sampled pairs are explained, not mistaken for impostors. Copy-to-copy pairs are
+   left out of the mixture on purpose: their density reaches down into the impostors' and, with a weight of
+   its own, took look-alike pairs for duplicates (stated false pairs 0.34-0.63 of the truth on two
+   catalogues, BENCHMARKS.md); without it a real copy-to-copy pair low in the band counts as an impostor,
+   the conservative side. It gives the expected
    false pairs at any t >= u: FP(t) = M * share_impostors_above_u * S(t - u). Without synthetic copies, a
    GPD truncated below the 99.99th percentile is fitted instead (conservative).
    Where t is above every sampled impostor score, only the model speaks, and the result says so.
@@ -129,7 +134,7 @@ class TailModel:
 
     def to_json(self) -> dict:
         family = ("generalized Pareto above u, in a mixture with the synthetic copies' score densities "
-                  "(copy-original and copy-copy), maximum likelihood" if self.method == "mixture"
+                  "(copy to original), maximum likelihood" if self.method == "mixture"
                   else "generalized Pareto, truncated to [u, c], maximum likelihood")
         return {"family": family, "method": self.method, "duplicate_share_of_pairs": self.duplicate_share,
                 "u": round(self.u, 6),
@@ -232,7 +237,7 @@ def _mixture_fit(y: np.ndarray, u: float, g_u: list[np.ndarray], start=None) -> 
 def fit_mixture_tail(scores: np.ndarray, genuine: list[np.ndarray], rng: np.random.Generator | None = None,
                      start=None) -> tuple[TailModel, list] | None:
     """The impostor tail as one part of a mixture of all sampled pairs above u (TAIL_QUANTILE): impostors
-    (a GPD) and duplicates (the synthetic copies' score densities: copy-original, and copy-copy when given).
+    (a GPD) and duplicates (score densities of synthetic copies; `genuine` lists their score arrays).
     Duplicates among the sampled pairs are thus explained, not mistaken for a heavy impostor tail, however far
     the copies' scores spread. Returns (model, the fit's parameters, to start a refit), or None when the copies
     give no density above u."""
@@ -250,15 +255,14 @@ def fit_mixture_tail(scores: np.ndarray, genuine: list[np.ndarray], rng: np.rand
                      above * (1.0 - pi)), params
 
 
-def fit_tail(scores: np.ndarray, genuine: np.ndarray | None,
-             copy_copy: np.ndarray | None = None) -> tuple[TailModel, list[str]]:
-    """Fit the impostor tail of sampled pair scores (angular): the mixture fit when there are synthetic
-    copies, else a GPD truncated below the copies (or, without copies, below the 99.99th percentile). Returns
+def fit_tail(scores: np.ndarray, genuine: np.ndarray | None) -> tuple[TailModel, list[str]]:
+    """Fit the impostor tail of sampled pair scores (angular): the mixture fit with the synthetic copies'
+    scores to their originals (`genuine`) when there are copies, else a GPD truncated below the copies (or, without copies, below the 99.99th percentile). Returns
     the model and notes on how it was fit (what was lowered or assumed)."""
     scores = np.asarray(scores, np.float64)
     notes = []
     if genuine is not None and len(genuine) >= 20:
-        fitted = fit_mixture_tail(scores, [genuine, copy_copy])
+        fitted = fit_mixture_tail(scores, [genuine])
         if fitted is not None:
             return fitted[0], notes
         notes.append("the synthetic copies give no density above the fit's start: a truncated fit instead")
@@ -335,8 +339,9 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
       impostor_scores: angular similarities of sampled pairs (sample_pair_scores).
       n_items: N; the catalogue has N(N-1)/2 pairs.
       grid, predicted: ascending thresholds and the catalogue's pairs at or above each (count_pairs_at_or_above).
-      genuine: angular similarities of synthetic copies to their originals (or None); copy_copy: of pairs of
-        copies of one original by two edits (or None).
+      genuine: angular similarities of synthetic copies to their originals (or None): the duplicates of the
+        tail mixture and the expected copy recall; copy_copy: of pairs of copies of one original by two
+        edits (or None): their expected recall only.
       target_precision: budget FP(t) <= (1 - target_precision) * P(t); or max_false_pairs: FP(t) <= it.
       knn: (k, beta) when every score above is kNN-normalised (the threshold is then a normalised score).
     Returns the THRESHOLD dict of match_run.json (angular_similarity, cosine, source "self_calibrated") with
@@ -349,7 +354,7 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
     if max_false_pairs is not None and not max_false_pairs > 0:
         raise ValueError(f"max false pairs must be > 0, got {max_false_pairs}")
     total_pairs = n_items * (n_items - 1) // 2
-    model, notes = fit_tail(impostor_scores, genuine, copy_copy)
+    model, notes = fit_tail(impostor_scores, genuine)
     on_grid = grid >= model.u
     if not on_grid.any():
         raise CalibrationError(
@@ -388,7 +393,7 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
     fp_t, p_t = float(fp[k]), float(p[k])
     rng = np.random.default_rng(seed)
     boots = np.array([total_pairs * b.survival(t) for b in _bootstrap_tails(
-        model, np.asarray(impostor_scores), rng, bootstrap, [genuine, copy_copy])])
+        model, np.asarray(impostor_scores), rng, bootstrap, [genuine])])
     boots = np.minimum(boots, p_t if exact_counts else total_pairs)
     lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975])) if len(boots) else (fp_t, fp_t)
     sampled_above = int(np.sum(np.asarray(impostor_scores) >= t))

@@ -168,7 +168,10 @@ def test_self_calibration_refuses_a_catalogue_too_small_and_mixed_threshold_flag
         match.run(["--templates", f"{work}/templates/*.parquet", "--output", work])
 
 
-def test_mixture_explains_copy_to_copy_duplicates_and_the_estimate_holds_within_2x():
+def test_copy_to_copy_duplicates_count_on_the_conservative_side():
+    """Copy-to-copy pairs score lower than copy-original ones and are left out of the tail mixture (their
+    density, given a weight of its own, took look-alikes for duplicates on real catalogues): those in the
+    band count as impostors, so the false pairs are over-stated there, never under-stated."""
     rng = np.random.default_rng(7)
     n = 1200
     m = n * (n - 1) // 2
@@ -176,16 +179,12 @@ def test_mixture_explains_copy_to_copy_duplicates_and_the_estimate_holds_within_
     originals = np.clip(rng.normal(0.95, 0.02, 600), 0, 1)   # copy-original pairs
     copies = np.clip(rng.normal(0.88, 0.03, 300), 0, 1)      # copy-copy pairs: lower
     scores = np.concatenate([impostor, originals, copies])
-    synthetic = np.clip(rng.normal(0.95, 0.02, 400), 0, 1)
-    synthetic_cc = np.clip(rng.normal(0.88, 0.03, 200), 0, 1)
-    model, notes = sc.fit_tail(scores, synthetic, synthetic_cc)
+    model, notes = sc.fit_tail(scores, np.clip(rng.normal(0.95, 0.02, 400), 0, 1))
     assert model.method == "mixture" and not notes
-    assert model.duplicate_share * m == pytest.approx(900, rel=0.25)
-    for t in (0.8, 0.84):
+    assert model.duplicate_share * m == pytest.approx(600, rel=0.25)  # the copy-original pairs
+    for t in (0.76, 0.8, 0.84):
         truth = np.sum(impostor >= t)
-        assert truth / 2 <= m * model.survival(t) <= 2 * truth, t
-    without_cc, _ = sc.fit_tail(scores, synthetic)  # copy-copy pairs then pass for a heavier impostor tail
-    assert m * without_cc.survival(0.86) > m * model.survival(0.86)
+        assert truth <= m * model.survival(t) <= 4 * truth, t
 
 
 def test_without_copies_the_fit_is_truncated_and_says_so():
