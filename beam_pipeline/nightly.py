@@ -7,8 +7,8 @@ Each run, holding the state's lock (beam_pipeline.nightly_state):
 1. lists the catalogue and hashes the bytes (sha256) of every file whose size or modification time moved
    since the last run (--rehash: every file): items added, changed (other bytes) and removed since the
    committed generation;
-2. embeds the added and changed items only; a new model_id, or no state yet, embeds everything (a full
-   run, stated in the manifest);
+2. embeds the added and changed items only; a new model_id, a new decode version (siamese_core.decode
+   DECODE_VERSION), or no state yet, embeds everything (a full run, stated in the manifest);
 3. matches the new templates against the whole catalogue, old and new (every pair at or above the
    threshold), and keeps the previous matches between unchanged items; a full run matches all pairs and,
    unless --threshold is given, self-calibrates the threshold, which later runs keep (so clusters stay
@@ -53,6 +53,7 @@ from beam_pipeline import clustering, outputs, sources
 from beam_pipeline.inference import EncoderChunkHandler
 from beam_pipeline.options import POSITIVE_INT, DedupOptions, EmbedOptions, new_run_id
 from siamese_core.artefact import load_model_card
+from siamese_core.decode import DECODE_VERSION
 from schemas.documents import validate_match_run
 from schemas.tables import CLUSTERS_SCHEMA, FAILURES_SCHEMA, MATCHES_SCHEMA
 
@@ -369,7 +370,8 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     manifest = {
         "run_date": run_date, "run_id": run_id, "generation": name,
         "parent": None if base is None else base["generation"], "replaced_date": rerun, "catalogue": args.catalogue,
-        "model_dir": args.model_dir, "model_id": card["model_id"], "full": full_reason is not None,
+        "model_dir": args.model_dir, "model_id": card["model_id"], "decode_version": DECODE_VERSION,
+        "full": full_reason is not None,
         "full_reason": full_reason, "engine": engine, "engine_why": engine_why,
         "counts": {"items": items.num_rows, "added": len(diff["added"]), "changed": len(diff["changed"]),
                    "removed": len(diff["removed"]), "unchanged": len(diff["unchanged"]),
@@ -404,6 +406,10 @@ def _full_run_reason(base: dict | None, card: dict, recalibrate: bool) -> str | 
         return "no earlier state"
     if base["model_id"] != card["model_id"]:
         return f"new model {card['model_id']} (the state's templates are of {base['model_id']}): full re-embed"
+    decoded_by = base.get("decode_version", 1)  # states written before versions were recorded: version 1
+    if decoded_by != DECODE_VERSION:
+        return (f"decode version {DECODE_VERSION} (the state's templates were decoded by version {decoded_by}: "
+                "the same files give other pixels now): full re-embed")
     return "--recalibrate" if recalibrate else None
 
 
@@ -589,7 +595,8 @@ def _write_generation(gen: str, items: pa.Table, night_matches: pa.Table, manife
     bio.write_json(FileSystems.join(staged, "manifest.json"), manifest)
     bio.write_json(FileSystems.join(gen, ns.STATE_DOC), {
         "generation": manifest["generation"], "parent": manifest["parent"], "run_date": manifest["run_date"],
-        "run_id": manifest["run_id"], "model_id": manifest["model_id"], "catalogue": manifest["catalogue"],
+        "run_id": manifest["run_id"], "model_id": manifest["model_id"], "decode_version": manifest["decode_version"],
+        "catalogue": manifest["catalogue"],
         "threshold": threshold, "threshold_how": manifest["threshold_how"], "clustering": manifest["clustering"],
         "counts": manifest["counts"]})
 

@@ -229,6 +229,11 @@ TRIM_EDGE_SHARE = 0.5
 # resolution, where the trainer trims its edited copies (trainer.copy_edits.to_input).
 TRIM_DECODE_SIDE = 512
 
+# Bumped whenever the same file and input spec decode to other pixels (2: trimming decodes JPEGs at up to
+# TRIM_DECODE_SIDE). The model_id covers the weights and the input spec, not this code: a store of templates
+# kept across runs (nightly's state) records the version and re-embeds when it changes.
+DECODE_VERSION = 2
+
 
 def _edge_run(lines: np.ndarray, limit: int) -> int:
     """How many lines, from index 0 on, are border: lines (n, m, c) int16, line 0 at the edge.

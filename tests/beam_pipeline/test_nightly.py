@@ -189,6 +189,25 @@ def test_new_model_re_embeds_everything(tmp_path, tiny_model_dir, tiny_rgb_model
     assert manifest["counts"]["embedded"] == manifest["counts"]["items"]
 
 
+def test_a_state_decoded_by_another_decode_version_is_re_embedded(tmp_path, tiny_model_dir):
+    """The model_id does not cover decode's code: a state written by another decode version (or before
+    versions were recorded) is embedded again, once."""
+    from beam_pipeline import io as bio
+    from siamese_core.decode import DECODE_VERSION
+    cat = _catalogue(tmp_path, n_groups=4)
+    state = str(tmp_path / "state")
+    first = _nightly(cat, tiny_model_dir, state, "2026-12-01")
+    assert first["decode_version"] == DECODE_VERSION
+    doc_path = os.path.join(ns.current(state)["dir"], ns.STATE_DOC)
+    doc = bio.read_json(doc_path)
+    del doc["decode_version"]  # as a state written before the version was recorded
+    bio.write_json(doc_path, doc)
+    manifest = _nightly(cat, tiny_model_dir, state, "2026-12-02")
+    assert manifest["full"] and f"decode version {DECODE_VERSION}" in manifest["full_reason"]
+    assert manifest["counts"]["embedded"] == manifest["counts"]["items"]
+    assert not _nightly(cat, tiny_model_dir, state, "2026-12-03")["full"]
+
+
 def test_two_runs_cannot_hold_the_state(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.delenv("SIAMESE_DEDUP_DEBUG", raising=False)
     cat = _catalogue(tmp_path, n_groups=3)
