@@ -19,8 +19,8 @@ card calibrated on a few hundred pairs. At match time:
    left out of the mixture on purpose: their density reaches down into the impostors' and, with a weight of
    its own, took look-alike pairs for duplicates (stated false pairs 0.34-0.63 of the truth on two
    catalogues, BENCHMARKS.md); without it a real copy-to-copy pair low in the band counts as an impostor,
-   the conservative side. It gives the expected
-   false pairs at any t >= u: FP(t) = M * share_impostors_above_u * S(t - u). Without synthetic copies, a
+   the conservative side. The fit gives the expected false pairs at any t >= u:
+   FP(t) = M * share_impostors_above_u * S(t - u). Without synthetic copies, a
    GPD truncated below the 99.99th percentile is fitted instead (conservative).
    Where t is above every sampled impostor score, only the model speaks, and the result says so.
    With kNN score normalisation (beam_pipeline.knn_norm) every score here, sampled pairs, copies and counts
@@ -133,8 +133,8 @@ class TailModel:
         return self.share_above_u * np.where(t >= self.u, tail, 1.0)
 
     def to_json(self) -> dict:
-        family = ("generalized Pareto above u, in a mixture with the synthetic copies' score densities "
-                  "(copy to original), maximum likelihood" if self.method == "mixture"
+        family = ("generalized Pareto above u, in a mixture with the score density of synthetic copies to "
+                  "their originals, maximum likelihood" if self.method == "mixture"
                   else "generalized Pareto, truncated to [u, c], maximum likelihood")
         return {"family": family, "method": self.method, "duplicate_share_of_pairs": self.duplicate_share,
                 "u": round(self.u, 6),
@@ -257,8 +257,9 @@ def fit_mixture_tail(scores: np.ndarray, genuine: list[np.ndarray], rng: np.rand
 
 def fit_tail(scores: np.ndarray, genuine: np.ndarray | None) -> tuple[TailModel, list[str]]:
     """Fit the impostor tail of sampled pair scores (angular): the mixture fit with the synthetic copies'
-    scores to their originals (`genuine`) when there are copies, else a GPD truncated below the copies (or, without copies, below the 99.99th percentile). Returns
-    the model and notes on how it was fit (what was lowered or assumed)."""
+    scores to their originals (`genuine`) when there are copies, else a GPD truncated below the copies (or,
+    without copies, below the 99.99th percentile). Returns the model and notes on how it was fit (what was
+    lowered or assumed)."""
     scores = np.asarray(scores, np.float64)
     notes = []
     if genuine is not None and len(genuine) >= 20:
