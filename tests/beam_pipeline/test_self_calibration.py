@@ -170,7 +170,7 @@ def test_self_calibration_refuses_a_catalogue_too_small_and_mixed_threshold_flag
 
 def test_copy_to_copy_duplicates_count_on_the_conservative_side():
     """Copy-to-copy pairs score lower than copy-original ones and are left out of the tail mixture (their
-    density, given a weight of its own, took look-alikes for duplicates on real catalogues): those in the
+    density, given a weight of its own, took impostors for duplicates on real catalogues): those in the
     band count as impostors, so the false pairs are over-stated there, never under-stated."""
     rng = np.random.default_rng(7)
     n = 1200
