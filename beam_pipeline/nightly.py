@@ -327,9 +327,8 @@ def _run_locked(args, beam_args: list[str], run_date: str, run_id: str, card: di
     to_embed = diff["added"] + diff["changed"]
     engine, engine_why = choose_engine(args.engine, full_reason, len(to_embed), args.local_max_items, beam_args)
     LOG.info("nightly %s: %s (%s)", run_date, engine, engine_why)
-    with contextlib.ExitStack() as steps:
-        if engine == "local":  # objects per item, in this process: see gc_paused
-            steps.enter_context(gc_paused())
+    # The local engine makes objects per item in this process: see gc_paused.
+    with gc_paused() if engine == "local" else contextlib.nullcontext():
         t = time.perf_counter()
         new_templates, new_failures = _embed_changes(args, beam_args, items, to_embed, work, run_id, engine, card)
         timings["embed"] = round(time.perf_counter() - t, 3)

@@ -17,7 +17,7 @@ card calibrated on a few hundred pairs. At match time:
    their originals (a Gaussian kernel estimate), fitted by maximum likelihood. So the catalogue's own
    duplicates among the sampled pairs are explained, not mistaken for impostors. Copy-to-copy pairs are
    left out of the mixture on purpose: their density reaches down into the impostors' and, with a weight of
-   its own, took look-alike pairs for duplicates (stated false pairs 0.34-0.63 of the truth on two
+   its own, took impostors for duplicates (stated false pairs 0.34-0.63 of the truth on two
    catalogues, BENCHMARKS.md); without it a real copy-to-copy pair low in the band counts as an impostor,
    the conservative side. The fit gives the expected false pairs at any t >= u:
    FP(t) = M * share_impostors_above_u * S(t - u). Without synthetic copies, a
@@ -201,55 +201,52 @@ def _genuine_density(genuine: np.ndarray, u: float):
     return lambda x: kde(x) / mass
 
 
-def _mixture_fit(y: np.ndarray, u: float, g_u: list[np.ndarray], start=None) -> tuple[float, float, float, list]:
-    """(xi, sigma, impostor share pi, start for a refit) maximising sum log(pi GPD(y - u) + sum_k w_k g_k(y))
-    over scores y >= u, g_k the duplicate densities there (evaluated at y), pi + sum w_k = 1 (softmax)."""
+def _mixture_fit(y: np.ndarray, u: float, g_y: np.ndarray, start=None) -> tuple[float, float, float, list]:
+    """(xi, sigma, impostor share pi, start for a refit) maximising sum log(pi GPD(y - u) + (1 - pi) g(y))
+    over scores y >= u, g_y the duplicates' density there (evaluated at y); pi from a logit (softmax)."""
     x = y - u
     mean = max(float(x.mean()), 1e-6)
-    parts = np.stack(g_u)  # (K, n)
+    g_y = np.asarray(g_y, np.float64)
 
     def weights(logits):
         z = np.concatenate([[0.0], logits])
         e = np.exp(z - z.max())
-        return e / e.sum()  # [pi, w_1..w_K]
+        return e / e.sum()  # [pi, 1 - pi]
 
     def nll(params):
         # xi >= 0: the tail is taken to be no lighter than exponential. A bounded tail (xi < 0) would let
         # the fit declare zero impostors above its end point and hand every pair there to the duplicates.
         xi, log_sigma, logits = max(params[0], 0.0), params[1], np.asarray(params[2:])
         w = weights(logits)
-        f = w[0] * np.exp(_gpd_logpdf(x, xi, math.exp(log_sigma))) + w[1:] @ parts
+        f = w[0] * np.exp(_gpd_logpdf(x, xi, math.exp(log_sigma))) + w[1] * g_y
         return float(-np.sum(np.log(f + 1e-300)))
 
-    k = len(g_u)
-    starts = [start] if start is not None else [[-0.2, math.log(mean)] + [-3.0] * k,
-                                                 [0.1, math.log(mean)] + [-1.0] * k]
+    starts = [start] if start is not None else [[-0.2, math.log(mean), -3.0], [0.1, math.log(mean), -1.0]]
     best = None
     for x0 in starts:
         res = optimize.minimize(nll, x0=np.asarray(x0, float), method="Nelder-Mead",
-                                options={"xatol": 1e-4, "fatol": 1e-3, "maxiter": 600 * (2 + k)})
+                                options={"xatol": 1e-4, "fatol": 1e-3, "maxiter": 1800})
         if best is None or res.fun < best.fun:
             best = res
     w = weights(best.x[2:])
     return max(float(best.x[0]), 0.0), float(math.exp(best.x[1])), float(w[0]), list(best.x)
 
 
-def fit_mixture_tail(scores: np.ndarray, genuine: list[np.ndarray], rng: np.random.Generator | None = None,
+def fit_mixture_tail(scores: np.ndarray, genuine: np.ndarray, rng: np.random.Generator | None = None,
                      start=None) -> tuple[TailModel, list] | None:
     """The impostor tail as one part of a mixture of all sampled pairs above u (TAIL_QUANTILE): impostors
-    (a GPD) and duplicates (score densities of synthetic copies; `genuine` lists their score arrays).
+    (a GPD) and duplicates (the score density of `genuine`, synthetic copies against their originals).
     Duplicates among the sampled pairs are thus explained, not mistaken for a heavy impostor tail, however far
     the copies' scores spread. Returns (model, the fit's parameters, to start a refit), or None when the copies
     give no density above u."""
     scores = np.asarray(scores, np.float64)
     u = float(np.quantile(scores, TAIL_QUANTILE))
     y = scores[scores >= u]
-    densities = [d for d in (_genuine_density(g, u) for g in genuine if g is not None and len(g) >= 20)
-                 if d is not None]
-    if not densities or len(y) < MIN_BAND or float(np.ptp(y)) < 1e-6:
+    density = _genuine_density(genuine, u)
+    if density is None or len(y) < MIN_BAND or float(np.ptp(y)) < 1e-6:
         return None
     fit_on = y if len(y) <= MAX_FIT_POINTS else (rng or np.random.default_rng(0)).choice(y, MAX_FIT_POINTS, False)
-    xi, sigma, pi, params = _mixture_fit(fit_on, u, [d(fit_on) for d in densities], start)
+    xi, sigma, pi, params = _mixture_fit(fit_on, u, density(fit_on), start)
     above = len(y) / len(scores)
     return TailModel(u, 1.0, xi, sigma, int(len(y)), int(len(scores)), above * pi, "mixture",
                      above * (1.0 - pi)), params
@@ -263,7 +260,7 @@ def fit_tail(scores: np.ndarray, genuine: np.ndarray | None) -> tuple[TailModel,
     scores = np.asarray(scores, np.float64)
     notes = []
     if genuine is not None and len(genuine) >= 20:
-        fitted = fit_mixture_tail(scores, [genuine])
+        fitted = fit_mixture_tail(scores, genuine)
         if fitted is not None:
             return fitted[0], notes
         notes.append("the synthetic copies give no density above the fit's start: a truncated fit instead")
@@ -299,20 +296,19 @@ def fit_tail(scores: np.ndarray, genuine: np.ndarray | None) -> tuple[TailModel,
 
 
 def _bootstrap_tails(model: TailModel, scores: np.ndarray, rng: np.random.Generator, rounds: int,
-                     genuine: list | None = None) -> list[TailModel]:
+                     genuine: np.ndarray | None = None) -> list[TailModel]:
     """Refits on resampled bands (count ~ Poisson(n_band), values resampled; for the mixture the copies are
     resampled too): the fit's uncertainty."""
     if model.method == "mixture":
         y = scores[scores >= model.u]
-        parts = [g for g in genuine if g is not None and len(g) >= 20]
         out = []
         for _ in range(rounds):
             k = max(MIN_BAND, int(rng.poisson(len(y))))
             sample = rng.choice(y, min(k, BOOTSTRAP_FIT_POINTS), replace=True)
-            densities = [_genuine_density(rng.choice(g, len(g)), model.u) for g in parts]
-            if any(d is None for d in densities):
+            density = _genuine_density(rng.choice(genuine, len(genuine)), model.u)
+            if density is None:
                 continue
-            xi, sigma, pi, _ = _mixture_fit(sample, model.u, [d(sample) for d in densities])
+            xi, sigma, pi, _ = _mixture_fit(sample, model.u, density(sample))
             above = k / model.n_sampled
             out.append(TailModel(model.u, 1.0, xi, sigma, k, model.n_sampled, above * pi, "mixture",
                                  above * (1 - pi)))
@@ -394,7 +390,7 @@ def choose_threshold(impostor_scores: np.ndarray, n_items: int, grid: np.ndarray
     fp_t, p_t = float(fp[k]), float(p[k])
     rng = np.random.default_rng(seed)
     boots = np.array([total_pairs * b.survival(t) for b in _bootstrap_tails(
-        model, np.asarray(impostor_scores), rng, bootstrap, [genuine])])
+        model, np.asarray(impostor_scores), rng, bootstrap, genuine)])
     boots = np.minimum(boots, p_t if exact_counts else total_pairs)
     lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975])) if len(boots) else (fp_t, fp_t)
     sampled_above = int(np.sum(np.asarray(impostor_scores) >= t))
