@@ -41,5 +41,5 @@ setuptools.setup(
                     "neardup": ["PyWavelets>=1.4", "tqdm>=4.66", "pandas>=2.0.3", "opencv-python-headless>=4.8",
                                 "sentry-sdk>=2", "pillow-heif>=0.16", "psutil>=5.9", "pyOpenSSL>=24",
                                 "PyYAML>=6", "requests>=2.32", "packaging>=23"]},
-    entry_points={"console_scripts": ["siamese-dedup=beam_pipeline.cli:main"]},
+    entry_points={"console_scripts": ["siamese-dedup=beam_pipeline.cli:console_main"]},
 )

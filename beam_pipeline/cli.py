@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 # Set (to anything but "" or "0"), or pass --debug, to see the traceback behind a one-line error.
 DEBUG_ENV = "SIAMESE_DEDUP_DEBUG"
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, interrupted: list | None = None) -> int:
+    """Run one stage; returns the exit status. `interrupted` (a list, when given) gets an entry if a SIGINT
+    came during the run, whether the stage stopped with an error (EXIT_INTERRUPTED) or took it as its way
+    to stop (`watch`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     module_name, _ = STAGES[args.stage]
     module = importlib.import_module(module_name)
-    interrupted: list[bool] = []
+    interrupted = [] if interrupted is None else interrupted
     try:
         with noting_interrupts(interrupted):
             summary = module.run(rest)
@@ -88,6 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     if summary is not None and args.stage != "demo":
         print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def console_main() -> None:
+    """The process's entry point (`siamese-dedup`, `python -m beam_pipeline.cli`): main(), then exit.
+
+    After a Ctrl-C the process ends at once, without waiting for its other threads. A pipeline stopped
+    midway can leave threads that will never finish (an executor's worker on a task that waits for the
+    rest of the run, a non-daemon thread), and Python waits for those at exit: the command then hung
+    after saying it had stopped (CI saw `embed` do this). Nothing is left to finish by then: the stage
+    removed its staging area on the way out, and its message is printed.
+    """
+    interrupted: list = []
+    try:
+        code = main(interrupted=interrupted)
+    except BaseException:
+        if not interrupted:
+            raise
+        traceback.print_exc()  # --debug asked for the traceback behind the interruption
+        code = EXIT_INTERRUPTED
+    if interrupted:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @contextlib.contextmanager
@@ -115,4 +143,4 @@ def _one_line(err: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -139,3 +139,55 @@ def test_a_user_mistake_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="at most one"):
         cli.main(["match", "--templates", "x", "--output", str(tmp_path), "--threshold", "0.9",
                   "--target_fmr", "1e-4"])
+
+
+HUNG_STAGE = '''
+import os, signal, threading, time
+
+def run(argv):
+    # Like a Beam worker left behind by an interrupted pipeline: a non-daemon thread nobody will wake.
+    threading.Thread(target=threading.Event().wait, daemon=False).start()
+    open(os.environ["STAGE_READY"], "w").close()
+    try:
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        if argv == ["--stop_quietly"]:  # as `watch` does: Ctrl-C is its way to stop
+            return {"stopped": "interrupted"}
+        raise
+'''
+
+
+@pytest.mark.parametrize("how", ["raises", "stops_quietly"])
+def test_ctrl_c_ends_the_command_even_with_a_thread_left_waiting(tmp_path, how):
+    """The command exits after a Ctrl-C although a non-daemon thread of the stage still waits (Python
+    would otherwise wait for it at exit: CI saw `embed` hang after printing that it was interrupted)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "hung_stage.py").write_text(HUNG_STAGE)
+    ready = tmp_path / "ready"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    argv = ["siamese-dedup", "hung"] + (["--stop_quietly"] if how == "stops_quietly" else [])
+    program = ("import sys; from beam_pipeline import cli; cli.STAGES['hung'] = ('hung_stage', 'a test stage'); "
+               f"sys.argv = {argv!r}; cli.console_main()")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root]), "STAGE_READY": str(ready)}
+    proc = subprocess.Popen([sys.executable, "-c", program], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the command did not exit after Ctrl-C")
+    if how == "raises":
+        assert proc.returncode == cli.EXIT_INTERRUPTED and "interrupted: nothing was published" in err
+    else:
+        assert proc.returncode == 0 and json.loads(out) == {"stopped": "interrupted"}
