@@ -20,7 +20,8 @@ import traceback
 
 # Set (to anything but "" or "0"), or pass --debug, to see the traceback behind a one-line error.
 DEBUG_ENV = "SIAMESE_DEDUP_DEBUG"
-# Exit statuses: a user's mistake in flags or input (argparse's own status), and Ctrl-C (128 + SIGINT).
+# Exit statuses: a user's mistake in flags or input (argparse's own status), and Ctrl-C or SIGTERM (128 +
+# SIGINT, as a shell reports Ctrl-C).
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, interrupted: list | None = None) -> int:
     """Run one stage; returns the exit status. `interrupted` (a list, when given) gets an entry if a SIGINT
-    came during the run, whether the stage stopped with an error (EXIT_INTERRUPTED) or took it as its way
-    to stop (`watch`)."""
+    or SIGTERM came during the run, whether the stage stopped with an error (EXIT_INTERRUPTED) or took it
+    as its way to stop (`watch`, `nightly --serve_at`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -118,23 +119,30 @@ def console_main() -> None:
     sys.exit(code)
 
 
+# The signals that stop a run the way Ctrl-C does (its staging area removed, a lock it holds released):
+# SIGINT, and SIGTERM, what `docker stop`, Kubernetes and systemd send by default.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def noting_interrupts(interrupted: list):
-    """Append to `interrupted` on SIGINT (then raise KeyboardInterrupt as usual), so an interruption is
-    recognised whatever exception it turns into on its way out. Main thread only (signal's rule)."""
+    """Append to `interrupted` on SIGINT or SIGTERM, then raise KeyboardInterrupt as Ctrl-C does, so an
+    interruption is recognised whatever exception it turns into on its way out. Main thread only
+    (signal's rule)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def note(signum, frame):
-        interrupted.append(True)
+        interrupted.append(signal.Signals(signum).name)
         signal.default_int_handler(signum, frame)
 
-    previous = signal.signal(signal.SIGINT, note)
+    previous = {signum: signal.signal(signum, note) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _one_line(err: BaseException) -> str:

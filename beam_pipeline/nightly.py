@@ -49,7 +49,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_pipeline import io as bio
 from beam_pipeline import nightly_state as ns
-from beam_pipeline import clustering, outputs, sources
+from beam_pipeline import clustering, nightly_schedule, outputs, sources
 from beam_pipeline.inference import EncoderChunkHandler
 from beam_pipeline.options import POSITIVE_INT, DedupOptions, EmbedOptions, new_run_id
 from siamese_core.artefact import load_model_card
@@ -73,6 +73,8 @@ ENGINES = {
     "local": "in this process, on the pipelines' own functions (no pipeline start-up)",
 }
 LOCAL_MAX_ITEMS = 5000
+# Flags of a process that stays up (--serve_at): not Flex Template parameters, as a launch is one night.
+SERVICE_FLAGS = ("serve_at",)
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 
 
@@ -107,6 +109,13 @@ def _run_date(text: str) -> str:
         raise argparse.ArgumentTypeError(f"--run_date is a date YYYY-MM-DD, got {text!r}") from None
 
 
+def _serve_at(text: str):
+    try:
+        return nightly_schedule.parse_serve_at(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siamese-dedup nightly",
@@ -138,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rehash", action="store_true",
                         help="Read and hash every file, also those whose size and modification time are unchanged "
                              "since the last run (by default their hash is taken from the state, as rsync does).")
+    parser.add_argument("--serve_at", type=_serve_at, default=None, metavar="HH:MM",
+                        help="Stay up as a service and run every day at HH:MM UTC (a night missed while it was down "
+                             "runs at its start): TensorFlow and Beam are imported once, not each night "
+                             "(beam_pipeline.nightly_schedule; docs/nightly.md). Stop it with SIGINT or SIGTERM.")
     parser.add_argument("--break_lock", action="store_true",
                         help="Remove a lock left by a killed run before starting (only when no other run is going).")
     return parser
@@ -274,9 +287,17 @@ def _copy_tree(src: str, dst: str) -> None:
 # ----------------------------------------------------------------------------------------------- run
 
 def run(argv=None) -> dict:
-    """One nightly run; returns its manifest (also written to STATE/runs/<run_date>/manifest.json)."""
+    """One nightly run; returns its manifest (also written to STATE/runs/<run_date>/manifest.json). With
+    --serve_at: the service (beam_pipeline.nightly_schedule), one run a day until stopped; returns its
+    summary of the nights."""
     args, beam_args = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.serve_at is not None:
+        return _serve(args, beam_args)
     run_date = args.run_date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return _night(args, beam_args, run_date)
+
+
+def _night(args, beam_args: list[str], run_date: str) -> dict:
     run_id = new_run_id()
     state = args.state
     card = load_model_card(args.model_dir)
@@ -287,6 +308,27 @@ def run(argv=None) -> dict:
         return _run_locked(args, beam_args, run_date, run_id, card)
     finally:
         ns.release_lock(state, run_id)
+
+
+def _serve(args, beam_args: list[str]) -> dict:
+    """--serve_at: load what every night needs once (TensorFlow and the encoder, the stages' modules; a
+    wrong model is refused now, not at the first night), then run the nights at their hour."""
+    from beam_pipeline import dedup, embed, match  # noqa: F401 -- imported once, for every night
+    from siamese_core.artefact import load_encoder
+
+    if args.run_date is not None:
+        raise ValueError("--serve_at runs each night for its own date: give no --run_date")
+    load_encoder(args.model_dir)
+    if args.break_lock:  # once, at the start: a lock found at a later night is another run's
+        ns.release_lock(args.state)
+        args.break_lock = False
+    LOG.info("nightly service: every day at %s UTC, state %s", args.serve_at.strftime("%H:%M"), args.state)
+
+    def last_run_date() -> str | None:
+        committed = ns.current(args.state)
+        return None if committed is None else committed["run_date"]
+
+    return nightly_schedule.serve(lambda run_date: _night(args, beam_args, run_date), args.serve_at, last_run_date)
 
 
 def _base_generation(state: str, run_date: str) -> tuple[dict | None, bool]:

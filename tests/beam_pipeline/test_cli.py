@@ -191,3 +191,20 @@ def test_ctrl_c_ends_the_command_even_with_a_thread_left_waiting(tmp_path, how):
         assert proc.returncode == cli.EXIT_INTERRUPTED and "interrupted: nothing was published" in err
     else:
         assert proc.returncode == 0 and json.loads(out) == {"stopped": "interrupted"}
+
+
+@pytest.mark.parametrize("signum", cli.STOP_SIGNALS)
+def test_sigint_and_sigterm_stop_a_run_as_ctrl_c_does(signum):
+    """SIGTERM (docker stop, Kubernetes, systemd) raises KeyboardInterrupt like Ctrl-C, so staging areas are
+    removed and locks released on the way out; the handlers before are restored afterwards."""
+    import signal
+    import time
+
+    before = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
+    interrupted = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.noting_interrupts(interrupted):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises at once (Python runs it between this thread's bytecodes)
+    assert interrupted == [signal.Signals(signum).name]
+    assert {s: signal.getsignal(s) for s in cli.STOP_SIGNALS} == before

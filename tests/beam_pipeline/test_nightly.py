@@ -346,3 +346,94 @@ def test_a_catalogue_on_gcs_runs_its_small_nights_in_process(tmp_path, tiny_mode
     assert (second["counts"]["added"], second["counts"]["embedded"], second["counts"]["failed"]) == (1, 1, 1)
     clusters, _ = _state_clusters(state)
     assert frozenset({"g2.png", "g2_copy.png"}) in clusters
+
+
+def test_the_service_runs_each_night_at_its_hour_on_the_state(tmp_path, tiny_model_dir, monkeypatch):
+    """--serve_at: started with no state, the first (full) night runs at once; the catalogue grows during the
+    day; the next night, at 02:00 UTC, embeds only what was added. A stop between nights ends the service
+    with no lock left, and the clusters are a full recompute's."""
+    import datetime
+    import functools
+
+    from beam_pipeline import nightly_schedule
+
+    cat = _catalogue(tmp_path)
+    state = str(tmp_path / "state")
+    nights_started = []
+    clock = {"now": datetime.datetime(2026, 12, 1, 9, 30, tzinfo=datetime.timezone.utc)}
+
+    def sleep(seconds):
+        if len(nights_started) == 1 and not os.path.exists(os.path.join(cat, "later.png")):  # the day's uploads
+            _write(cat, "later.png", _image(77))
+            _write(cat, "later_copy.png", _image(77, noise=3))
+        if len(nights_started) == 2:
+            raise KeyboardInterrupt  # SIGTERM from systemd, say
+        clock["now"] += datetime.timedelta(seconds=seconds)
+
+    def run_night(original, run_date):
+        nights_started.append((run_date, clock["now"]))
+        return original(run_date)
+
+    real_serve = nightly_schedule.serve
+
+    def serve(run, at, last, **_):
+        return real_serve(functools.partial(run_night, run), at, last, clock=lambda: clock["now"], sleep=sleep)
+
+    monkeypatch.setattr(nightly_schedule, "serve", serve)
+    summary = nightly.run(["--catalogue", os.path.join(cat, "*.png"), "--model_dir", tiny_model_dir,
+                           "--state", state, "--threshold", str(THRESHOLD), "--serve_at", "02:00"])
+    assert [d for d, _ in nights_started] == ["2026-12-01", "2026-12-02"]
+    assert nights_started[1][1] == datetime.datetime(2026, 12, 2, 2, 0, tzinfo=datetime.timezone.utc)
+    assert [n["full"] for n in summary["nights"]] == [True, False] and summary["stopped"] == "interrupted"
+    second = json.load(open(os.path.join(state, "runs", "2026-12-02", "manifest.json")))
+    assert second["counts"]["added"] == second["counts"]["embedded"] == 2
+    assert not os.path.exists(os.path.join(state, ns.LOCK))
+    assert _state_clusters(state)[0] == _full_recompute(cat, tiny_model_dir, str(tmp_path / "full"))[0]
+
+
+def test_the_service_refuses_a_run_date_and_a_bad_hour(tmp_path, tiny_model_dir, capsys):
+    from beam_pipeline import cli
+
+    base = ["nightly", "--catalogue", str(tmp_path / "*.png"), "--model_dir", tiny_model_dir,
+            "--state", str(tmp_path / "state")]
+    assert cli.main([*base, "--serve_at", "02:00", "--run_date", "2026-12-01"]) == cli.EXIT_USER_ERROR
+    assert "give no --run_date" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--serve_at", "2am"])
+    assert exit_info.value.code == 2 and "--serve_at is a time of day HH:MM" in capsys.readouterr().err
+
+
+def test_the_service_as_a_process_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
+    """The real command: `nightly --serve_at` runs the missed night at its start, then waits; SIGTERM (what
+    systemd, docker and Kubernetes send) ends it with its summary, exit 0 and the lock released."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    cat = _catalogue(tmp_path)
+    state = str(tmp_path / "state")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "beam_pipeline.cli", "nightly", "--catalogue",
+                             os.path.join(cat, "*.png"), "--model_dir", tiny_model_dir, "--state", state,
+                             "--threshold", str(THRESHOLD), "--serve_at", "00:00"],
+                            cwd=root, env={**os.environ, "PYTHONPATH": root},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []  # the log, read as it comes: the service says "next night" before each wait
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while sum("next night" in line for line in lines) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    out = proc.stdout.read()  # a few lines of JSON: they fit the pipe's buffer
+    reader.join(10)
+    err = "".join(lines)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    assert summary["stopped"] == "interrupted" and summary["serve_at"] == "00:00 UTC"
+    assert [n["full"] for n in summary["nights"]] == [True]
+    assert ns.current_name(state) is not None and not os.path.exists(os.path.join(state, ns.LOCK))

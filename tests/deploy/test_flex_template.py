@@ -1,5 +1,6 @@
 """The nightly run's deployment files, checked offline: the Flex Template (metadata.json, Dockerfile, main.py),
-the Cloud Scheduler request body in docs/nightly.md, the systemd units and the cron line.
+the Cloud Scheduler request body in docs/nightly.md, the systemd units (the timer's, and the service that
+stays up) and the cron line.
 
 No Docker engine, gcloud or network: the Dockerfile's structure is checked, not built; main.py runs with
 nightly.run replaced, and the summary job it hands the launcher is built on Beam's DataflowRunner with a
@@ -15,12 +16,13 @@ import os
 import re
 import runpy
 import shlex
+import signal
 import sys
 
 import apache_beam
 import pytest
 
-from beam_pipeline import nightly
+from beam_pipeline import cli, nightly
 from beam_pipeline.clustering import KEEPER_POLICIES, LINKAGES
 from tests.dockerfile import instructions
 from tests.scripts import load_script
@@ -74,9 +76,10 @@ def _params() -> dict[str, dict]:
 
 
 def _parser_flags() -> dict[str, argparse.Action]:
-    """nightly's flags by name (without the dashes), --help left out."""
+    """nightly's flags by name (without the dashes), --help and the service's (--serve_at) left out."""
     return {a.option_strings[0][2:]: a for a in nightly.build_parser()._actions
-            if a.option_strings and not isinstance(a, argparse._HelpAction)}
+            if a.option_strings and not isinstance(a, argparse._HelpAction)
+            and a.option_strings[0][2:] not in nightly.SERVICE_FLAGS}
 
 
 # ---------------------------------------------------------------------------------------------- metadata.json
@@ -365,10 +368,8 @@ def _nightly_args(command: list[str]) -> argparse.Namespace:
     return args
 
 
-def test_systemd_units():
-    service, timer = _unit(SERVICE), _unit("siamese-dedup-nightly.timer")
-    assert service["Service"]["Type"] == "oneshot"  # active while it runs: no second run beside it
-    assert service["Service"]["KillSignal"] == "SIGINT"  # stopped like Ctrl-C: the lock is released
+def _exec_start_words(service: configparser.ConfigParser) -> list[str]:
+    """ExecStart's words as systemd passes them, with the unit's Environment defaults."""
     env = dict(token.split("=", 1) for token in shlex.split(service["Service"]["Environment"]))
     words = []
     for word in shlex.split(service["Service"]["ExecStart"]):
@@ -380,13 +381,32 @@ def test_systemd_units():
             words.extend(env[bare.group(1)].split())
         else:
             words.append(word)
-    args = _nightly_args(words)
-    assert args.catalogue == "/srv/catalogue/**/*.jpg" and args.break_lock is False
+    return words
+
+
+def test_systemd_units():
+    service, timer = _unit(SERVICE), _unit("siamese-dedup-nightly.timer")
+    assert service["Service"]["Type"] == "oneshot"  # active while it runs: no second run beside it
+    assert service["Service"]["KillSignal"] == "SIGINT"  # stopped like Ctrl-C: the lock is released
+    args = _nightly_args(_exec_start_words(service))
+    assert args.catalogue == "/srv/catalogue/**/*.jpg" and args.break_lock is False and args.serve_at is None
 
     assert re.fullmatch(r"\*-\*-\* 02:00(:00)?( \S+)?", timer["Timer"]["OnCalendar"]), timer["Timer"]["OnCalendar"]
     assert timer["Timer"].get("Unit", SERVICE) == SERVICE and os.path.isfile(os.path.join(SYSTEMD, SERVICE))
     assert timer["Install"]["WantedBy"] == "timers.target"
     assert "Install" not in service  # started by the timer only
+
+
+def test_systemd_service_that_stays_up():
+    service = _unit("siamese-dedup-nightly-serve.service")
+    assert service["Service"]["Type"] == "simple"  # the process is the service
+    # Stopped by a signal the command takes as Ctrl-C (beam_pipeline.cli.STOP_SIGNALS): the lock is released.
+    assert signal.Signals[service["Service"]["KillSignal"]] in cli.STOP_SIGNALS
+    assert service["Service"]["Restart"] == "on-failure"
+    assert str(cli.EXIT_USER_ERROR) in service["Service"]["RestartPreventExitStatus"].split()
+    args = _nightly_args(_exec_start_words(service))
+    assert args.serve_at.strftime("%H:%M") == "02:00" and args.run_date is None and args.break_lock is False
+    assert service["Install"]["WantedBy"] == "multi-user.target"
 
 
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
