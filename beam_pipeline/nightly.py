@@ -33,6 +33,7 @@ import contextlib
 import datetime
 import gc
 import hashlib
+import importlib
 import logging
 import os
 import sys
@@ -313,9 +314,10 @@ def _night(args, beam_args: list[str], run_date: str) -> dict:
 def _serve(args, beam_args: list[str]) -> dict:
     """--serve_at: load what every night needs once (TensorFlow and the encoder, the stages' modules; a
     wrong model is refused now, not at the first night), then run the nights at their hour."""
-    from beam_pipeline import dedup, embed, match  # noqa: F401 -- imported once, for every night
     from siamese_core.artefact import load_encoder
 
+    for stage in ("embed", "match", "dedup"):  # what a night imports when it first needs it: once, now
+        importlib.import_module(f"beam_pipeline.{stage}")
     if args.run_date is not None:
         raise ValueError("--serve_at runs each night for its own date: give no --run_date")
     load_encoder(args.model_dir)

@@ -12,10 +12,14 @@
 4. a full recompute of the grown catalogue on a fresh state at the first run's threshold, for the clusters
    to compare with.
 5. the night and the full recompute once more, each as its own `siamese-dedup nightly` process, as cron
-   runs them (each imports Beam and TensorFlow first).
+   runs them (each imports Beam and TensorFlow first);
+6. the night as the service runs it (`siamese-dedup nightly --serve_at 00:00`, on a copy of the state
+   after step 2: it runs the missed night at its start, for today's date): the seconds from the service's
+   "next night" line before the night to the one after it, after its one-off start-up.
 Prints one JSON line: the seconds of each run and of each nightly step (of the last of --repeats runs of the
 night), the ratio nightly (the median of those runs) / full (the second full run, of the same grown
-catalogue), whether the clusters are identical, and the same ratio of the two processes' wall times.
+catalogue), whether the clusters are identical, the same ratio of the two processes' wall times, and the
+service's night / the in-process full recompute (whether its clusters are identical too).
 """
 from __future__ import annotations
 
@@ -23,8 +27,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -92,6 +98,8 @@ def main(argv=None) -> dict:
     first = nightly.run([*common, *given, "--state", state, "--run_date", "2026-12-01"])
     threshold = first["threshold"]["value"]
     first_seconds = time.perf_counter() - t
+    service_state = os.path.join(args.work, "state_service")
+    shutil.copytree(state, service_state)  # the state before the night, for the service's night (step 6)
 
     for k, i in enumerate(fresh):
         _write(os.path.join(cat, f"new_{k:06d}.png"), images[i])
@@ -128,6 +136,9 @@ def main(argv=None) -> dict:
     subprocess.run([*cli, "--threshold", repr(threshold), "--state", os.path.join(args.work, "state_full_cli"),
                     "--run_date", "2026-12-02"], check=True, capture_output=True)
     full_process_seconds = time.perf_counter() - t
+    service = _service_night([*cli, "--state", service_state, "--serve_at", "00:00"])
+    service_same = _clusters(ns.current(service_state)["dir"]) == _clusters(ns.current(fresh_state)["dir"])
+    assert service["summary"]["nights"][0]["full"] is False, service["summary"]
     result = {"bench": "nightly", "items": args.items, "new_items": n_new, "threshold": threshold,
               "threshold_how": first["threshold_how"], "write_catalogue_seconds": round(write_seconds, 1),
               "first_full_seconds": round(first_seconds, 1), "nightly_seconds": round(night_seconds, 2),
@@ -135,10 +146,38 @@ def main(argv=None) -> dict:
               "full_recompute_seconds": round(full_seconds, 1), "ratio": round(night_seconds / full_seconds, 4),
               "clusters_identical": same, "nightly_process_seconds": round(night_process_seconds, 2),
               "full_recompute_process_seconds": round(full_process_seconds, 1),
-              "process_ratio": round(night_process_seconds / full_process_seconds, 4), "nightly_steps": night["seconds"], "full_steps": full["seconds"],
+              "process_ratio": round(night_process_seconds / full_process_seconds, 4),
+              "service_start_seconds": service["start_seconds"], "service_night_seconds": service["night_seconds"],
+              "service_ratio": round(service["night_seconds"] / full_seconds, 4),
+              "service_clusters_identical": service_same, "nightly_steps": night["seconds"], "full_steps": full["seconds"],
               "nightly_counts": night["counts"], "full_counts": full["counts"], "first_counts": first["counts"]}
     print(json.dumps(result), flush=True)
     return result
+
+
+def _service_night(command: list[str]) -> dict:
+    """Start the service, wait for its first night to end, stop it with SIGTERM: {"start_seconds": from the
+    start to the night's start, "night_seconds": the night, "summary": the service's summary}."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waits = []  # when the service said "next night": before the night, and after it
+
+    def read():
+        for line in proc.stderr:
+            if "next night" in line:
+                waits.append(time.perf_counter())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while len(waits) < 2 and proc.poll() is None:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the service ended by itself (exit {proc.returncode}): see its log")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    summary = json.loads(proc.stdout.read())
+    return {"start_seconds": round(waits[0] - started, 2), "night_seconds": round(waits[1] - waits[0], 2),
+            "summary": summary}
 
 
 if __name__ == "__main__":
