@@ -127,16 +127,20 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextlib.contextmanager
 def noting_interrupts(interrupted: list):
     """Append to `interrupted` on SIGINT or SIGTERM, then raise KeyboardInterrupt as Ctrl-C does, so an
-    interruption is recognised whatever exception it turns into on its way out. Main thread only
-    (signal's rule)."""
+    interruption is recognised whatever exception it turns into on its way out. Nested (a stage that
+    watches for its own interruption, inside the command's): every enclosing list gets the entry too.
+    Main thread only (signal's rule)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    enclosing = getattr(signal.getsignal(signal.SIGINT), "noting", [])
 
     def note(signum, frame):
-        interrupted.append(signal.Signals(signum).name)
+        for noting in note.noting:
+            noting.append(signal.Signals(signum).name)
         signal.default_int_handler(signum, frame)
 
+    note.noting = [interrupted, *enclosing]
     previous = {signum: signal.signal(signum, note) for signum in STOP_SIGNALS}
     try:
         yield

@@ -314,12 +314,13 @@ def _night(args, beam_args: list[str], run_date: str) -> dict:
 def _serve(args, beam_args: list[str]) -> dict:
     """--serve_at: load what every night needs once (TensorFlow and the encoder, the stages' modules; a
     wrong model is refused now, not at the first night), then run the nights at their hour."""
+    from beam_pipeline.cli import noting_interrupts
     from siamese_core.artefact import load_encoder
 
-    for stage in ("embed", "match", "dedup"):  # what a night imports when it first needs it: once, now
-        importlib.import_module(f"beam_pipeline.{stage}")
     if args.run_date is not None:
         raise ValueError("--serve_at runs each night for its own date: give no --run_date")
+    for stage in ("embed", "match", "dedup"):  # what a night imports when it first needs it: once, now
+        importlib.import_module(f"beam_pipeline.{stage}")
     load_encoder(args.model_dir)
     if args.break_lock:  # once, at the start: a lock found at a later night is another run's
         ns.release_lock(args.state)
@@ -330,7 +331,17 @@ def _serve(args, beam_args: list[str]) -> dict:
         committed = ns.current(args.state)
         return None if committed is None else committed["run_date"]
 
-    return nightly_schedule.serve(lambda run_date: _night(args, beam_args, run_date), args.serve_at, last_run_date)
+    def run_night(run_date: str) -> dict:
+        interrupted: list = []
+        try:
+            with noting_interrupts(interrupted):
+                return _night(args, beam_args, run_date)
+        except Exception as err:
+            if interrupted:  # a stop, which a Beam pipeline re-raises as another error: the service ends
+                raise KeyboardInterrupt from err
+            raise
+
+    return nightly_schedule.serve(run_night, args.serve_at, last_run_date)
 
 
 def _base_generation(state: str, run_date: str) -> tuple[dict | None, bool]:

@@ -64,16 +64,24 @@ def serve(run_night: Callable[[str], dict], at: datetime.time, last_run_date: Ca
 
     last_run_date() is the date of the state's committed night (None before the first). Each entry of
     "nights" is {"run_date", "generation", "full", "seconds"} of a night that committed, or {"run_date",
-    "error"} of one that failed. A night interrupted midway is left as a killed run leaves it: the state
-    is as before it (beam_pipeline.nightly). `clock` and `sleep` are there for tests, which cannot wait a
-    day.
+    "error"} of one that failed. A night interrupted midway ends as any interrupted run: its lock released,
+    the state as before it (beam_pipeline.nightly). A state that cannot be read (NIGHT_ERRORS from
+    last_run_date: a bucket unreachable) is tried again POLL_SECONDS later. `clock` and `sleep` are there
+    for tests, which cannot wait a day.
     """
     nights: list[dict] = []
     tried: str | None = None  # the last night started here, committed or not: a failed night waits a day
     summary = {"serve_at": f"{at.strftime('%H:%M')} UTC", "nights": nights, "stopped": "interrupted"}
     try:
         while True:
-            done = max(filter(None, (last_run_date(), tried)), default=None)
+            try:
+                committed = last_run_date()
+            except NIGHT_ERRORS as err:
+                LOG.error("nightly service: the state cannot be read (%s); trying again in %.0f s",
+                          " ".join(str(err).split()), POLL_SECONDS)
+                sleep(POLL_SECONDS)
+                continue
+            done = max(filter(None, (committed, tried)), default=None)
             when = next_night(clock(), at, done)
             LOG.info("nightly service: next night %s", when.isoformat(timespec="seconds"))
             while (left := (when - clock()).total_seconds()) > 0:

@@ -208,3 +208,18 @@ def test_sigint_and_sigterm_stop_a_run_as_ctrl_c_does(signum):
             time.sleep(5)  # the handler raises at once (Python runs it between this thread's bytecodes)
     assert interrupted == [signal.Signals(signum).name]
     assert {s: signal.getsignal(s) for s in cli.STOP_SIGNALS} == before
+
+
+def test_an_interrupt_is_noted_by_every_enclosing_watcher():
+    """A stage that watches for its own interruption (nightly --serve_at, watch) inside the command's: both
+    lists get the entry, so the command still knows to exit at once."""
+    import signal
+    import time
+
+    outer, inner = [], []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.noting_interrupts(outer):
+            with cli.noting_interrupts(inner):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+    assert inner == outer == ["SIGTERM"]

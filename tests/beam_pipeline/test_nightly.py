@@ -437,3 +437,33 @@ def test_the_service_as_a_process_stops_cleanly_on_sigterm(tmp_path, tiny_model_
     assert summary["stopped"] == "interrupted" and summary["serve_at"] == "00:00 UTC"
     assert [n["full"] for n in summary["nights"]] == [True]
     assert ns.current_name(state) is not None and not os.path.exists(os.path.join(state, ns.LOCK))
+
+
+def test_a_stop_during_a_night_ends_the_service_even_when_beam_rewraps_it(tmp_path, tiny_model_dir, monkeypatch):
+    """SIGTERM while a night's pipeline runs: Beam re-raises the KeyboardInterrupt as another error, which the
+    service must not log as a failed night and go on: it stops, and the night's lock is released."""
+    import datetime
+    import signal
+    import time
+
+    from beam_pipeline import nightly_schedule
+
+    cat = _catalogue(tmp_path)
+    state = str(tmp_path / "state")
+
+    def interrupted_run(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise RuntimeError("KeyboardInterrupt [while running 'Embed']") from None
+
+    monkeypatch.setattr(nightly, "_run_locked", interrupted_run)
+    real_serve = nightly_schedule.serve
+    now = datetime.datetime(2026, 12, 1, 9, 0, tzinfo=datetime.timezone.utc)
+    monkeypatch.setattr(nightly_schedule, "serve", lambda run, at, last, **_: real_serve(
+        run, at, last, clock=lambda: now, sleep=lambda s: pytest.fail("the service went on after the stop")))
+    summary = nightly.run(["--catalogue", os.path.join(cat, "*.png"), "--model_dir", tiny_model_dir,
+                           "--state", state, "--serve_at", "02:00"])
+    assert summary == {"serve_at": "02:00 UTC", "nights": [], "stopped": "interrupted"}
+    assert not os.path.exists(os.path.join(state, ns.LOCK))

@@ -80,3 +80,24 @@ def test_an_interrupt_during_a_night_stops_the_service():
 
     summary = sched.serve(run_night, AT, lambda: None, clock=lambda: _t(3, 5), sleep=lambda s: None)
     assert summary == {"serve_at": "02:00 UTC", "nights": [], "stopped": "interrupted"}
+
+
+def test_a_state_that_cannot_be_read_is_tried_again_a_minute_later():
+    reads, sleeps, calls = [], [], []
+
+    def last_run_date():
+        reads.append(1)
+        if len(reads) < 3:
+            raise OSError("gs://bucket/state: 503 Service Unavailable")
+        return "2026-12-02"
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+
+    def run_night(run_date):
+        calls.append(run_date)
+        raise KeyboardInterrupt  # stop the service here
+
+    summary = sched.serve(run_night, AT, last_run_date, clock=lambda: _t(3, 5), sleep=sleep)
+    assert sleeps == [sched.POLL_SECONDS, sched.POLL_SECONDS] and calls == ["2026-12-03"]
+    assert summary["nights"] == [] and summary["stopped"] == "interrupted"
