@@ -4,6 +4,10 @@ import csv
 import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -147,8 +151,8 @@ import os, signal, threading, time
 def run(argv):
     # Like a Beam worker left behind by an interrupted pipeline: a non-daemon thread nobody will wake.
     threading.Thread(target=threading.Event().wait, daemon=False).start()
-    open(os.environ["STAGE_READY"], "w").close()
     try:
+        open(os.environ["STAGE_READY"], "w").close()
         while True:
             time.sleep(0.05)
     except KeyboardInterrupt:
@@ -162,11 +166,6 @@ def run(argv):
 def test_ctrl_c_ends_the_command_even_with_a_thread_left_waiting(tmp_path, how):
     """The command exits after a Ctrl-C although a non-daemon thread of the stage still waits (Python
     would otherwise wait for it at exit: CI saw `embed` hang after printing that it was interrupted)."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     (tmp_path / "hung_stage.py").write_text(HUNG_STAGE)
     ready = tmp_path / "ready"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -197,9 +196,6 @@ def test_ctrl_c_ends_the_command_even_with_a_thread_left_waiting(tmp_path, how):
 def test_sigint_and_sigterm_stop_a_run_as_ctrl_c_does(signum):
     """SIGTERM (docker stop, Kubernetes, systemd) raises KeyboardInterrupt like Ctrl-C, so staging areas are
     removed and locks released on the way out; the handlers before are restored afterwards."""
-    import signal
-    import time
-
     before = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
     interrupted = []
     with pytest.raises(KeyboardInterrupt):
@@ -213,9 +209,6 @@ def test_sigint_and_sigterm_stop_a_run_as_ctrl_c_does(signum):
 def test_an_interrupt_is_noted_by_every_enclosing_watcher():
     """A stage that watches for its own interruption (nightly --serve_at, watch) inside the command's: both
     lists get the entry, so the command still knows to exit at once."""
-    import signal
-    import time
-
     outer, inner = [], []
     with pytest.raises(KeyboardInterrupt):
         with cli.noting_interrupts(outer):

@@ -1,8 +1,15 @@
 """siamese-dedup nightly: after any sequence of runs the clusters equal a full recompute's; re-running a date
 replaces it; a run killed at any step leaves the state usable; a new model re-embeds everything; two runs
 cannot hold the state at once."""
+import datetime
+import functools
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beam_pipeline import dedup, embed, match, nightly
+from beam_pipeline import cli, dedup, embed, match, nightly, nightly_schedule
 from beam_pipeline import nightly_state as ns
 
 THRESHOLD = 0.98
@@ -352,10 +359,6 @@ def test_the_service_runs_each_night_at_its_hour_on_the_state(tmp_path, tiny_mod
     """--serve_at: started with no state, the first (full) night runs at once; the catalogue grows during the
     day; the next night, at 02:00 UTC, embeds only what was added. A stop between nights ends the service
     with no lock left, and the clusters are a full recompute's."""
-    import datetime
-    import functools
-
-    from beam_pipeline import nightly_schedule
 
     cat = _catalogue(tmp_path)
     state = str(tmp_path / "state")
@@ -392,8 +395,6 @@ def test_the_service_runs_each_night_at_its_hour_on_the_state(tmp_path, tiny_mod
 
 
 def test_the_service_refuses_a_run_date_and_a_bad_hour(tmp_path, tiny_model_dir, capsys):
-    from beam_pipeline import cli
-
     base = ["nightly", "--catalogue", str(tmp_path / "*.png"), "--model_dir", tiny_model_dir,
             "--state", str(tmp_path / "state")]
     assert cli.main([*base, "--serve_at", "02:00", "--run_date", "2026-12-01"]) == cli.EXIT_USER_ERROR
@@ -406,12 +407,6 @@ def test_the_service_refuses_a_run_date_and_a_bad_hour(tmp_path, tiny_model_dir,
 def test_the_service_as_a_process_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
     """The real command: `nightly --serve_at` runs the missed night at its start, then waits; SIGTERM (what
     systemd, docker and Kubernetes send) ends it with its summary, exit 0 and the lock released."""
-    import signal
-    import subprocess
-    import sys
-    import threading
-    import time
-
     cat = _catalogue(tmp_path)
     state = str(tmp_path / "state")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -442,11 +437,6 @@ def test_the_service_as_a_process_stops_cleanly_on_sigterm(tmp_path, tiny_model_
 def test_a_stop_during_a_night_ends_the_service_even_when_beam_rewraps_it(tmp_path, tiny_model_dir, monkeypatch):
     """SIGTERM while a night's pipeline runs: Beam re-raises the KeyboardInterrupt as another error, which the
     service must not log as a failed night and go on: it stops, and the night's lock is released."""
-    import datetime
-    import signal
-    import time
-
-    from beam_pipeline import nightly_schedule
 
     cat = _catalogue(tmp_path)
     state = str(tmp_path / "state")
