@@ -3,6 +3,9 @@
     siamese-dedup nightly --catalogue 'gs://B/catalogue/**/*.jpg' --model_dir gs://B/model \
         --state gs://B/dedup_state [--run_date 2026-12-03] [--threshold 0.9] [Beam runner flags]
 
+(--serve_at HH:MM instead of --run_date: a process that stays up and runs this every day at HH:MM UTC,
+beam_pipeline.nightly_schedule.)
+
 Each run, holding the state's lock (beam_pipeline.nightly_state):
 1. lists the catalogue and hashes the bytes (sha256) of every file whose size or modification time moved
    since the last run (--rehash: every file): items added, changed (other bytes) and removed since the
