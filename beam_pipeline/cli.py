@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None, *, interrupted: list | None = None) -> i
     except BaseException as err:
         if debug or isinstance(err, SystemExit):
             raise
-        if interrupted or isinstance(err, KeyboardInterrupt):
-            # Ctrl-C, however it surfaced: Beam re-raises a KeyboardInterrupt inside a transform as a
-            # RuntimeError, and the stage's staging area was removed on the way out either way.
+        if isinstance(err, KeyboardInterrupt):
+            # Ctrl-C or SIGTERM (noting_interrupts turns whatever error it surfaced as into this); the
+            # stage's staging area was removed on the way out.
             print(f"siamese-dedup {args.stage}: interrupted: nothing was published, the previous outputs are as "
                   "they were", file=sys.stderr)
             return EXIT_INTERRUPTED
@@ -126,10 +126,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def noting_interrupts(interrupted: list):
-    """Append to `interrupted` on SIGINT or SIGTERM, then raise KeyboardInterrupt as Ctrl-C does, so an
-    interruption is recognised whatever exception it turns into on its way out. Nested (a stage that
-    watches for its own interruption, inside the command's): every enclosing list gets the entry too.
-    Main thread only (signal's rule)."""
+    """Append to `interrupted` on SIGINT or SIGTERM, then raise KeyboardInterrupt as Ctrl-C does. An error
+    that leaves the block after such a signal leaves it as a KeyboardInterrupt (from that error): Beam
+    re-raises a KeyboardInterrupt inside a transform as a RuntimeError, and a stop must stay a stop. Nested
+    (a stage that watches for its own interruption, inside the command's): every enclosing list gets the
+    entry too. Main thread only (signal's rule)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -144,6 +145,10 @@ def noting_interrupts(interrupted: list):
     previous = {signum: signal.signal(signum, note) for signum in STOP_SIGNALS}
     try:
         yield
+    except Exception as err:
+        if interrupted:
+            raise KeyboardInterrupt(f"stopped by {interrupted[0]}") from err
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -298,14 +298,14 @@ def run(argv=None) -> dict:
     if args.serve_at is not None:
         return _serve(args, beam_args)
     run_date = args.run_date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    return _night(args, beam_args, run_date)
+    return _night(args, beam_args, run_date, break_lock=args.break_lock)
 
 
-def _night(args, beam_args: list[str], run_date: str) -> dict:
+def _night(args, beam_args: list[str], run_date: str, break_lock: bool) -> dict:
     run_id = new_run_id()
     state = args.state
     card = load_model_card(args.model_dir)
-    if args.break_lock:
+    if break_lock:
         ns.release_lock(state)
     ns.acquire_lock(state, run_id)
     try:
@@ -327,7 +327,6 @@ def _serve(args, beam_args: list[str]) -> dict:
     load_encoder(args.model_dir)
     if args.break_lock:  # once, at the start: a lock found at a later night is another run's
         ns.release_lock(args.state)
-        args.break_lock = False
     LOG.info("nightly service: every day at %s UTC, state %s", args.serve_at.strftime("%H:%M"), args.state)
 
     def last_run_date() -> str | None:
@@ -335,14 +334,9 @@ def _serve(args, beam_args: list[str]) -> dict:
         return None if committed is None else committed["run_date"]
 
     def run_night(run_date: str) -> dict:
-        interrupted: list = []
-        try:
-            with noting_interrupts(interrupted):
-                return _night(args, beam_args, run_date)
-        except Exception as err:
-            if interrupted:  # a stop, which a Beam pipeline re-raises as another error: the service ends
-                raise KeyboardInterrupt from err
-            raise
+        # A stop during the night ends the service, even one a Beam pipeline re-raised as another error.
+        with noting_interrupts([]):
+            return _night(args, beam_args, run_date, break_lock=False)
 
     return nightly_schedule.serve(run_night, args.serve_at, last_run_date)
 

@@ -87,13 +87,13 @@ def serve(run_night: Callable[[str], dict], at: datetime.time, last_run_date: Ca
             while (left := (when - clock()).total_seconds()) > 0:
                 sleep(min(left, POLL_SECONDS))
             tried = when.date().isoformat()
-            nights.append(_night(run_night, tried))
+            nights.append(_logged_night(run_night, tried))
     except KeyboardInterrupt:
         LOG.info("nightly service: stopped after %d nights", len(nights))
     return summary
 
 
-def _night(run_night: Callable[[str], dict], run_date: str) -> dict:
+def _logged_night(run_night: Callable[[str], dict], run_date: str) -> dict:
     """One night of the service: its summary entry; an error is logged, not raised."""
     try:
         manifest = run_night(run_date)

@@ -549,7 +549,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     try:
         with noting_interrupts(interrupted):
             result = runner.run(pipeline, pipeline_options)
-    except (KeyboardInterrupt, RuntimeError):
+    except KeyboardInterrupt:  # a stop, whatever Beam made of it (noting_interrupts)
         if not interrupted:
             raise
         result = None  # Ctrl-C: the way to stop a watch without --stop_after_seconds; written rows are whole

@@ -216,3 +216,20 @@ def test_an_interrupt_is_noted_by_every_enclosing_watcher():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)
     assert inner == outer == ["SIGTERM"]
+
+
+def test_an_error_after_a_stop_leaves_as_the_stop():
+    """Beam re-raises a KeyboardInterrupt inside a transform as a RuntimeError: after a stop signal, an error
+    leaving the block is the stop (a KeyboardInterrupt from it); without one, errors pass unchanged."""
+    interrupted = []
+    with pytest.raises(KeyboardInterrupt) as stop:
+        with cli.noting_interrupts(interrupted):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise RuntimeError("KeyboardInterrupt [while running 'Embed']") from None
+    assert isinstance(stop.value.__cause__, RuntimeError) and interrupted == ["SIGTERM"]
+    with pytest.raises(RuntimeError, match="a bug"):
+        with cli.noting_interrupts([]):
+            raise RuntimeError("a bug")
