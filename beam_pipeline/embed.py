@@ -46,7 +46,7 @@ from apache_beam.transforms import window
 from beam_pipeline import io as bio
 from beam_pipeline import outputs, runner, sources
 from siamese_core.decode import DecodeError, decode_image, spec_shape
-from beam_pipeline.inference import EncoderChunkHandler, ImageChunk, chunk_size
+from beam_pipeline.inference import EncoderChunkHandler, ImageChunk, chunk_size, kept_encoder
 from beam_pipeline.options import EmbedOptions, new_run_id, parse_stage_options
 # UNIT_NORM_TOLERANCE: the readers' (schemas.validate_table) tolerance, so a row they would refuse goes to
 # failures instead.
@@ -430,7 +430,8 @@ def embed_files_locally(listed: Sequence[tuple[str, int]], input_glob: str, hand
     DoFns as the pipeline read, decode, share the inference of identical bytes, embed and validate, so the
     rows are the pipeline's: returns (templates Table of templates_schema(dim), failures Table of
     FAILURES_SCHEMA), every file in one of them. The decoded images are held until all are hashed (as the
-    pipeline's side input of shared contents), so memory grows with the number of files.
+    pipeline's side input of shared contents), so memory grows with the number of files. The encoder is
+    loaded once per process and kept (`inference.kept_encoder`).
     """
     decode = DecodeFn(handler.input_spec, max_pixels, run_id, threads=decode_threads(threads))
     chunks, by_content, failures = [], {}, []
@@ -465,7 +466,7 @@ def embed_files_locally(listed: Sequence[tuple[str, int]], input_glob: str, hand
     images = [image_chunk for chunk in chunks for image_chunk in first_copies.process(chunk, duplicates)]
     tables = []
     if images:
-        model = handler.load_model()
+        model = kept_encoder(handler)  # the nightly service's nights load it once
         to_templates = ToTemplatesFn(handler.model_id, handler.embedding_dim, run_id)
         to_templates.setup()
         batch, weight = [], 0

@@ -54,7 +54,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_pipeline import io as bio
 from beam_pipeline import nightly_state as ns
 from beam_pipeline import clustering, nightly_schedule, outputs, sources
-from beam_pipeline.inference import EncoderChunkHandler
+from beam_pipeline.inference import EncoderChunkHandler, kept_encoder
 from beam_pipeline.options import POSITIVE_INT, DedupOptions, EmbedOptions, new_run_id
 from siamese_core.artefact import load_model_card
 from siamese_core.decode import DECODE_VERSION
@@ -318,13 +318,12 @@ def _serve(args, beam_args: list[str]) -> dict:
     """--serve_at: load what every night needs once (TensorFlow and the encoder, the stages' modules; a
     wrong model is refused now, not at the first night), then run the nights at their hour."""
     from beam_pipeline.cli import noting_interrupts
-    from siamese_core.artefact import load_encoder
 
     if args.run_date is not None:
         raise ValueError("--serve_at runs each night for its own date: give no --run_date")
     for stage in ("embed", "match", "dedup"):  # what a night imports when it first needs it: once, now
         importlib.import_module(f"beam_pipeline.{stage}")
-    load_encoder(args.model_dir)
+    kept_encoder(EncoderChunkHandler(args.model_dir))  # loaded, checked and traced once; each night reuses it
     if args.break_lock:  # once, at the start: a lock found at a later night is another run's
         ns.release_lock(args.state)
     LOG.info("nightly service: every day at %s UTC, state %s", args.serve_at.strftime("%H:%M"), args.state)

@@ -242,12 +242,27 @@ def validate_review_threshold(document: Any) -> dict:
 
 
 def _validate(document: Any, schema: dict, what: str) -> dict:
-    try:
-        jsonschema.validate(document, schema)
-    except jsonschema.ValidationError as err:
+    err = jsonschema.exceptions.best_match(_validator(schema).iter_errors(document))
+    if err is not None:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise SchemaError(f"{what}: at {where}: {err.message}") from None
+        raise SchemaError(f"{what}: at {where}: {err.message}")
     return document
+
+
+# id(schema) -> (schema, its validator). jsonschema.validate checks the schema itself at every call (~35 ms for
+# the larger ones here: a third of a small nightly run's bookkeeping); the schemas are this module's constants,
+# so each is checked once per process. The schema is kept beside its validator so that its id stays its own.
+_VALIDATORS: dict[int, tuple[dict, Any]] = {}
+
+
+def _validator(schema: dict):
+    """jsonschema.validate's validator for `schema` (the draft it declares, else the latest), checked once."""
+    cached = _VALIDATORS.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        cached = _VALIDATORS[id(schema)] = (schema, cls(schema))
+    return cached[1]
 
 
 def validate_match_run(document: Any, path: str = "match_run.json") -> dict:

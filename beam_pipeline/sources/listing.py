@@ -129,6 +129,12 @@ def local_listing(input_glob: str) -> Iterator[Listed]:
     absolute = os.path.isabs(pattern)
     parts = [p for p in pattern.split(os.sep) if p]
     base = os.sep if absolute else ""
+    # The directories before the first wildcard, joined once: each file would otherwise climb back up
+    # through one generator per directory level (a catalogue has millions of files).
+    while len(parts) > 1 and not glob_module.has_magic(parts[0]):
+        base, parts = os.path.join(base, parts[0]), parts[1:]
+    if base not in ("", os.sep) and not os.path.isdir(base):
+        return
     for path, problem in _glob_parts(base, parts, set()):
         path = path if absolute or not path.startswith("./") else path[2:]
         if problem is not None:

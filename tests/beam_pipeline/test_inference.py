@@ -12,9 +12,12 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline.inference import (
+    EncoderChunkHandler,
     EncoderModelHandler,
     InferenceFailure,
+    embed_array,
     embed_batch,
+    kept_encoder,
     keyed_handler,
     to_model_input,
 )
@@ -92,6 +95,27 @@ def test_load_model_refuses_a_changed_artefact(tiny_model_dir):
     card = dict(load_model_card(tiny_model_dir), model_id="ffffffffffffffff")
     with pytest.raises(ValueError, match="changed during the run"):
         EncoderModelHandler(tiny_model_dir, card=card).load_model()
+
+
+def test_kept_encoder_loads_an_artefact_once_and_again_when_it_is_replaced(tmp_path, monkeypatch):
+    from tests.conftest import export_tiny_encoder
+
+    loads = []
+    real_load = EncoderModelHandler.load_model
+    monkeypatch.setattr(EncoderModelHandler, "load_model", lambda self: loads.append(self.model_id) or real_load(self))
+    model_dir = str(tmp_path / "model")
+    first_card = export_tiny_encoder(model_dir, seed=3)
+    first = kept_encoder(EncoderChunkHandler(model_dir, batch_size=4))
+    assert kept_encoder(EncoderChunkHandler(model_dir, batch_size=16)) is first  # the batch size is not the model's
+    assert loads == [first_card["model_id"]]
+    images = np.stack(_images(3, seed=4))
+    before = embed_array(first, images, first_card["input_spec"])
+
+    second_card = export_tiny_encoder(model_dir, seed=5)  # replaced in place: another card
+    second = kept_encoder(EncoderChunkHandler(model_dir))
+    assert second is not first and loads == [first_card["model_id"], second_card["model_id"]]
+    assert not np.allclose(embed_array(second, images, second_card["input_spec"]), before)
+    assert kept_encoder(EncoderChunkHandler(model_dir)) is second and len(loads) == 2
 
 
 def test_value_range_is_applied_for_an_rgb_model(tiny_rgb_model_dir):

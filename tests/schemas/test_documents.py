@@ -90,3 +90,24 @@ def test_match_run_is_checked_naming_the_file():
         validate_match_run(doc, "work/match_run.json")
     with pytest.raises(SchemaError, match="at pairs"):
         validate_match_run({**doc, "threshold": knn["threshold"] | {"knn": {}}, "pairs": -1}, "match_run.json")
+
+
+def test_each_schema_is_checked_once_and_reports_as_jsonschema_validate(monkeypatch):
+    import jsonschema
+
+    from schemas import documents
+
+    checked = []
+    real_check = jsonschema.Draft202012Validator.check_schema.__func__
+    monkeypatch.setattr(jsonschema.Draft202012Validator, "check_schema",
+                        classmethod(lambda cls, schema, **kw: checked.append(id(schema)) or real_check(cls, schema, **kw)))
+    monkeypatch.setattr(documents, "_VALIDATORS", {})
+    bad = card(embedding_dim="64")
+    for _ in range(3):
+        validate_model_card(card())
+        with pytest.raises(SchemaError) as raised:
+            validate_model_card(bad)
+    assert checked == [id(documents.MODEL_CARD_SCHEMA)]
+    with pytest.raises(jsonschema.ValidationError) as plain:
+        jsonschema.validate(bad, documents.MODEL_CARD_SCHEMA)
+    assert str(raised.value) == f"model_card.json: at embedding_dim: {plain.value.message}"
